@@ -1,0 +1,47 @@
+"""Paged attention on the CPU with PyTorch ops.
+
+The KV cache of a layer is [num_blocks, block_size, num_kv_heads, head_dim]. New tokens' K/V are written
+to their slots; then each row attends to its context by gathering its blocks through its block table.
+All single-token rows (decodes) go through one batched SDPA call with a length mask; multi-token rows
+(prefill chunks) each take one causal SDPA call, with the cached prefix gathered in front of them.
+"""
+import torch
+import torch.nn.functional as F
+
+from kvflow.attention.metadata import AttentionMetadata
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's new tokens). Returns [T, Hq, D]."""
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    nd = meta.num_decodes
+    if nd:
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        keys = k_cache[meta.decode_block_tables].view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
+        values = v_cache[meta.decode_block_tables].view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q[:nd].unsqueeze(2), keys, values, attn_mask=meta.decode_mask,
+                                           scale=scale, enable_gqa=True)
+        out[:nd] = o.squeeze(2)
+    for p in meta.prefills:
+        sl = slice(p.start, p.start + p.num_tokens)
+        qs = q[sl].transpose(0, 1)
+        if p.block_table is None:      # no cached prefix: the new tokens are the whole context
+            ks, vs = k[sl].transpose(0, 1), v[sl].transpose(0, 1)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            ks = k_cache[p.block_table].flatten(0, 1)[:p.context_len].transpose(0, 1)
+            vs = v_cache[p.block_table].flatten(0, 1)[:p.context_len].transpose(0, 1)
+            offset = p.context_len - p.num_tokens
+            mask = (torch.arange(p.context_len).unsqueeze(0)
+                    <= torch.arange(offset, p.context_len).unsqueeze(1))
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[sl] = o.transpose(0, 1)
+    return out

@@ -1,0 +1,86 @@
+"""EngineCore: the step loop of one replica (scheduler + KV-cache manager + model runner).
+
+It speaks in token ids only. Each `step()` schedules work, runs one forward pass, applies the
+token-level stop rules and returns one EngineCoreOutput per request that made progress. Plain data
+in and out, so the same core can run in-process (LLM) or behind a process boundary (server).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from kvflow.engine.model_runner import ModelRunner
+from kvflow.memory.kv_cache_manager import KVCacheManager
+from kvflow.request import Request, RequestStatus
+from kvflow.scheduler.scheduler import Scheduler
+
+
+@dataclass
+class EngineCoreOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list | None = None     # per new token: ([(id, logprob)] sampled first, then top-N; rank)
+    finish_reason: str | None = None     # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class StepStats:
+    num_running: int
+    num_waiting: int
+    num_scheduled_tokens: int
+    num_preempted: int
+    kv_usage: float
+
+
+class EngineCore:
+    def __init__(self, runner: ModelRunner, kv: KVCacheManager, scheduler: Scheduler):
+        self.runner, self.kv, self.scheduler = runner, kv, scheduler
+        self.requests: dict[str, Request] = {}
+        self.last_stats: StepStats | None = None
+
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self.scheduler.add(req)
+
+    def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        for rid in request_ids:
+            req = self.requests.pop(rid, None)
+            if req is not None:
+                self.scheduler.finish(req, status)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[EngineCoreOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return []
+        sampled = self.runner.execute(batch)
+        now = time.monotonic()
+        finished = set(map(id, self.scheduler.update(batch, sampled)))
+        outputs = []
+        for req, token in zip(batch.requests, sampled):
+            if token is None:
+                continue
+            if req.first_token_time is None:
+                req.first_token_time = now
+            done = id(req) in finished
+            outputs.append(EngineCoreOutput(
+                request_id=req.request_id, new_token_ids=[token],
+                new_logprobs=req.logprobs[-1:] if req.logprobs is not None else None,
+                finish_reason=req.status.value if done else None,
+                stop_reason=req.stop_reason, num_cached_tokens=req.num_cached_tokens))
+            if done:
+                del self.requests[req.request_id]
+        s = self.scheduler
+        self.last_stats = StepStats(len(s.running), len(s.waiting), batch.total_tokens, batch.num_preempted,
+                                    self.kv.usage())
+        return outputs
+
+    def check_blocks(self) -> None:
+        """Assert that every KV block is free, cached, or held by a live request (tests call this)."""
+        self.scheduler.check()

@@ -1,0 +1,113 @@
+"""Turns EngineCoreOutputs (token ids) into RequestOutputs (text): incremental detokenization, stop
+strings, logprobs formatting, and gathering the n samples of one request under its parent."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvflow.detokenizer import IncrementalDetokenizer
+from kvflow.engine.core import EngineCoreOutput
+from kvflow.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from kvflow.sampling.params import SamplingParams
+from kvflow.tokenizer import Tokenizer
+
+
+@dataclass
+class ParentState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    metrics: RequestMetrics
+    completions: list[CompletionOutput]
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.completions)
+
+    def to_output(self) -> RequestOutput:
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.completions,
+                             self.finished, self.num_cached_tokens, self.metrics)
+
+
+@dataclass
+class ChildState:
+    parent: ParentState
+    index: int
+    detok: IncrementalDetokenizer
+    want_logprobs: bool
+    extra: dict = field(default_factory=dict)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.children: dict[str, ChildState] = {}
+        self.parents: dict[str, ParentState] = {}
+
+    def add(self, parent: ParentState, child_ids: list[str], params: SamplingParams) -> None:
+        self.parents[parent.request_id] = parent
+        for i, cid in enumerate(child_ids):
+            detok = IncrementalDetokenizer(self.tokenizer, parent.prompt_token_ids, params.skip_special_tokens,
+                                           params.stop, params.include_stop_str_in_output)
+            self.children[cid] = ChildState(parent, i, detok, params.logprobs is not None)
+
+    def process(self, outputs: list[EngineCoreOutput], now: float) -> tuple[list[RequestOutput], list[str]]:
+        """Apply one step's outputs. Returns the updated parents' RequestOutputs and the child ids that a
+        stop string finished (the engine core must abort those)."""
+        updated: dict[str, ParentState] = {}
+        to_abort: list[str] = []
+        for out in outputs:
+            child = self.children.get(out.request_id)
+            if child is None:
+                continue
+            parent = child.parent
+            comp = parent.completions[child.index]
+            comp.token_ids.extend(out.new_token_ids)
+            delta, stop = child.detok.step(out.new_token_ids)
+            if child.want_logprobs and out.new_logprobs:
+                self._add_logprobs(comp, out.new_logprobs)
+            if parent.metrics.first_token_time is None:
+                parent.metrics.first_token_time = now
+            parent.num_cached_tokens = out.num_cached_tokens
+            if stop is not None and out.finish_reason is None:
+                comp.finish_reason, comp.stop_reason = "stop", stop
+                to_abort.append(out.request_id)
+            elif stop is not None:
+                comp.finish_reason, comp.stop_reason = "stop", stop
+            elif out.finish_reason is not None:
+                delta += child.detok.flush()
+                comp.finish_reason, comp.stop_reason = out.finish_reason, out.stop_reason
+            comp.text += delta
+            if comp.finish_reason is not None:
+                del self.children[out.request_id]
+            updated[parent.request_id] = parent
+        results = []
+        for parent in updated.values():
+            if parent.finished:
+                parent.metrics.finished_time = now
+                del self.parents[parent.request_id]
+            results.append(parent.to_output())
+        return results, to_abort
+
+    def abort(self, parent_id: str) -> list[str]:
+        """Forget a parent request; returns its unfinished child ids."""
+        parent = self.parents.pop(parent_id, None)
+        if parent is None:
+            return []
+        ids = [cid for cid, c in self.children.items() if c.parent is parent]
+        for cid in ids:
+            parent.completions[self.children.pop(cid).index].finish_reason = "abort"
+        return ids
+
+    def _add_logprobs(self, comp: CompletionOutput, new_logprobs: list) -> None:
+        if comp.logprobs is None:
+            comp.logprobs, comp.cumulative_logprob = [], 0.0
+        for entries, rank in new_logprobs:
+            (sampled_id, sampled_lp), top = entries[0], entries[1:]
+            d = {tid: Logprob(lp, r + 1, self.tokenizer.decode([tid], skip_special_tokens=False))
+                 for r, (tid, lp) in enumerate(top)}
+            if sampled_id not in d:
+                d = {sampled_id: Logprob(sampled_lp, rank, self.tokenizer.decode([sampled_id], skip_special_tokens=False)),
+                     **d}
+            comp.logprobs.append(d)
+            comp.cumulative_logprob += sampled_lp

@@ -1,0 +1,112 @@
+"""The offline API, as vLLM users know it: `LLM(model).generate(prompts, sampling_params)`."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from kvflow.config import EngineConfig
+from kvflow.engine.llm_engine import LLMEngine
+from kvflow.outputs import RequestOutput
+from kvflow.sampling.params import SamplingParams
+
+PromptType = str | dict
+
+
+class LLM:
+    """An LLM engine in this process.
+
+    model: a Hugging Face folder or a .gguf file (None: the default SmolLM2-135M-Instruct GGUF).
+    dtype: "auto" (bfloat16), "float32" or "bfloat16". Other keyword arguments are EngineConfig fields:
+    max_model_len, max_num_seqs, max_num_batched_tokens, block_size, kv_cache_memory_bytes,
+    num_kv_blocks, enable_prefix_caching, device, seed.
+    """
+
+    def __init__(self, model: str | None = None, dtype: str = "auto", **kwargs):
+        unknown = set(kwargs) - {f for f in EngineConfig.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"unknown LLM argument(s): {', '.join(sorted(unknown))}")
+        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, **kwargs))
+        self._counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Prompts are strings or {"prompt_token_ids": [...]} dicts (or {"prompt": str}); returns one
+        RequestOutput per prompt, in input order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts")
+        inputs = [self._tokenize(p) for p in prompts]
+        ids = []
+        try:
+            for (text, token_ids), params in zip(inputs, params_list):
+                rid = str(next(self._counter))
+                self.engine.add_request(rid, text, token_ids, params)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} messages) or a list of conversations, rendered
+        with the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.engine.tokenizer
+        prompts = []
+        for conv in conversations:
+            text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
+            # the template writes the BOS itself when the model wants one
+            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.engine.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)):
+                    raise ValueError("prompt_token_ids must be a list of integers")
+                return prompt.get("prompt"), list(ids)
+            if isinstance(prompt.get("prompt"), str):
+                return prompt["prompt"], self.engine.tokenizer.encode(prompt["prompt"])
+        raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids' or 'prompt', "
+                         f"got {type(prompt).__name__}")
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm and len(request_ids) > 1:
+            from tqdm import tqdm
+            bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True)
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for rid in request_ids:
+                if rid not in finished:
+                    self.engine.abort_request(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [finished[rid] for rid in request_ids]

@@ -1,0 +1,85 @@
+"""The pool of KV blocks: free list in LRU order, reference counts, and the prefix-cache index.
+
+Every block is in exactly one of three states, which `check()` asserts:
+  free      ref_count == 0, no hash          (in the free queue)
+  cached    ref_count == 0, hash registered  (in the free queue too: reusable, evicted LRU when taken)
+  in use    ref_count  > 0                   (owned by one or more live requests)
+"""
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass(eq=False)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int):
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = evict first
+        self.cached: dict[int, Block] = {}       # block hash -> block holding that content
+        self.num_evictions = 0
+
+    @property
+    def num_free(self) -> int:
+        """Blocks that can be handed out now (free or cached-but-unreferenced)."""
+        return len(self.free_queue)
+
+    def allocate(self, n: int) -> list[Block]:
+        if n > len(self.free_queue):
+            raise RuntimeError(f"asked for {n} blocks with {len(self.free_queue)} free")
+        out = []
+        for _ in range(n):
+            block = self.blocks[self.free_queue.popitem(last=False)[0]]
+            if block.block_hash is not None:     # evict its cached content
+                if self.cached.get(block.block_hash) is block:
+                    del self.cached[block.block_hash]
+                block.block_hash = None
+                self.num_evictions += 1
+            block.ref_count = 1
+            out.append(block)
+        return out
+
+    def touch(self, blocks: list[Block]) -> None:
+        """Take a reference on blocks found in the prefix cache (pulling unreferenced ones off the free queue)."""
+        for block in blocks:
+            if block.ref_count == 0:
+                del self.free_queue[block.block_id]
+            block.ref_count += 1
+
+    def release(self, blocks: list[Block]) -> None:
+        """Drop one reference on each block; pass them tail first, so tails are evicted before prefixes."""
+        for block in blocks:
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block.block_id} released twice"
+            if block.ref_count == 0:
+                self.free_queue[block.block_id] = None
+
+    def lookup(self, block_hash: int) -> Block | None:
+        return self.cached.get(block_hash)
+
+    def cache(self, block: Block, block_hash: int) -> None:
+        """Register a full block under the hash of its content (first writer wins on duplicates)."""
+        if block.block_hash is None and block_hash not in self.cached:
+            block.block_hash = block_hash
+            self.cached[block_hash] = block
+
+    def reset_prefix_cache(self) -> None:
+        for block in self.cached.values():
+            block.block_hash = None
+        self.cached.clear()
+
+    def check(self, live_refs: dict[int, int] | None = None) -> None:
+        """Assert the pool's invariants; live_refs (block id -> references held by live requests) when given."""
+        for block in self.blocks:
+            in_queue = block.block_id in self.free_queue
+            assert (block.ref_count == 0) == in_queue, f"block {block.block_id}: ref {block.ref_count}, queued {in_queue}"
+            if block.block_hash is not None:
+                assert self.cached.get(block.block_hash) is block, f"block {block.block_id}: stale hash"
+            if live_refs is not None:
+                assert block.ref_count == live_refs.get(block.block_id, 0), \
+                    f"block {block.block_id}: ref {block.ref_count}, held by requests {live_refs.get(block.block_id, 0)}"
+        assert all(b.block_hash == h for h, b in self.cached.items())

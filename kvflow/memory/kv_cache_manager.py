@@ -1,0 +1,93 @@
+"""Per-request KV block tables on top of the block pool, with automatic prefix caching.
+
+A full block is identified by a chained hash of its tokens (hash of the parent block's hash and its
+own token ids), so equal hashes mean equal whole prefixes. Full blocks are registered in the pool's
+cache as soon as they are computed; a new request reuses the longest run of cached blocks that
+starts its prompt, and only computes the rest.
+"""
+import hashlib
+import struct
+
+from kvflow.memory.block_pool import Block, BlockPool
+from kvflow.request import Request
+
+
+def hash_block(parent_hash: int | None, token_ids: list[int]) -> int:
+    data = struct.pack(f"<q{len(token_ids)}i", parent_hash or 0, *token_ids)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.pool = BlockPool(num_blocks)
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.num_queries = self.num_hits = 0    # prefix-cache lookups and hits, in tokens
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.pool.blocks)
+
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free / self.num_blocks
+
+    def block_hashes(self, req: Request) -> list[int]:
+        """Extend the request's chain of full-block hashes to cover its known tokens."""
+        bs, hashes, tokens = self.block_size, req.block_hashes, req.all_token_ids
+        for i in range(len(hashes), len(tokens) // bs):
+            hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs:(i + 1) * bs]))
+        return hashes
+
+    def get_computed_blocks(self, req: Request) -> list[Block]:
+        """Cached blocks that start this request's tokens. At least one token is always left to compute,
+        so that the step that finishes the prompt produces logits."""
+        if not self.enable_prefix_caching:
+            return []
+        max_blocks = (len(req.all_token_ids) - 1) // self.block_size
+        hits = []
+        for h in self.block_hashes(req)[:max_blocks]:
+            block = self.pool.lookup(h)
+            if block is None:
+                break
+            hits.append(block)
+        self.num_queries += len(req.all_token_ids)
+        self.num_hits += len(hits) * self.block_size
+        return hits
+
+    def allocate_slots(self, req: Request, num_new_tokens: int, computed: list[Block] = ()) -> bool:
+        """Make room for num_new_tokens more tokens (after `computed` prefix hits). False when blocks are short."""
+        total = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
+        num_needed = -(-total // self.block_size) - len(req.block_table) - len(computed)
+        num_revived = sum(1 for b in computed if b.ref_count == 0)   # cached blocks taken off the free queue
+        if max(num_needed, 0) + num_revived > self.pool.num_free:
+            return False
+        self.pool.touch(list(computed))
+        req.block_table.extend(computed)
+        req.num_cached_blocks += len(computed)
+        if num_needed > 0:
+            req.block_table.extend(self.pool.allocate(num_needed))
+        return True
+
+    def cache_full_blocks(self, req: Request) -> None:
+        """Register the request's newly completed blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = req.num_computed_tokens // self.block_size
+        if num_full <= req.num_cached_blocks:
+            return
+        hashes = self.block_hashes(req)
+        for i in range(req.num_cached_blocks, num_full):
+            self.pool.cache(req.block_table[i], hashes[i])
+        req.num_cached_blocks = num_full
+
+    def free(self, req: Request) -> None:
+        self.pool.release(req.block_table[::-1])
+        req.block_table = []
+        req.num_cached_blocks = 0
+
+    def check(self, live: list[Request]) -> None:
+        refs: dict[int, int] = {}
+        for req in live:
+            for block in req.block_table:
+                refs[block.block_id] = refs.get(block.block_id, 0) + 1
+        self.pool.check(refs)

@@ -1,0 +1,69 @@
+"""Load a model from a Hugging Face folder (config.json + safetensors shards) or a GGUF file."""
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from kvflow.config import ModelConfig
+from kvflow.layers.rotary import RotaryEmbedding
+from kvflow.models.llama import LlamaForCausalLM
+
+
+def is_gguf(path: str) -> bool:
+    return path.lower().endswith(".gguf")
+
+
+def load_model_config(path: str) -> ModelConfig:
+    if is_gguf(path):
+        from kvflow.models.gguf import gguf_hf_config, read_gguf
+        return ModelConfig.from_hf_dict(gguf_hf_config(read_gguf(path)))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path {path!r} does not exist (expected a Hugging Face folder or a .gguf file)")
+    return ModelConfig.from_folder(path)
+
+
+def _safetensors_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"{path} has no *.safetensors weights (only safetensors checkpoints are loaded)")
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read weights file {file}: {e} (truncated or corrupted?)") from e
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: str, max_position: int) -> LlamaForCausalLM:
+    """Build the model without initialising it (meta device), then fill it from the checkpoint."""
+    with torch.device("meta"), _default_dtype(dtype):
+        model = LlamaForCausalLM(cfg, max_position)
+    model.to_empty(device=device)
+    for m in model.modules():                 # buffers are not in checkpoints: rebuild them for real
+        if isinstance(m, RotaryEmbedding):
+            m.build(device)
+    if is_gguf(path):
+        from kvflow.models.gguf import gguf_weights, read_gguf
+        weights = gguf_weights(read_gguf(path), torch.float32)
+    else:
+        weights = _safetensors_weights(path)
+    with torch.no_grad():
+        model.load_weights(weights)
+    return model.eval()

@@ -1,0 +1,134 @@
+"""Per-request sampling parameters, with vLLM's field names and defaults.
+
+`SamplingParams` is validated (and lightly normalised) in `__post_init__`; every
+error is a ValueError whose message starts with the offending field's name.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+MAX_LOGPROBS = 20       # largest top-N a request may ask for
+GREEDY_EPS = 1e-5       # temperatures below this are treated as greedy (argmax)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                      # 0 (or -1) = off
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16         # None = up to the context limit
+    min_tokens: int = 0
+    logprobs: int | None = None         # top-N; 0 = only the sampled token's logprob
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        self.n = self._int("n", self.n, lo=1)
+        if self.best_of is not None:
+            self.best_of = self._int("best_of", self.best_of, lo=self.n,
+                                     hint=f"best_of must be an int >= n ({self.n})")
+        self.presence_penalty = self._real("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        self.frequency_penalty = self._real("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        self.repetition_penalty = self._real("repetition_penalty", self.repetition_penalty, 0.0, None,
+                                             lo_open=True)
+        self.temperature = self._real("temperature", self.temperature, 0.0, None,
+                                      hint="temperature must be non-negative")
+        self.top_p = self._real("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        if _is_int(self.top_k) and self.top_k == -1:
+            self.top_k = 0
+        self.top_k = self._int("top_k", self.top_k, lo=0, hint="top_k must be -1, 0 (off) or a positive int")
+        self.min_p = self._real("min_p", self.min_p, 0.0, 1.0)
+        if self.seed is not None:
+            self.seed = self._int("seed", self.seed)
+        self.stop = self._stop_strings(self.stop)
+        self.stop_token_ids = self._stop_ids(self.stop_token_ids)
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+                     "spaces_between_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.max_tokens is not None:
+            self.max_tokens = self._int("max_tokens", self.max_tokens, lo=1)
+        self.min_tokens = self._int("min_tokens", self.min_tokens, lo=0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        if self.logprobs is not None:
+            self.logprobs = self._int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def greedy(self) -> bool:
+        """True when this request samples by argmax (temperature ~ 0)."""
+        return self.temperature < GREEDY_EPS
+
+    def all_stop_token_ids(self, eos_token_ids: set[int] | frozenset[int]) -> set[int]:
+        """Token ids that end this request: eos (unless ignore_eos) plus stop_token_ids."""
+        ids = set(self.stop_token_ids)
+        if not self.ignore_eos:
+            ids |= set(eos_token_ids)
+        return ids
+
+    # --------------------------------------------------------------- validation
+    @staticmethod
+    def _int(name, value, lo=None, hi=None, hint=None) -> int:
+        bounds = (f" >= {lo}" if lo is not None else "") + (f" and <= {hi}" if hi is not None else "")
+        ok = _is_int(value) and (lo is None or value >= lo) and (hi is None or value <= hi)
+        if not ok:
+            raise ValueError(f"{hint or f'{name} must be an int{bounds}'}, got {value!r}")
+        return int(value)
+
+    @staticmethod
+    def _real(name, value, lo, hi, lo_open=False, hint=None) -> float:
+        ok = _is_real(value) and math.isfinite(value)
+        if ok:
+            ok = (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
+        if not ok:
+            if hint is None:
+                lo_s = f"{'>' if lo_open else '>='} {lo}"
+                hint = f"{name} must be a finite number {lo_s}" + (f" and <= {hi}" if hi is not None else "")
+            raise ValueError(f"{hint}, got {value!r}")
+        return float(value)
+
+    @staticmethod
+    def _stop_strings(stop) -> list[str]:
+        if stop is None:
+            return []
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, (list, tuple)):
+            raise ValueError(f"stop must be a str or a list of str, got {stop!r}")
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop must contain only non-empty strings, got {s!r}")
+        return list(stop)
+
+    @staticmethod
+    def _stop_ids(ids) -> list[int]:
+        if ids is None:
+            return []
+        if not isinstance(ids, (list, tuple, set, frozenset)):
+            raise ValueError(f"stop_token_ids must be a list of int, got {ids!r}")
+        for t in ids:
+            if not _is_int(t) or t < 0:
+                raise ValueError(f"stop_token_ids must contain only non-negative ints, got {t!r}")
+        return [int(t) for t in ids]
