@@ -2,7 +2,7 @@
 strings, logprobs formatting, and gathering the n samples of one request under its parent."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvflow.detokenizer import IncrementalDetokenizer
 from kvflow.engine.core import EngineCoreOutput
@@ -35,7 +35,7 @@ class ChildState:
     index: int
     detok: IncrementalDetokenizer
     want_logprobs: bool
-    extra: dict = field(default_factory=dict)
+    include_stop_token: bool
 
 
 class OutputProcessor:
@@ -49,7 +49,8 @@ class OutputProcessor:
         for i, cid in enumerate(child_ids):
             detok = IncrementalDetokenizer(self.tokenizer, parent.prompt_token_ids, params.skip_special_tokens,
                                            params.stop, params.include_stop_str_in_output)
-            self.children[cid] = ChildState(parent, i, detok, params.logprobs is not None)
+            self.children[cid] = ChildState(parent, i, detok, params.logprobs is not None,
+                                            params.include_stop_str_in_output)
 
     def process(self, outputs: list[EngineCoreOutput], now: float) -> tuple[list[RequestOutput], list[str]]:
         """Apply one step's outputs. Returns the updated parents' RequestOutputs and the child ids that a
@@ -63,7 +64,10 @@ class OutputProcessor:
             parent = child.parent
             comp = parent.completions[child.index]
             comp.token_ids.extend(out.new_token_ids)
-            delta, stop = child.detok.step(out.new_token_ids)
+            new_ids = out.new_token_ids
+            if out.finish_reason == "stop" and not child.include_stop_token:
+                new_ids = new_ids[:-1]         # the eos / stop token is not part of the text (as vLLM)
+            delta, stop = child.detok.step(new_ids) if new_ids else ("", None)
             if child.want_logprobs and out.new_logprobs:
                 self._add_logprobs(comp, out.new_logprobs)
             if parent.metrics.first_token_time is None:
