@@ -12,6 +12,7 @@ from kvflow.engine.core import EngineCore
 from kvflow.engine.model_runner import ModelRunner
 from kvflow.engine.output_processor import OutputProcessor, ParentState
 from kvflow.memory.kv_cache_manager import KVCacheManager
+from kvflow.models.gguf import read_gguf
 from kvflow.models.loader import is_gguf, load_model, load_model_config
 from kvflow.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvflow.request import Request, RequestStatus
@@ -30,17 +31,18 @@ class LLMEngine:
         self.config = config
         path = config.model or default_model_path()
         self.model_path = path
-        self.model_config = mcfg = load_model_config(path)
+        reader = read_gguf(path) if is_gguf(path) else None   # parsed once: config, tokenizer, weights
+        self.model_config = mcfg = load_model_config(path, reader)
         self.dtype = resolve_dtype(config.dtype, config.device)
         self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
         if self.max_model_len > mcfg.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context length "
                              f"{mcfg.max_position_embeddings}")
-        self.tokenizer = Tokenizer.from_gguf(path) if is_gguf(path) else Tokenizer.from_hf_folder(path)
+        self.tokenizer = Tokenizer.from_gguf(reader) if reader is not None else Tokenizer.from_hf_folder(path)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(mcfg.eos_token_ids)
         torch.manual_seed(config.seed)
         t0 = time.perf_counter()
-        model = load_model(path, mcfg, self.dtype, config.device, self.max_model_len)
+        model = load_model(path, mcfg, self.dtype, config.device, self.max_model_len, reader)
         bs = config.block_size
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks

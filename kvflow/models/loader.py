@@ -17,10 +17,13 @@ def is_gguf(path: str) -> bool:
     return path.lower().endswith(".gguf")
 
 
-def load_model_config(path: str) -> ModelConfig:
+def load_model_config(path: str, gguf_reader=None) -> ModelConfig:
+    if gguf_reader is not None:
+        from kvflow.models.gguf import gguf_hf_config
+        return ModelConfig.from_hf_dict(gguf_hf_config(gguf_reader))
     if is_gguf(path):
-        from kvflow.models.gguf import gguf_hf_config, read_gguf
-        return ModelConfig.from_hf_dict(gguf_hf_config(read_gguf(path)))
+        from kvflow.models.gguf import read_gguf
+        return load_model_config(path, read_gguf(path))
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path {path!r} does not exist (expected a Hugging Face folder or a .gguf file)")
     return ModelConfig.from_folder(path)
@@ -51,17 +54,19 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: str, max_position: int) -> LlamaForCausalLM:
-    """Build the model without initialising it (meta device), then fill it from the checkpoint."""
+def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: str, max_position: int,
+               gguf_reader=None) -> LlamaForCausalLM:
+    """Build the model without initialising it (meta device), then fill it from the checkpoint
+    (a Hugging Face folder, or the GGUF file `gguf_reader` has open)."""
     with torch.device("meta"), _default_dtype(dtype):
         model = LlamaForCausalLM(cfg, max_position)
     model.to_empty(device=device)
     for m in model.modules():                 # buffers are not in checkpoints: rebuild them for real
         if isinstance(m, RotaryEmbedding):
             m.build(device)
-    if is_gguf(path):
-        from kvflow.models.gguf import gguf_weights, read_gguf
-        weights = gguf_weights(read_gguf(path), torch.float32)
+    if gguf_reader is not None:
+        from kvflow.models.gguf import gguf_weights
+        weights = gguf_weights(gguf_reader, torch.float32)
     else:
         weights = _safetensors_weights(path)
     with torch.no_grad():

