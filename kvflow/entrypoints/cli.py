@@ -1,0 +1,212 @@
+"""The `kvflow` command line: `kvflow generate PROMPT` and `kvflow chat`.
+
+Only the generated text goes to stdout; logs and errors go to stderr. A bad argument value prints
+`kvflow: error: <message>` and exits 2, as argparse does for a malformed command line.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+logger = logging.getLogger("kvflow")
+
+
+class CLIError(Exception):
+    """A user error found by the CLI itself (reported like an argparse error)."""
+
+
+# ---- shared options ------------------------------------------------------------------------------------
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="a Hugging Face folder or a .gguf file (default: SmolLM2-135M-Instruct GGUF)")
+    g.add_argument("--dtype", default="auto", help="auto (bfloat16), bfloat16 or float32")
+    g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
+                   help="KV-cache budget in GiB (default 1)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
+    g.add_argument("--seed", type=int, default=None, help="random seed (engine and sampling)")
+    g.add_argument("-v", "--verbose", action="store_true", help="log kvflow's info messages to stderr")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--stop", action="append", default=None, metavar="S",
+                   help="a stop string (repeat for more)")
+
+
+def sampling_params(args: argparse.Namespace):
+    from kvflow.sampling.params import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, stop=args.stop)
+
+
+def build_llm(args: argparse.Namespace):
+    from kvflow.entrypoints.llm import LLM
+    kv_bytes = None
+    if args.kv_cache_memory is not None:
+        if not args.kv_cache_memory > 0:
+            raise CLIError(f"--kv-cache-memory must be a positive number of GiB, got {args.kv_cache_memory}")
+        kv_bytes = int(args.kv_cache_memory * (1 << 30))
+    return LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+               kv_cache_memory_bytes=kv_bytes, enable_prefix_caching=not args.no_prefix_caching,
+               seed=args.seed if args.seed is not None else 0)
+
+
+def stream(engine, request_id: str, prompt: str | None, token_ids: list[int], params, out=None) -> str:
+    """Run one request to completion, writing its text to `out` as it grows; returns the full text."""
+    out = out or sys.stdout
+    engine.add_request(request_id, prompt, token_ids, params)
+    text = ""
+    try:
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.request_id != request_id:
+                    continue
+                new = o.outputs[0].text          # cumulative: print only the new suffix
+                out.write(new[len(text):])
+                out.flush()
+                text = new
+    except BaseException:
+        engine.abort_request(request_id)
+        raise
+    return text
+
+
+# ---- subcommands ---------------------------------------------------------------------------------------
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = sampling_params(args)           # validate before the (slow) model load
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    llm = build_llm(args)
+    if args.stream:
+        tok = llm.engine.tokenizer
+        stream(llm.engine, "generate-0", prompt, tok.encode(prompt), params)
+        sys.stdout.write("\n")
+    else:
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+        sys.stdout.write(out.outputs[0].text + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = sampling_params(args)
+    llm = build_llm(args)
+    engine, tok = llm.engine, llm.engine.tokenizer
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        print("kvflow chat: /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    turn = 0
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history.clear()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        messages = system + history + [{"role": "user", "content": line}]
+        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        ids = tok.encode(text, add_special_tokens=False)   # the template writes the BOS itself
+        turn += 1
+        try:
+            reply = stream(engine, f"chat-{turn}", text, ids, params)
+        except ValueError as e:      # e.g. the conversation outgrew the context: keep the session alive
+            print(f"kvflow: error: {e} (/reset clears the conversation)", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:    # Ctrl-C stops this reply; the turn is dropped
+            print("\n(interrupted)", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
+
+
+# ---- main ----------------------------------------------------------------------------------------------
+
+def make_parser() -> argparse.ArgumentParser:
+    from kvflow import __version__
+    parser = argparse.ArgumentParser(prog="kvflow", description="kvflow: LLM inference with a paged KV cache")
+    parser.add_argument("--version", action="version", version=f"kvflow {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("generate", help="complete a prompt and print the continuation",
+                       description="Print the model's continuation of PROMPT (only the generated text).")
+    p.add_argument("prompt", metavar="PROMPT", help='the prompt text ("-" reads it from stdin)')
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    add_sampling_args(p, max_tokens=16, temperature=1.0)
+    add_engine_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat in the terminal with the model's chat template",
+                       description="Interactive chat: one user message per line on stdin; /reset clears "
+                                   "the conversation, /exit, /quit or EOF (Ctrl-D) quits.")
+    p.add_argument("--system", default=None, help="a system message to start the conversation with")
+    add_sampling_args(p, max_tokens=256, temperature=0.7)
+    add_engine_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    # more subcommands (bench, serve) register here: a parser with set_defaults(func=cmd_...)
+    return parser
+
+
+def setup_logging(verbose: bool) -> None:
+    """kvflow's logs go to stderr: warnings always, info with -v."""
+    for h in [h for h in logger.handlers if h.get_name() == "kvflow-cli"]:
+        logger.removeHandler(h)        # main() may run more than once in a process (tests)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name("kvflow-cli")
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except (CLIError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        if args.verbose:
+            logger.exception("failed")
+        parser.exit(2, f"kvflow: error: {e}\n")
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:      # e.g. `kvflow generate ... | head -c 10`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
