@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -130,7 +130,6 @@ class EngineConfig:
     num_kv_blocks: int | None = None         # overrides the budget (tests use tiny caches)
     enable_prefix_caching: bool = True
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):

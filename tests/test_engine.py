@@ -224,3 +224,37 @@ def test_chat_uses_template(llm):
     assert out.prompt.startswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     with pytest.raises(ValueError, match="messages"):
         llm.chat([{"role": "user"}], use_tqdm=False)
+
+
+def test_abort_frees_blocks_and_other_requests_finish(llm, reference):
+    prompts, ref = reference
+    engine = llm.engine
+    for i, p in enumerate(prompts[:3]):
+        engine.add_request(f"abort-{i}", None, p, GREEDY)
+    for _ in range(3):
+        engine.step()
+    engine.abort_request("abort-1")
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    assert done == {"abort-0": ref[0], "abort-2": ref[2]}
+    assert all(b.ref_count == 0 for b in engine.kv.pool.blocks)
+
+
+def test_interrupted_generate_leaks_nothing(llm, reference, monkeypatch):
+    prompts, _ = reference
+    calls = {"n": 0}
+    step = llm.engine.step
+
+    def failing_step():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return step()
+    monkeypatch.setattr(llm.engine, "step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(as_inputs(prompts), GREEDY, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert all(b.ref_count == 0 for b in llm.engine.kv.pool.blocks)

@@ -50,9 +50,12 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.num_queries += len(req.all_token_ids)
-        self.num_hits += len(hits) * self.block_size
         return hits
+
+    def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Prefix-cache statistics, counted once per admitted request."""
+        self.num_queries += num_tokens
+        self.num_hits += num_hit_tokens
 
     def allocate_slots(self, req: Request, num_new_tokens: int, computed: list[Block] = ()) -> bool:
         """Make room for num_new_tokens more tokens (after `computed` prefix hits). False when blocks are short."""
