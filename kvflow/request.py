@@ -44,7 +44,7 @@ class Request:
     num_cached_blocks: int = 0         # leading full blocks registered in the prefix cache
     num_cached_tokens: int = -1        # prefix-cache hit when first scheduled (-1: not scheduled yet)
     num_preemptions: int = 0
-    generator: torch.Generator | None = None   # seeded requests draw from their own stream
+    generator: torch.Generator | None = None   # seeded requests draw from their own stream (engine makes it)
     # per output token: ([(id, logprob)] sampled first then the top-N, rank of the sampled token)
     logprobs: list[tuple[list[tuple[int, float]], int]] | None = None
     stop_reason: int | str | None = None
@@ -54,8 +54,6 @@ class Request:
 
     def __post_init__(self):
         self.all_token_ids = list(self.prompt_token_ids)
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
         if self.params.logprobs is not None:
             self.logprobs = []
 

@@ -45,9 +45,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         else:
             ks = k_cache.index_select(0, p.block_table).flatten(0, 1)[:p.context_len].transpose(0, 1).unsqueeze(0)
             vs = v_cache.index_select(0, p.block_table).flatten(0, 1)[:p.context_len].transpose(0, 1).unsqueeze(0)
-            offset = p.context_len - p.num_tokens
-            mask = (torch.arange(p.context_len).unsqueeze(0)
-                    <= torch.arange(offset, p.context_len).unsqueeze(1))
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, scale=scale, enable_gqa=True)
         out[sl] = o[0].transpose(0, 1)
     return out

@@ -11,6 +11,7 @@ class PrefillSeq:
     num_tokens: int                  # new tokens this step
     context_len: int                 # tokens it attends to: cached ones + the new ones
     block_table: torch.Tensor | None  # its blocks [nb]; None when nothing is cached (attend to new K/V only)
+    mask: torch.Tensor | None        # [num_tokens, context_len] bool causal mask past the cached prefix
 
 
 @dataclass

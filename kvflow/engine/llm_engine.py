@@ -79,8 +79,11 @@ class LLMEngine:
             child_params = params
             if params.n > 1 and params.seed is not None:   # distinct but reproducible samples
                 child_params = dataclasses.replace(params, seed=params.seed + i)
+            generator = None           # a seeded request samples from its own stream, on the engine's device
+            if child_params.seed is not None:
+                generator = torch.Generator(device=self.config.device).manual_seed(child_params.seed)
             self.core.add_request(Request(cid, list(prompt_token_ids), child_params, stop_ids, max_tokens,
-                                          arrival_time=arrival))
+                                          arrival_time=arrival, generator=generator))
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):

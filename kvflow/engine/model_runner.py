@@ -26,7 +26,6 @@ class StepInputs:
     attn: AttentionMetadata
     logits_indices: torch.Tensor      # rows of the hidden states that sample
     sampling_requests: list[Request]  # in the order of logits_indices
-    order: list[int]                  # batch position of each laid-out request
 
 
 class ModelRunner:
@@ -42,7 +41,7 @@ class ModelRunner:
         self.sampler = Sampler()
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        bs = self.block_size
+        bs, dev = self.block_size, self.device
         order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] != 1)
         ids: list[int] = []
         positions: list[np.ndarray] = []
@@ -61,9 +60,12 @@ class ModelRunner:
             if n == 1:
                 decode_tables.append(table)
                 decode_lens.append(ctx_len)
-            else:
-                prefills.append(PrefillSeq(flat_start, n, ctx_len, torch.from_numpy(table[:-(-ctx_len // bs)])
-                                           if start > 0 else None))
+            elif start == 0:
+                prefills.append(PrefillSeq(flat_start, n, ctx_len, None, None))
+            else:                      # part of its context is cached: attend to it through the blocks
+                mask = torch.arange(ctx_len).unsqueeze(0) <= torch.arange(start, ctx_len).unsqueeze(1)
+                prefills.append(PrefillSeq(flat_start, n, ctx_len, torch.from_numpy(table[:-(-ctx_len // bs)]).to(dev),
+                                           mask.to(dev)))
             if ctx_len == req.num_tokens:
                 logits_indices.append(len(ids) - 1)
                 sampling.append(req)
@@ -74,14 +76,14 @@ class ModelRunner:
             bt = np.zeros((nd, max_blocks), dtype=np.int64)
             for r, t in enumerate(decode_tables):
                 bt[r, :len(t)] = t
-            decode_bt = torch.from_numpy(bt)
+            decode_bt = torch.from_numpy(bt).to(dev)
             lens = torch.tensor(decode_lens)
-            decode_mask = (torch.arange(max_blocks * bs).unsqueeze(0) < lens.unsqueeze(1)).view(nd, 1, 1, -1)
+            decode_mask = (torch.arange(max_blocks * bs).unsqueeze(0) < lens.unsqueeze(1)).view(nd, 1, 1, -1).to(dev)
         attn = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)),
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
             num_decodes=nd, decode_block_tables=decode_bt, decode_mask=decode_mask, prefills=prefills)
-        return StepInputs(torch.tensor(ids), torch.from_numpy(np.concatenate(positions)), attn,
-                          torch.tensor(logits_indices, dtype=torch.int64), sampling, order)
+        return StepInputs(torch.tensor(ids, device=dev), torch.from_numpy(np.concatenate(positions)).to(dev), attn,
+                          torch.tensor(logits_indices, dtype=torch.int64, device=dev), sampling)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[int | None]:
@@ -95,7 +97,7 @@ class ModelRunner:
         reqs = inp.sampling_requests
         sb = SamplingBatch.build([r.params for r in reqs], [r.prompt_token_ids for r in reqs],
                                  [r.output_token_ids for r in reqs], [r.generator for r in reqs],
-                                 [r.stop_ids for r in reqs], logits.shape[-1])
+                                 [r.stop_ids for r in reqs], logits.shape[-1], device=logits.device)
         out = self.sampler(logits, sb)
         index = {id(r): i for i, r in enumerate(batch.requests)}
         for j, req in enumerate(reqs):
