@@ -38,7 +38,12 @@ def reference(llm):
 
 def test_batch_invariance(llm, reference):
     prompts, ref = reference
-    assert token_ids(llm.generate(as_inputs(prompts), GREEDY, use_tqdm=False)) == ref
+    outs = llm.generate(as_inputs(prompts), GREEDY, use_tqdm=False)
+    assert token_ids(outs) == ref
+    for o in outs:                 # timing metrics are filled in, in order
+        m = o.metrics
+        assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
+        assert m.ttft > 0
     # a different neighbourhood: reversed order, with extra requests of other lengths in between
     extra = random_prompts([50, 2, 33], seed=9)
     outs = llm.generate(as_inputs(prompts[::-1] + extra), GREEDY, use_tqdm=False)
@@ -58,6 +63,7 @@ def test_preemption_finishes_every_request_unchanged(model, reference):
     outs = llm.generate(as_inputs(prompts), GREEDY, use_tqdm=False)
     assert token_ids(outs) == ref
     assert llm.engine.core.scheduler.num_preemptions > 0
+    assert sum(o.metrics.num_preemptions for o in outs) > 0
     assert all(o.finished and o.finish_reason == "length" for o in outs)
     assert llm.engine.kv.pool.num_free == 40
 

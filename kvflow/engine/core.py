@@ -23,6 +23,8 @@ class EngineCoreOutput:
     finish_reason: str | None = None     # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None
+    num_preemptions: int = 0
 
 
 @dataclass
@@ -73,7 +75,8 @@ class EngineCore:
                 request_id=req.request_id, new_token_ids=[token],
                 new_logprobs=req.logprobs[-1:] if req.logprobs is not None else None,
                 finish_reason=req.status.value if done else None,
-                stop_reason=req.stop_reason, num_cached_tokens=req.num_cached_tokens))
+                stop_reason=req.stop_reason, num_cached_tokens=req.num_cached_tokens,
+                first_scheduled_time=req.first_scheduled_time, num_preemptions=req.num_preemptions))
             if done:
                 del self.requests[req.request_id]
         s = self.scheduler

@@ -70,8 +70,11 @@ class OutputProcessor:
             delta, stop = child.detok.step(new_ids) if new_ids else ("", None)
             if child.want_logprobs and out.new_logprobs:
                 self._add_logprobs(comp, out.new_logprobs)
-            if parent.metrics.first_token_time is None:
-                parent.metrics.first_token_time = now
+            metrics = parent.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+                metrics.first_scheduled_time = out.first_scheduled_time
+            metrics.num_preemptions = max(metrics.num_preemptions, out.num_preemptions)
             parent.num_cached_tokens = out.num_cached_tokens
             if stop is not None and out.finish_reason is None:
                 comp.finish_reason, comp.stop_reason = "stop", stop
