@@ -68,3 +68,20 @@ def test_smollm2_gguf_matches_transformers(default_model_path):
     for out, (ref_ids, ref_logits) in zip(outs, ref):
         assert_greedy_match(out.outputs[0].token_ids, ref_ids, ref_logits)
     assert outs[0].outputs[0].text.startswith(" Paris")
+
+
+def test_sharded_bf16_checkpoint_loads_like_the_single_file(tiny_model_dir, tmp_path):
+    """Many safetensors shards, stored in bf16, give the same model as the bf16-rounded single file."""
+    import shutil
+    folder = tiny_model_dir("qwen2_bias")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(folder, f), tmp_path / f)
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    prompts = [{"prompt_token_ids": p} for p in random_prompts([7, 30], seed=4)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    sharded = LLM(model=str(tmp_path), dtype="float32").generate(prompts, params, use_tqdm=False)
+    ref = hf_greedy(hf.float(), [p["prompt_token_ids"] for p in prompts], 8)
+    for out, (ref_ids, ref_logits) in zip(sharded, ref):
+        assert_greedy_match(out.outputs[0].token_ids, ref_ids, ref_logits)
