@@ -58,10 +58,6 @@ class Request:
             self.logprobs = []
 
     @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
 

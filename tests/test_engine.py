@@ -101,6 +101,9 @@ def test_prefix_cache_evicts_lru_when_blocks_run_out(model):
     assert llm.engine.kv.pool.num_evictions > 0
     out = llm.generate(as_inputs([a]), GREEDY, use_tqdm=False)[0]
     assert out.outputs[0].token_ids == ref_a
+    llm.reset_prefix_cache()
+    again = llm.generate(as_inputs([a]), GREEDY, use_tqdm=False)[0]
+    assert again.num_cached_tokens == 0 and again.outputs[0].token_ids == ref_a
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(llm, reference):

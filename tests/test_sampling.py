@@ -31,7 +31,6 @@ def sample(params, logits, **kw):
 # ------------------------------------------------------------------ SamplingParams
 BAD_VALUES = [
     ("n", 0), ("n", -1), ("n", 1.5), ("n", True),
-    ("best_of", 0), ("best_of", 1.5),
     ("temperature", -1.0), ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", "1"),
     ("top_p", 0.0), ("top_p", 1.5), ("top_p", -0.1), ("top_p", float("nan")),
     ("top_k", -2), ("top_k", 1.5), ("top_k", True),

@@ -27,20 +27,10 @@ class EngineCoreOutput:
     num_preemptions: int = 0
 
 
-@dataclass
-class StepStats:
-    num_running: int
-    num_waiting: int
-    num_scheduled_tokens: int
-    num_preempted: int
-    kv_usage: float
-
-
 class EngineCore:
     def __init__(self, runner: ModelRunner, kv: KVCacheManager, scheduler: Scheduler):
         self.runner, self.kv, self.scheduler = runner, kv, scheduler
         self.requests: dict[str, Request] = {}
-        self.last_stats: StepStats | None = None
 
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
@@ -79,9 +69,6 @@ class EngineCore:
                 first_scheduled_time=req.first_scheduled_time, num_preemptions=req.num_preemptions))
             if done:
                 del self.requests[req.request_id]
-        s = self.scheduler
-        self.last_stats = StepStats(len(s.running), len(s.waiting), batch.total_tokens, batch.num_preempted,
-                                    self.kv.usage())
         return outputs
 
     def check_blocks(self) -> None:

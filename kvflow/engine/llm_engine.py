@@ -74,7 +74,7 @@ class LLMEngine:
         max_tokens = self.max_model_len - len(prompt_token_ids)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        stop_ids = params.all_stop_token_ids(self.eos_token_ids)
         for i, cid in enumerate(child_ids):
             child_params = params
             if params.n > 1 and params.seed is not None:   # distinct but reproducible samples
@@ -114,6 +114,9 @@ class LLMEngine:
         if to_abort:
             self.core.abort_requests(to_abort, RequestStatus.FINISHED_STOPPED)
         return results
+
+    def reset_prefix_cache(self) -> None:
+        self.kv.pool.reset_prefix_cache()
 
     def check_blocks(self) -> None:
         self.core.check_blocks()

@@ -28,9 +28,6 @@ class KVCacheManager:
     def num_blocks(self) -> int:
         return len(self.pool.blocks)
 
-    def usage(self) -> float:
-        return 1.0 - self.pool.num_free / self.num_blocks
-
     def block_hashes(self, req: Request) -> list[int]:
         """Extend the request's chain of full-block hashes to cover its known tokens."""
         bs, hashes, tokens = self.block_size, req.block_hashes, req.all_token_ids

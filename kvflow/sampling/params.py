@@ -24,7 +24,6 @@ def _is_real(x) -> bool:
 @dataclass
 class SamplingParams:
     n: int = 1
-    best_of: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -41,13 +40,9 @@ class SamplingParams:
     logprobs: int | None = None         # top-N; 0 = only the sampled token's logprob
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         self.n = self._int("n", self.n, lo=1)
-        if self.best_of is not None:
-            self.best_of = self._int("best_of", self.best_of, lo=self.n,
-                                     hint=f"best_of must be an int >= n ({self.n})")
         self.presence_penalty = self._real("presence_penalty", self.presence_penalty, -2.0, 2.0)
         self.frequency_penalty = self._real("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         self.repetition_penalty = self._real("repetition_penalty", self.repetition_penalty, 0.0, None,
@@ -63,8 +58,7 @@ class SamplingParams:
             self.seed = self._int("seed", self.seed)
         self.stop = self._stop_strings(self.stop)
         self.stop_token_ids = self._stop_ids(self.stop_token_ids)
-        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
-                     "spaces_between_special_tokens"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.max_tokens is not None:

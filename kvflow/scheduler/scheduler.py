@@ -22,11 +22,6 @@ from kvflow.request import Request, RequestStatus
 class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)   # per request, this step
-    num_preempted: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_new_tokens)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -60,7 +55,6 @@ class Scheduler:
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True
-                batch.num_preempted += 1
                 if victim is req:
                     break
             else:
