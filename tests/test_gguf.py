@@ -317,6 +317,16 @@ _SPM_STRINGS = ["the quick brown fox", "hello there", " leading space", "two  sp
                 "unknown ü and 🤗 bytes", "the\nthe", "thereof theirs", ""]
 
 
+def _tiny_model_metadata(w):
+    """The model part of a one-layer GGUF that only exists to carry a tokenizer."""
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    w.add_block_count(1)
+    w.add_head_count(2)
+    w.add_layer_norm_rms_eps(1e-5)
+
+
 def _spm_gguf(path):
     """A tiny SentencePiece-BPE vocab (learned on _SPM_CORPUS) with byte-fallback tokens."""
     words = collections.Counter("▁" + w for w in _SPM_CORPUS.split(" "))
@@ -345,13 +355,8 @@ def _spm_gguf(path):
     scores = [0.0] * 259 + [-float(i) for i in range(len(merged) + len(chars))]
 
     def metadata(w):
-        w.add_context_length(64)
-        w.add_embedding_length(8)
-        w.add_feed_forward_length(16)
-        w.add_block_count(1)
-        w.add_head_count(2)
+        _tiny_model_metadata(w)
         w.add_head_count_kv(2)
-        w.add_layer_norm_rms_eps(1e-5)
         w.add_rope_dimension_count(4)
         w.add_tokenizer_model("llama")
         w.add_token_list(tokens)
@@ -415,12 +420,7 @@ def _bpe_gguf(path, pre):
     tokens = _byte_chars() + [a + b for a, b in _BPE_MERGES] + ["<|special|>"]
 
     def metadata(w):
-        w.add_context_length(64)
-        w.add_embedding_length(8)
-        w.add_feed_forward_length(16)
-        w.add_block_count(1)
-        w.add_head_count(2)
-        w.add_layer_norm_rms_eps(1e-5)
+        _tiny_model_metadata(w)
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(pre)
         w.add_token_list(tokens)
