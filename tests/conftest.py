@@ -58,6 +58,31 @@ def default_model_path():
     return DEFAULT_GGUF
 
 
+@pytest.fixture(scope="session")
+def hf_smollm2(default_model_path):
+    """transformers' own load of the default GGUF (dequantized to fp32): the reference model."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")   # transformers needs it to load GGUF files
+    folder, name = os.path.split(default_model_path)
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_folder(hf_smollm2, default_model_path, tmp_path_factory):
+    """The default model as a Hugging Face folder (safetensors + tokenizer.json), saved by transformers."""
+    import transformers
+    from safetensors.torch import save_file
+    folder = tmp_path_factory.mktemp("smollm2_hf")
+    # save_pretrained refuses a model loaded from GGUF: write its config and (fp32) weights directly
+    hf_smollm2.config.save_pretrained(folder)
+    tied = hf_smollm2.config.tie_word_embeddings
+    save_file({k: v.contiguous() for k, v in hf_smollm2.state_dict().items() if not (tied and k == "lm_head.weight")},
+              os.path.join(folder, "model.safetensors"))
+    path, name = os.path.split(default_model_path)
+    transformers.AutoTokenizer.from_pretrained(path, gguf_file=name).save_pretrained(folder)
+    return str(folder)
+
+
 # ---- tiny models ---------------------------------------------------------------------------------
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"

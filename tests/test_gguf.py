@@ -46,11 +46,8 @@ def reader(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def hf_model(gguf_path):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")  # transformers needs it to load GGUF files
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.float32)
+def hf_model(hf_smollm2):
+    return hf_smollm2
 
 
 # ---------------------------------------------------------------- the real SmolLM2 GGUF

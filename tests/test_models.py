@@ -52,22 +52,38 @@ def test_tiny_model_matches_transformers(tiny_model_dir, name):
         assert_greedy_match(out.outputs[0].token_ids, ref_ids, ref_logits)
 
 
-def test_smollm2_gguf_matches_transformers(default_model_path):
-    pytest.importorskip("accelerate")   # transformers needs it to load GGUF files
-    folder, name = os.path.split(default_model_path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+SMOL_TEXTS = ["The capital of France is", "def fibonacci(n):",
+              "Once upon a time, in a land far away, there lived a dragon who loved to read books about",
+              "1, 2, 3, 4,"]
+
+
+def test_smollm2_gguf_matches_transformers(hf_smollm2):
     llm = LLM(dtype="float32")
     tok = llm.get_tokenizer()
-    texts = ["The capital of France is", "def fibonacci(n):",
-             "Once upon a time, in a land far away, there lived a dragon who loved to read books about",
-             "1, 2, 3, 4,"]
-    prompts = [tok.encode(t) for t in texts]
-    ref = hf_greedy(hf, prompts, 16)
+    prompts = [tok.encode(t) for t in SMOL_TEXTS]
+    ref = hf_greedy(hf_smollm2, prompts, 16)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     for out, (ref_ids, ref_logits) in zip(outs, ref):
         assert_greedy_match(out.outputs[0].token_ids, ref_ids, ref_logits)
     assert outs[0].outputs[0].text.startswith(" Paris")
+
+
+def test_smollm2_hf_folder_matches_its_gguf(smollm2_hf_folder):
+    """The same model saved as a Hugging Face folder: same tokens, same text, same chat prompt."""
+    params = SamplingParams(temperature=0, max_tokens=12)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    gguf_llm = LLM(dtype="float32")
+    ref = gguf_llm.generate(SMOL_TEXTS, params, use_tqdm=False)
+    ref_chat = gguf_llm.chat(messages, params, use_tqdm=False)[0]
+    del gguf_llm
+    folder_llm = LLM(model=smollm2_hf_folder, dtype="float32")
+    outs = folder_llm.generate(SMOL_TEXTS, params, use_tqdm=False)
+    assert [o.prompt_token_ids for o in outs] == [o.prompt_token_ids for o in ref]
+    assert [o.outputs[0].text for o in outs] == [o.outputs[0].text for o in ref]
+    chat = folder_llm.chat(messages, params, use_tqdm=False)[0]
+    assert chat.prompt_token_ids == ref_chat.prompt_token_ids
+    assert chat.outputs[0].text == ref_chat.outputs[0].text and "Paris" in chat.outputs[0].text
 
 
 def test_sharded_bf16_checkpoint_loads_like_the_single_file(tiny_model_dir, tmp_path):
