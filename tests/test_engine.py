@@ -267,3 +267,12 @@ def test_interrupted_generate_leaks_nothing(llm, reference, monkeypatch):
         llm.generate(as_inputs(prompts), GREEDY, use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
     assert all(b.ref_count == 0 for b in llm.engine.kv.pool.blocks)
+
+
+def test_duplicate_request_id_is_refused(llm):
+    engine = llm.engine
+    engine.add_request("dup", None, [5, 6, 7], GREEDY)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("dup", None, [8, 9], GREEDY)
+    while engine.has_unfinished_requests():
+        engine.step()

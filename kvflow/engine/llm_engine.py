@@ -65,6 +65,8 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams) -> None:
+        if request_id in self.output_processor.parents:
+            raise ValueError(f"request_id {request_id!r} is already in use")
         self._check_prompt(prompt_token_ids, params)
         arrival = time.monotonic()
         parent = ParentState(request_id, prompt, list(prompt_token_ids), RequestMetrics(arrival),

@@ -93,7 +93,7 @@ class ModelRunner:
         sampled: list[int | None] = [None] * len(batch)
         if not inp.sampling_requests:
             return sampled
-        logits = self.model.compute_logits(hidden[inp.logits_indices]).float()
+        logits = self.model.compute_logits(hidden[inp.logits_indices])   # the sampler works in fp32
         reqs = inp.sampling_requests
         sb = SamplingBatch.build([r.params for r in reqs], [r.prompt_token_ids for r in reqs],
                                  [r.output_token_ids for r in reqs], [r.generator for r in reqs],

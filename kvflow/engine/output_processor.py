@@ -76,11 +76,10 @@ class OutputProcessor:
                 metrics.first_scheduled_time = out.first_scheduled_time
             metrics.num_preemptions = max(metrics.num_preemptions, out.num_preemptions)
             parent.num_cached_tokens = out.num_cached_tokens
-            if stop is not None and out.finish_reason is None:
+            if stop is not None:
                 comp.finish_reason, comp.stop_reason = "stop", stop
-                to_abort.append(out.request_id)
-            elif stop is not None:
-                comp.finish_reason, comp.stop_reason = "stop", stop
+                if out.finish_reason is None:      # still running in the engine core
+                    to_abort.append(out.request_id)
             elif out.finish_reason is not None:
                 delta += child.detok.flush()
                 comp.finish_reason, comp.stop_reason = out.finish_reason, out.stop_reason
