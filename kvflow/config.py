@@ -45,6 +45,7 @@ class ModelConfig:
     qk_norm: bool                 # per-head RMSNorm on q and k before RoPE (Qwen3)
     rope_scaling: dict | None = None
     eos_token_ids: tuple[int, ...] = ()
+    sliding_window: int | None = None   # attention window (Mistral); the engine keeps contexts within it
 
     @classmethod
     def from_hf_dict(cls, cfg: dict) -> "ModelConfig":
@@ -79,6 +80,8 @@ class ModelConfig:
             qk_norm=model_type == "qwen3",
             rope_scaling=rope_scaling,
             eos_token_ids=eos,
+            sliding_window=cfg.get("sliding_window") if model_type == "mistral" or cfg.get("use_sliding_window")
+            else None,
         )
 
     @classmethod

@@ -276,3 +276,18 @@ def test_duplicate_request_id_is_refused(llm):
         engine.add_request("dup", None, [8, 9], GREEDY)
     while engine.has_unfinished_requests():
         engine.step()
+
+
+def test_sliding_window_bounds_the_context(tiny_model_dir, tmp_path):
+    """Sliding-window attention is not implemented: contexts stay within the window, where it is exact."""
+    import json
+    import shutil
+    src = tiny_model_dir("mistral")
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{src}/{f}", tmp_path / f)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["sliding_window"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert LLM(model=str(tmp_path), dtype="float32").engine.max_model_len == 64
+    with pytest.raises(ValueError, match="sliding window"):
+        LLM(model=str(tmp_path), dtype="float32", max_model_len=128)

@@ -34,10 +34,7 @@ class LLMEngine:
         reader = read_gguf(path) if is_gguf(path) else None   # parsed once: config, tokenizer, weights
         self.model_config = mcfg = load_model_config(path, reader)
         self.dtype = resolve_dtype(config.dtype, config.device)
-        self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
-        if self.max_model_len > mcfg.max_position_embeddings:
-            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context length "
-                             f"{mcfg.max_position_embeddings}")
+        self.max_model_len = self._max_model_len(config.max_model_len, mcfg)
         self.tokenizer = Tokenizer.from_gguf(reader) if reader is not None else Tokenizer.from_hf_folder(path)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(mcfg.eos_token_ids)
         torch.manual_seed(config.seed)
@@ -60,6 +57,22 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         logger.info("loaded %s (%s, %s) in %.1fs; KV cache: %d blocks of %d tokens", path, mcfg.model_type,
                     self.dtype, time.perf_counter() - t0, num_blocks, bs)
+
+    @staticmethod
+    def _max_model_len(requested: int | None, mcfg) -> int:
+        """The model's context length, capped at 8192 by default. Sliding-window attention is not
+        implemented, so a context is kept within the window, where full attention is exact."""
+        limit = mcfg.max_position_embeddings
+        if mcfg.sliding_window is not None and mcfg.sliding_window < limit:
+            limit = mcfg.sliding_window
+            if requested is not None and requested > limit:
+                raise ValueError(f"max_model_len {requested} exceeds the model's sliding window {limit} "
+                                 "(sliding-window attention is not implemented)")
+        if requested is None:
+            return min(limit, MAX_DEFAULT_MODEL_LEN)
+        if requested > limit:
+            raise ValueError(f"max_model_len {requested} exceeds the model's context length {limit}")
+        return requested
 
     # ---- requests ------------------------------------------------------------------------------------
 
