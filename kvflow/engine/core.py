@@ -50,6 +50,10 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         batch = self.scheduler.schedule()
         if not batch.requests:
+            if self.scheduler.waiting and not self.scheduler.running:   # would spin forever: fail loudly
+                req = self.scheduler.waiting[0]
+                raise RuntimeError(f"cannot schedule request {req.request_id!r} ({req.num_tokens} tokens) with "
+                                   f"{self.kv.pool.num_free} of {self.kv.num_blocks} KV blocks free")
             return []
         sampled = self.runner.execute(batch)
         now = time.monotonic()
