@@ -245,6 +245,12 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template failed to render: {e}") from e
 
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+        """The rendered chat prompt and its token ids (the template writes the BOS itself when the model
+        wants one, so no special tokens are added on top)."""
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return text, self.encode(text, add_special_tokens=False)
+
 
 def _check_messages(messages) -> None:
     if not isinstance(messages, list):

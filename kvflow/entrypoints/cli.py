@@ -135,8 +135,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("(conversation cleared)", file=sys.stderr)
             continue
         messages = system + history + [{"role": "user", "content": line}]
-        text = tok.apply_chat_template(messages, add_generation_prompt=True)
-        ids = tok.encode(text, add_special_tokens=False)   # the template writes the BOS itself
+        text, ids = tok.encode_chat(messages)
         turn += 1
         try:
             reply = stream(engine, f"chat-{turn}", text, ids, params)

@@ -73,9 +73,8 @@ class LLM:
         tok = self.engine.tokenizer
         prompts = []
         for conv in conversations:
-            text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
-            # the template writes the BOS itself when the model wants one
-            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+            text, ids = tok.encode_chat(conv, add_generation_prompt)
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
