@@ -6,13 +6,20 @@ in and out, so the same core can run in-process (LLM) or behind a process bounda
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
+import torch
+
+from kvflow.config import EngineConfig, ModelConfig
 from kvflow.engine.model_runner import ModelRunner
 from kvflow.memory.kv_cache_manager import KVCacheManager
+from kvflow.models.loader import load_model
 from kvflow.request import Request, RequestStatus
 from kvflow.scheduler.scheduler import Scheduler
+
+logger = logging.getLogger("kvflow")
 
 
 @dataclass
@@ -27,14 +34,43 @@ class EngineCoreOutput:
     num_preemptions: int = 0
 
 
+@dataclass
+class EngineStats:
+    """A snapshot of the core's load, sent to the frontend with every step (Prometheus gauges)."""
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0          # fraction of KV blocks held by requests
+    prefix_cache_queries: int = 0        # prompt tokens looked up in the prefix cache, cumulative
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0             # cumulative
+
+
 class EngineCore:
-    def __init__(self, runner: ModelRunner, kv: KVCacheManager, scheduler: Scheduler):
+    def __init__(self, runner: ModelRunner, kv: KVCacheManager, scheduler: Scheduler, device: str = "cpu"):
         self.runner, self.kv, self.scheduler = runner, kv, scheduler
+        self.device = device
         self.requests: dict[str, Request] = {}
+
+    @classmethod
+    def build(cls, config: EngineConfig, path: str, mcfg: ModelConfig, dtype: torch.dtype, max_model_len: int,
+              num_blocks: int, reader=None) -> EngineCore:
+        """Load the weights and allocate the KV cache (the Frontend has sized it)."""
+        torch.manual_seed(config.seed)
+        t0 = time.perf_counter()
+        model = load_model(path, mcfg, dtype, config.device, max_model_len, reader)
+        bs = config.block_size
+        kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
+        runner = ModelRunner(model, mcfg, dtype, config.device, num_blocks, bs)
+        scheduler = Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens, max_model_len)
+        logger.info("loaded %s (%s, %s) in %.1fs; KV cache: %d blocks of %d tokens", path, mcfg.model_type,
+                    dtype, time.perf_counter() - t0, num_blocks, bs)
+        return cls(runner, kv, scheduler, config.device)
 
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise ValueError(f"request_id {req.request_id!r} is already in use")
+        if req.params.seed is not None and req.generator is None:   # its own stream, on the engine's device
+            req.generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
         self.requests[req.request_id] = req
         self.scheduler.add(req)
 
@@ -74,6 +110,11 @@ class EngineCore:
             if done:
                 del self.requests[req.request_id]
         return outputs
+
+    def stats(self) -> EngineStats:
+        kv, sched = self.kv, self.scheduler
+        return EngineStats(len(sched.running), len(sched.waiting), 1.0 - kv.pool.num_free / kv.num_blocks,
+                           kv.num_queries, kv.num_hits, sched.num_preemptions)
 
     def check_blocks(self) -> None:
         """Assert that every KV block is free, cached, or held by a live request (tests call this)."""
