@@ -45,6 +45,8 @@ BAD_VALUES = [
     ("stop", ""), ("stop", [""]), ("stop", [1]), ("stop", 5),
     ("stop_token_ids", [-1]), ("stop_token_ids", ["a"]), ("stop_token_ids", 5), ("stop_token_ids", [True]),
     ("ignore_eos", 1), ("skip_special_tokens", None),
+    ("logit_bias", {"a": 1.0}), ("logit_bias", {-1: 1.0}), ("logit_bias", {3: 101}), ("logit_bias", [1]),
+    ("logit_bias", {3: "x"}),
 ]
 
 
@@ -213,6 +215,16 @@ def test_min_tokens_suppresses_stop_ids():
     out = sample(SamplingParams(min_tokens=3, stop_token_ids=[2]), torch.zeros(1000, 4),
                  output=[[]] * 1000, stops=[{1, 2}] * 1000)
     assert not {1, 2} & set(out.token_ids)
+
+
+def test_logit_bias_shifts_only_its_rows_and_tokens():
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0]]).repeat(2, 1)
+    biased = SamplingParams(temperature=0.0, logit_bias={"2": 2.0, 1: -100})   # JSON keys arrive as strings
+    assert biased.logit_bias == {2: 2.0, 1: -100.0}
+    out = sample([biased, SamplingParams(temperature=0.0, logprobs=1)], logits)
+    assert out.token_ids == [2, 1]
+    assert out.logprobs[1][0][1] == pytest.approx(torch.log_softmax(logits[1], -1)[1].item())   # raw logprobs
+    assert SamplingParams(logit_bias={}).logit_bias is None
 
 
 # ------------------------------------------------------------------ logprobs & dtypes

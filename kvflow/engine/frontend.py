@@ -97,6 +97,8 @@ class Frontend:
         vocab = self.model_config.vocab_size
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt_token_ids must be integers in [0, {vocab})")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias has token id {max(params.logit_bias)}, outside the vocabulary [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt is {len(ids)} tokens, but max_model_len is {self.max_model_len}: "
                              "it must be shorter, to leave room for at least one output token")

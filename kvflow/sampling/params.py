@@ -40,6 +40,7 @@ class SamplingParams:
     logprobs: int | None = None         # top-N; 0 = only the sampled token's logprob
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None   # token id -> bias in [-100, 100] added to its logit
 
     def __post_init__(self) -> None:
         self.n = self._int("n", self.n, lo=1)
@@ -68,6 +69,7 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
         if self.logprobs is not None:
             self.logprobs = self._int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
+        self.logit_bias = self._logit_bias(self.logit_bias)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -115,6 +117,23 @@ class SamplingParams:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must contain only non-empty strings, got {s!r}")
         return list(stop)
+
+    @staticmethod
+    def _logit_bias(bias) -> dict[int, float] | None:
+        if not bias:
+            return None
+        if not isinstance(bias, dict):
+            raise ValueError(f"logit_bias must be a dict of token id -> bias, got {bias!r}")
+        out = {}
+        for tid, b in bias.items():
+            if isinstance(tid, str) and tid.lstrip("-").isdigit():
+                tid = int(tid)                 # JSON object keys are strings
+            if not _is_int(tid) or tid < 0:
+                raise ValueError(f"logit_bias keys must be non-negative token ids, got {tid!r}")
+            if not _is_real(b) or not -100 <= b <= 100:
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {b!r}")
+            out[int(tid)] = float(b)
+        return out
 
     @staticmethod
     def _stop_ids(ids) -> list[int]:

@@ -3,7 +3,7 @@
 The model runner builds one `SamplingBatch` per step (`SamplingBatch.build`) and calls
 `Sampler()(logits, batch)`. Every stage is a tensor op over the whole batch; stages no
 row needs are skipped (their tensors are None). Order, as in vLLM:
-raw logprobs -> min_tokens stop masking -> repetition / frequency / presence penalties
+raw logprobs -> logit_bias -> min_tokens stop masking -> repetition / frequency / presence penalties
 -> greedy argmax | (temperature -> top-k -> top-p -> softmax -> min-p -> exponential race).
 """
 from __future__ import annotations
@@ -32,6 +32,9 @@ class SamplingBatch:
     seen_mask: Tensor | None = None          # [B, V] bool: token in prompt or output
     suppress_rows: Tensor | None = None      # [K] int64 } logits[rows, cols] = -inf
     suppress_cols: Tensor | None = None      # [K] int64 } (stop ids while < min_tokens)
+    bias_rows: Tensor | None = None          # [K] int64 } logits[rows, cols] += values
+    bias_cols: Tensor | None = None          # [K] int64 } (logit_bias)
+    bias_values: Tensor | None = None        # [K] fp32  }
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # seeded random rows
     num_logprobs: list[int | None] | None = None  # per row; None when no row asks
     max_num_logprobs: int = 0
@@ -89,6 +92,16 @@ class SamplingBatch:
             b.suppress_rows = torch.tensor(rows, dtype=torch.int64, device=device)
             b.suppress_cols = torch.tensor(cols, dtype=torch.int64, device=device)
 
+        rows, cols, vals = [], [], []
+        for i, p in enumerate(params):
+            for tid, v in (p.logit_bias or {}).items():
+                if tid < vocab_size:
+                    rows.append(i), cols.append(tid), vals.append(v)
+        if rows:
+            b.bias_rows = torch.tensor(rows, dtype=torch.int64, device=device)
+            b.bias_cols = torch.tensor(cols, dtype=torch.int64, device=device)
+            b.bias_values = torch.tensor(vals, **f32)
+
         b.generators = {i: g for i, g in enumerate(generators) if g is not None and not greedy[i]}
         if any(p.logprobs is not None for p in params):
             b.num_logprobs = [p.logprobs for p in params]
@@ -126,6 +139,8 @@ class Sampler:
         logits = logits.to(torch.float32, copy=True)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.num_logprobs is not None else None
 
+        if batch.bias_rows is not None:
+            logits.index_put_((batch.bias_rows, batch.bias_cols), batch.bias_values, accumulate=True)
         if batch.suppress_rows is not None:
             logits[batch.suppress_rows, batch.suppress_cols] = float("-inf")
         logits = apply_penalties(logits, batch)
