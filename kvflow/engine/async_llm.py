@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 import zmq
 import zmq.asyncio
 
-from kvflow.config import EngineConfig
+from kvflow.config import EngineConfig, default_model_path
 from kvflow.engine.core import EngineStats
 from kvflow.engine.core_process import (config_to_json, decode_outputs, decode_stats, encode_request, pack,
                                         unpack)
@@ -72,20 +71,23 @@ class AsyncLLM(Frontend):
     def __init__(self, config: EngineConfig, max_queue_len: int = 256,
                  on_output: Callable[[RequestOutput], None] | None = None,
                  on_stats: Callable[[EngineStats], None] | None = None):
-        super().__init__(config)
-        self.reader = None                   # the core process reads the weights itself
         self.max_queue_len = max_queue_len
         self.on_output, self.on_stats = on_output, on_stats
         self.streams: dict[str, _Stream] = {}
         self.stats = EngineStats()
         self.errored: str | None = None
-        self.proc: subprocess.Popen | None = None
         self._tasks: list[asyncio.Task] = []
+        # the core process loads the weights while this one reads the tokenizer
+        self._spawn(dataclasses.replace(config, model=config.model or default_model_path()))
+        try:
+            super().__init__(config)
+        except BaseException:
+            self._kill()
+            self._close()
+            raise
+        self.reader = None                   # the core process reads the weights itself
 
-    # ---- lifecycle ---------------------------------------------------------------------------------------
-
-    async def start(self, timeout: float = 600.0) -> None:
-        """Start the engine core process and wait until its model is loaded."""
+    def _spawn(self, config: EngineConfig) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="kvflow-")
         in_addr, out_addr = (f"ipc://{self._dir.name}/{name}" for name in ("input", "output"))
         self._zmq = zmq.Context()
@@ -96,11 +98,13 @@ class AsyncLLM(Frontend):
         self._output = self._azmq.socket(zmq.PULL)
         self._output.setsockopt(zmq.LINGER, 0)
         self._output.bind(out_addr)
-        config = dataclasses.replace(self.config, model=self.model_path)
         cmd = [sys.executable, "-m", "kvflow.engine.core_process", "--config", config_to_json(config),
                "--input", in_addr, "--output", out_addr, "--log-level", logging.getLevelName(logger.getEffectiveLevel())]
-        self.proc = subprocess.Popen(cmd, env=os.environ.copy())
+        self.proc = subprocess.Popen(cmd)
         logger.info("engine core process %d started", self.proc.pid)
+
+    async def start(self, timeout: float = 600.0) -> None:
+        """Wait until the engine core has loaded the model, then start serving its outputs."""
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -120,56 +124,68 @@ class AsyncLLM(Frontend):
     async def shutdown(self, timeout: float = 10.0) -> None:
         for t in self._tasks:
             t.cancel()
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc.poll() is None:
             try:
                 self._input.send(pack(["shutdown"]), zmq.NOBLOCK)
                 await asyncio.to_thread(self.proc.wait, timeout)
             except (zmq.ZMQError, subprocess.TimeoutExpired):
                 self._kill()
         self._fail_all(EngineDeadError("the server is shutting down"))
-        if self.proc is not None:
-            self._input.close(0)
-            self._output.close(0)
-            self._zmq.term()
-            self._azmq.term()
-            self._dir.cleanup()
-            self.proc = None
+        self._close()
 
     def _kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
 
+    def _close(self) -> None:
+        self._input.close(0)
+        self._output.close(0)
+        self._zmq.term()
+        self._azmq.term()
+        self._dir.cleanup()
+
     @property
     def is_healthy(self) -> bool:
-        return self.errored is None and self.proc is not None and self.proc.poll() is None
+        return self.errored is None and self.proc.poll() is None
 
     # ---- requests ----------------------------------------------------------------------------------------
 
-    async def generate(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream cumulative RequestOutputs; the last one has finished=True. Raises ValueError for a bad
-        request, QueueFullError when the waiting queue is full, EngineDeadError if the core dies."""
+    def add_request(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None) -> str:
+        """Validate and submit a request; returns its id. Raises ValueError for a bad request,
+        QueueFullError when the waiting queue is full, EngineDeadError if the core is gone. The caller
+        must then consume `outputs(request_id)` (or `abort_request` it)."""
         if self.errored is not None:
             raise EngineDeadError(self.errored)
         waiting = len(self.output_processor.children) + params.n - self.config.max_num_seqs
         if waiting > self.max_queue_len:
-            raise QueueFullError(f"{self.max_queue_len} requests are already waiting")
+            raise QueueFullError(f"the server is busy: {self.max_queue_len} requests are already waiting")
         request_id = request_id or uuid.uuid4().hex
         reqs = self.make_requests(request_id, prompt, prompt_token_ids, params)
-        stream = self.streams[request_id] = _Stream()
-        finished = False
+        self.streams[request_id] = _Stream()
+        for req in reqs:
+            self._input.send(pack(["add", encode_request(req)]))
+        return request_id
+
+    async def outputs(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Cumulative RequestOutputs of a submitted request; the last has finished=True. Closing the
+        iterator early (the client went away) aborts the request."""
+        stream, finished = self.streams[request_id], False
         try:
-            for req in reqs:
-                self._input.send(pack(["add", encode_request(req)]))
             while not finished:
                 out = await stream.get()
                 finished = out.finished
                 yield out
         finally:
             self.streams.pop(request_id, None)
-            if not finished:                 # the consumer went away (disconnect) or the engine died
+            if not finished:
                 self.abort_request(request_id)
+
+    async def generate(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        async for out in self.outputs(self.add_request(prompt, prompt_token_ids, params, request_id)):
+            yield out
 
     def abort_request(self, request_id: str) -> None:
         child_ids = self.abort(request_id)
@@ -204,14 +220,14 @@ class AsyncLLM(Frontend):
                 if stream is not None:
                     stream.fail(RuntimeError(msg[2]))
             elif kind == "dead":
-                self._die(f"engine core failed: {msg[1]}")
+                logger.error("engine core failed: %s", msg[1])
+                self._die(f"engine core failed: {msg[1].splitlines()[0]}")
                 return
 
     async def _watch_process(self) -> None:
-        while self.proc is not None and self.proc.poll() is None:
+        while self.proc.poll() is None:
             await asyncio.sleep(DEATH_POLL_S)
-        if self.proc is not None:
-            self._die(f"engine core process exited with code {self.proc.returncode}")
+        self._die(f"engine core process exited with code {self.proc.returncode}")
 
     def _die(self, reason: str) -> None:
         if self.errored is None:

@@ -111,6 +111,17 @@ class EngineCore:
                 del self.requests[req.request_id]
         return outputs
 
+    def warm_up(self) -> None:
+        """Run one small request through every stage, so that the first user request does not pay
+        for first-call costs (allocator growth, kernel selection); its prefix is then forgotten."""
+        from kvflow.sampling.params import SamplingParams
+        self.add_request(Request("warm-up", list(range(1, 33)), SamplingParams(max_tokens=4, ignore_eos=True),
+                                 set(), 4))
+        while self.has_unfinished():
+            self.step()
+        self.kv.pool.reset_prefix_cache()
+        self.kv.num_queries = self.kv.num_hits = 0
+
     def stats(self) -> EngineStats:
         kv, sched = self.kv, self.scheduler
         return EngineStats(len(sched.running), len(sched.waiting), 1.0 - kv.pool.num_free / kv.num_blocks,

@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     out.connect(args.output)
     try:
         core = build_core(EngineConfig(**json.loads(args.config)))
+        core.warm_up()
         out.send(pack(["ready", {"num_kv_blocks": core.kv.num_blocks, "pid": os.getpid()}]))
         serve_core(core, inp, out, parent_pid)
         return 0

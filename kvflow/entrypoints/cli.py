@@ -1,4 +1,4 @@
-"""The `kvflow` command line: `kvflow generate PROMPT` and `kvflow chat`.
+"""The `kvflow` command line: `kvflow serve`, `kvflow generate PROMPT`, `kvflow chat`, `kvflow bench serve`.
 
 Only the generated text goes to stdout; logs and errors go to stderr. A bad argument value prints
 `kvflow: error: <message>` and exits 2, as argparse does for a malformed command line.
@@ -51,17 +51,21 @@ def sampling_params(args: argparse.Namespace):
                           top_k=args.top_k, seed=args.seed, stop=args.stop)
 
 
-def build_llm(args: argparse.Namespace):
-    from kvflow.entrypoints.llm import LLM
+def engine_kwargs(args: argparse.Namespace) -> dict:
     kv_bytes = None
     if args.kv_cache_memory is not None:
         if not args.kv_cache_memory > 0:
             raise CLIError(f"--kv-cache-memory must be a positive number of GiB, got {args.kv_cache_memory}")
         kv_bytes = int(args.kv_cache_memory * (1 << 30))
-    return LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-               kv_cache_memory_bytes=kv_bytes, enable_prefix_caching=not args.no_prefix_caching,
-               seed=args.seed if args.seed is not None else 0)
+    return dict(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                kv_cache_memory_bytes=kv_bytes, enable_prefix_caching=not args.no_prefix_caching,
+                seed=args.seed if args.seed is not None else 0)
+
+
+def build_llm(args: argparse.Namespace):
+    from kvflow.entrypoints.llm import LLM
+    return LLM(**engine_kwargs(args))
 
 
 def stream(engine, request_id: str, prompt: str | None, token_ids: list[int], params, out=None) -> str:
@@ -150,6 +154,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from kvflow.config import EngineConfig
+    from kvflow.entrypoints.api_server import serve
+    config = EngineConfig(**engine_kwargs(args))
+    if args.max_queue_len < 0:
+        raise CLIError(f"--max-queue-len must be >= 0, got {args.max_queue_len}")
+    if not 0 < args.port < 65536:
+        raise CLIError(f"--port must be in 1..65535, got {args.port}")
+    return asyncio.run(serve(config, args.host, args.port, args.api_key or os.environ.get("KVFLOW_API_KEY"),
+                             args.served_model_name, args.max_queue_len, args.drain_timeout,
+                             "info" if args.verbose else "warning"))
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from kvflow.bench.serve import main as bench_serve_main
+    return bench_serve_main(args)
+
+
 # ---- main ----------------------------------------------------------------------------------------------
 
 def make_parser() -> argparse.ArgumentParser:
@@ -174,7 +198,29 @@ def make_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     p.set_defaults(func=cmd_chat)
 
-    # more subcommands (bench, serve) register here: a parser with set_defaults(func=cmd_...)
+    p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                       description="An OpenAI-compatible server: /v1/completions, /v1/chat/completions, "
+                                   "/v1/models, /health, /metrics, /tokenize, /detokenize, /version.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1 (default: $KVFLOW_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: file name)")
+    p.add_argument("--max-queue-len", type=int, default=256,
+                   help="requests that may wait beyond --max-num-seqs; more get 503 with Retry-After")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let in-flight requests finish")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="benchmarks: `kvflow bench serve` loads a running server")
+    bench = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    p = bench.add_parser("serve", help="a serving load generator (like `vllm bench serve`)",
+                         description="Send a workload to an OpenAI-compatible server and report TTFT, TPOT, "
+                                     "ITL, E2E, throughput and goodput.")
+    from kvflow.bench.serve import add_cli_args
+    add_cli_args(p)
+    p.set_defaults(func=cmd_bench_serve, verbose=False)
     return parser
 
 

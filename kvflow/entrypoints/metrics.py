@@ -1,0 +1,74 @@
+"""Prometheus metrics of the server (`GET /metrics`), named as vLLM names them (with a kvflow: prefix)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from kvflow.engine.core import EngineStats
+from kvflow.outputs import RequestOutput
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                   20.0, 40.0, 80.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+                0.3, 0.5, 0.75, 1.0, 2.5)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str):
+        self.registry = r = CollectorRegistry()
+        labels = ["model_name"]
+        self._labels = {"model_name": model_name}
+
+        def gauge(name, doc):
+            return Gauge(f"kvflow:{name}", doc, labels, registry=r).labels(**self._labels)
+
+        def counter(name, doc):
+            return Counter(f"kvflow:{name}", doc, labels, registry=r).labels(**self._labels)
+
+        def histogram(name, doc, buckets):
+            return Histogram(f"kvflow:{name}", doc, labels, buckets=buckets, registry=r).labels(**self._labels)
+
+        self.running = gauge("num_requests_running", "Requests in the engine's running batch")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks held by requests (0-1)")
+        self.hit_rate = gauge("prefix_cache_hit_rate", "Prefix-cache hits / queries, in prompt tokens, since start")
+        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
+        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache")
+        self.preemptions = counter("num_preemptions", "Requests preempted by the scheduler")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens of finished requests")
+        self._success = Counter("kvflow:request_success", "Finished requests, by finish reason",
+                                labels + ["finished_reason"], registry=r)
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token", LATENCY_BUCKETS)
+        self.tpot = histogram("time_per_output_token_seconds", "Mean time per output token after the first",
+                              TPOT_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token", LATENCY_BUCKETS)
+        self._last = EngineStats()
+
+    def record_stats(self, s: EngineStats) -> None:
+        self.running.set(s.num_running)
+        self.waiting.set(s.num_waiting)
+        self.kv_usage.set(s.kv_cache_usage)
+        self.hit_rate.set(s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0)
+        self.prefix_queries.inc(max(0, s.prefix_cache_queries - self._last.prefix_cache_queries))
+        self.prefix_hits.inc(max(0, s.prefix_cache_hits - self._last.prefix_cache_hits))
+        self.preemptions.inc(max(0, s.num_preemptions - self._last.num_preemptions))
+        self._last = s
+
+    def record_output(self, out: RequestOutput) -> None:
+        """A finished request: token counters and its latencies."""
+        self.prompt_tokens.inc(len(out.prompt_token_ids))
+        num_tokens = [len(c.token_ids) for c in out.outputs]
+        self.generation_tokens.inc(sum(num_tokens))
+        for c in out.outputs:
+            self._success.labels(finished_reason=c.finish_reason or "abort", **self._labels).inc()
+        m = out.metrics
+        if m is None or m.first_token_time is None or m.finished_time is None:
+            return
+        ttft, e2e = m.first_token_time - m.arrival_time, m.finished_time - m.arrival_time
+        self.ttft.observe(ttft)
+        self.e2e.observe(e2e)
+        if max(num_tokens) > 1:
+            self.tpot.observe((e2e - ttft) / (max(num_tokens) - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
