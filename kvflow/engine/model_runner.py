@@ -40,6 +40,11 @@ class ModelRunner:
             layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
         self.sampler = Sampler()
 
+    def kv_tensors(self) -> list[torch.Tensor]:
+        """Every tensor that holds KV-cache state, each indexed by block id on dim 0 (copying block b
+        of each of them copies the block's whole content)."""
+        return self.k_caches + self.v_caches
+
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         bs, dev = self.block_size, self.device
         order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] != 1)
