@@ -93,7 +93,11 @@ class ModelConfig:
         with open(cfg_path) as f:
             return cls.from_hf_dict(json.load(f))
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+    def kv_bytes_per_token(self, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+        """K and V of one token in every layer. int8: one byte per element plus one scale (in `dtype`)
+        per kv head, for K and for V."""
+        if kv_cache_dtype == "int8":
+            return 2 * self.num_layers * self.num_kv_heads * (self.head_dim + dtype.itemsize)
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype.itemsize
 
 
@@ -120,6 +124,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     return resolved
 
 
+KV_CACHE_DTYPES = ("auto", "int8")
+
+
 @dataclass
 class EngineConfig:
     model: str | None = None                 # HF folder or .gguf file; None = the default model
@@ -133,8 +140,21 @@ class EngineConfig:
     num_kv_blocks: int | None = None         # overrides the budget (tests use tiny caches)
     enable_prefix_caching: bool = True
     seed: int = 0
+    preemption_mode: str = "auto"            # "auto" (cheaper of the two per request), "recompute" or "swap"
+    swap_space_bytes: int = 512 << 20        # the swap tier for preempted requests (host memory)
+    num_swap_blocks: int | None = None       # overrides swap_space_bytes (tests)
+    kv_cache_dtype: str = "auto"              # "auto" (the model's dtype) or "int8" (per token and head scales)
+    quantization: str | None = None          # weights: None, "int8", "int4", or "gguf" (keep a GGUF's Q4/Q8 blocks)
 
     def __post_init__(self):
+        if self.preemption_mode not in ("auto", "recompute", "swap"):
+            raise ValueError(f"preemption_mode must be auto, recompute or swap, got {self.preemption_mode!r}")
+        for name in ("swap_space_bytes", "num_swap_blocks"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -145,3 +165,8 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be a positive integer, got {self.num_kv_blocks!r}")
         if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.quantization not in (None, "int8", "int4", "gguf"):
+            raise ValueError(f"quantization must be None, 'int8', 'int4' or 'gguf', got {self.quantization!r}")
+        if self.quantization == "gguf" and self.model is not None and not str(self.model).lower().endswith(".gguf"):
+            raise ValueError(f"quantization='gguf' keeps a GGUF file's quantized weights: model must be a .gguf "
+                             f"file, got {self.model!r} (use 'int8' or 'int4' for other checkpoints)")

@@ -5,6 +5,11 @@ to their slots; then each row attends to its context by gathering its blocks thr
 (index_select: about 5x faster than advanced indexing for this gather).
 All single-token rows (decodes) go through one batched SDPA call with a length mask; multi-token rows
 (prefill chunks) each take one causal SDPA call, with the cached prefix gathered in front of them.
+
+int8 KV cache (kv_cache_dtype="int8"): K and V are stored as int8 with one scale per (slot, kv head) in
+[num_blocks, block_size, num_kv_heads] tensors (symmetric absmax / 127). New tokens are quantized on
+write; gathered blocks are dequantized to the compute dtype before SDPA. With no scales (the default
+cache) nothing of this runs.
 """
 import torch
 import torch.nn.functional as F
@@ -12,16 +17,40 @@ import torch.nn.functional as F
 from kvflow.attention.metadata import AttentionMetadata
 
 
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [T, H, D] -> (int8 [T, H, D], scale [T, H] in x's dtype), x ~ q * scale (absmax / 127 per row)."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1) / 127.0).clamp_(min=1e-10).to(x.dtype)
+    q = (xf / scale.float().unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _gather(cache: torch.Tensor, scale: torch.Tensor | None, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The blocks' K or V [n, block_size, H, D], dequantized to `dtype` when the cache is int8."""
+    x = cache.index_select(0, blocks)
+    if scale is None:
+        return x
+    return x.to(dtype).mul_(scale.index_select(0, blocks).unsqueeze(-1))
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
+    if k_scale is not None:          # int8 cache: quantize, and store each (token, head)'s scale
+        k, ks = quantize_int8(k)
+        v, vs = quantize_int8(v)
+        k_scale.view(-1, ks.shape[1]).index_copy_(0, slot_mapping, ks)
+        v_scale.view(-1, vs.shape[1]).index_copy_(0, slot_mapping, vs)
     k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's new tokens). Returns [T, Hq, D]."""
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's new tokens). Returns [T, Hq, D].
+    k_scale, v_scale: the int8 cache's scales [num_blocks, block_size, Hkv]; None for a cache in q's dtype."""
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping, k_scale, v_scale)
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
@@ -30,8 +59,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
         group = q.shape[1] // num_kv_heads
         blocks = meta.decode_block_tables.flatten()
-        keys = k_cache.index_select(0, blocks).view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
-        values = v_cache.index_select(0, blocks).view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
+        keys = _gather(k_cache, k_scale, blocks, q.dtype).view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
+        values = _gather(v_cache, v_scale, blocks, q.dtype).view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
         o = F.scaled_dot_product_attention(q[:nd].view(nd, num_kv_heads, group, head_dim), keys, values,
                                            attn_mask=meta.decode_mask, scale=scale)
         out[:nd] = o.view(nd, -1, head_dim)
@@ -43,8 +72,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             ks, vs = k[sl].transpose(0, 1).unsqueeze(0), v[sl].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            ks = k_cache.index_select(0, p.block_table).flatten(0, 1)[:p.context_len].transpose(0, 1).unsqueeze(0)
-            vs = v_cache.index_select(0, p.block_table).flatten(0, 1)[:p.context_len].transpose(0, 1).unsqueeze(0)
+            ks = _gather(k_cache, k_scale, p.block_table, q.dtype).flatten(0, 1)[:p.context_len].transpose(0, 1)
+            vs = _gather(v_cache, v_scale, p.block_table, q.dtype).flatten(0, 1)[:p.context_len].transpose(0, 1)
+            ks, vs = ks.unsqueeze(0), vs.unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, scale=scale, enable_gqa=True)
         out[sl] = o[0].transpose(0, 1)
     return out

@@ -17,7 +17,7 @@ from kvflow.engine.model_runner import ModelRunner
 from kvflow.memory.kv_cache_manager import KVCacheManager
 from kvflow.models.loader import load_model
 from kvflow.request import Request, RequestStatus
-from kvflow.scheduler.scheduler import Scheduler
+from kvflow.scheduler.scheduler import PreemptionCost, Scheduler
 
 logger = logging.getLogger("kvflow")
 
@@ -32,6 +32,10 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
     num_preemptions: int = 0
+    # prompt logprobs computed this step (a prompt chunk may send them with no new token), in the
+    # new_logprobs format, one entry per prompt token from the second on. Keep new fields at the END:
+    # core_process encodes these fields positionally.
+    prompt_logprobs: list | None = None
 
 
 @dataclass
@@ -43,6 +47,8 @@ class EngineStats:
     prefix_cache_queries: int = 0        # prompt tokens looked up in the prefix cache, cumulative
     prefix_cache_hits: int = 0
     num_preemptions: int = 0             # cumulative
+    num_swapped_out: int = 0             # of those, preempted by swapping out (the rest: recompute)
+    num_cow_copies: int = 0              # blocks copied on write by forked samples, cumulative
 
 
 class EngineCore:
@@ -57,11 +63,17 @@ class EngineCore:
         """Load the weights and allocate the KV cache (the Frontend has sized it)."""
         torch.manual_seed(config.seed)
         t0 = time.perf_counter()
-        model = load_model(path, mcfg, dtype, config.device, max_model_len, reader)
+        model = load_model(path, mcfg, dtype, config.device, max_model_len, reader, config.quantization)
         bs = config.block_size
-        kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
-        runner = ModelRunner(model, mcfg, dtype, config.device, num_blocks, bs)
-        scheduler = Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens, max_model_len)
+        runner = ModelRunner(model, mcfg, dtype, config.device, num_blocks, bs, config.kv_cache_dtype)
+        num_swap = config.num_swap_blocks
+        if num_swap is None:
+            num_swap = config.swap_space_bytes // runner.block_bytes
+        runner.allocate_swap(num_swap)
+        kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching, num_swap)
+        cost = PreemptionCost(runner.block_bytes, swap_bytes_per_s=runner.measure_swap_bandwidth())
+        scheduler = Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens, max_model_len,
+                              config.preemption_mode, cost)
         logger.info("loaded %s (%s, %s) in %.1fs; KV cache: %d blocks of %d tokens", path, mcfg.model_type,
                     dtype, time.perf_counter() - t0, num_blocks, bs)
         return cls(runner, kv, scheduler, config.device)
@@ -71,6 +83,8 @@ class EngineCore:
             raise ValueError(f"request_id {req.request_id!r} is already in use")
         if req.params.seed is not None and req.generator is None:   # its own stream, on the engine's device
             req.generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
+        if req.fork_of is not None:            # share the prompt blocks of the request's sample 0
+            req.fork_source = self.requests.get(req.fork_of)
         self.requests[req.request_id] = req
         self.scheduler.add(req)
 
@@ -86,27 +100,35 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         batch = self.scheduler.schedule()
         if not batch.requests:
+            self.runner.apply_block_ops(batch.block_ops)
             if self.scheduler.waiting and not self.scheduler.running:   # would spin forever: fail loudly
                 req = self.scheduler.waiting[0]
                 raise RuntimeError(f"cannot schedule request {req.request_id!r} ({req.num_tokens} tokens) with "
                                    f"{self.kv.pool.num_free} of {self.kv.num_blocks} KV blocks free")
             return []
+        t0 = time.perf_counter()
         sampled = self.runner.execute(batch)
+        num_tokens = sum(batch.num_new_tokens)
+        if num_tokens >= 4 * len(batch.requests) and num_tokens >= 64:   # mostly prefill: refine the estimate
+            cost = self.scheduler.cost
+            cost.prefill_tokens_per_s += 0.2 * (num_tokens / (time.perf_counter() - t0) - cost.prefill_tokens_per_s)
         now = time.monotonic()
         finished = set(map(id, self.scheduler.update(batch, sampled)))
         outputs = []
         for req, token in zip(batch.requests, sampled):
-            if token is None:
+            prompt_logprobs, req.new_prompt_logprobs = req.new_prompt_logprobs, None
+            if token is None and prompt_logprobs is None:
                 continue
-            if req.first_token_time is None:
+            if token is not None and req.first_token_time is None:
                 req.first_token_time = now
             done = id(req) in finished
             outputs.append(EngineCoreOutput(
-                request_id=req.request_id, new_token_ids=[token],
-                new_logprobs=req.logprobs[-1:] if req.logprobs is not None else None,
+                request_id=req.request_id, new_token_ids=[token] if token is not None else [],
+                new_logprobs=req.logprobs[-1:] if req.logprobs is not None and token is not None else None,
                 finish_reason=req.status.value if done else None,
                 stop_reason=req.stop_reason, num_cached_tokens=req.num_cached_tokens,
-                first_scheduled_time=req.first_scheduled_time, num_preemptions=req.num_preemptions))
+                first_scheduled_time=req.first_scheduled_time, num_preemptions=req.num_preemptions,
+                prompt_logprobs=prompt_logprobs))
             if done:
                 del self.requests[req.request_id]
         return outputs
@@ -125,7 +147,8 @@ class EngineCore:
     def stats(self) -> EngineStats:
         kv, sched = self.kv, self.scheduler
         return EngineStats(len(sched.running), len(sched.waiting), 1.0 - kv.pool.num_free / kv.num_blocks,
-                           kv.num_queries, kv.num_hits, sched.num_preemptions)
+                           kv.num_queries, kv.num_hits, sched.num_preemptions, sched.num_swapped_out,
+                           kv.num_cow_copies)
 
     def check_blocks(self) -> None:
         """Assert that every KV block is free, cached, or held by a live request (tests call this)."""

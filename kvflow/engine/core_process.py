@@ -52,12 +52,12 @@ def unpack(data: bytes):
 def encode_request(req: Request) -> dict:
     return {"request_id": req.request_id, "prompt_token_ids": req.prompt_token_ids,
             "params": dataclasses.asdict(req.params), "stop_ids": sorted(req.stop_ids),
-            "max_tokens": req.max_tokens, "arrival_time": req.arrival_time}
+            "max_tokens": req.max_tokens, "arrival_time": req.arrival_time, "fork_of": req.fork_of}
 
 
 def decode_request(d: dict) -> Request:
     return Request(d["request_id"], d["prompt_token_ids"], SamplingParams(**d["params"]), set(d["stop_ids"]),
-                   d["max_tokens"], arrival_time=d["arrival_time"])
+                   d["max_tokens"], arrival_time=d["arrival_time"], fork_of=d["fork_of"])
 
 
 def encode_outputs(outputs: list[EngineCoreOutput]) -> list[list]:

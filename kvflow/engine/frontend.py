@@ -47,7 +47,7 @@ def num_kv_blocks(config: EngineConfig, mcfg: ModelConfig, dtype, model_len: int
     bs = config.block_size
     budget = config.kv_cache_memory_bytes or DEFAULT_KV_CACHE_BYTES
     useful = config.max_num_seqs * -(-model_len // bs)
-    n = min(budget // (mcfg.kv_bytes_per_token(dtype) * bs), useful)
+    n = min(budget // (mcfg.kv_bytes_per_token(dtype, config.kv_cache_dtype) * bs), useful)
     if n < 1:
         raise ValueError(f"kv_cache_memory_bytes={budget} is too small for one block of {bs} tokens")
     return n
@@ -86,7 +86,10 @@ class Frontend:
             child_params = params
             if params.n > 1 and params.seed is not None:   # distinct but reproducible samples
                 child_params = dataclasses.replace(params, seed=params.seed + i)
-            reqs.append(Request(cid, list(prompt_token_ids), child_params, stop_ids, max_tokens, arrival_time=arrival))
+            if i > 0 and params.prompt_logprobs is not None:   # the parent takes them from the first sample
+                child_params = dataclasses.replace(child_params, prompt_logprobs=None)
+            reqs.append(Request(cid, list(prompt_token_ids), child_params, stop_ids, max_tokens, arrival_time=arrival,
+                                fork_of=child_ids[0] if i else None))   # samples share sample 0's prompt blocks
         return reqs
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:

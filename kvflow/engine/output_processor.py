@@ -19,6 +19,7 @@ class ParentState:
     metrics: RequestMetrics
     completions: list[CompletionOutput]
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None   # None first, as vLLM
 
     @property
     def finished(self) -> bool:
@@ -26,7 +27,7 @@ class ParentState:
 
     def to_output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.completions,
-                             self.finished, self.num_cached_tokens, self.metrics)
+                             self.finished, self.num_cached_tokens, self.metrics, self.prompt_logprobs)
 
 
 @dataclass
@@ -36,6 +37,7 @@ class ChildState:
     detok: IncrementalDetokenizer
     want_logprobs: bool
     include_stop_token: bool
+    want_prompt_logprobs: bool = False   # the first sample carries the parent's prompt logprobs
 
 
 class OutputProcessor:
@@ -46,11 +48,14 @@ class OutputProcessor:
 
     def add(self, parent: ParentState, child_ids: list[str], params: SamplingParams) -> None:
         self.parents[parent.request_id] = parent
+        if params.prompt_logprobs is not None:
+            parent.prompt_logprobs = [None]
         for i, cid in enumerate(child_ids):
             detok = IncrementalDetokenizer(self.tokenizer, parent.prompt_token_ids, params.skip_special_tokens,
                                            params.stop, params.include_stop_str_in_output)
             self.children[cid] = ChildState(parent, i, detok, params.logprobs is not None,
-                                            params.include_stop_str_in_output)
+                                            params.include_stop_str_in_output,
+                                            i == 0 and params.prompt_logprobs is not None)
 
     def process(self, outputs: list[EngineCoreOutput], now: float) -> tuple[list[RequestOutput], list[str]]:
         """Apply one step's outputs. Returns the updated parents' RequestOutputs and the child ids that a
@@ -70,8 +75,10 @@ class OutputProcessor:
             delta, stop = child.detok.step(new_ids) if new_ids else ("", None)
             if child.want_logprobs and out.new_logprobs:
                 self._add_logprobs(comp, out.new_logprobs)
+            if child.want_prompt_logprobs and out.prompt_logprobs:
+                parent.prompt_logprobs.extend(self._logprob_dicts(out.prompt_logprobs))
             metrics = parent.metrics
-            if metrics.first_token_time is None:
+            if metrics.first_token_time is None and out.new_token_ids:
                 metrics.first_token_time = now
                 metrics.first_scheduled_time = out.first_scheduled_time
             metrics.num_preemptions = max(metrics.num_preemptions, out.num_preemptions)
@@ -108,12 +115,19 @@ class OutputProcessor:
     def _add_logprobs(self, comp: CompletionOutput, new_logprobs: list) -> None:
         if comp.logprobs is None:
             comp.logprobs, comp.cumulative_logprob = [], 0.0
-        for entries, rank in new_logprobs:
+        comp.logprobs.extend(self._logprob_dicts(new_logprobs))
+        comp.cumulative_logprob += sum(entries[0][1] for entries, _ in new_logprobs)
+
+    def _logprob_dicts(self, entries_ranks: list) -> list[dict[int, Logprob]]:
+        """([(token, logprob), then the top-N], rank of the token) -> {id: Logprob}, the token first
+        unless it is in the top-N (vLLM's layout)."""
+        dicts = []
+        for entries, rank in entries_ranks:
             (sampled_id, sampled_lp), top = entries[0], entries[1:]
             d = {tid: Logprob(lp, r + 1, self.tokenizer.decode([tid], skip_special_tokens=False))
                  for r, (tid, lp) in enumerate(top)}
             if sampled_id not in d:
                 d = {sampled_id: Logprob(sampled_lp, rank, self.tokenizer.decode([sampled_id], skip_special_tokens=False)),
                      **d}
-            comp.logprobs.append(d)
-            comp.cumulative_logprob += sampled_lp
+            dicts.append(d)
+        return dicts

@@ -1,4 +1,5 @@
-"""The `kvflow` command line: `kvflow serve`, `kvflow generate PROMPT`, `kvflow chat`, `kvflow bench serve`.
+"""The `kvflow` command line: `kvflow serve`, `kvflow generate PROMPT`, `kvflow chat`, `kvflow bench serve`,
+`kvflow eval perplexity --file F`.
 
 Only the generated text goes to stdout; logs and errors go to stderr. A bad argument value prints
 `kvflow: error: <message>` and exits 2, as argparse does for a malformed command line.
@@ -32,6 +33,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="KV-cache budget in GiB (default 1)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
     g.add_argument("--seed", type=int, default=None, help="random seed (engine and sampling)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="auto (the model's dtype) or int8 (per token and head scales: about 2x the tokens)")
+    g.add_argument("--quantization", default=None, choices=["int8", "int4", "gguf"],
+                   help="weight-only quantization: int8, int4 (group 32), or gguf (keep a .gguf's Q4_0/Q4_1/Q8_0)")
     g.add_argument("-v", "--verbose", action="store_true", help="log kvflow's info messages to stderr")
 
 
@@ -60,7 +65,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 kv_cache_memory_bytes=kv_bytes, enable_prefix_caching=not args.no_prefix_caching,
-                seed=args.seed if args.seed is not None else 0)
+                seed=args.seed if args.seed is not None else 0, kv_cache_dtype=args.kv_cache_dtype,
+                quantization=args.quantization)
 
 
 def build_llm(args: argparse.Namespace):
@@ -169,6 +175,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              "info" if args.verbose else "warning"))
 
 
+def cmd_eval_perplexity(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from kvflow.eval.perplexity import perplexity
+    if args.file == "-":
+        text = sys.stdin.read()
+    else:
+        with open(args.file, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    llm = build_llm(args)
+    res = perplexity(llm, text, args.max_length, args.stride, args.num_tokens)
+    if args.json:
+        d = dict(dataclasses.asdict(res), file=args.file, model=llm.engine.model_path,
+                 dtype=str(llm.engine.dtype).removeprefix("torch."), kv_cache_dtype=args.kv_cache_dtype)
+        print(json.dumps(d))
+    else:
+        print(f"perplexity: {res.ppl:.4f}\ntokens: {res.num_tokens} ({res.num_windows} window(s) of up to "
+              f"{res.max_length}, stride {res.stride})\nseconds: {res.seconds:.2f}")
+    return 0
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from kvflow.bench.serve import main as bench_serve_main
     return bench_serve_main(args)
@@ -221,6 +249,21 @@ def make_parser() -> argparse.ArgumentParser:
     from kvflow.bench.serve import add_cli_args
     add_cli_args(p)
     p.set_defaults(func=cmd_bench_serve, verbose=False)
+
+    p = sub.add_parser("eval", help="evaluate the model: `kvflow eval perplexity --file F`")
+    evals = p.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
+    p = evals.add_parser("perplexity", help="perplexity of the model on a text file",
+                         description="Perplexity over the file's tokens, in windows of --max-length tokens "
+                                     "every --stride tokens (each token scored once), computed by the engine "
+                                     "with prompt logprobs.")
+    p.add_argument("--file", required=True, help='a UTF-8 text file ("-" reads stdin)')
+    p.add_argument("--max-length", type=int, default=None,
+                   help="window length in tokens (default: max_model_len - 1)")
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: half a window)")
+    p.add_argument("--num-tokens", type=int, default=None, help="only the file's first N tokens")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_eval_perplexity)
     return parser
 
 

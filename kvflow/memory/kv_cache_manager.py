@@ -18,11 +18,21 @@ def hash_block(parent_hash: int | None, token_ids: list[int]) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_swap_blocks: int = 0):
         self.pool = BlockPool(num_blocks)
+        self.swap_pool = BlockPool(num_swap_blocks) if num_swap_blocks else None   # the second tier
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.num_queries = self.num_hits = 0    # prefix-cache lookups and hits, in tokens
+        self.num_cow_copies = 0
+        # block moves the model runner must apply, in this order, before the next forward pass:
+        # ("copy", src, dst) device -> device (copy-on-write), ("out", device, swap), ("in", swap, device)
+        self.ops: list[tuple[str, int, int]] = []
+
+    def take_ops(self) -> list[tuple[str, int, int]]:
+        ops, self.ops = self.ops, []
+        return ops
 
     @property
     def num_blocks(self) -> int:
@@ -37,8 +47,11 @@ class KVCacheManager:
 
     def get_computed_blocks(self, req: Request) -> list[Block]:
         """Cached blocks that start this request's tokens. At least one token is always left to compute,
-        so that the step that finishes the prompt produces logits."""
-        if not self.enable_prefix_caching:
+        so that the step that finishes the prompt produces logits.
+
+        A request that still needs prompt logprobs takes no hits (as in vLLM): a hit skips computing those
+        positions, and with them their logits. Its own blocks are still cached for other requests."""
+        if not self.enable_prefix_caching or req.needs_prompt_logprobs:
             return []
         max_blocks = (len(req.all_token_ids) - 1) // self.block_size
         hits = []
@@ -55,17 +68,63 @@ class KVCacheManager:
         self.num_hits += num_hit_tokens
 
     def allocate_slots(self, req: Request, num_new_tokens: int, computed: list[Block] = ()) -> bool:
-        """Make room for num_new_tokens more tokens (after `computed` prefix hits). False when blocks are short."""
+        """Make room for num_new_tokens more tokens (after `computed` prefix hits). False when blocks are short.
+
+        Copy-on-write: if the block the new tokens start in is shared (a forked sample's prompt tail), the
+        request gets its own copy of it first."""
         total = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
         num_needed = -(-total // self.block_size) - len(req.block_table) - len(computed)
         num_revived = sum(1 for b in computed if b.ref_count == 0)   # cached blocks taken off the free queue
-        if max(num_needed, 0) + num_revived > self.pool.num_free:
+        i = req.num_computed_tokens // self.block_size
+        cow = not computed and i < len(req.block_table) and req.block_table[i].ref_count > 1
+        if max(num_needed, 0) + num_revived + cow > self.pool.num_free:
             return False
+        if cow:
+            old, new = req.block_table[i], self.pool.allocate(1)[0]
+            self.ops.append(("copy", old.block_id, new.block_id))
+            self.pool.release([old])
+            req.block_table[i] = new
+            self.num_cow_copies += 1
         self.pool.touch(list(computed))
         req.block_table.extend(computed)
         req.num_cached_blocks += len(computed)
         if num_needed > 0:
             req.block_table.extend(self.pool.allocate(num_needed))
+        return True
+
+    def fork(self, req: Request, src: Request) -> None:
+        """Give `req` (another sample of src's prompt) src's blocks for all of the prompt but its last token,
+        shared by reference: only the last token is computed again (it yields the logits that req samples
+        from), and the block it is written into is copied on that write."""
+        bs, n = self.block_size, len(req.prompt_token_ids) - 1
+        shared = src.block_table[:-(-n // bs)]
+        self.pool.touch(shared)
+        req.block_table = list(shared)
+        req.block_hashes = src.block_hashes[:n // bs]
+        req.num_cached_blocks = min(src.num_cached_blocks, n // bs)
+        req.num_computed_tokens = n
+
+    def swap_out(self, req: Request) -> bool:
+        """Move a preempted request's blocks to the swap tier (False if it has no room). Its computed tokens
+        are kept: it resumes where it stopped once swapped back in."""
+        if self.swap_pool is None or self.swap_pool.num_free < len(req.block_table):
+            return False
+        host = self.swap_pool.allocate(len(req.block_table))
+        self.ops += [("out", d.block_id, h.block_id) for d, h in zip(req.block_table, host)]
+        self.free(req)
+        req.swapped_table = host
+        return True
+
+    def swap_in(self, req: Request, num_new_tokens: int) -> bool:
+        """Bring a swapped request's blocks back, with room for num_new_tokens more (False if short)."""
+        need = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size)
+        if need > self.pool.num_free:
+            return False
+        dev = self.pool.allocate(need)
+        self.ops += [("in", h.block_id, d.block_id) for h, d in zip(req.swapped_table, dev)]
+        self.swap_pool.release(req.swapped_table[::-1])
+        req.swapped_table = []
+        req.block_table = dev
         return True
 
     def cache_full_blocks(self, req: Request) -> None:
@@ -84,10 +143,18 @@ class KVCacheManager:
         self.pool.release(req.block_table[::-1])
         req.block_table = []
         req.num_cached_blocks = 0
+        if req.swapped_table:
+            self.swap_pool.release(req.swapped_table[::-1])
+            req.swapped_table = []
 
     def check(self, live: list[Request]) -> None:
         refs: dict[int, int] = {}
+        swap_refs: dict[int, int] = {}
         for req in live:
             for block in req.block_table:
                 refs[block.block_id] = refs.get(block.block_id, 0) + 1
+            for block in req.swapped_table:
+                swap_refs[block.block_id] = swap_refs.get(block.block_id, 0) + 1
         self.pool.check(refs)
+        if self.swap_pool is not None:
+            self.swap_pool.check(swap_refs)

@@ -8,6 +8,7 @@ gguf_tokenizer() rebuilds a `tokenizers.Tokenizer` from the tokenizer.ggml.* met
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Iterator
 
 import gguf
@@ -196,12 +197,14 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_weights(reader, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (Hugging Face name, dequantized tensor in HF layout cast to dtype) for every tensor."""
+def gguf_weights(reader, dtype: torch.dtype = torch.float32,
+                 skip: frozenset[str] | set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (Hugging Face name, dequantized tensor in HF layout cast to dtype) for every tensor whose
+    Hugging Face name is not in `skip` (those kept quantized, see gguf_blocks)."""
     config = gguf_hf_config(reader)
     permuted = config["model_type"] == "llama"  # qwen2/qwen3 GGUFs keep HF's rotate-half layout
     for t in reader.tensors:
-        if t.name in _SKIPPED_TENSORS:
+        if t.name in _SKIPPED_TENSORS or _hf_name(t.name) in skip:
             continue
         name = _hf_name(t.name)
         arr = _dequantize(t)
@@ -209,6 +212,55 @@ def gguf_weights(reader, dtype: torch.dtype = torch.float32) -> Iterator[tuple[s
             n_head = config["num_attention_heads" if ".attn_q." in t.name else "num_key_value_heads"]
             arr = _unpermute(arr, n_head)
         yield name, torch.from_numpy(np.array(arr, dtype=np.float32)).to(dtype)  # copy: off the mmap
+
+
+GGUF_KEPT_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+
+
+@dataclass
+class GGUFBlocks:
+    """One GGUF tensor's quantized blocks of 32 weights, decoded but not dequantized, rows in Hugging
+    Face order. Q4_0 / Q4_1: w = codes * scale + min with codes 0..15 (Q4_0 stores d (q - 8): scale = d,
+    min = -8 d, both exact in fp32); Q8_0: w = codes * scale with int8 codes and no min."""
+    kind: str                  # "Q4_0", "Q4_1" or "Q8_0"
+    codes: np.ndarray          # [N, K]: uint8 (Q4) or int8 (Q8_0)
+    scale: np.ndarray          # [N, K // 32] float32 (the blocks' fp16 d)
+    min: np.ndarray | None     # [N, K // 32] float32 for Q4; None for Q8_0
+
+    def dequantize(self) -> np.ndarray:
+        n, k = self.codes.shape
+        w = self.codes.reshape(n, k // 32, 32).astype(np.float32) * self.scale[..., None]
+        return (w if self.min is None else w + self.min[..., None]).reshape(n, k)
+
+
+def gguf_blocks(reader, names: list[str]) -> Iterator[tuple[str, GGUFBlocks]]:
+    """Yield (name, blocks) for those of the Hugging Face tensor `names` stored as Q4_0, Q4_1 or Q8_0.
+    llama's q/k rows are un-permuted like the dequantized weights (a row permutation: it moves whole
+    rows of codes and of block scales)."""
+    wanted = set(names)
+    config = gguf_hf_config(reader)
+    permuted = config["model_type"] == "llama"
+    for t in reader.tensors:
+        if t.name in _SKIPPED_TENSORS or t.tensor_type.name not in GGUF_KEPT_TYPES or len(t.shape) != 2:
+            continue
+        name = _hf_name(t.name)
+        if name not in wanted:
+            continue
+        kind, k, n = t.tensor_type.name, int(t.shape[0]), int(t.shape[1])   # GGUF lists dims innermost first
+        raw = np.asarray(t.data).reshape(n, k // 32, -1)
+        scale = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        if kind == "Q8_0":
+            codes, mins = raw[..., 2:].copy().view(np.int8).reshape(n, k), None
+        else:              # 16 bytes: element j in the low nibble of byte j, element j + 16 in its high nibble
+            qs = raw[..., 4:] if kind == "Q4_1" else raw[..., 2:]
+            codes = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(n, k)
+            mins = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if kind == "Q4_1" else -8 * scale
+        if permuted and (".attn_q." in t.name or ".attn_k." in t.name):
+            n_head = config["num_attention_heads" if ".attn_q." in t.name else "num_key_value_heads"]
+            codes, scale = _unpermute(codes, n_head), _unpermute(scale, n_head)
+            mins = None if mins is None else _unpermute(mins, n_head)
+        yield name, GGUFBlocks(kind, np.ascontiguousarray(codes), np.ascontiguousarray(scale),
+                               None if mins is None else np.ascontiguousarray(mins))
 
 
 def gguf_tokenizer(reader) -> tuple[Tokenizer, dict]:

@@ -55,20 +55,31 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: str, max_position: int,
-               gguf_reader=None) -> LlamaForCausalLM:
+               gguf_reader=None, quantization: str | None = None) -> LlamaForCausalLM:
     """Build the model without initialising it (meta device), then fill it from the checkpoint
-    (a Hugging Face folder, or the GGUF file `gguf_reader` has open)."""
+    (a Hugging Face folder, or the GGUF file `gguf_reader` has open).
+
+    quantization (kvflow/quant/weights.py): "int8" / "int4" quantize the linear layers once loaded;
+    "gguf" installs them from the file's Q4_0 / Q4_1 / Q8_0 blocks first, and the rest loads dense."""
     with torch.device("meta"), _default_dtype(dtype):
         model = LlamaForCausalLM(cfg, max_position)
     model.to_empty(device=device)
     for m in model.modules():                 # buffers are not in checkpoints: rebuild them for real
         if isinstance(m, RotaryEmbedding):
             m.build(device)
+    kept: set[str] = set()
+    if quantization == "gguf":
+        from kvflow.models.gguf import gguf_blocks
+        from kvflow.quant.weights import quantize_model_from_gguf
+        kept = quantize_model_from_gguf(model, lambda names: dict(gguf_blocks(gguf_reader, names)))
     if gguf_reader is not None:
         from kvflow.models.gguf import gguf_weights
-        weights = gguf_weights(gguf_reader, torch.float32)
+        weights = gguf_weights(gguf_reader, torch.float32, skip=kept)
     else:
         weights = _safetensors_weights(path)
     with torch.no_grad():
         model.load_weights(weights)
+    if quantization in ("int8", "int4"):
+        from kvflow.quant.weights import quantize_model
+        quantize_model(model, quantization)
     return model.eval()

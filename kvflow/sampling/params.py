@@ -41,6 +41,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None   # token id -> bias in [-100, 100] added to its logit
+    prompt_logprobs: int | None = None  # top-N per prompt token (plus the prompt token itself); None = off
 
     def __post_init__(self) -> None:
         self.n = self._int("n", self.n, lo=1)
@@ -70,6 +71,8 @@ class SamplingParams:
         if self.logprobs is not None:
             self.logprobs = self._int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
         self.logit_bias = self._logit_bias(self.logit_bias)
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs = self._int("prompt_logprobs", self.prompt_logprobs, lo=0, hi=MAX_LOGPROBS)
 
     # ------------------------------------------------------------------ helpers
     @property
