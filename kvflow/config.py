@@ -143,13 +143,15 @@ class EngineConfig:
     preemption_mode: str = "auto"            # "auto" (cheaper of the two per request), "recompute" or "swap"
     swap_space_bytes: int = 512 << 20        # the swap tier for preempted requests (host memory)
     num_swap_blocks: int | None = None       # overrides swap_space_bytes (tests)
+    kv_store_dir: str | None = None          # the disk tier: prefix blocks spill here and survive restarts
+    kv_store_max_bytes: int = 4 << 30        # its size cap (least recently used files go first)
     kv_cache_dtype: str = "auto"              # "auto" (the model's dtype) or "int8" (per token and head scales)
     quantization: str | None = None          # weights: None, "int8", "int4", or "gguf" (keep a GGUF's Q4/Q8 blocks)
 
     def __post_init__(self):
         if self.preemption_mode not in ("auto", "recompute", "swap"):
             raise ValueError(f"preemption_mode must be auto, recompute or swap, got {self.preemption_mode!r}")
-        for name in ("swap_space_bytes", "num_swap_blocks"):
+        for name in ("swap_space_bytes", "num_swap_blocks", "kv_store_max_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")

@@ -8,8 +8,10 @@ All single-token rows (decodes) go through one batched SDPA call with a length m
 
 int8 KV cache (kv_cache_dtype="int8"): K and V are stored as int8 with one scale per (slot, kv head) in
 [num_blocks, block_size, num_kv_heads] tensors (symmetric absmax / 127). New tokens are quantized on
-write; gathered blocks are dequantized to the compute dtype before SDPA. With no scales (the default
-cache) nothing of this runs.
+write; gathered blocks are dequantized to the compute dtype before SDPA. A prompt chunk with no cached
+prefix attends to the dequantized values of its own K/V too, so attention always sees what the cache
+holds, whatever the chunking, batching or preemption. With no scales (the default cache) nothing of
+this runs.
 """
 import torch
 import torch.nn.functional as F
@@ -35,14 +37,19 @@ def _gather(cache: torch.Tensor, scale: torch.Tensor | None, blocks: torch.Tenso
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
-             v_scale: torch.Tensor | None = None) -> None:
-    if k_scale is not None:          # int8 cache: quantize, and store each (token, head)'s scale
-        k, ks = quantize_int8(k)
-        v, vs = quantize_int8(v)
-        k_scale.view(-1, ks.shape[1]).index_copy_(0, slot_mapping, ks)
-        v_scale.view(-1, vs.shape[1]).index_copy_(0, slot_mapping, vs)
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+             v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Store the new tokens' K/V in their slots. Returns the K/V as the cache holds them: k and v themselves,
+    or with an int8 cache (scales given) their dequantized values."""
+    if k_scale is None:
+        k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+        v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+        return k, v
+    (kq, ks), (vq, vs) = quantize_int8(k), quantize_int8(v)   # int8: each (token, head) has its scale
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, kq)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, vq)
+    k_scale.view(-1, ks.shape[1]).index_copy_(0, slot_mapping, ks)
+    v_scale.view(-1, vs.shape[1]).index_copy_(0, slot_mapping, vs)
+    return kq.to(k.dtype).mul_(ks.unsqueeze(-1)), vq.to(v.dtype).mul_(vs.unsqueeze(-1))
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -50,7 +57,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's new tokens). Returns [T, Hq, D].
     k_scale, v_scale: the int8 cache's scales [num_blocks, block_size, Hkv]; None for a cache in q's dtype."""
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping, k_scale, v_scale)
+    k, v = write_kv(k_cache, v_cache, k, v, meta.slot_mapping, k_scale, v_scale)
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:

@@ -121,7 +121,7 @@ class AsyncLLM(Frontend):
                     raise EngineDeadError(f"engine core failed to start: {msg[1]}")
         self._tasks = [asyncio.create_task(self._output_loop()), asyncio.create_task(self._watch_process())]
 
-    async def shutdown(self, timeout: float = 10.0) -> None:
+    async def shutdown(self, timeout: float = 60.0) -> None:
         for t in self._tasks:
             t.cancel()
         if self.proc.poll() is None:

@@ -6,6 +6,7 @@ in and out, so the same core can run in-process (LLM) or behind a process bounda
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import torch
 
 from kvflow.config import EngineConfig, ModelConfig
 from kvflow.engine.model_runner import ModelRunner
+from kvflow.memory.disk_store import DiskKVStore, model_identity
 from kvflow.memory.kv_cache_manager import KVCacheManager
 from kvflow.models.loader import load_model
 from kvflow.request import Request, RequestStatus
@@ -71,6 +73,12 @@ class EngineCore:
             num_swap = config.swap_space_bytes // runner.block_bytes
         runner.allocate_swap(num_swap)
         kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching, num_swap)
+        if config.kv_store_dir:
+            identity = model_identity(path, {"model": dataclasses.asdict(mcfg), "dtype": str(dtype),
+                                             "kv_cache_dtype": config.kv_cache_dtype, "block_size": bs,
+                                             "quantization": getattr(config, "quantization", None)})
+            kv.disk = runner.kv_store = DiskKVStore(config.kv_store_dir, identity, runner.block_spec(),
+                                                    config.kv_store_max_bytes)
         cost = PreemptionCost(runner.block_bytes, swap_bytes_per_s=runner.measure_swap_bandwidth())
         scheduler = Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens, max_model_len,
                               config.preemption_mode, cost)
@@ -143,6 +151,18 @@ class EngineCore:
             self.step()
         self.kv.pool.reset_prefix_cache()
         self.kv.num_queries = self.kv.num_hits = 0
+
+    def shutdown(self) -> None:
+        """Persist the prefix blocks still cached in memory to the disk tier (if on) and wait for its writes."""
+        store = self.kv.disk
+        if store is None:
+            return
+        self.runner.apply_block_ops(self.kv.take_ops())
+        for h, block in list(self.kv.pool.cached.items()):
+            if h not in store:
+                store.save_async(h, self.runner.read_block(block.block_id))
+        store.close()
+        self.kv.disk = self.runner.kv_store = None
 
     def stats(self) -> EngineStats:
         kv, sched = self.kv, self.scheduler

@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         core.warm_up()
         out.send(pack(["ready", {"num_kv_blocks": core.kv.num_blocks, "pid": os.getpid()}]))
         serve_core(core, inp, out, parent_pid)
+        core.shutdown()                       # persist the prefix cache (disk tier) before exiting
         return 0
     except BaseException as e:               # tell the frontend why, then exit
         logger.error("engine core failed: %s", e)

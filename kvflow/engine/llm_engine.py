@@ -1,6 +1,9 @@
 """LLMEngine: the in-process engine (Frontend + EngineCore in one process), behind `LLM`."""
 from __future__ import annotations
 
+import atexit
+import weakref
+
 from kvflow.config import EngineConfig
 from kvflow.engine.core import EngineCore
 from kvflow.engine.frontend import Frontend
@@ -16,6 +19,8 @@ class LLMEngine(Frontend):
                                      self.num_kv_blocks, self.reader)
         self.kv = self.core.kv
         self.reader = None             # the weights are loaded: let the parsed file go
+        if config.kv_store_dir:        # persist the prefix cache even if nobody calls shutdown()
+            atexit.register(_shutdown_at_exit, weakref.ref(self))
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams) -> None:
@@ -39,3 +44,13 @@ class LLMEngine(Frontend):
 
     def check_blocks(self) -> None:
         self.core.check_blocks()
+
+    def shutdown(self) -> None:
+        """Write the prefix cache to the disk tier (when kv_store_dir is set) and wait for the writes."""
+        self.core.shutdown()
+
+
+def _shutdown_at_exit(ref) -> None:
+    engine = ref()
+    if engine is not None:
+        engine.shutdown()

@@ -53,6 +53,7 @@ class ModelRunner:
             if self.k_scales:
                 layer.self_attn.k_scale, layer.self_attn.v_scale = self.k_scales[i], self.v_scales[i]
         self.sampler = Sampler()
+        self.kv_store = None              # DiskKVStore, when the disk tier is on
 
     def kv_tensors(self) -> list[torch.Tensor]:
         """Every tensor that holds KV-cache state, each indexed by block id on dim 0 (copying block b
@@ -82,27 +83,45 @@ class ModelRunner:
         self.apply_block_ops([("out", i, i) for i in ids] + [("in", i, i) for i in ids])
         return 2 * n * self.block_bytes / max(time.perf_counter() - t0, 1e-6)
 
-    def apply_block_ops(self, ops: list[tuple[str, int, int]]) -> None:
+    def apply_block_ops(self, ops: list[tuple]) -> None:
         """Apply the scheduler's block moves in order (consecutive moves of one kind in one copy per tensor):
-        "copy" device -> device, "out" device -> swap tier, "in" swap tier -> device."""
+        "copy" device -> device, "out" device -> swap tier, "in" swap tier -> device, "spill" a block to
+        the disk tier (a host copy, written by its thread), "load" a block from it."""
+        kv = self.kv_tensors()
         for kind, group in itertools.groupby(ops, key=lambda op: op[0]):
             group = list(group)
+            if kind == "spill":
+                for _, b, h in group:
+                    self.kv_store.save_async(h, self.read_block(b))
+                continue
+            if kind == "load":
+                for _, b, tensors in group:
+                    for t, x in zip(kv, tensors):
+                        t[b].copy_(x)
+                continue
             src = torch.tensor([op[1] for op in group], dtype=torch.int64)
             dst = torch.tensor([op[2] for op in group], dtype=torch.int64)
             if kind == "copy":
                 src, dst = src.to(self.device), dst.to(self.device)
-                for t in self.kv_tensors():
+                for t in kv:
                     t.index_copy_(0, dst, t.index_select(0, src))
             elif kind == "out":
                 src = src.to(self.device)
-                for t, host in zip(self.kv_tensors(), self.swap_tensors):
+                for t, host in zip(kv, self.swap_tensors):
                     host.index_copy_(0, dst, t.index_select(0, src).to("cpu"))
             elif kind == "in":
                 dst = dst.to(self.device)
-                for t, host in zip(self.kv_tensors(), self.swap_tensors):
+                for t, host in zip(kv, self.swap_tensors):
                     t.index_copy_(0, dst, host.index_select(0, src).to(self.device))
             else:
                 raise ValueError(f"unknown block op {kind!r}")
+
+    def block_spec(self) -> list[list]:
+        """Shape and dtype of one block of each KV tensor (what a disk-tier file must hold)."""
+        return [[list(t.shape[1:]), str(t.dtype).removeprefix("torch.")] for t in self.kv_tensors()]
+
+    def read_block(self, block_id: int) -> list[torch.Tensor]:
+        return [t[block_id].to("cpu", copy=True) for t in self.kv_tensors()]
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         bs, dev = self.block_size, self.device

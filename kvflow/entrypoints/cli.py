@@ -37,6 +37,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto (the model's dtype) or int8 (per token and head scales: about 2x the tokens)")
     g.add_argument("--quantization", default=None, choices=["int8", "int4", "gguf"],
                    help="weight-only quantization: int8, int4 (group 32), or gguf (keep a .gguf's Q4_0/Q4_1/Q8_0)")
+    g.add_argument("--preemption-mode", default="auto", choices=["auto", "recompute", "swap"],
+                   help="how a preempted request gives back its KV blocks (auto: the cheaper, per request)")
+    g.add_argument("--swap-space", type=float, default=0.5, metavar="GIB", help="the swap tier's size (default 0.5)")
+    g.add_argument("--kv-store-dir", default=None, metavar="DIR",
+                   help="disk tier of the prefix cache: evicted blocks spill here and survive restarts")
+    g.add_argument("--kv-store-max", type=float, default=4.0, metavar="GIB", help="its size cap (default 4)")
     g.add_argument("-v", "--verbose", action="store_true", help="log kvflow's info messages to stderr")
 
 
@@ -57,16 +63,20 @@ def sampling_params(args: argparse.Namespace):
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    kv_bytes = None
-    if args.kv_cache_memory is not None:
-        if not args.kv_cache_memory > 0:
-            raise CLIError(f"--kv-cache-memory must be a positive number of GiB, got {args.kv_cache_memory}")
-        kv_bytes = int(args.kv_cache_memory * (1 << 30))
+    kv_bytes = None if args.kv_cache_memory is None else gib("--kv-cache-memory", args.kv_cache_memory)
     return dict(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 kv_cache_memory_bytes=kv_bytes, enable_prefix_caching=not args.no_prefix_caching,
                 seed=args.seed if args.seed is not None else 0, kv_cache_dtype=args.kv_cache_dtype,
-                quantization=args.quantization)
+                quantization=args.quantization, preemption_mode=args.preemption_mode,
+                swap_space_bytes=gib("--swap-space", args.swap_space, allow_zero=True),
+                kv_store_dir=args.kv_store_dir, kv_store_max_bytes=gib("--kv-store-max", args.kv_store_max))
+
+
+def gib(option: str, value: float, allow_zero: bool = False) -> int:
+    if not (value > 0 or (allow_zero and value == 0)):
+        raise CLIError(f"{option} must be a {'non-negative' if allow_zero else 'positive'} number of GiB, got {value}")
+    return int(value * (1 << 30))
 
 
 def build_llm(args: argparse.Namespace):

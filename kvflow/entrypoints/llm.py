@@ -31,6 +31,17 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def shutdown(self) -> None:
+        """Persist the prefix cache to the disk tier (kv_store_dir) and wait for the writes; `with LLM(...)`
+        calls it on exit."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix block (blocks in use stay with their requests)."""
         self.engine.reset_prefix_cache()

@@ -22,6 +22,7 @@ class BlockPool:
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = evict first
         self.cached: dict[int, Block] = {}       # block hash -> block holding that content
         self.num_evictions = 0
+        self.evicted: list[tuple[int, int]] = []   # (block id, hash) evicted since last taken (disk tier)
 
     @property
     def num_free(self) -> int:
@@ -37,6 +38,7 @@ class BlockPool:
             if block.block_hash is not None:     # evict its cached content
                 if self.cached.get(block.block_hash) is block:
                     del self.cached[block.block_hash]
+                    self.evicted.append((block.block_id, block.block_hash))
                 block.block_hash = None
                 self.num_evictions += 1
             block.ref_count = 1

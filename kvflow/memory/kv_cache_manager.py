@@ -27,8 +27,43 @@ class KVCacheManager:
         self.num_queries = self.num_hits = 0    # prefix-cache lookups and hits, in tokens
         self.num_cow_copies = 0
         # block moves the model runner must apply, in this order, before the next forward pass:
-        # ("copy", src, dst) device -> device (copy-on-write), ("out", device, swap), ("in", swap, device)
-        self.ops: list[tuple[str, int, int]] = []
+        # ("copy", src, dst) device -> device (copy-on-write), ("out", device, swap), ("in", swap, device),
+        # ("spill", device, hash) to the disk tier, ("load", device, tensors) from it
+        self.ops: list[tuple] = []
+        self.disk = None                # DiskKVStore: the disk tier of the prefix cache (kv_store_dir)
+        self.num_disk_hits = 0          # tokens loaded from the disk tier instead of computed
+
+    def _allocate(self, n: int) -> list[Block]:
+        """Blocks from the pool; cached blocks it evicts spill to the disk tier before they are overwritten."""
+        blocks = self.pool.allocate(n)
+        evicted, self.pool.evicted = self.pool.evicted, []
+        if self.disk is not None:
+            self.ops += [("spill", b, h) for b, h in evicted if h not in self.disk]
+        return blocks
+
+    def disk_hits(self, req: Request, num_computed_blocks: int) -> list[tuple[int, list]]:
+        """(hash, tensors) of the blocks after the memory hits that the disk tier holds, in order."""
+        if self.disk is None or not self.enable_prefix_caching or req.needs_prompt_logprobs:
+            return []
+        max_blocks = (len(req.all_token_ids) - 1) // self.block_size
+        hits = []
+        for h in self.block_hashes(req)[num_computed_blocks:max_blocks]:
+            tensors = self.disk.load(h) if h in self.disk else None
+            if tensors is None:
+                break
+            hits.append((h, tensors))
+        return hits
+
+    def load_blocks(self, req: Request, first: int, hits: list[tuple[int, list]]) -> None:
+        """Fill req's blocks [first, first + len(hits)) from the disk tier and cache them as computed."""
+        if not hits:
+            return
+        for i, (h, tensors) in enumerate(hits):
+            block = req.block_table[first + i]
+            self.ops.append(("load", block.block_id, tensors))
+            self.pool.cache(block, h)
+        req.num_cached_blocks = first + len(hits)
+        self.num_disk_hits += len(hits) * self.block_size
 
     def take_ops(self) -> list[tuple[str, int, int]]:
         ops, self.ops = self.ops, []
@@ -80,7 +115,7 @@ class KVCacheManager:
         if max(num_needed, 0) + num_revived + cow > self.pool.num_free:
             return False
         if cow:
-            old, new = req.block_table[i], self.pool.allocate(1)[0]
+            old, new = req.block_table[i], self._allocate(1)[0]
             self.ops.append(("copy", old.block_id, new.block_id))
             self.pool.release([old])
             req.block_table[i] = new
@@ -89,7 +124,7 @@ class KVCacheManager:
         req.block_table.extend(computed)
         req.num_cached_blocks += len(computed)
         if num_needed > 0:
-            req.block_table.extend(self.pool.allocate(num_needed))
+            req.block_table.extend(self._allocate(num_needed))
         return True
 
     def fork(self, req: Request, src: Request) -> None:
@@ -120,7 +155,7 @@ class KVCacheManager:
         need = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size)
         if need > self.pool.num_free:
             return False
-        dev = self.pool.allocate(need)
+        dev = self._allocate(need)
         self.ops += [("in", h.block_id, d.block_id) for h, d in zip(req.swapped_table, dev)]
         self.swap_pool.release(req.swapped_table[::-1])
         req.swapped_table = []

@@ -137,9 +137,12 @@ class Scheduler:
                 self._first_schedule(req, req.num_computed_tokens)
                 return True
         computed = self.kv.get_computed_blocks(req)
-        num_cached = len(computed) * self.kv.block_size
-        if not self.kv.allocate_slots(req, min(req.num_tokens - num_cached, budget), computed):
+        from_disk = self.kv.disk_hits(req, len(computed))     # the prefix continues in the disk tier
+        num_cached = (len(computed) + len(from_disk)) * self.kv.block_size
+        num_loaded = len(from_disk) * self.kv.block_size
+        if not self.kv.allocate_slots(req, num_loaded + min(req.num_tokens - num_cached, budget), computed):
             return False
+        self.kv.load_blocks(req, len(computed), from_disk)
         self.kv.record_lookup(req.num_tokens, num_cached)
         req.num_computed_tokens = num_cached
         self._first_schedule(req, num_cached)
