@@ -262,7 +262,9 @@ def test_metrics_count_requests(server, client):
     assert after["kvflow:prompt_tokens_total"] > before["kvflow:prompt_tokens_total"]
     assert after["kvflow:time_to_first_token_seconds_count"] == before["kvflow:time_to_first_token_seconds_count"] + 1
     for name in ("kvflow:e2e_request_latency_seconds_sum", "kvflow:time_per_output_token_seconds_count",
-                 "kvflow:prefix_cache_queries_total", "kvflow:prefix_cache_hit_rate", "kvflow:request_success_total"):
+                 "kvflow:prefix_cache_queries_total", "kvflow:prefix_cache_hit_rate", "kvflow:request_success_total",
+                 "kvflow:num_preemptions_swapped_total", "kvflow:cow_block_copies_total",
+                 "kvflow:disk_cache_hit_tokens_total"):
         assert name in after
 
 

@@ -51,6 +51,7 @@ class EngineStats:
     num_preemptions: int = 0             # cumulative
     num_swapped_out: int = 0             # of those, preempted by swapping out (the rest: recompute)
     num_cow_copies: int = 0              # blocks copied on write by forked samples, cumulative
+    disk_hit_tokens: int = 0             # prompt tokens loaded from the disk tier, cumulative
 
 
 class EngineCore:
@@ -168,7 +169,7 @@ class EngineCore:
         kv, sched = self.kv, self.scheduler
         return EngineStats(len(sched.running), len(sched.waiting), 1.0 - kv.pool.num_free / kv.num_blocks,
                            kv.num_queries, kv.num_hits, sched.num_preemptions, sched.num_swapped_out,
-                           kv.num_cow_copies)
+                           kv.num_cow_copies, kv.num_disk_hits)
 
     def check_blocks(self) -> None:
         """Assert that every KV block is free, cached, or held by a live request (tests call this)."""

@@ -34,6 +34,10 @@ class ServerMetrics:
         self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
         self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache")
         self.preemptions = counter("num_preemptions", "Requests preempted by the scheduler")
+        self.swapped_out = counter("num_preemptions_swapped", "Preemptions that swapped KV blocks out (the rest "
+                                   "recompute)")
+        self.cow_copies = counter("cow_block_copies", "KV blocks copied on write by the samples of n > 1 requests")
+        self.disk_hits = counter("disk_cache_hit_tokens", "Prompt tokens loaded from the disk tier")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests")
         self.generation_tokens = counter("generation_tokens", "Generated tokens of finished requests")
         self._success = Counter("kvflow:request_success", "Finished requests, by finish reason",
@@ -52,6 +56,9 @@ class ServerMetrics:
         self.prefix_queries.inc(max(0, s.prefix_cache_queries - self._last.prefix_cache_queries))
         self.prefix_hits.inc(max(0, s.prefix_cache_hits - self._last.prefix_cache_hits))
         self.preemptions.inc(max(0, s.num_preemptions - self._last.num_preemptions))
+        self.swapped_out.inc(max(0, s.num_swapped_out - self._last.num_swapped_out))
+        self.cow_copies.inc(max(0, s.num_cow_copies - self._last.num_cow_copies))
+        self.disk_hits.inc(max(0, s.disk_hit_tokens - self._last.disk_hit_tokens))
         self._last = s
 
     def record_output(self, out: RequestOutput) -> None:
