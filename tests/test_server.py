@@ -208,6 +208,18 @@ def test_logprobs(client):
     assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in content)
 
 
+def test_echo_with_logprobs_scores_the_prompt(server, client):
+    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": PROMPTS[0]}).json()["tokens"]
+    out = client.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt=PROMPTS[0], max_tokens=3,
+                                    temperature=0, logprobs=1, echo=True)
+    c = out.choices[0]
+    lp = c.logprobs
+    assert c.text.startswith(PROMPTS[0])
+    assert len(lp.tokens) == len(ids) + 3 and "".join(lp.tokens) == c.text
+    assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
+    assert lp.text_offset[len(ids)] == len(PROMPTS[0])
+
+
 def test_concurrent_streaming_clients_get_the_same_text_as_alone(server, client):
     alone = {p: client.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt=p, max_tokens=24,
                                           temperature=0).choices[0].text for p in PROMPTS}
@@ -303,7 +315,6 @@ BAD = [
     (C, {"prompt": "x", "seed": "abc"}, 400, "seed"),
     (C, {"prompt": "x", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
     (C, {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
-    (C, {"prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
     (C, {"prompt": ""}, 400, "prompt is empty"),
     (C, {"prompt": []}, 400, "prompt"),
     (C, {"prompt": [5, -1]}, 400, "prompt_token_ids"),

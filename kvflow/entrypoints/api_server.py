@@ -292,7 +292,7 @@ class _Context:
                 fin = P.finish_reason(comp)
                 if not delta_text and fin is None:
                     continue
-                choices.append(self.choice_delta(k, comp, delta_text, fin))
+                choices.append(self.choice_delta(k, comp, delta_text, fin, out))
                 self.sent_chars[k] = len(comp.text)
                 self.sent_tokens[k] = len(comp.token_ids)
                 self.done[k] = comp.finish_reason is not None
@@ -313,13 +313,20 @@ class CompletionContext(_Context):
         super().__init__(req, model, n, n * len(inputs), tokenizer)
         self.prompt_tokens = sum(len(ids) for _, ids in inputs)
         self.echo = [(text if text is not None else tokenizer.decode(ids)) if req.echo else "" for text, ids in inputs]
+        self.echoed = [False] * (n * len(inputs))
 
-    def choice_delta(self, k: int, comp, delta_text: str, fin) -> dict:
-        if self.sent_chars[k] == 0 and self.echo[k // self.n]:
-            delta_text = self.echo[k // self.n] + delta_text
+    def choice_delta(self, k: int, comp, delta_text: str, fin, out: RequestOutput | None = None) -> dict:
+        echo, first = self.echo[k // self.n], self.sent_chars[k] == 0 and not self.echoed[k]
+        if first and echo:
+            delta_text = echo + delta_text
+            self.echoed[k] = True
         lp = None
         if self.req.logprobs is not None:
-            lp = P.completion_logprobs(comp, self.sent_tokens[k], self.sent_chars[k], self.req.logprobs, self.tok)
+            prompt = None
+            if first and echo and out is not None and out.prompt_logprobs:
+                prompt = (out.prompt_token_ids, out.prompt_logprobs)
+            offset = self.sent_chars[k] + (len(echo) if echo and not first else 0)
+            lp = P.completion_logprobs(comp, self.sent_tokens[k], offset, self.req.logprobs, self.tok, prompt)
         return {"index": k, "text": delta_text, "logprobs": lp, "finish_reason": fin,
                 "stop_reason": comp.stop_reason if fin else None}
 
@@ -328,7 +335,7 @@ class CompletionContext(_Context):
         for i, out in enumerate(finals):
             for comp in out.outputs:
                 k = i * self.n + comp.index
-                choices.append(self.choice_delta(k, comp, comp.text, P.finish_reason(comp)))
+                choices.append(self.choice_delta(k, comp, comp.text, P.finish_reason(comp), out))
                 self.sent_tokens[k] = len(comp.token_ids)
             self.cached_tokens += max(out.num_cached_tokens, 0)
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
@@ -350,7 +357,7 @@ class ChatContext(_Context):
     def _logprobs(self, k: int, comp) -> dict | None:
         return None if self.top_n is None else P.chat_logprobs(comp, self.sent_tokens[k], self.top_n, self.tok)
 
-    def choice_delta(self, k: int, comp, delta_text: str, fin) -> dict:
+    def choice_delta(self, k: int, comp, delta_text: str, fin, out: RequestOutput | None = None) -> dict:
         delta = {"content": delta_text} if delta_text else {}
         return {"index": k, "delta": delta, "logprobs": self._logprobs(k, comp), "finish_reason": fin,
                 "stop_reason": comp.stop_reason if fin else None}

@@ -62,7 +62,8 @@ class _SamplingRequest(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                         prompt_logprobs: int | None = None) -> SamplingParams:
         if self.n > MAX_N:
             raise ProtocolError(f"n must be <= {MAX_N}, got {self.n}", param="n")
         if self.stream_options is not None and not self.stream:
@@ -71,7 +72,7 @@ class _SamplingRequest(BaseModel):
                   seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
                   max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
                   skip_special_tokens=self.skip_special_tokens, logit_bias=self.logit_bias,
-                  include_stop_str_in_output=self.include_stop_str_in_output)
+                  include_stop_str_in_output=self.include_stop_str_in_output, prompt_logprobs=prompt_logprobs)
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
             if getattr(self, name) is not None:
                 kw[name] = getattr(self, name)
@@ -98,10 +99,9 @@ class CompletionRequest(_SamplingRequest):
             raise ProtocolError("best_of is not supported (only best_of == n)", param="best_of")
         if self.suffix:
             raise ProtocolError("suffix is not supported", param="suffix")
-        if self.echo and self.logprobs is not None:
-            raise ProtocolError("echo with logprobs needs prompt logprobs, which kvflow does not compute yet",
-                                param="echo")
-        return self._sampling_params(self.max_tokens, self.logprobs)
+        # echo with logprobs also scores the prompt (the first prompt token has none)
+        return self._sampling_params(self.max_tokens, self.logprobs,
+                                     self.logprobs if self.echo and self.logprobs is not None else None)
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s): strings or token-id lists (a batch gives choices prompt_index * n + i)."""
@@ -195,10 +195,20 @@ def _token_text(lp: Logprob | None, tokenizer, tid: int) -> str:
     return lp.decoded_token if lp is not None and lp.decoded_token is not None else tokenizer.decode([tid])
 
 
-def completion_logprobs(comp: CompletionOutput, start: int, text_offset: int, top_n: int, tokenizer) -> dict:
-    """The completions API's logprobs object for comp's tokens [start:]."""
+def completion_logprobs(comp: CompletionOutput, start: int, text_offset: int, top_n: int, tokenizer,
+                        prompt: tuple[list[int], list] | None = None) -> dict:
+    """The completions API's logprobs object for comp's tokens [start:], after the prompt's tokens and
+    their prompt logprobs when `prompt` is given (echo)."""
     tokens, token_lps, tops, offsets = [], [], [], []
-    for tid, entries in zip(comp.token_ids[start:], (comp.logprobs or [])[start:]):
+    pairs = list(zip(comp.token_ids[start:], (comp.logprobs or [])[start:]))
+    if prompt is not None:
+        pairs = list(zip(*prompt)) + pairs
+    for tid, entries in pairs:
+        if entries is None:                  # the first prompt token: nothing before it to score it
+            text = tokenizer.decode([tid])
+            tokens.append(text), token_lps.append(None), tops.append(None), offsets.append(text_offset)
+            text_offset += len(text)
+            continue
         lp = entries.get(tid)
         text = _token_text(lp, tokenizer, tid)
         tokens.append(text)
