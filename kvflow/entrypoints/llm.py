@@ -18,7 +18,7 @@ class LLM:
     model: a Hugging Face folder or a .gguf file (None: the default SmolLM2-135M-Instruct GGUF).
     dtype: "auto" (bfloat16), "float32" or "bfloat16". Other keyword arguments are EngineConfig fields:
     max_model_len, max_num_seqs, max_num_batched_tokens, block_size, kv_cache_memory_bytes,
-    num_kv_blocks, enable_prefix_caching, device, seed.
+    num_kv_blocks, enable_prefix_caching, device, seed, kv_cache_dtype ("auto" or "int8"), ...
     """
 
     def __init__(self, model: str | None = None, dtype: str = "auto", **kwargs):
