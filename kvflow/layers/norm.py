@@ -20,3 +20,5 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         out = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(dtype) * self.weight
         return out if residual is None else (out, residual)
+
+    __call__ = forward   # no nn.Module hook machinery: ~1 us a call, 61 calls a decode step

@@ -36,17 +36,20 @@ class RotaryEmbedding(nn.Module):
                 raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: llama3)")
             inv_freq = _llama3_inv_freq(inv_freq, scaling)
         freqs = torch.outer(torch.arange(self.max_position, dtype=torch.float32, device=device), inv_freq)
-        # cos and sin for the first half of head_dim; the second half repeats them (rotate-half layout)
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        # full head_dim tables (rotate-half layout): cos repeated, sin negated for the first half, so that
+        # rotate(x) = x * cos + roll(x, D/2) * sin  (the same numbers as x1 cos - x2 sin, x2 cos + x1 sin)
+        self.register_buffer("cos", torch.cat([freqs.cos(), freqs.cos()], dim=-1), persistent=False)
+        self.register_buffer("sin", torch.cat([-freqs.sin(), freqs.sin()], dim=-1), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, Hq, D], k: [T, Hk, D]; returns both rotated, in their own dtype."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables' rows for positions [T], as [T, 1, D]: looked up once per step, used by every layer."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """rope: cos_sin(positions); x: [T, H, D] (q, k, or both side by side). Returns x rotated, in its
+        dtype; the math is fp32, in 6 ops (per-op dispatch dominates at decode sizes)."""
+        cos, sin = rope
+        xf = x.float()
+        return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    __call__ = forward   # no nn.Module hook machinery: ~1 us a call, one call a layer a step

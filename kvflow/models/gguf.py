@@ -1,7 +1,8 @@
 """Load a GGUF checkpoint (llama.cpp's single-file format) as Hugging Face style parts.
 
 read_gguf() opens and validates the file, gguf_hf_config() turns its metadata into a config.json
-style dict, gguf_weights() yields dequantized tensors under their Hugging Face names and layout, and
+style dict, gguf_weights() yields dequantized tensors under their Hugging Face names and layout,
+gguf_blocks() yields the raw Q4_0 / Q4_1 / Q8_0 blocks of chosen tensors (for quantization="gguf"), and
 gguf_tokenizer() rebuilds a `tokenizers.Tokenizer` from the tokenizer.ggml.* metadata.
 """
 
