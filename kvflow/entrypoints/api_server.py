@@ -380,9 +380,8 @@ async def serve(engine_config, host: str = "127.0.0.1", port: int = 8000, api_ke
                 served_model_name: str | None = None, max_queue_len: int = 256, drain_timeout: float = 30.0,
                 log_level: str = "warning") -> int:
     import uvicorn
-    name = served_model_name or os.path.basename(str(engine_config.model or "")).removesuffix(".gguf") or None
     engine = AsyncLLM(engine_config, max_queue_len)
-    name = name or os.path.basename(engine.model_path).removesuffix(".gguf")
+    name = served_model_name or os.path.basename(engine.model_path.rstrip("/")).removesuffix(".gguf")
     metrics = ServerMetrics(name)
     engine.on_output, engine.on_stats = metrics.record_output, metrics.record_stats
     await engine.start()

@@ -11,7 +11,7 @@ import time
 import uuid
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvflow.outputs import CompletionOutput, Logprob, RequestOutput
+from kvflow.outputs import CompletionOutput, Logprob
 from kvflow.sampling.params import SamplingParams
 
 MAX_N = 128
@@ -238,7 +238,3 @@ def chat_logprobs(comp: CompletionOutput, start: int, top_n: int, tokenizer) -> 
 
 def created() -> int:
     return int(time.time())
-
-
-def num_output_tokens(outputs: list[RequestOutput]) -> int:
-    return sum(len(c.token_ids) for o in outputs for c in o.outputs)
