@@ -146,6 +146,16 @@ def tiny_model_dir(tmp_path_factory):
     return get
 
 
+def disable_cpu_kernels(monkeypatch) -> None:
+    """Run the PyTorch code instead of kvflow's CPU kernels (kvflow/kernels) in every layer."""
+    import kvflow.attention.cpu
+    import kvflow.layers.norm
+    import kvflow.layers.rotary
+    import kvflow.models.llama
+    for module in (kvflow.attention.cpu, kvflow.layers.norm, kvflow.layers.rotary, kvflow.models.llama):
+        monkeypatch.setattr(module, "cpu_ops", lambda: None)
+
+
 def random_prompts(lengths, vocab=400, seed=0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvflow import LLM, SamplingParams
-from tests.conftest import TINY_MODELS, random_prompts
+from tests.conftest import TINY_MODELS, disable_cpu_kernels, random_prompts
 
 transformers = pytest.importorskip("transformers")
 
@@ -38,8 +38,12 @@ def assert_greedy_match(ours: list[int], ref: list[int], ref_logits: list[torch.
     assert len(ours) == len(ref), f"kvflow gave {len(ours)} tokens, transformers {len(ref)}"
 
 
+@pytest.mark.parametrize("kernels", ["cpu-kernels", "pytorch-ops"])
 @pytest.mark.parametrize("name", list(TINY_MODELS))
-def test_tiny_model_matches_transformers(tiny_model_dir, name):
+def test_tiny_model_matches_transformers(tiny_model_dir, name, kernels, monkeypatch):
+    """Both CPU paths: kvflow's kernels (the default) and the PyTorch ops they replace (other devices)."""
+    if kernels == "pytorch-ops":
+        disable_cpu_kernels(monkeypatch)
     folder = tiny_model_dir(name)
     prompts = random_prompts(LENGTHS, seed=1)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

@@ -12,11 +12,17 @@ write; gathered blocks are dequantized to the compute dtype before SDPA. A promp
 prefix attends to the dequantized values of its own K/V too, so attention always sees what the cache
 holds, whatever the chunking, batching or preemption. With no scales (the default cache) nothing of
 this runs.
+
+On a CPU with kvflow's kernels built (kvflow/kernels), a bf16 or fp32 cache takes them for the KV write
+and the decode rows: one op each instead of ~10 PyTorch ops a layer. The PyTorch code below stays the
+reference (and the path for other devices, the int8 cache, and prefill chunks, where SDPA's flash kernel
+is the faster one).
 """
 import torch
 import torch.nn.functional as F
 
 from kvflow.attention.metadata import AttentionMetadata
+from kvflow.kernels import cpu_ops
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,10 +69,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's new tokens). Returns [T, Hq, D].
     k_scale, v_scale: the int8 cache's scales [num_blocks, block_size, Hkv]; None for a cache in q's dtype."""
-    k, v = write_kv(k_cache, v_cache, k, v, meta.slot_mapping, k_scale, v_scale)
+    ops = cpu_ops() if k_scale is None and q.is_cpu else None
+    if ops is not None:
+        ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    else:
+        k, v = write_kv(k_cache, v_cache, k, v, meta.slot_mapping, k_scale, v_scale)
     out = torch.empty_like(q)
     nd = meta.num_decodes
-    if nd:
+    if nd and ops is not None:
+        ops.paged_decode_attention(out[:nd], q[:nd], k_cache, v_cache, meta.decode_block_tables,
+                                   meta.decode_context_lens, scale)
+    elif nd:
         # fold each KV head's group of query heads into the query-length axis: one plain SDPA call
         # with no GQA expansion (measured ~4x faster than enable_gqa with a [B, H, 1, D] query)
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
@@ -75,7 +88,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         keys = _gather(k_cache, k_scale, blocks, q.dtype).view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
         values = _gather(v_cache, v_scale, blocks, q.dtype).view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
         o = F.scaled_dot_product_attention(q[:nd].view(nd, num_kv_heads, group, head_dim), keys, values,
-                                           attn_mask=meta.decode_mask, scale=scale)
+                                           attn_mask=meta.decode_mask(keys.shape[2]), scale=scale)
         out[:nd] = o.view(nd, -1, head_dim)
     for p in meta.prefills:
         # 4-D inputs take PyTorch's flash-attention CPU kernel (about 2x the 3-D path)

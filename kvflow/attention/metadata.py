@@ -1,5 +1,5 @@
 """What attention needs to know about one step's flat batch, built once per step by the model runner."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,5 +19,16 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor       # [T] cache slot (block * block_size + offset) of each new token
     num_decodes: int                 # the first num_decodes tokens are single-token rows (decode steps)
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks], padded with block 0
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool, True = attend
+    decode_context_lens: torch.Tensor | None  # int64 [num_decodes]: tokens each decode row attends to
     prefills: list[PrefillSeq]
+
+    _decode_mask: torch.Tensor | None = field(default=None, repr=False)
+
+    def decode_mask(self, span: int) -> torch.Tensor:
+        """[num_decodes, 1, 1, span] bool, True = attend, for SDPA over the padded block tables (span =
+        max_blocks * block_size). Built on first use, once per step; the CPU kernel reads the lengths."""
+        if self._decode_mask is None:
+            lens = self.decode_context_lens
+            self._decode_mask = (torch.arange(span, device=lens.device).unsqueeze(0) < lens.unsqueeze(1)).view(
+                len(lens), 1, 1, span)
+        return self._decode_mask

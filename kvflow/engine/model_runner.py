@@ -157,18 +157,17 @@ class ModelRunner:
                 if hi > lo:
                     prompt_rows.append((req, flat_start + lo - start, hi - lo, lo))
         nd = len(decode_tables)
-        decode_bt = decode_mask = None
+        decode_bt = decode_lens_t = None
         if nd:
             max_blocks = max(len(t) for t in decode_tables)
             bt = np.zeros((nd, max_blocks), dtype=np.int64)
             for r, t in enumerate(decode_tables):
                 bt[r, :len(t)] = t
             decode_bt = torch.from_numpy(bt).to(dev)
-            lens = torch.tensor(decode_lens)
-            decode_mask = (torch.arange(max_blocks * bs).unsqueeze(0) < lens.unsqueeze(1)).view(nd, 1, 1, -1).to(dev)
+            decode_lens_t = torch.tensor(decode_lens, dtype=torch.int64, device=dev)
         attn = AttentionMetadata(
             slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
-            num_decodes=nd, decode_block_tables=decode_bt, decode_mask=decode_mask, prefills=prefills)
+            num_decodes=nd, decode_block_tables=decode_bt, decode_context_lens=decode_lens_t, prefills=prefills)
         return StepInputs(torch.tensor(ids, device=dev), torch.from_numpy(np.concatenate(positions)).to(dev), attn,
                           torch.tensor(logits_indices, dtype=torch.int64, device=dev), sampling, prompt_rows)
 

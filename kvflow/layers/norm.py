@@ -3,6 +3,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvflow.kernels import cpu_ops
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -13,7 +17,16 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Normalise x (after adding residual when given). Statistics are computed in fp32, as in HF.
 
-        Returns the normalised tensor, or (normalised, new residual) when a residual is passed."""
+        Returns the normalised tensor, or (normalised, new residual) when a residual is passed. On the CPU
+        kernel path (2-D rows in bf16 or fp32) x and residual are overwritten with them, in one op."""
+        ops = cpu_ops() if x.is_cpu and x.dim() == 2 and x.stride(-1) == 1 else None
+        if ops is not None and x.dtype in _KERNEL_DTYPES and self.weight.dtype == x.dtype:
+            if residual is None:
+                out = torch.empty_like(x)
+                ops.rms_norm(out, x, self.weight, self.eps)
+                return out
+            ops.fused_add_rms_norm(x, residual, self.weight, self.eps)    # both overwritten
+            return x, residual
         if residual is not None:
             x = x + residual
             residual = x

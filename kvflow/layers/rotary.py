@@ -4,6 +4,8 @@ import math
 import torch
 from torch import nn
 
+from kvflow.kernels import cpu_ops
+
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     factor = scaling["factor"]
@@ -47,8 +49,14 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """rope: cos_sin(positions); x: [T, H, D] (q, k, or both side by side). Returns x rotated, in its
-        dtype; the math is fp32, in 6 ops (per-op dispatch dominates at decode sizes)."""
+        dtype; the math is fp32, in 6 ops (per-op dispatch dominates at decode sizes), or on the CPU in one
+        kernel that rotates x in place."""
         cos, sin = rope
+        if x.is_cpu and x.dtype in (torch.bfloat16, torch.float32) and x.stride(-1) == 1:
+            ops = cpu_ops()
+            if ops is not None:
+                ops.rotary_(x, cos, sin)        # in place, the same arithmetic in one op
+                return x
         xf = x.float()
         return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 

@@ -13,6 +13,7 @@ from torch import nn
 from kvflow.attention.cpu import paged_attention
 from kvflow.attention.metadata import AttentionMetadata
 from kvflow.config import ModelConfig
+from kvflow.kernels import cpu_ops
 from kvflow.layers.norm import RMSNorm
 from kvflow.layers.rotary import RotaryEmbedding
 
@@ -56,7 +57,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        ops = cpu_ops() if gate_up.is_cpu and gate_up.dtype in (torch.bfloat16, torch.float32) else None
+        if ops is not None:
+            act = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+            ops.silu_and_mul(act, gate_up)
+            return self.down_proj(act)
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
     __call__ = forward   # skip nn.Module's hook machinery: ~1 us a call, ~10 calls a layer (quant/weights.py)

@@ -1,0 +1,97 @@
+"""kvflow's CPU kernels (cpu.cpp): built with the system C++ compiler on first use, then loaded from a cache.
+
+`cpu_ops()` returns the `torch.ops.kvflow` namespace, or None when the kernels are off or cannot be built
+(no compiler): the layers then run their PyTorch code, which is also the reference the kernels are
+tested against. `KVFLOW_CPU_KERNELS=0` turns them off.
+
+The shared library is compiled against the installed torch's headers for this machine's CPU
+(-march=native), once: about 15 s. It is cached in `$KVFLOW_CACHE_DIR/kernels` (default
+~/.cache/kvflow/kernels) under a name that hashes the source, the flags, torch's version and the CPU's
+feature flags, so an edit, a torch upgrade or another machine sharing the folder builds its own copy.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu.cpp")
+# no -ffast-math: NaN checks and the order of fp32 roundings stay as written (no FMA contraction either);
+# -fno-trapping-math lets loops with conversions and selects vectorise (results unchanged)
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-std=c++20", "-fPIC", "-shared", "-fopenmp", "-w",
+         "-D_GLIBCXX_USE_CXX11_ABI=" + str(int(torch.compiled_with_cxx11_abi()))]
+
+
+def _cpu_identity() -> str:
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} {flags}"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("KVFLOW_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kvflow")
+    return Path(root) / "kernels"
+
+
+def library_path() -> Path:
+    key = hashlib.blake2b(digest_size=8)
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), torch.__version__.encode(), _cpu_identity().encode()):
+        key.update(part)
+    return cache_dir() / f"kvflow_cpu_{key.hexdigest()}.so"
+
+
+def build(path: Path) -> None:
+    """Compile cpu.cpp into `path` (atomically: a concurrent build never sees a half-written file)."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (set CXX, or install g++)")
+    torch_dir = Path(torch.__file__).parent
+    includes = [torch_dir / "include", torch_dir / "include" / "torch" / "csrc" / "api" / "include",
+                sysconfig.get_paths()["include"]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    # link torch's own libgomp (the same soname is already loaded): one OpenMP runtime in the process
+    cmd = [cxx, *FLAGS, *(f"-I{p}" for p in includes), str(SOURCE), "-o", tmp, f"-L{torch_dir / 'lib'}",
+           f"-Wl,-rpath,{torch_dir / 'lib'}", "-ltorch", "-ltorch_cpu", "-lc10"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building the CPU kernels failed:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def cpu_ops():
+    """torch.ops.kvflow with the kernels loaded, or None (turned off, or not buildable here)."""
+    if os.environ.get("KVFLOW_CPU_KERNELS", "1") == "0" or sys.platform == "win32":
+        return None
+    try:
+        path = library_path()
+        if not path.exists():
+            logger.info("building kvflow's CPU kernels into %s (once)", path)
+            build(path)
+        torch.ops.load_library(str(path))
+    except Exception as e:            # no compiler, no headers, a read-only home: run the PyTorch code
+        logger.warning("kvflow's CPU kernels are unavailable, using the PyTorch path: %s", e)
+        return None
+    return torch.ops.kvflow

@@ -1,0 +1,361 @@
+// CPU kernels for the steps between the matmuls of a decoder layer, registered as torch.ops.kvflow.*.
+//
+// At decode sizes (one to a few rows of 576 values) a PyTorch op costs ~1 us of dispatch whatever it
+// computes, and RMSNorm, rotary, the KV write and attention take 5-15 ops each: ~80 us a layer on top of
+// the matmuls. Each kernel here is one op. Built and loaded by kvflow/kernels/__init__.py; the PyTorch
+// code beside each call site is the reference they are tested against (tests/test_cpu_kernels.py).
+//
+// Numerics follow the PyTorch path: math in fp32; a bf16 result is rounded where PyTorch rounds it
+// (RMSNorm: the normalised value, then the product with the weight; SiLU-and-mul: silu, then the product).
+// Rows must be contiguous in their last dimension; other strides are free (q and k are views of qkv).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// ---- element conversions (plain loops: the compiler vectorises them) -------------------------------
+
+inline float to_f(float v) { return v; }
+inline float to_f(c10::BFloat16 v) {
+  uint32_t u = uint32_t(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+template <typename T> inline T from_f(float f);
+template <> inline float from_f<float>(float f) { return f; }
+template <> inline c10::BFloat16 from_f<c10::BFloat16>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  c10::BFloat16 r;
+  if (std::isnan(f)) {
+    r.x = 0x7fc0;
+  } else {
+    u += 0x7fff + ((u >> 16) & 1);   // round to nearest even, as c10::BFloat16 does
+    r.x = uint16_t(u >> 16);
+  }
+  return r;
+}
+template <typename T> inline float round_to(float f) { return to_f(from_f<T>(f)); }
+
+template <typename T> inline void load(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_f(src[i]);
+}
+template <typename T> inline void store(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = from_f<T>(src[i]);
+}
+
+// Reductions: `omp simd reduction` lets the compiler split a sum over vector lanes (it may not reorder a
+// plain float loop). The order then differs from PyTorch's, in the last bits.
+inline float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// exp(x) for fp32 in straight-line code that vectorises (std::exp is a libm call per value): Cephes'
+// expf, a degree-7 polynomial after reducing by ln 2, within ~2 ulp of fp32 on [-87, 88] (clamped there).
+inline float exp_approx(float x) {
+  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+  const float t = x * 1.44269504088896341f;
+  const int32_t n = int32_t(t + (t >= 0.f ? 0.5f : -0.5f));
+  const float nf = float(n);
+  const float r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const uint32_t bits = uint32_t(n + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, 4);
+  return p * two_n;
+}
+
+inline void softmax_(float* x, int64_t n) {
+  float mx = x[0];
+#pragma omp simd reduction(max : mx)
+  for (int64_t i = 1; i < n; ++i) mx = std::max(mx, x[i]);
+  float total = 0.f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t i = 0; i < n; ++i) total += (x[i] = exp_approx(x[i] - mx));
+  const float inv = 1.f / total;
+  for (int64_t i = 0; i < n; ++i) x[i] *= inv;
+}
+
+#define KVFLOW_DISPATCH(dtype, NAME, ...)                                        \
+  [&] {                                                                          \
+    if ((dtype) == at::kBFloat16) {                                              \
+      using scalar_t = c10::BFloat16;                                            \
+      return __VA_ARGS__();                                                      \
+    } else if ((dtype) == at::kFloat) {                                          \
+      using scalar_t = float;                                                    \
+      return __VA_ARGS__();                                                      \
+    }                                                                            \
+    TORCH_CHECK(false, NAME ": dtype must be bfloat16 or float32, got ", dtype); \
+  }()
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+}
+void check_rows(const at::Tensor& t, const char* name) {
+  check_cpu(t, name);
+  TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dimension");
+}
+
+// ---- RMSNorm ---------------------------------------------------------------------------------------
+
+// one row: y = round(round(x * rsqrt(mean(x^2) + eps)) * w)
+template <typename T>
+inline void rms_row(const float* x, const T* w, T* out, int64_t d, float eps, float* tmp) {
+  const float ss = dot(x, x, d);
+  const float inv = 1.f / std::sqrt(ss / float(d) + eps);
+  for (int64_t i = 0; i < d; ++i) tmp[i] = round_to<T>(x[i] * inv) * to_f(w[i]);
+  store(tmp, out, d);
+}
+
+// out = rms_norm(x) * weight. x, out: [T, D]
+void rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, "x");
+  check_rows(out, "out");
+  TORCH_CHECK(x.dim() == 2 && out.sizes() == x.sizes(), "rms_norm: x and out must be [T, D] alike");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1), "rms_norm: weight must be [D]");
+  TORCH_CHECK(out.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(),
+              "rms_norm: x, out and weight must share one dtype");
+  const int64_t rows = x.size(0), d = x.size(1);
+  KVFLOW_DISPATCH(x.scalar_type(), "rms_norm", [&] {
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> xf(d), tmp(d);
+      for (int64_t r = begin; r < end; ++r) {
+        load(x.data_ptr<scalar_t>() + r * x.stride(0), xf.data(), d);
+        rms_row(xf.data(), weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + r * out.stride(0), d,
+                float(eps), tmp.data());
+      }
+    });
+  });
+}
+
+// residual = x + residual (rounded to the dtype, as PyTorch's add); x = rms_norm(residual) * weight.
+// Both are overwritten, as in vLLM's fused_add_rms_norm.
+void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
+  check_rows(x, "x");
+  check_rows(residual, "residual");
+  TORCH_CHECK(x.dim() == 2 && residual.sizes() == x.sizes(), "fused_add_rms_norm: x and residual must be [T, D] alike");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1), "fused_add_rms_norm: weight must be [D]");
+  TORCH_CHECK(residual.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(),
+              "fused_add_rms_norm: x, residual and weight must share one dtype");
+  const int64_t rows = x.size(0), d = x.size(1);
+  KVFLOW_DISPATCH(x.scalar_type(), "fused_add_rms_norm", [&] {
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> sum(d), tmp(d);
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* xr = x.data_ptr<scalar_t>() + r * x.stride(0);
+        scalar_t* rr = residual.data_ptr<scalar_t>() + r * residual.stride(0);
+        for (int64_t i = 0; i < d; ++i) sum[i] = round_to<scalar_t>(to_f(xr[i]) + to_f(rr[i]));
+        store(sum.data(), rr, d);
+        rms_row(sum.data(), weight.data_ptr<scalar_t>(), xr, d, float(eps), tmp.data());
+      }
+    });
+  });
+}
+
+// ---- rotary embedding --------------------------------------------------------------------------------
+
+// x: [T, H, D], rotated in place: x = x * cos + roll(x, D/2) * sin, in fp32, rounded once.
+// cos, sin: fp32, T rows of D (RotaryEmbedding's tables: cos repeated, sin negated in the first half).
+void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  check_rows(x, "x");
+  TORCH_CHECK(x.dim() == 3, "rotary_: x must be [T, H, D]");
+  const int64_t t = x.size(0), h = x.size(1), d = x.size(2), half = d / 2;
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.numel() == t * d && sin.numel() == t * d,
+              "rotary_: cos and sin must be contiguous float32 with T * D values");
+  KVFLOW_DISPATCH(x.scalar_type(), "rotary_", [&] {
+    at::parallel_for(0, t, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> xf(d), y(d);
+      for (int64_t i = begin; i < end; ++i) {
+        const float* c = cos.data_ptr<float>() + i * d;
+        const float* s = sin.data_ptr<float>() + i * d;
+        for (int64_t j = 0; j < h; ++j) {
+          scalar_t* row = x.data_ptr<scalar_t>() + i * x.stride(0) + j * x.stride(1);
+          load(row, xf.data(), d);
+          for (int64_t k = 0; k < half; ++k) y[k] = xf[k] * c[k] + xf[k + half] * s[k];
+          for (int64_t k = half; k < d; ++k) y[k] = xf[k] * c[k] + xf[k - half] * s[k];
+          store(y.data(), row, d);
+        }
+      }
+    });
+  });
+}
+
+// ---- paged KV cache ------------------------------------------------------------------------------------
+
+// k_cache[slot] = k[t], v_cache[slot] = v[t] for slot = slot_mapping[t].
+// k, v: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D] contiguous; slot_mapping: int64 [T].
+void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+              const at::Tensor& slot_mapping) {
+  check_rows(k, "k");
+  check_rows(v, "v");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "write_kv: caches must be contiguous");
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k_cache.dim() == 4 && k_cache.size(2) == k.size(1) &&
+                  k_cache.size(3) == k.size(2) && v_cache.sizes() == k_cache.sizes(),
+              "write_kv: k, v [T, Hkv, D] and caches [N, block_size, Hkv, D] must match");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type() &&
+                  v_cache.scalar_type() == k_cache.scalar_type(), "write_kv: one dtype for k, v and the caches");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
+                  slot_mapping.numel() == k.size(0), "write_kv: slot_mapping must be int64 [T]");
+  const int64_t t = k.size(0), h = k.size(1), d = k.size(2);
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const size_t row_bytes = d * k.element_size();
+  auto* kc = static_cast<char*>(k_cache.data_ptr());
+  auto* vc = static_cast<char*>(v_cache.data_ptr());
+  for (int64_t i = 0; i < t; ++i) {
+    TORCH_CHECK(slots[i] >= 0 && slots[i] < num_slots, "write_kv: slot ", slots[i], " out of range");
+    for (int64_t j = 0; j < h; ++j) {
+      const size_t dst = size_t((slots[i] * h + j) * d) * k.element_size();
+      std::memcpy(kc + dst, static_cast<const char*>(k.data_ptr()) + (i * k.stride(0) + j * k.stride(1)) * k.element_size(), row_bytes);
+      std::memcpy(vc + dst, static_cast<const char*>(v.data_ptr()) + (i * v.stride(0) + j * v.stride(1)) * v.element_size(), row_bytes);
+    }
+  }
+}
+
+// ---- decode attention over the paged cache --------------------------------------------------------------
+
+template <typename T>
+struct DecodeTask {
+  const T* q;
+  T* out;
+  const T* k_cache;
+  const T* v_cache;
+  int64_t q_stride0, q_stride1, out_stride0, out_stride1, block_size, num_kv_heads, group, head_dim;
+  float scale;
+};
+
+// One (sequence, KV head): its `group` query heads read each K and V row once. HEAD_DIM is the head size
+// known at compile time (64, 128: the loops unroll, about 2x faster) or 0 for any other.
+template <typename T, int HEAD_DIM>
+void attend(const DecodeTask<T>& p, int64_t seq, int64_t kvh, const int64_t* table, int64_t len,
+            std::vector<float>& buf) {
+  const int64_t d = HEAD_DIM ? HEAD_DIM : p.head_dim, g = p.group, bs = p.block_size;
+  buf.resize(g * d * 2 + d + g * len);
+  float* qf = buf.data();
+  float* acc = qf + g * d;
+  float* row = acc + g * d;
+  float* scores = row + d;
+  for (int64_t j = 0; j < g; ++j) {
+    load(p.q + seq * p.q_stride0 + (kvh * g + j) * p.q_stride1, qf + j * d, d);
+    for (int64_t i = 0; i < d; ++i) qf[j * d + i] *= p.scale;
+  }
+  auto slot = [&](int64_t t) { return ((table[t / bs] * bs + t % bs) * p.num_kv_heads + kvh) * d; };
+  for (int64_t t = 0; t < len; ++t) {
+    load(p.k_cache + slot(t), row, d);
+    for (int64_t j = 0; j < g; ++j) scores[j * len + t] = dot(qf + j * d, row, d);
+  }
+  for (int64_t j = 0; j < g; ++j) softmax_(scores + j * len, len);
+  std::fill(acc, acc + g * d, 0.f);
+  for (int64_t t = 0; t < len; ++t) {
+    load(p.v_cache + slot(t), row, d);
+    for (int64_t j = 0; j < g; ++j) {
+      const float w = scores[j * len + t];
+      for (int64_t i = 0; i < d; ++i) acc[j * d + i] += w * row[i];
+    }
+  }
+  for (int64_t j = 0; j < g; ++j) store(acc + j * d, p.out + seq * p.out_stride0 + (kvh * g + j) * p.out_stride1, d);
+}
+
+// One new token per sequence. q: [B, Hq, D]; out: [B, Hq, D]; caches [N, block_size, Hkv, D];
+// block_tables: int64 [B, max_blocks]; context_lens: int64 [B] (the new token included, its K/V written).
+// Each (sequence, KV head) pair is one task: its Hq / Hkv query heads read each K and V row once.
+void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, double scale) {
+  check_rows(q, "q");
+  check_rows(out, "out");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode_attention: caches must be contiguous");
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "paged_decode_attention: q and out must be [B, Hq, D] alike");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == q.size(2) &&
+                  q.size(1) % k_cache.size(2) == 0, "paged_decode_attention: caches must be [N, block_size, Hkv, D]");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && out.scalar_type() == q.scalar_type() &&
+                  v_cache.scalar_type() == q.scalar_type(), "paged_decode_attention: one dtype for q, out and the caches");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.is_contiguous() &&
+                  block_tables.size(0) == q.size(0), "paged_decode_attention: block_tables must be int64 [B, max_blocks]");
+  TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.numel() == q.size(0) && context_lens.is_contiguous(),
+              "paged_decode_attention: context_lens must be int64 [B]");
+  const int64_t b = q.size(0), hq = q.size(1), d = q.size(2);
+  const int64_t bs = k_cache.size(1), hkv = k_cache.size(2), g = hq / hkv;
+  const int64_t max_blocks = block_tables.size(1), num_blocks = k_cache.size(0);
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  int64_t work = 0;
+  for (int64_t i = 0; i < b; ++i) {
+    TORCH_CHECK(lens[i] >= 1 && lens[i] <= max_blocks * bs, "paged_decode_attention: context length ", lens[i],
+                " does not fit the block table");
+    for (int64_t blk = 0; blk < (lens[i] + bs - 1) / bs; ++blk)
+      TORCH_CHECK(tables[i * max_blocks + blk] >= 0 && tables[i * max_blocks + blk] < num_blocks,
+                  "paged_decode_attention: block id out of range");
+    work += lens[i];
+  }
+  // one task is a (sequence, KV head) pair; keep small steps on one thread (a fork costs more)
+  const int64_t tasks = b * hkv;
+  const int64_t grain = work * hq * d < (1 << 17) ? tasks : 1;
+  KVFLOW_DISPATCH(q.scalar_type(), "paged_decode_attention", [&] {
+    const DecodeTask<scalar_t> base{q.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
+                                    v_cache.data_ptr<scalar_t>(), q.stride(0), q.stride(1), out.stride(0),
+                                    out.stride(1), bs, hkv, g, d, float(scale)};
+    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t s = task / hkv;
+        if (d == 64) attend<scalar_t, 64>(base, s, task % hkv, tables + s * max_blocks, lens[s], buf);
+        else if (d == 128) attend<scalar_t, 128>(base, s, task % hkv, tables + s * max_blocks, lens[s], buf);
+        else attend<scalar_t, 0>(base, s, task % hkv, tables + s * max_blocks, lens[s], buf);
+      }
+    });
+  });
+}
+
+// ---- SiLU-and-mul ---------------------------------------------------------------------------------------
+
+// x: [T, 2I] (gate | up); out: [T, I] = round(round(silu(gate)) * up)
+void silu_and_mul(at::Tensor& out, const at::Tensor& x) {
+  check_rows(x, "x");
+  check_rows(out, "out");
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.size(0) == out.size(0) && x.size(1) == 2 * out.size(1),
+              "silu_and_mul: x must be [T, 2I] and out [T, I]");
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "silu_and_mul: x and out must share one dtype");
+  const int64_t rows = x.size(0), n = out.size(1);
+  KVFLOW_DISPATCH(x.scalar_type(), "silu_and_mul", [&] {
+    at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+      std::vector<float> gf(n), uf(n);
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* xr = x.data_ptr<scalar_t>() + r * x.stride(0);
+        load(xr, gf.data(), n);
+        load(xr + n, uf.data(), n);
+        for (int64_t i = 0; i < n; ++i) gf[i] = round_to<scalar_t>(gf[i] / (1.f + exp_approx(-gf[i]))) * uf[i];
+        store(gf.data(), out.data_ptr<scalar_t>() + r * out.stride(0), n);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(kvflow, m) {
+  m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()", &rms_norm);
+  m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()", &fused_add_rms_norm);
+  m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()", &rotary_);
+  m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()", &write_kv);
+  m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor context_lens, float scale) -> ()", &paged_decode_attention);
+  m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()", &silu_and_mul);
+}

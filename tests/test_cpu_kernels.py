@@ -1,0 +1,166 @@
+"""The CPU kernels (kvflow/kernels/cpu.cpp) against the PyTorch code they replace, on random inputs with
+the shapes and strides the model gives them: exact where the arithmetic is the same, to a tolerance where
+only the order of a sum differs (attention)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvflow.attention import cpu as attn_cpu
+from kvflow.attention.metadata import AttentionMetadata
+from kvflow.kernels import cpu_ops
+from kvflow.layers.norm import RMSNorm
+from kvflow.layers.rotary import RotaryEmbedding
+
+ops = cpu_ops()
+needs_kernels = pytest.mark.skipif(ops is None, reason="the CPU kernels could not be built here")
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+def _ref_rms(x, w, eps):
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * w
+
+
+def _close(got, expected, dtype):
+    """fp32: a sum added in another order, or exp from another library, differs in the last bits; bf16:
+    that may flip a rounding, one bf16 ulp on a few values."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    else:
+        torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
+        assert (got != expected).float().mean().item() < 0.02
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 7, 70])
+@needs_kernels
+def test_rms_norm_kernels_match_pytorch(dtype, rows):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 576, generator=g).to(dtype) * 3
+    r = torch.randn(rows, 576, generator=g).to(dtype)
+    w = torch.randn(576, generator=g).to(dtype)
+    out = torch.empty_like(x)
+    ops.rms_norm(out, x, w, 1e-5)
+    _close(out, _ref_rms(x, w, 1e-5), dtype)
+    xk, rk = x.clone(), r.clone()
+    ops.fused_add_rms_norm(xk, rk, w, 1e-5)
+    assert torch.equal(rk, x + r)                       # the residual add rounds exactly as PyTorch's
+    _close(xk, _ref_rms(x + r, w, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@needs_kernels
+def test_rmsnorm_module_takes_the_kernel_and_agrees(dtype):
+    norm = RMSNorm(64, 1e-6).to(dtype)
+    norm.weight.data = torch.rand(64).to(dtype) + 0.5
+    x, r = torch.randn(5, 64).to(dtype), torch.randn(5, 64).to(dtype)
+    out, res = norm(x.clone(), r.clone())
+    assert torch.equal(res, x + r)
+    torch.testing.assert_close(out.float(), _ref_rms(x + r, norm.weight, 1e-6).float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@needs_kernels
+def test_rotary_kernel_is_exact_on_a_strided_view(dtype):
+    rope = RotaryEmbedding(64, 512, 10000.0)
+    pos = torch.tensor([0, 3, 100, 511])
+    qkv = torch.randn(4, (9 + 2 * 3) * 64).to(dtype)
+    qk = qkv[:, :12 * 64].view(4, 12, 64)             # q and k heads side by side, a view of qkv
+    cos, sin = rope.cos_sin(pos)
+    expected = (qk.float() * cos + qk.float().roll(32, dims=-1) * sin).to(dtype)
+    v_before = qkv[:, 12 * 64:].clone()
+    ops.rotary_(qk, cos, sin)
+    assert torch.equal(qk, expected)
+    assert torch.equal(qkv[:, 12 * 64:], v_before)     # v untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@needs_kernels
+def test_silu_and_mul_kernel_matches_pytorch(dtype):
+    x = torch.randn(3, 2 * 1536).to(dtype) * 4
+    gate, up = x.chunk(2, dim=-1)
+    out = torch.empty(3, 1536, dtype=dtype)
+    ops.silu_and_mul(out, x)
+    _close(out, F.silu(gate) * up, dtype)                # exp may differ in its last fp32 bit
+
+
+def _paged_case(dtype, lens, block_size=16, hq=9, hkv=3, d=64, num_blocks=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(num_blocks, block_size, hkv, d, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, hkv, d, generator=g).to(dtype)
+    perm = torch.randperm(num_blocks, generator=g)
+    max_blocks = max(-(-n // block_size) for n in lens)
+    tables = torch.zeros(len(lens), max_blocks, dtype=torch.int64)
+    used = 0
+    for i, n in enumerate(lens):
+        nb = -(-n // block_size)
+        tables[i, :nb] = perm[used:used + nb]
+        used += nb
+    q = torch.randn(len(lens), hq, d, generator=g).to(dtype)
+    return q, k_cache, v_cache, tables
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lens", [[1], [37], [16, 5, 130, 64], [300] * 12])
+@needs_kernels
+def test_paged_decode_attention_kernel_matches_sdpa(dtype, lens):
+    q, k_cache, v_cache, tables = _paged_case(dtype, lens)
+    out = torch.empty_like(q)
+    ctx = torch.tensor(lens, dtype=torch.int64)
+    ops.paged_decode_attention(out, q, k_cache, v_cache, tables, ctx, 0.125)
+    for i, n in enumerate(lens):
+        keys = k_cache[tables[i]].flatten(0, 1)[:n].transpose(0, 1).float()     # [Hkv, n, D]
+        values = v_cache[tables[i]].flatten(0, 1)[:n].transpose(0, 1).float()
+        ref = F.scaled_dot_product_attention(q[i].float().view(3, 3, 64), keys, values, scale=0.125).view(9, 64)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out[i].float(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@needs_kernels
+def test_paged_attention_kernel_path_agrees_with_the_pytorch_path(monkeypatch, dtype):
+    """The whole paged_attention call, kernels on and off: two decode rows and a prefill chunk that
+    attends to a cached prefix, each writing its new K/V first."""
+    from kvflow.attention.metadata import PrefillSeq
+    bs = 16
+    _, k_cache, v_cache, tables = _paged_case(dtype, [40, 7, 50])
+    g = torch.Generator().manual_seed(1)
+    # rows 0, 1: decodes at positions 39 and 6; rows 2..5: a chunk at positions 46..49 of sequence 2
+    pos = [(0, 39), (1, 6)] + [(2, p) for p in range(46, 50)]
+    slots = torch.tensor([int(tables[s, p // bs]) * bs + p % bs for s, p in pos])
+    q = torch.randn(6, 9, 64, generator=g).to(dtype)
+    k, v = torch.randn(6, 3, 64, generator=g).to(dtype), torch.randn(6, 3, 64, generator=g).to(dtype)
+    mask = torch.arange(50).unsqueeze(0) <= torch.arange(46, 50).unsqueeze(1)
+    outs = []
+    for kernels in (True, False):
+        meta = AttentionMetadata(slot_mapping=slots, num_decodes=2, decode_block_tables=tables[:2],
+                                 decode_context_lens=torch.tensor([40, 7]),
+                                 prefills=[PrefillSeq(2, 4, 50, tables[2, :4], mask)])
+        monkeypatch.setattr(attn_cpu, "cpu_ops", (lambda: ops) if kernels else (lambda: None))
+        kc, vc = k_cache.clone(), v_cache.clone()
+        outs.append((attn_cpu.paged_attention(q, k, v, kc, vc, meta, 0.125), kc, vc))
+    (o1, kc1, vc1), (o2, kc2, vc2) = outs
+    assert torch.equal(kc1, kc2) and torch.equal(vc1, vc2)
+    assert torch.equal(o1[2:], o2[2:])                  # the chunk runs SDPA on both paths
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(o1[:2].float(), o2[:2].float(), rtol=tol, atol=tol)
+
+
+def test_kernels_are_built_where_a_compiler_is():
+    """A machine with a C++ compiler must run the kernels: a failed build must not pass as a skip."""
+    import shutil
+    if shutil.which("c++") or shutil.which("g++"):
+        assert ops is not None and hasattr(ops, "paged_decode_attention")
+
+
+@needs_kernels
+def test_kernels_reject_bad_arguments():
+    x = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops.rms_norm(torch.empty(2, 8, dtype=torch.float64), x.double(), torch.ones(8, dtype=torch.float64), 1e-5)
+    with pytest.raises(RuntimeError, match="weight"):
+        ops.rms_norm(torch.empty_like(x), x, torch.ones(7), 1e-5)
+    q, k_cache, v_cache, tables = _paged_case(torch.float32, [20])
+    with pytest.raises(RuntimeError, match="does not fit"):
+        ops.paged_decode_attention(torch.empty_like(q), q, k_cache, v_cache, tables, torch.tensor([99]), 0.1)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.write_kv(torch.randn(1, 3, 64), torch.randn(1, 3, 64), k_cache, v_cache, torch.tensor([10 ** 6]))
