@@ -164,3 +164,52 @@ def test_kernels_reject_bad_arguments():
         ops.paged_decode_attention(torch.empty_like(q), q, k_cache, v_cache, tables, torch.tensor([99]), 0.1)
     with pytest.raises(RuntimeError, match="out of range"):
         ops.write_kv(torch.randn(1, 3, 64), torch.randn(1, 3, 64), k_cache, v_cache, torch.tensor([10 ** 6]))
+
+
+# ---- int4 weights x two-term int8 activations ------------------------------------------------------------
+
+def _int4_weight(n, k, seed=0):
+    from kvflow.quant.weights import quantize_int4
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+    return quantize_int4(w)
+
+
+@needs_kernels
+def test_int4_tile_packing_round_trips():
+    from kvflow.quant.weights import pack_int4_tiles, unpack_int4_tiles
+    w = _int4_weight(48, 96)
+    packed, sz = pack_int4_tiles(w)
+    assert packed.shape == (3, 3, 4, 64) and packed.dtype == torch.uint8 and sz.shape == (3, 3, 2, 16)
+    assert torch.equal(unpack_int4_tiles(packed), w.codes)
+    dense = torch.empty(48, 96)
+    ops.int4_dequantize(dense, packed, sz, 0)
+    zero = (w.min + 8 * w.scale).bfloat16().float()
+    ref = (w.codes.view(48, 3, 32).float() - 8) * w.scale.bfloat16().float()[..., None] + zero[..., None]
+    assert torch.equal(dense, ref.view(48, 96))           # (q - 8) s + z in fp32, as PyTorch's int4 kernel
+    part = torch.empty(16, 96)
+    ops.int4_dequantize(part, packed, sz, 2)               # the last tile alone
+    assert torch.equal(part, dense[32:])
+
+
+@needs_kernels
+@pytest.mark.skipif(ops is None or not hasattr(ops, "int4_linear"), reason="needs AVX-512 VNNI")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 17, 128])
+def test_int4_linear_matches_the_dequantized_matmul(dtype, rows):
+    """The activations' two int8 terms leave an error below bf16's: the result matches a matmul on the
+    dequantized weights to a few 1e-4 of its largest value, even with an outlier channel in x."""
+    from kvflow.quant.weights import pack_int4_tiles
+    w = _int4_weight(208, 576, seed=rows)
+    packed, sz = pack_int4_tiles(w)
+    dense = torch.empty(208, 576)
+    ops.int4_dequantize(dense, packed, sz, 0)
+    x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(1))
+    x[:, 7] = 40.0                                          # an outlier channel, as real hidden states have
+    x = x.to(dtype)
+    out = torch.empty(rows, 208, dtype=dtype)
+    ops.int4_linear(out, x, packed, sz)
+    ref = x.float() @ dense.t()
+    err = (out.float() - ref).abs().max() / ref.abs().max()
+    assert err < (5e-4 if dtype == torch.float32 else 1e-2), err.item()
+    with pytest.raises(RuntimeError, match="columns"):
+        ops.int4_linear(torch.empty(rows, 100, dtype=dtype), x, packed, sz)

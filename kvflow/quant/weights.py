@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvflow.kernels import cpu_ops
+
 INT4_GROUP_SIZE = 32
 LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
@@ -183,7 +185,39 @@ class Int8Linear(_QuantLinear):
         return self.qweight.float() * self.scale.float()[:, None]
 
 
+def pack_int4_tiles(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """kvflow's int4 layout (kernels/cpu.cpp, int4_linear): rows in tiles of 16, groups of 32 along K.
+    packed [N / 16, K / 32, 4, 64] uint8: vector p of a (tile, group) holds at byte 4 r + b the code of row
+    r, k = 8p + b in its low nibble and k = 8p + 4 + b in its high one; scale_zero [N / 16, K / 32, 2, 16]
+    bf16: the tile's scales, then its zeros z = min + 8 s (w = (q - 8) s + z, as PyTorch's int4 kernel)."""
+    n, k = w.codes.shape
+    c = w.codes.view(n // 16, 16, k // 32, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)     # [T, G, p, r, b, lo/hi]
+    packed = (c[..., 0] | (c[..., 1] << 4)).contiguous().view(n // 16, k // 32, 4, 64)
+    sz = torch.stack([w.scale, w.min + 8 * w.scale]).view(2, n // 16, 16, k // 32)
+    return packed, sz.permute(1, 3, 0, 2).contiguous().bfloat16()
+
+
+def unpack_int4_tiles(packed: torch.Tensor) -> torch.Tensor:
+    """The codes [N, K] (uint8) back from pack_int4_tiles' layout."""
+    t, g = packed.shape[:2]
+    b = packed.view(t, g, 4, 16, 4)
+    codes = torch.stack([b & 15, b >> 4], dim=3)                                   # [T, G, p, lo/hi, r, b]
+    return codes.permute(0, 4, 1, 2, 3, 5).reshape(t * 16, g * 32)
+
+
+def _int4_kernel_ops():
+    """kvflow's int4 x int8 kernel (AVX-512 VNNI CPUs with the kernels built), or None."""
+    ops = cpu_ops()
+    return ops if ops is not None and hasattr(ops, "int4_linear") else None
+
+
 class Int4Linear(_QuantLinear):
+    """int4 weights, group-wise. Two layouts, chosen when built:
+    - "tiles" (kvflow's kernel, on CPUs with AVX-512 VNNI): activations quantized to int8 per group of 32,
+      integer dot products, the 4-bit weights read once for all rows (kernels/cpu.cpp, int4_linear);
+    - "aten": PyTorch's _weight_int4pack_mm_for_cpu, which converts every code to fp32 (compute-bound:
+      ~20 GB/s of weights on 2 cores, against ~80 GB/s of memory bandwidth).
+    Both hold the same codes, bf16 scales and zeros, i.e. the same weights."""
     kernel_max_rows = 128      # dequantizing costs more: the kernel wins up to 128-256 rows (2 threads)
 
     def __init__(self, w: Int4Weight, bias: torch.Tensor | None):
@@ -191,10 +225,15 @@ class Int4Linear(_QuantLinear):
         self.out_features, self.in_features = w.codes.shape
         self.group_size = self.in_features // w.scale.shape[1]
         device = w.codes.device
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.codes.cpu().to(torch.int32), 8)
+        if self.group_size == 32 and device.type == "cpu" and _int4_kernel_ops() is not None:
+            self.layout = "tiles"
+            packed, sz = pack_int4_tiles(w)
+        else:
+            self.layout = "aten"
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.codes.cpu().to(torch.int32), 8)
+            sz = torch.stack([w.scale, w.min + 8 * w.scale], dim=-1).transpose(0, 1).contiguous().bfloat16()
         self.register_buffer("packed", packed.to(device))
-        sz = torch.stack([w.scale, w.min + 8 * w.scale], dim=-1)           # [N, K / group, 2]
-        self.register_buffer("scale_zeros", sz.transpose(0, 1).contiguous().bfloat16())
+        self.register_buffer("scale_zeros", sz.to(device))      # aten: [K / group, N, 2]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._refresh()
 
@@ -207,7 +246,11 @@ class Int4Linear(_QuantLinear):
         packed, group_size, scale_zeros, bias = self._kernel
         if x.dim() != 2:
             return self(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
-        if x.is_cpu and (x.shape[0] <= self.kernel_max_rows or not int4_unpack_ok()):
+        few = x.shape[0] <= self.kernel_max_rows and x.is_cpu
+        if few and self.layout == "tiles" and x.dtype in (torch.bfloat16, torch.float32):
+            out = x.new_empty(x.shape[0], self.out_features)
+            _int4_kernel_ops().int4_linear(out, x.contiguous(), packed, scale_zeros)
+        elif few and self.layout == "aten" or (x.is_cpu and self.layout == "aten" and not int4_unpack_ok()):
             if x.dtype == torch.bfloat16:
                 out = torch._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zeros)
             else:
@@ -220,14 +263,24 @@ class Int4Linear(_QuantLinear):
 
     __call__ = forward
 
+    def codes(self) -> torch.Tensor:
+        """The codes [N, K] (uint8, 0..15)."""
+        if self.layout == "tiles":
+            return unpack_int4_tiles(self.packed.cpu())
+        return unpack_int4(self.packed.cpu(), self.out_features, self.in_features)
+
     def dequantize_t(self, dtype: torch.dtype = torch.float32, start: int = 0,
                      stop: int | None = None) -> torch.Tensor:
-        """Rows [start, stop) of the weight, transposed ([K, stop - start], the packed layout's order), as
-        the kernel sees them ((q - 8) * s + z in fp32), cast to dtype. start must begin a packed block
-        (a multiple of 64). The scales are made contiguous first, or the broadcasts crawl."""
+        """Rows [start, stop) of the weight, transposed ([K, stop - start]), as the kernels see them
+        ((q - 8) * s + z in fp32), cast to dtype. start must begin a packed block (a multiple of 64).
+        The scales are made contiguous first, or the broadcasts crawl."""
         k, g = self.in_features, self.group_size
         stop = self.out_features if stop is None else stop
         n = stop - start
+        if self.layout == "tiles":
+            out = torch.empty(n, k, dtype=dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32)
+            cpu_ops().int4_dequantize(out, self.packed.cpu(), self.scale_zeros.cpu(), start // 16)
+            return out.t().to(self.packed.device, dtype)
         q = unpack_int4(self.packed[start:stop], n, k).t().reshape(k // g, g, n).float().sub_(8)
         sz = self.scale_zeros[:, start:stop].float()
         scale, zero = sz[..., 0].contiguous()[:, None, :], sz[..., 1].contiguous()[:, None, :]
