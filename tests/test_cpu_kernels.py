@@ -213,3 +213,33 @@ def test_int4_linear_matches_the_dequantized_matmul(dtype, rows):
     assert err < (5e-4 if dtype == torch.float32 else 1e-2), err.item()
     with pytest.raises(RuntimeError, match="columns"):
         ops.int4_linear(torch.empty(rows, 100, dtype=dtype), x, packed, sz)
+
+
+@needs_kernels
+def test_int8_tile_packing_round_trips():
+    from kvflow.quant.weights import pack_int8_tiles, quantize_int8, unpack_int8_tiles
+    w = quantize_int8(torch.randn(40, 64) * 0.05)          # 40 rows: the last tile is padded
+    packed, wsum = pack_int8_tiles(w.codes)
+    assert packed.shape == (3, 16, 64) and wsum.shape == (3, 2, 16)
+    assert torch.equal(unpack_int8_tiles(packed, 0, 40), w.codes)
+    assert torch.equal(unpack_int8_tiles(packed, 16, 35), w.codes[16:35])
+    assert torch.equal(wsum.transpose(1, 2).reshape(48, 2)[:40], w.codes.view(40, 2, 32).sum(-1, dtype=torch.int32))
+
+
+@needs_kernels
+@pytest.mark.skipif(ops is None or not hasattr(ops, "int8_linear"), reason="needs AVX-512 VNNI")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_int8_linear_matches_the_dequantized_matmul(dtype, rows):
+    from kvflow.quant.weights import pack_int8_tiles, quantize_int8
+    w = quantize_int8(torch.randn(200, 576, generator=torch.Generator().manual_seed(rows)) * 0.05)
+    packed, wsum = pack_int8_tiles(w.codes)
+    scale = F.pad(w.scale.float(), (0, 8))
+    x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(2))
+    x[:, 3] = -50.0
+    x = x.to(dtype)
+    out = torch.empty(rows, 200, dtype=dtype)
+    ops.int8_linear(out, x, packed, wsum, scale)
+    ref = x.float() @ (w.codes.float() * w.scale[:, None]).t()
+    err = (out.float() - ref).abs().max() / ref.abs().max()
+    assert err < (5e-4 if dtype == torch.float32 else 1e-2), err.item()

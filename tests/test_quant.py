@@ -74,7 +74,7 @@ def test_quantized_linear_matches_dequantized_matmul(method, rows, dtype, monkey
     bias = torch.randn(w.shape[0]) * 0.1
     m = quantize_linear(w, bias.to(dtype), method, dtype)
     assert isinstance(m, Int8Linear if method == "int8" else Int4Linear)
-    assert (rows <= type(m).kernel_max_rows) == (rows < 200)    # 200 rows take the dense path
+    assert (rows <= m.kernel_max_rows) == (rows < 200)    # 200 rows take the dense path
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
     out = m(x)
     assert out.dtype == dtype and out.shape == (rows, w.shape[0])

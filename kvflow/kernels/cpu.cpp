@@ -248,10 +248,10 @@ void attend(const DecodeTask<T>& p, int64_t seq, int64_t kvh, const int64_t* tab
             std::vector<float>& buf) {
   const int64_t d = HEAD_DIM ? HEAD_DIM : p.head_dim, g = p.group, bs = p.block_size;
   buf.resize(g * d * 2 + d + g * len);
-  float* qf = buf.data();
-  float* acc = qf + g * d;
-  float* row = acc + g * d;
-  float* scores = row + d;
+  float* __restrict qf = buf.data();
+  float* __restrict acc = qf + g * d;
+  float* __restrict row = acc + g * d;
+  float* __restrict scores = row + d;
   for (int64_t j = 0; j < g; ++j) {
     load(p.q + seq * p.q_stride0 + (kvh * g + j) * p.q_stride1, qf + j * d, d);
     for (int64_t i = 0; i < d; ++i) qf[j * d + i] *= p.scale;
@@ -365,7 +365,7 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& x) {
 
 // x per group of 32 as d1 q1 + d2 q2, both int8: q1 = round(x / d1) with d1 = absmax / 127, and q2 the
 // remainder x - d1 q1 quantized the same way (|remainder| <= d1 / 2). The error is then ~1/250 of one int8
-// step, about bf16's own precision: one int8 term alone cost 1.5% perplexity on the default model.
+// step, about bf16's own precision: one int8 term alone cost 1.5-2% perplexity on the default model.
 template <typename T>
 void quantize_activations(const T* x, int64_t k, int8_t* q1, int8_t* q2, float* d1, float* d2, float* sum) {
   float xf[32], rest[32];
@@ -484,6 +484,79 @@ void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
     });
   });
 }
+
+// int8 weights, one scale per row (Int8Linear): packed [tiles, K / 4, 64] int8, vector j of a tile holding
+// at byte 4 r + b the weight of row r, k = 4 j + b; wsum [tiles, K / 32, 16] int32, each (row, group)'s sum
+// of codes. vpdpbusd takes unsigned bytes on one side: the activations go in as q + 128 (q xor 0x80), and
+// 128 * wsum is taken off each group's dot again. y[n] = scale[n] * sum_g (d1 dot1 + d2 dot2).
+void int8_tile(const int8_t* w, const int32_t* wsum, const float* scale, int64_t groups, const Activations& a,
+               int64_t m, int64_t k, float* acc) {
+  for (int64_t r = 0; r < m * 16; ++r) acc[r] = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i codes[8];
+    for (int j = 0; j < 8; ++j) codes[j] = _mm512_loadu_si512(w + (g * 8 + j) * 64);
+    const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(wsum + g * 16), 7);   // 128 * wsum
+    for (int64_t r = 0; r < m; ++r) {
+      const int64_t rg = r * groups + g;
+      __m512i dots[2];
+      for (int term = 0; term < 2; ++term) {
+        const int8_t* xq = (term ? a.q2.data() : a.q1.data()) + r * k + g * 32;
+        __m512i dot = _mm512_setzero_si512();
+        for (int j = 0; j < 8; ++j) {
+          uint32_t four;
+          std::memcpy(&four, xq + 4 * j, 4);
+          dot = _mm512_dpbusd_epi32(dot, _mm512_set1_epi32(int32_t(four ^ 0x80808080u)), codes[j]);
+        }
+        dots[term] = _mm512_sub_epi32(dot, offset);
+      }
+      const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[0]), _mm512_set1_ps(a.d1[rg]),
+                                         _mm512_mul_ps(_mm512_cvtepi32_ps(dots[1]), _mm512_set1_ps(a.d2[rg])));
+      _mm512_storeu_ps(acc + r * 16, _mm512_add_ps(_mm512_loadu_ps(acc + r * 16), dot));
+    }
+  }
+  const __m512 s = _mm512_loadu_ps(scale);
+  for (int64_t r = 0; r < m; ++r) _mm512_storeu_ps(acc + r * 16, _mm512_mul_ps(_mm512_loadu_ps(acc + r * 16), s));
+}
+
+// out [M, N] = x [M, K] @ W^T for int8 W as above; scale: float32 [16 * tiles].
+void int8_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& wsum,
+                 const at::Tensor& scale) {
+  check_rows(out, "out");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() && out.dim() == 2 && out.size(0) == x.size(0),
+              "int8_linear: x must be contiguous [M, K] and out [M, N]");
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "int8_linear: x and out must share one dtype");
+  const int64_t m = x.size(0), k = x.size(1), n = out.size(1), groups = k / 32;
+  TORCH_CHECK(k % 32 == 0, "int8_linear: K must be a multiple of 32");
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.device().is_cpu() &&
+                  packed.dim() == 3 && packed.size(1) == k / 4 && packed.size(2) == 64,
+              "int8_linear: packed must be int8 [tiles, K / 4, 64]");
+  const int64_t tiles = packed.size(0);
+  TORCH_CHECK(wsum.scalar_type() == at::kInt && wsum.is_contiguous() && wsum.numel() == tiles * groups * 16,
+              "int8_linear: wsum must be int32 [tiles, K / 32, 16]");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == tiles * 16,
+              "int8_linear: scale must be float32 [16 * tiles]");
+  TORCH_CHECK(n <= tiles * 16 && n > (tiles - 1) * 16, "int8_linear: out has ", n, " columns for ", tiles, " tiles");
+  Activations a{std::vector<int8_t>(m * k), std::vector<int8_t>(m * k), std::vector<float>(m * groups),
+                std::vector<float>(m * groups), std::vector<float>(m * groups)};
+  KVFLOW_DISPATCH(x.scalar_type(), "int8_linear", [&] {
+    for (int64_t r = 0; r < m; ++r)
+      quantize_activations(x.data_ptr<scalar_t>() + r * k, k, a.q1.data() + r * k, a.q2.data() + r * k,
+                           a.d1.data() + r * groups, a.d2.data() + r * groups, a.sum.data() + r * groups);
+    const int8_t* w = packed.data_ptr<int8_t>();
+    const int32_t* ws = wsum.data_ptr<int32_t>();
+    const float* sc = scale.data_ptr<float>();
+    scalar_t* y = out.data_ptr<scalar_t>();
+    const int64_t ys = out.stride(0);
+    at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(m * 16);
+      for (int64_t t = begin; t < end; ++t) {
+        int8_tile(w + t * k * 16, ws + t * groups * 16, sc + t * 16, groups, a, m, k, acc.data());
+        const int64_t cols = std::min<int64_t>(16, n - t * 16);
+        for (int64_t r = 0; r < m; ++r) store(acc.data() + r * 16, y + r * ys + t * 16, cols);
+      }
+    });
+  });
+}
 #endif
 
 // The weight rows of tiles [tile0, tile0 + out.size(0) / 16), dequantized: out = (q - 8) * s + z, rounded
@@ -535,5 +608,6 @@ TORCH_LIBRARY(kvflow, m) {
   m.def("int4_dequantize(Tensor(a!) out, Tensor packed, Tensor scale_zero, int tile0) -> ()", &int4_dequantize);
 #ifdef __AVX512VNNI__
   m.def("int4_linear(Tensor(a!) out, Tensor x, Tensor packed, Tensor scale_zero) -> ()", &int4_linear);
+  m.def("int8_linear(Tensor(a!) out, Tensor x, Tensor packed, Tensor wsum, Tensor scale) -> ()", &int8_linear);
 #endif
 }

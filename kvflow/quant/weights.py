@@ -120,6 +120,20 @@ def int4_unpack_ok() -> bool:
 DENSE_PIECE = 1 << 20      # weights dequantized at a time on the many-row path (4 MB in fp32)
 
 
+@functools.cache
+def _int8_kernel_ops():
+    """kvflow's int8 x int8 kernel (AVX-512 VNNI CPUs with the kernels built), or None."""
+    ops = cpu_ops()
+    return ops if ops is not None and hasattr(ops, "int8_linear") else None
+
+
+@functools.cache
+def _int4_kernel_ops():
+    """kvflow's int4 x int8 kernel (AVX-512 VNNI CPUs with the kernels built), or None."""
+    ops = cpu_ops()
+    return ops if ops is not None and hasattr(ops, "int4_linear") else None
+
+
 def _piecewise_matmul(x: torch.Tensor, n: int, rows: int, weight_t) -> torch.Tensor:
     """x @ W.T for W [n, K], dequantized `rows` rows at a time: weight_t(a, b) gives W[a:b].T in x's dtype.
     Small temporaries stay in the allocator's free lists; one big one is fresh memory every call and
@@ -148,13 +162,47 @@ class _QuantLinear(nn.Module):
         raise NotImplementedError
 
 
+def pack_int8_tiles(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """kvflow's int8 layout (kernels/cpu.cpp, int8_linear), N padded to a multiple of 16: packed
+    [N / 16, K / 4, 64] int8, vector j of a tile holding at byte 4 r + b the code of row r, k = 4 j + b;
+    wsum [N / 16, K / 32, 16] int32, the sum of each (row, group of 32)'s codes."""
+    n, k = codes.shape
+    codes = F.pad(codes, (0, 0, 0, -n % 16))
+    t = codes.shape[0] // 16
+    packed = codes.view(t, 16, k // 4, 4).transpose(1, 2).contiguous().view(t, k // 4, 64)
+    wsum = codes.view(t, 16, k // 32, 32).sum(-1, dtype=torch.int32).transpose(1, 2).contiguous()
+    return packed, wsum
+
+
+def unpack_int8_tiles(packed: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rows [start, stop) of the codes (start a multiple of 16) back from pack_int8_tiles' layout."""
+    t, k4 = packed.shape[:2]
+    stop = t * 16 if stop is None else stop
+    tiles = packed[start // 16:-(-stop // 16)]
+    rows = tiles.view(-1, k4, 16, 4).transpose(1, 2).reshape(-1, k4 * 4)
+    return rows[:stop - start // 16 * 16]
+
+
 class Int8Linear(_QuantLinear):
+    """int8 weights, one scale per row. Two layouts, chosen when built:
+    - "tiles" (kvflow's kernel, AVX-512 VNNI CPUs, K a multiple of 32): int8 x two-term int8 activations
+      (kernels/cpu.cpp, int8_linear);
+    - "aten": PyTorch's _weight_int8pack_mm, which converts every weight to the activations' dtype."""
     kernel_max_rows = 16       # the kernel beats q.to(bf16) + a bf16 matmul up to 16-32 rows (2 threads)
 
     def __init__(self, w: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
         self.out_features, self.in_features = w.codes.shape
-        self.register_buffer("qweight", w.codes)
+        if self.in_features % 32 == 0 and w.codes.device.type == "cpu" and _int8_kernel_ops() is not None:
+            self.layout = "tiles"
+            self.kernel_max_rows = 12   # measured against the dense path (the logits' tied embedding): 8-16
+            packed, wsum = pack_int8_tiles(w.codes)
+            self.register_buffer("qweight", packed)
+            self.register_buffer("wsum", wsum)
+            self.register_buffer("scale_f32", F.pad(w.scale.float(), (0, -self.out_features % 16)))
+        else:
+            self.layout = "aten"
+            self.register_buffer("qweight", w.codes)
         self.register_buffer("scale", w.scale.to(dtype))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         # a dense copy that is resident anyway (a tied model's embedding): the many-row path uses it
@@ -163,26 +211,39 @@ class Int8Linear(_QuantLinear):
         self._refresh()
 
     def _refresh(self) -> None:
+        if self.layout == "tiles" and self.scale_f32.dtype != torch.float32:
+            self.scale_f32 = self.scale_f32.float()
         self._kernel = (self.qweight, self.scale, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qweight, scale, bias = self._kernel
         if x.dim() != 2:
             return self(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
-        if x.shape[0] <= self.kernel_max_rows and x.is_cpu:
+        few = x.shape[0] <= self.kernel_max_rows and x.is_cpu
+        if few and self.layout == "tiles" and x.dtype in (torch.bfloat16, torch.float32):
+            out = x.new_empty(x.shape[0], self.out_features)
+            _int8_kernel_ops().int8_linear(out, x.contiguous(), qweight, self.wsum, self.scale_f32)
+        elif few and self.layout == "aten":
             out = torch._weight_int8pack_mm(x, qweight, scale)
         elif self.dense_weight is not None:
             out = F.linear(x, self.dense_weight)
         else:
-            rows = max(1, DENSE_PIECE // self.in_features)
+            rows = max(16, DENSE_PIECE // self.in_features // 16 * 16)
             out = _piecewise_matmul(x, self.out_features, rows,
-                                    lambda a, b: qweight[a:b].to(x.dtype).t()).mul_(scale)
+                                    lambda a, b: self.codes(a, b).to(x.dtype).t()).mul_(scale)
         return out if bias is None else out + bias
 
     __call__ = forward
 
+    def codes(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of the codes [N, K] (int8)."""
+        stop = self.out_features if stop is None else stop
+        if self.layout == "tiles":
+            return unpack_int8_tiles(self.qweight, start, stop)
+        return self.qweight[start:stop]
+
     def dequantize(self) -> torch.Tensor:
-        return self.qweight.float() * self.scale.float()[:, None]
+        return self.codes().float() * self.scale.float()[:, None]
 
 
 def pack_int4_tiles(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,12 +266,6 @@ def unpack_int4_tiles(packed: torch.Tensor) -> torch.Tensor:
     return codes.permute(0, 4, 1, 2, 3, 5).reshape(t * 16, g * 32)
 
 
-def _int4_kernel_ops():
-    """kvflow's int4 x int8 kernel (AVX-512 VNNI CPUs with the kernels built), or None."""
-    ops = cpu_ops()
-    return ops if ops is not None and hasattr(ops, "int4_linear") else None
-
-
 class Int4Linear(_QuantLinear):
     """int4 weights, group-wise. Two layouts, chosen when built:
     - "tiles" (kvflow's kernel, on CPUs with AVX-512 VNNI): activations quantized to int8 per group of 32,
@@ -227,6 +282,7 @@ class Int4Linear(_QuantLinear):
         device = w.codes.device
         if self.group_size == 32 and device.type == "cpu" and _int4_kernel_ops() is not None:
             self.layout = "tiles"
+            self.kernel_max_rows = 64   # measured: even with the dense path at 64-128 rows, faster below
             packed, sz = pack_int4_tiles(w)
         else:
             self.layout = "aten"
