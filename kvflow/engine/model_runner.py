@@ -16,7 +16,7 @@ import torch
 
 from kvflow.attention.metadata import AttentionMetadata, PrefillSeq
 from kvflow.config import ModelConfig
-from kvflow.models.llama import LlamaForCausalLM
+from kvflow.models.llama import LlamaForCausalLM, expose_submodules
 from kvflow.request import Request
 from kvflow.sampling.sampler import Sampler, SamplingBatch
 from kvflow.scheduler.scheduler import ScheduledBatch
@@ -52,6 +52,7 @@ class ModelRunner:
             layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
             if self.k_scales:
                 layer.self_attn.k_scale, layer.self_attn.v_scale = self.k_scales[i], self.v_scales[i]
+        expose_submodules(model)
         self.sampler = Sampler()
         self.kv_store = None              # DiskKVStore, when the disk tier is on
 

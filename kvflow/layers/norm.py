@@ -19,19 +19,20 @@ class RMSNorm(nn.Module):
 
         Returns the normalised tensor, or (normalised, new residual) when a residual is passed. On the CPU
         kernel path (2-D rows in bf16 or fp32) x and residual are overwritten with them, in one op."""
+        w = self.weight
         ops = cpu_ops() if x.is_cpu and x.dim() == 2 and x.stride(-1) == 1 else None
-        if ops is not None and x.dtype in _KERNEL_DTYPES and self.weight.dtype == x.dtype:
+        if ops is not None and x.dtype in _KERNEL_DTYPES and w.dtype == x.dtype:
             if residual is None:
                 out = torch.empty_like(x)
-                ops.rms_norm(out, x, self.weight, self.eps)
+                ops.rms_norm(out, x, w, self.eps)
                 return out
-            ops.fused_add_rms_norm(x, residual, self.weight, self.eps)    # both overwritten
+            ops.fused_add_rms_norm(x, residual, w, self.eps)    # both overwritten
             return x, residual
         if residual is not None:
             x = x + residual
             residual = x
         dtype = x.dtype
-        out = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(dtype) * self.weight
+        out = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(dtype) * w
         return out if residual is None else (out, residual)
 
     __call__ = forward   # no nn.Module hook machinery: ~1 us a call, 61 calls a decode step
