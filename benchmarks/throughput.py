@@ -53,9 +53,9 @@ def warmup_slice(reqs, n=4, max_tokens=16):
 
 # ---- systems: each returns (wall seconds, per-request output token lists, extra info dict) ----
 
-def run_kvflow(model, reqs, dtype):
+def run_kvflow(model, reqs, dtype, quantization=None):
     from kvflow import LLM, SamplingParams
-    llm = LLM(model=model, dtype=dtype)
+    llm = LLM(model=model, dtype=dtype, quantization=quantization)
 
     def once(rs):
         prompts = [{"prompt_token_ids": p} for p, _ in rs]
@@ -138,6 +138,8 @@ def main():
     ap.add_argument("--model", default=None, help="GGUF file (default: kvflow's default SmolLM2-135M-Instruct)")
     ap.add_argument("--kvflow-dtypes", "--kvflow-dtype", "--dtype", default="auto",
                     help="comma list, one kvflow row each (auto = bfloat16)")
+    ap.add_argument("--kvflow-quantizations", default="none",
+                    help="comma list of none,int8,int4,gguf: one kvflow row per dtype and quantization")
     ap.add_argument("--hf-dtypes", "--hf-dtype", default="float32", help="comma list, one HF row each")
     ap.add_argument("--hf-batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
@@ -174,7 +176,11 @@ def main():
     jobs = []
     for s in systems:
         if s == "kvflow":
-            jobs += [("kvflow", d, lambda d=d: run_kvflow(model, reqs, d)) for d in args.kvflow_dtypes.split(",")]
+            for q in args.kvflow_quantizations.split(","):
+                quant = None if q == "none" else q
+                jobs += [("kvflow", d + ("" if quant is None else f", {quant}"),
+                          lambda d=d, quant=quant: run_kvflow(model, reqs, d, quant))
+                         for d in args.kvflow_dtypes.split(",")]
         elif s == "hf":
             jobs += [("hf transformers", d, lambda d=d: run_hf(model, reqs, d, args.hf_batch_size))
                      for d in args.hf_dtypes.split(",")]
@@ -187,8 +193,8 @@ def main():
         wall, toks, extra = fn()
         gc.collect()
         assert [len(t) for t in toks] == [m for _, m in reqs], f"{system}: wrong output lengths"
-        if system == "kvflow" and dtype == "auto":
-            dtype = "bfloat16 (auto)"
+        if system == "kvflow" and dtype.startswith("auto"):
+            dtype = dtype.replace("auto", "bfloat16 (auto)", 1)
         rows.append({"system": system, "dtype": dtype, "output_tokens": n_out, "wall_s": wall,
                      "tok_s": n_out / wall, "tokens": toks, **extra})
         print(f"  {n_out / wall:.1f} tok/s in {wall:.2f} s", flush=True)

@@ -243,3 +243,49 @@ def test_int8_linear_matches_the_dequantized_matmul(dtype, rows):
     ref = x.float() @ (w.codes.float() * w.scale[:, None]).t()
     err = (out.float() - ref).abs().max() / ref.abs().max()
     assert err < (5e-4 if dtype == torch.float32 else 1e-2), err.item()
+
+
+# ---- int8 KV cache -----------------------------------------------------------------------------------------
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_int8_is_bit_exact_with_the_pytorch_quantization(dtype):
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(5, 15 * 64, generator=g).to(dtype) * 4
+    qkv[0, 12 * 64:13 * 64] = 0                          # an all-zero row: the 1e-10 floor on the scale
+    k, v = qkv[:, 9 * 64:12 * 64].view(5, 3, 64), qkv[:, 12 * 64:].view(5, 3, 64)
+    slots = torch.tensor([3, 17, 40, 41, 100])
+    caches = [torch.zeros(8, 16, 3, 64, dtype=torch.int8) for _ in range(2)]
+    scales = [torch.zeros(8, 16, 3, dtype=dtype) for _ in range(2)]
+    ops.write_kv_int8(k, v, *caches, *scales, slots)
+    ref_caches = [torch.zeros(8, 16, 3, 64, dtype=torch.int8) for _ in range(2)]
+    ref_scales = [torch.zeros(8, 16, 3, dtype=dtype) for _ in range(2)]
+    attn_cpu.write_kv(*ref_caches, k, v, slots, *ref_scales)
+    for got, ref in zip(caches + scales, ref_caches + ref_scales):
+        assert torch.equal(got, ref)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_cache_decode_kernel_agrees_with_the_pytorch_path(monkeypatch, dtype):
+    _, k_cache, v_cache, tables = _paged_case(dtype, [40, 7, 130])
+    kq, ks = attn_cpu.quantize_int8(k_cache.flatten(0, 1))
+    vq, vs = attn_cpu.quantize_int8(v_cache.flatten(0, 1))
+    kq, vq = kq.view(k_cache.shape), vq.view(v_cache.shape)
+    ks, vs = ks.view(k_cache.shape[:3]), vs.view(v_cache.shape[:3])
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 9, 64, generator=g).to(dtype)
+    k, v = torch.randn(3, 3, 64, generator=g).to(dtype), torch.randn(3, 3, 64, generator=g).to(dtype)
+    lens = [40, 7, 130]
+    slots = torch.tensor([int(tables[i, (n - 1) // 16]) * 16 + (n - 1) % 16 for i, n in enumerate(lens)])
+    outs = []
+    for kernels in (True, False):
+        meta = AttentionMetadata(slot_mapping=slots, num_decodes=3, decode_block_tables=tables,
+                                 decode_context_lens=torch.tensor(lens), prefills=[])
+        monkeypatch.setattr(attn_cpu, "cpu_ops", (lambda: ops) if kernels else (lambda: None))
+        state = [t.clone() for t in (kq, vq, ks, vs)]
+        outs.append((attn_cpu.paged_attention(q, k, v, state[0], state[1], meta, 0.125, state[2], state[3]), state))
+    (o1, s1), (o2, s2) = outs
+    assert all(torch.equal(a, b) for a, b in zip(s1, s2))           # the same bytes written
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(o1.float(), o2.float(), rtol=tol, atol=tol)

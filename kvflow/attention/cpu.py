@@ -13,10 +13,11 @@ prefix attends to the dequantized values of its own K/V too, so attention always
 holds, whatever the chunking, batching or preemption. With no scales (the default cache) nothing of
 this runs.
 
-On a CPU with kvflow's kernels built (kvflow/kernels), a bf16 or fp32 cache takes them for the KV write
-and the decode rows: one op each instead of ~10 PyTorch ops a layer. The PyTorch code below stays the
-reference (and the path for other devices, the int8 cache, and prefill chunks, where SDPA's flash kernel
-is the faster one).
+On a CPU with kvflow's kernels built (kvflow/kernels), the KV write and the decode rows take them (the int8
+cache too, dequantizing each row as it reads it): one op each instead of ~10 PyTorch ops a layer. The
+PyTorch code below stays the reference, and the path for other devices and for prompt chunks, where
+SDPA's flash kernel is the faster one (an int8 step with prompt chunks also writes through it, since the
+chunks attend to their own dequantized K/V).
 """
 import torch
 import torch.nn.functional as F
@@ -69,16 +70,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's new tokens). Returns [T, Hq, D].
     k_scale, v_scale: the int8 cache's scales [num_blocks, block_size, Hkv]; None for a cache in q's dtype."""
-    ops = cpu_ops() if k_scale is None and q.is_cpu else None
-    if ops is not None:
+    ops = cpu_ops() if q.is_cpu and q.dtype in (torch.bfloat16, torch.float32) else None
+    if ops is not None and k_scale is None:
         ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    elif ops is not None and not meta.prefills:      # int8, decodes only: no one reads the new K/V back
+        ops.write_kv_int8(k, v, k_cache, v_cache, k_scale, v_scale, meta.slot_mapping)
     else:
         k, v = write_kv(k_cache, v_cache, k, v, meta.slot_mapping, k_scale, v_scale)
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd and ops is not None:
         ops.paged_decode_attention(out[:nd], q[:nd], k_cache, v_cache, meta.decode_block_tables,
-                                   meta.decode_context_lens, scale)
+                                   meta.decode_context_lens, scale, k_scale, v_scale)
     elif nd:
         # fold each KV head's group of query heads into the query-length axis: one plain SDPA call
         # with no GQA expansion (measured ~4x faster than enable_gqa with a [B, H, 1, D] query)

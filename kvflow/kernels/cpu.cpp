@@ -229,22 +229,80 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
   }
 }
 
+// int8 cache: each new (token, head) row is quantized symmetrically, scale = max(absmax / 127, 1e-10)
+// rounded to the scales' dtype, codes = round_half_even(x / scale) clamped to +-127 (attention/cpu.py's
+// quantize_int8, bit for bit). k_scale, v_scale: [num_blocks, block_size, Hkv] in k's dtype.
+template <typename T>
+void quantize_row_int8(const T* x, int64_t d, int8_t* q, T* scale) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < d; ++i) amax = std::max(amax, std::fabs(to_f(x[i])));
+  const T s = from_f<T>(std::max(amax / 127.f, 1e-10f));
+  const float sf = to_f(s);
+  for (int64_t i = 0; i < d; ++i) q[i] = int8_t(std::min(127.f, std::max(-127.f, std::nearbyint(to_f(x[i]) / sf))));
+  *scale = s;
+}
+
+void write_kv_int8(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+                   at::Tensor& k_scale, at::Tensor& v_scale, const at::Tensor& slot_mapping) {
+  check_rows(k, "k");
+  check_rows(v, "v");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_scale.is_contiguous() && v_scale.is_contiguous(),
+              "write_kv_int8: caches and scales must be contiguous");
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k_cache.dim() == 4 && k_cache.size(2) == k.size(1) &&
+                  k_cache.size(3) == k.size(2) && v_cache.sizes() == k_cache.sizes() &&
+                  k_scale.numel() == k_cache.numel() / k.size(2) && v_scale.sizes() == k_scale.sizes(),
+              "write_kv_int8: k, v [T, Hkv, D], caches [N, block_size, Hkv, D] and scales [N, block_size, Hkv]");
+  TORCH_CHECK(k_cache.scalar_type() == at::kChar && v_cache.scalar_type() == at::kChar, "write_kv_int8: int8 caches");
+  TORCH_CHECK(v.scalar_type() == k.scalar_type() && k_scale.scalar_type() == k.scalar_type() &&
+                  v_scale.scalar_type() == k.scalar_type(), "write_kv_int8: k, v and the scales share one dtype");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
+                  slot_mapping.numel() == k.size(0), "write_kv_int8: slot_mapping must be int64 [T]");
+  const int64_t t = k.size(0), h = k.size(1), d = k.size(2);
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  KVFLOW_DISPATCH(k.scalar_type(), "write_kv_int8", [&] {
+    for (int64_t i = 0; i < t; ++i) {
+      TORCH_CHECK(slots[i] >= 0 && slots[i] < num_slots, "write_kv_int8: slot ", slots[i], " out of range");
+      for (int64_t j = 0; j < h; ++j) {
+        const int64_t row = slots[i] * h + j;
+        quantize_row_int8(k.data_ptr<scalar_t>() + i * k.stride(0) + j * k.stride(1), d,
+                          k_cache.data_ptr<int8_t>() + row * d, k_scale.data_ptr<scalar_t>() + row);
+        quantize_row_int8(v.data_ptr<scalar_t>() + i * v.stride(0) + j * v.stride(1), d,
+                          v_cache.data_ptr<int8_t>() + row * d, v_scale.data_ptr<scalar_t>() + row);
+      }
+    }
+  });
+}
+
 // ---- decode attention over the paged cache --------------------------------------------------------------
 
-template <typename T>
+template <typename T, typename C>   // C: the cache's element type, T or int8_t
 struct DecodeTask {
   const T* q;
   T* out;
-  const T* k_cache;
-  const T* v_cache;
+  const C* k_cache;
+  const C* v_cache;
+  const T* k_scale;   // int8 cache: one scale per (slot, KV head); unused otherwise
+  const T* v_scale;
   int64_t q_stride0, q_stride1, out_stride0, out_stride1, block_size, num_kv_heads, group, head_dim;
   float scale;
 };
 
+// row `r` (= slot * Hkv + head) of a cache as floats; an int8 cache's codes times their scale, rounded to
+// T as the PyTorch path's dequantization does
+template <typename T>
+inline void load_row(const T* cache, const T*, int64_t r, int64_t d, float* out) { load(cache + r * d, out, d); }
+template <typename T>
+inline void load_row(const int8_t* cache, const T* scales, int64_t r, int64_t d, float* out) {
+  const float s = to_f(scales[r]);
+  const int8_t* c = cache + r * d;
+  for (int64_t i = 0; i < d; ++i) out[i] = round_to<T>(float(c[i]) * s);
+}
+
 // One (sequence, KV head): its `group` query heads read each K and V row once. HEAD_DIM is the head size
 // known at compile time (64, 128: the loops unroll, about 2x faster) or 0 for any other.
-template <typename T, int HEAD_DIM>
-void attend(const DecodeTask<T>& p, int64_t seq, int64_t kvh, const int64_t* table, int64_t len,
+template <typename T, typename C, int HEAD_DIM>
+void attend(const DecodeTask<T, C>& p, int64_t seq, int64_t kvh, const int64_t* table, int64_t len,
             std::vector<float>& buf) {
   const int64_t d = HEAD_DIM ? HEAD_DIM : p.head_dim, g = p.group, bs = p.block_size;
   buf.resize(g * d * 2 + d + g * len);
@@ -256,15 +314,15 @@ void attend(const DecodeTask<T>& p, int64_t seq, int64_t kvh, const int64_t* tab
     load(p.q + seq * p.q_stride0 + (kvh * g + j) * p.q_stride1, qf + j * d, d);
     for (int64_t i = 0; i < d; ++i) qf[j * d + i] *= p.scale;
   }
-  auto slot = [&](int64_t t) { return ((table[t / bs] * bs + t % bs) * p.num_kv_heads + kvh) * d; };
+  auto slot = [&](int64_t t) { return (table[t / bs] * bs + t % bs) * p.num_kv_heads + kvh; };
   for (int64_t t = 0; t < len; ++t) {
-    load(p.k_cache + slot(t), row, d);
+    load_row<T>(p.k_cache, p.k_scale, slot(t), d, row);
     for (int64_t j = 0; j < g; ++j) scores[j * len + t] = dot(qf + j * d, row, d);
   }
   for (int64_t j = 0; j < g; ++j) softmax_(scores + j * len, len);
   std::fill(acc, acc + g * d, 0.f);
   for (int64_t t = 0; t < len; ++t) {
-    load(p.v_cache + slot(t), row, d);
+    load_row<T>(p.v_cache, p.v_scale, slot(t), d, row);
     for (int64_t j = 0; j < g; ++j) {
       const float w = scores[j * len + t];
       for (int64_t i = 0; i < d; ++i) acc[j * d + i] += w * row[i];
@@ -276,17 +334,44 @@ void attend(const DecodeTask<T>& p, int64_t seq, int64_t kvh, const int64_t* tab
 // One new token per sequence. q: [B, Hq, D]; out: [B, Hq, D]; caches [N, block_size, Hkv, D];
 // block_tables: int64 [B, max_blocks]; context_lens: int64 [B] (the new token included, its K/V written).
 // Each (sequence, KV head) pair is one task: its Hq / Hkv query heads read each K and V row once.
+template <typename T, typename C>
+void run_decode_tasks(const DecodeTask<T, C>& base, int64_t tasks, int64_t grain, const int64_t* tables,
+                      int64_t max_blocks, const int64_t* lens) {
+  const int64_t hkv = base.num_kv_heads, d = base.head_dim;
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / hkv;
+      if (d == 64) attend<T, C, 64>(base, s, task % hkv, tables + s * max_blocks, lens[s], buf);
+      else if (d == 128) attend<T, C, 128>(base, s, task % hkv, tables + s * max_blocks, lens[s], buf);
+      else attend<T, C, 0>(base, s, task % hkv, tables + s * max_blocks, lens[s], buf);
+    }
+  });
+}
+
+// One new token per sequence. q: [B, Hq, D]; out: [B, Hq, D]; caches [N, block_size, Hkv, D], in q's dtype
+// or int8 with k_scale / v_scale [N, block_size, Hkv] in q's dtype; block_tables: int64 [B, max_blocks];
+// context_lens: int64 [B] (the new token included, its K/V written).
 void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
-                            const at::Tensor& context_lens, double scale) {
+                            const at::Tensor& context_lens, double scale, const std::optional<at::Tensor>& k_scale,
+                            const std::optional<at::Tensor>& v_scale) {
   check_rows(q, "q");
   check_rows(out, "out");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode_attention: caches must be contiguous");
   TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "paged_decode_attention: q and out must be [B, Hq, D] alike");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == q.size(2) &&
                   q.size(1) % k_cache.size(2) == 0, "paged_decode_attention: caches must be [N, block_size, Hkv, D]");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && out.scalar_type() == q.scalar_type() &&
-                  v_cache.scalar_type() == q.scalar_type(), "paged_decode_attention: one dtype for q, out and the caches");
+  const bool int8 = k_scale.has_value();
+  TORCH_CHECK(int8 == v_scale.has_value(), "paged_decode_attention: give both scales or neither");
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type() &&
+                  k_cache.scalar_type() == (int8 ? at::kChar : q.scalar_type()),
+              "paged_decode_attention: caches in q's dtype, or int8 with scales");
+  if (int8)
+    TORCH_CHECK(k_scale->is_contiguous() && v_scale->is_contiguous() && k_scale->scalar_type() == q.scalar_type() &&
+                    v_scale->scalar_type() == q.scalar_type() && k_scale->numel() == k_cache.numel() / q.size(2) &&
+                    v_scale->numel() == k_scale->numel(),
+                "paged_decode_attention: scales must be [N, block_size, Hkv] in q's dtype");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.is_contiguous() &&
                   block_tables.size(0) == q.size(0), "paged_decode_attention: block_tables must be int64 [B, max_blocks]");
   TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.numel() == q.size(0) && context_lens.is_contiguous(),
@@ -309,18 +394,20 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
   const int64_t tasks = b * hkv;
   const int64_t grain = work * hq * d < (1 << 17) ? tasks : 1;
   KVFLOW_DISPATCH(q.scalar_type(), "paged_decode_attention", [&] {
-    const DecodeTask<scalar_t> base{q.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
-                                    v_cache.data_ptr<scalar_t>(), q.stride(0), q.stride(1), out.stride(0),
-                                    out.stride(1), bs, hkv, g, d, float(scale)};
-    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> buf;
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t s = task / hkv;
-        if (d == 64) attend<scalar_t, 64>(base, s, task % hkv, tables + s * max_blocks, lens[s], buf);
-        else if (d == 128) attend<scalar_t, 128>(base, s, task % hkv, tables + s * max_blocks, lens[s], buf);
-        else attend<scalar_t, 0>(base, s, task % hkv, tables + s * max_blocks, lens[s], buf);
-      }
-    });
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    if (int8) {
+      const DecodeTask<scalar_t, int8_t> base{qp, op, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
+                                              k_scale->data_ptr<scalar_t>(), v_scale->data_ptr<scalar_t>(),
+                                              q.stride(0), q.stride(1), out.stride(0), out.stride(1), bs, hkv, g, d,
+                                              float(scale)};
+      run_decode_tasks(base, tasks, grain, tables, max_blocks, lens);
+    } else {
+      const DecodeTask<scalar_t, scalar_t> base{qp, op, k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                                                nullptr, nullptr, q.stride(0), q.stride(1), out.stride(0),
+                                                out.stride(1), bs, hkv, g, d, float(scale)};
+      run_decode_tasks(base, tasks, grain, tables, max_blocks, lens);
+    }
   });
 }
 
@@ -602,8 +689,10 @@ TORCH_LIBRARY(kvflow, m) {
   m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()", &fused_add_rms_norm);
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()", &rotary_);
   m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()", &write_kv);
+  m.def("write_kv_int8(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) k_scale, "
+        "Tensor(d!) v_scale, Tensor slot_mapping) -> ()", &write_kv_int8);
   m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor context_lens, float scale) -> ()", &paged_decode_attention);
+        "Tensor context_lens, float scale, Tensor? k_scale=None, Tensor? v_scale=None) -> ()", &paged_decode_attention);
   m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()", &silu_and_mul);
   m.def("int4_dequantize(Tensor(a!) out, Tensor packed, Tensor scale_zero, int tile0) -> ()", &int4_dequantize);
 #ifdef __AVX512VNNI__
