@@ -101,7 +101,7 @@ inline void softmax_(float* x, int64_t n) {
       using scalar_t = float;                                                    \
       return __VA_ARGS__();                                                      \
     }                                                                            \
-    TORCH_CHECK(false, NAME ": dtype must be bfloat16 or float32, got ", dtype); \
+    TORCH_CHECK(false, NAME, ": dtype must be bfloat16 or float32, got ", dtype); \
   }()
 
 void check_cpu(const at::Tensor& t, const char* name) {
@@ -529,6 +529,30 @@ void int4_tile(const uint8_t* w, const c10::BFloat16* sz, int64_t groups, const 
   }
 }
 
+// What int4_linear and int8_linear share: quantize x's rows, then run tile(t, activations, acc [m, 16])
+// for every tile of 16 output columns over the threads, storing acc into out in out's dtype.
+template <typename TileFn>
+void tiled_matmul(at::Tensor& out, const at::Tensor& x, int64_t tiles, const char* name, const TileFn& tile) {
+  const int64_t m = x.size(0), k = x.size(1), n = out.size(1), groups = k / 32;
+  Activations a{std::vector<int8_t>(m * k), std::vector<int8_t>(m * k), std::vector<float>(m * groups),
+                std::vector<float>(m * groups), std::vector<float>(m * groups)};
+  KVFLOW_DISPATCH(x.scalar_type(), name, [&] {
+    for (int64_t r = 0; r < m; ++r)
+      quantize_activations(x.data_ptr<scalar_t>() + r * k, k, a.q1.data() + r * k, a.q2.data() + r * k,
+                           a.d1.data() + r * groups, a.d2.data() + r * groups, a.sum.data() + r * groups);
+    scalar_t* y = out.data_ptr<scalar_t>();
+    const int64_t ys = out.stride(0);
+    at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(m * 16);
+      for (int64_t t = begin; t < end; ++t) {
+        tile(t, a, acc.data());
+        const int64_t cols = std::min<int64_t>(16, n - t * 16);
+        for (int64_t r = 0; r < m; ++r) store(acc.data() + r * 16, y + r * ys + t * 16, cols);
+      }
+    });
+  });
+}
+
 void check_int4(const at::Tensor& packed, const at::Tensor& scale_zero, int64_t k) {
   TORCH_CHECK(k % 32 == 0, "int4: K must be a multiple of 32");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 4 &&
@@ -551,24 +575,10 @@ void int4_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
   check_int4(packed, scale_zero, k);
   const int64_t tiles = packed.size(0);
   TORCH_CHECK(n <= tiles * 16 && n > (tiles - 1) * 16, "int4_linear: out has ", n, " columns for ", tiles, " tiles");
-  Activations a{std::vector<int8_t>(m * k), std::vector<int8_t>(m * k), std::vector<float>(m * groups),
-                std::vector<float>(m * groups), std::vector<float>(m * groups)};
-  KVFLOW_DISPATCH(x.scalar_type(), "int4_linear", [&] {
-    for (int64_t r = 0; r < m; ++r)
-      quantize_activations(x.data_ptr<scalar_t>() + r * k, k, a.q1.data() + r * k, a.q2.data() + r * k,
-                           a.d1.data() + r * groups, a.d2.data() + r * groups, a.sum.data() + r * groups);
-    const uint8_t* w = packed.data_ptr<uint8_t>();
-    const c10::BFloat16* sz = scale_zero.data_ptr<c10::BFloat16>();
-    scalar_t* y = out.data_ptr<scalar_t>();
-    const int64_t ys = out.stride(0);
-    at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(m * 16);
-      for (int64_t t = begin; t < end; ++t) {
-        int4_tile(w + t * groups * 256, sz + t * groups * 32, groups, a, m, k, acc.data());
-        const int64_t cols = std::min<int64_t>(16, n - t * 16);
-        for (int64_t r = 0; r < m; ++r) store(acc.data() + r * 16, y + r * ys + t * 16, cols);
-      }
-    });
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const c10::BFloat16* sz = scale_zero.data_ptr<c10::BFloat16>();
+  tiled_matmul(out, x, tiles, "int4_linear", [&](int64_t t, const Activations& a, float* acc) {
+    int4_tile(w + t * groups * 256, sz + t * groups * 32, groups, a, m, k, acc);
   });
 }
 
@@ -623,25 +633,11 @@ void int8_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == tiles * 16,
               "int8_linear: scale must be float32 [16 * tiles]");
   TORCH_CHECK(n <= tiles * 16 && n > (tiles - 1) * 16, "int8_linear: out has ", n, " columns for ", tiles, " tiles");
-  Activations a{std::vector<int8_t>(m * k), std::vector<int8_t>(m * k), std::vector<float>(m * groups),
-                std::vector<float>(m * groups), std::vector<float>(m * groups)};
-  KVFLOW_DISPATCH(x.scalar_type(), "int8_linear", [&] {
-    for (int64_t r = 0; r < m; ++r)
-      quantize_activations(x.data_ptr<scalar_t>() + r * k, k, a.q1.data() + r * k, a.q2.data() + r * k,
-                           a.d1.data() + r * groups, a.d2.data() + r * groups, a.sum.data() + r * groups);
-    const int8_t* w = packed.data_ptr<int8_t>();
-    const int32_t* ws = wsum.data_ptr<int32_t>();
-    const float* sc = scale.data_ptr<float>();
-    scalar_t* y = out.data_ptr<scalar_t>();
-    const int64_t ys = out.stride(0);
-    at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(m * 16);
-      for (int64_t t = begin; t < end; ++t) {
-        int8_tile(w + t * k * 16, ws + t * groups * 16, sc + t * 16, groups, a, m, k, acc.data());
-        const int64_t cols = std::min<int64_t>(16, n - t * 16);
-        for (int64_t r = 0; r < m; ++r) store(acc.data() + r * 16, y + r * ys + t * 16, cols);
-      }
-    });
+  const int8_t* w = packed.data_ptr<int8_t>();
+  const int32_t* ws = wsum.data_ptr<int32_t>();
+  const float* sc = scale.data_ptr<float>();
+  tiled_matmul(out, x, tiles, "int8_linear", [&](int64_t t, const Activations& a, float* acc) {
+    int8_tile(w + t * k * 16, ws + t * groups * 16, sc + t * 16, groups, a, m, k, acc);
   });
 }
 #endif
