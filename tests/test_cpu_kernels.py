@@ -289,3 +289,20 @@ def test_int8_cache_decode_kernel_agrees_with_the_pytorch_path(monkeypatch, dtyp
     assert all(torch.equal(a, b) for a, b in zip(s1, s2))           # the same bytes written
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(o1.float(), o2.float(), rtol=tol, atol=tol)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_splits_long_contexts_and_merges_exactly(dtype):
+    """Contexts past one 256-position chunk are split over tasks and merged (split-K); a chunk boundary
+    inside a block, many chunks, and a one-token context in the same batch."""
+    lens = [257, 1000, 1, 512]
+    q, k_cache, v_cache, tables = _paged_case(dtype, lens, block_size=24, num_blocks=128)
+    out = torch.empty_like(q)
+    ops.paged_decode_attention(out, q, k_cache, v_cache, tables, torch.tensor(lens), 0.125)
+    for i, n in enumerate(lens):
+        keys = k_cache[tables[i]].flatten(0, 1)[:n].transpose(0, 1).float()
+        values = v_cache[tables[i]].flatten(0, 1)[:n].transpose(0, 1).float()
+        ref = F.scaled_dot_product_attention(q[i].float().view(3, 3, 64), keys, values, scale=0.125).view(9, 64)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out[i].float(), ref, rtol=tol, atol=tol)

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -81,15 +82,16 @@ inline float exp_approx(float x) {
   return p * two_n;
 }
 
-inline void softmax_(float* x, int64_t n) {
+// x = exp(x - max) in place; *mx_out = the max, *sum_out = the sum of the exps
+inline void exp_scores(float* x, int64_t n, float* mx_out, float* sum_out) {
   float mx = x[0];
 #pragma omp simd reduction(max : mx)
   for (int64_t i = 1; i < n; ++i) mx = std::max(mx, x[i]);
   float total = 0.f;
 #pragma omp simd reduction(+ : total)
   for (int64_t i = 0; i < n; ++i) total += (x[i] = exp_approx(x[i] - mx));
-  const float inv = 1.f / total;
-  for (int64_t i = 0; i < n; ++i) x[i] *= inv;
+  *mx_out = mx;
+  *sum_out = total;
 }
 
 #define KVFLOW_DISPATCH(dtype, NAME, ...)                                        \
@@ -299,13 +301,16 @@ inline void load_row(const int8_t* cache, const T* scales, int64_t r, int64_t d,
   for (int64_t i = 0; i < d; ++i) out[i] = round_to<T>(float(c[i]) * s);
 }
 
-// One (sequence, KV head): its `group` query heads read each K and V row once. HEAD_DIM is the head size
-// known at compile time (64, 128: the loops unroll, about 2x faster) or 0 for any other.
+// Context positions [t0, t1) of one (sequence, KV head): its `group` query heads read each K and V row
+// once. Leaves, per query head j, the chunk's max score m[j], its sum of exp(score - m) l[j], and the
+// unnormalised sum of exp(score - m) V in acc_out[j * D ...] (merged across chunks by run_decode_tasks).
+// HEAD_DIM is the head size known at compile time (64, 128: the loops unroll, about 2x faster) or 0.
 template <typename T, typename C, int HEAD_DIM>
-void attend(const DecodeTask<T, C>& p, int64_t seq, int64_t kvh, const int64_t* table, int64_t len,
-            std::vector<float>& buf) {
-  const int64_t d = HEAD_DIM ? HEAD_DIM : p.head_dim, g = p.group, bs = p.block_size;
-  buf.resize(g * d * 2 + d + g * len);
+void attend_chunk(const DecodeTask<T, C>& p, int64_t seq, int64_t kvh, const int64_t* table, int64_t t0,
+                  int64_t t1, std::vector<float>& buf, std::vector<int64_t>& rows, float* m, float* l,
+                  float* acc_out) {
+  const int64_t d = HEAD_DIM ? HEAD_DIM : p.head_dim, g = p.group, bs = p.block_size, n = t1 - t0;
+  buf.resize(g * d * 2 + d + g * n);
   float* __restrict qf = buf.data();
   float* __restrict acc = qf + g * d;
   float* __restrict row = acc + g * d;
@@ -314,39 +319,77 @@ void attend(const DecodeTask<T, C>& p, int64_t seq, int64_t kvh, const int64_t* 
     load(p.q + seq * p.q_stride0 + (kvh * g + j) * p.q_stride1, qf + j * d, d);
     for (int64_t i = 0; i < d; ++i) qf[j * d + i] *= p.scale;
   }
-  auto slot = [&](int64_t t) { return (table[t / bs] * bs + t % bs) * p.num_kv_heads + kvh; };
-  for (int64_t t = 0; t < len; ++t) {
-    load_row<T>(p.k_cache, p.k_scale, slot(t), d, row);
-    for (int64_t j = 0; j < g; ++j) scores[j * len + t] = dot(qf + j * d, row, d);
+  // each position's cache row (slot * Hkv + kvh), stepping through the blocks: no division per position
+  rows.resize(n);
+  for (int64_t t = 0, blk = t0 / bs, off = t0 % bs; t < n; ++t) {
+    rows[t] = (table[blk] * bs + off) * p.num_kv_heads + kvh;
+    if (++off == bs) off = 0, ++blk;
   }
-  for (int64_t j = 0; j < g; ++j) softmax_(scores + j * len, len);
+  for (int64_t t = 0; t < n; ++t) {
+    load_row<T>(p.k_cache, p.k_scale, rows[t], d, row);
+    for (int64_t j = 0; j < g; ++j) scores[j * n + t] = dot(qf + j * d, row, d);
+  }
+  for (int64_t j = 0; j < g; ++j) exp_scores(scores + j * n, n, m + j, l + j);
   std::fill(acc, acc + g * d, 0.f);
-  for (int64_t t = 0; t < len; ++t) {
-    load_row<T>(p.v_cache, p.v_scale, slot(t), d, row);
+  for (int64_t t = 0; t < n; ++t) {
+    load_row<T>(p.v_cache, p.v_scale, rows[t], d, row);
     for (int64_t j = 0; j < g; ++j) {
-      const float w = scores[j * len + t];
+      const float w = scores[j * n + t];
       for (int64_t i = 0; i < d; ++i) acc[j * d + i] += w * row[i];
     }
   }
-  for (int64_t j = 0; j < g; ++j) store(acc + j * d, p.out + seq * p.out_stride0 + (kvh * g + j) * p.out_stride1, d);
+  std::copy(acc, acc + g * d, acc_out);
 }
 
-// One new token per sequence. q: [B, Hq, D]; out: [B, Hq, D]; caches [N, block_size, Hkv, D];
-// block_tables: int64 [B, max_blocks]; context_lens: int64 [B] (the new token included, its K/V written).
-// Each (sequence, KV head) pair is one task: its Hq / Hkv query heads read each K and V row once.
+// Tasks are (sequence, KV head, chunk of DECODE_CHUNK positions), so that one long context also spreads
+// over the threads (split-K, as in flash-decoding). Each chunk's partial softmax is then merged per
+// (sequence, KV head), rescaled to the largest max.
+constexpr int64_t DECODE_CHUNK = 256;
+
 template <typename T, typename C>
-void run_decode_tasks(const DecodeTask<T, C>& base, int64_t tasks, int64_t grain, const int64_t* tables,
-                      int64_t max_blocks, const int64_t* lens) {
-  const int64_t hkv = base.num_kv_heads, d = base.head_dim;
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+void run_decode_tasks(const DecodeTask<T, C>& p, const int64_t* tables, int64_t max_blocks, const int64_t* lens,
+                      int64_t batch, bool parallel) {
+  const int64_t hkv = p.num_kv_heads, d = p.head_dim, g = p.group, pairs = batch * hkv;
+  std::vector<int64_t> first(pairs + 1, 0);     // the task of each (sequence, KV head)'s first chunk
+  for (int64_t i = 0; i < pairs; ++i) first[i + 1] = first[i] + (lens[i / hkv] + DECODE_CHUNK - 1) / DECODE_CHUNK;
+  const int64_t tasks = first.back();
+  std::vector<float> m(tasks * g), l(tasks * g), acc(tasks * g * d);
+  at::parallel_for(0, tasks, parallel ? 1 : tasks, [&](int64_t begin, int64_t end) {
     std::vector<float> buf;
+    std::vector<int64_t> rows;
+    int64_t pair = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t s = task / hkv;
-      if (d == 64) attend<T, C, 64>(base, s, task % hkv, tables + s * max_blocks, lens[s], buf);
-      else if (d == 128) attend<T, C, 128>(base, s, task % hkv, tables + s * max_blocks, lens[s], buf);
-      else attend<T, C, 0>(base, s, task % hkv, tables + s * max_blocks, lens[s], buf);
+      while (first[pair + 1] <= task) ++pair;
+      const int64_t s = pair / hkv, kvh = pair % hkv, t0 = (task - first[pair]) * DECODE_CHUNK;
+      const int64_t t1 = std::min(lens[s], t0 + DECODE_CHUNK);
+      float* mt = m.data() + task * g;
+      float* lt = l.data() + task * g;
+      float* at = acc.data() + task * g * d;
+      const int64_t* table = tables + s * max_blocks;
+      if (d == 64) attend_chunk<T, C, 64>(p, s, kvh, table, t0, t1, buf, rows, mt, lt, at);
+      else if (d == 128) attend_chunk<T, C, 128>(p, s, kvh, table, t0, t1, buf, rows, mt, lt, at);
+      else attend_chunk<T, C, 0>(p, s, kvh, table, t0, t1, buf, rows, mt, lt, at);
     }
   });
+  std::vector<float> o(d);
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    const int64_t s = pair / hkv, kvh = pair % hkv;
+    for (int64_t j = 0; j < g; ++j) {
+      float mx = -INFINITY;
+      for (int64_t c = first[pair]; c < first[pair + 1]; ++c) mx = std::max(mx, m[c * g + j]);
+      float total = 0.f;
+      std::fill(o.begin(), o.end(), 0.f);
+      for (int64_t c = first[pair]; c < first[pair + 1]; ++c) {
+        const float w = std::exp(m[c * g + j] - mx);
+        total += w * l[c * g + j];
+        const float* a = acc.data() + (c * g + j) * d;
+        for (int64_t i = 0; i < d; ++i) o[i] += w * a[i];
+      }
+      const float inv = 1.f / total;
+      for (int64_t i = 0; i < d; ++i) o[i] *= inv;
+      store(o.data(), p.out + s * p.out_stride0 + (kvh * g + j) * p.out_stride1, d);
+    }
+  }
 }
 
 // One new token per sequence. q: [B, Hq, D]; out: [B, Hq, D]; caches [N, block_size, Hkv, D], in q's dtype
@@ -390,9 +433,7 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
                   "paged_decode_attention: block id out of range");
     work += lens[i];
   }
-  // one task is a (sequence, KV head) pair; keep small steps on one thread (a fork costs more)
-  const int64_t tasks = b * hkv;
-  const int64_t grain = work * hq * d < (1 << 17) ? tasks : 1;
+  const bool parallel = work * hq * d >= (1 << 17);   // small steps stay on one thread (a fork costs more)
   KVFLOW_DISPATCH(q.scalar_type(), "paged_decode_attention", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
@@ -401,12 +442,12 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
                                               k_scale->data_ptr<scalar_t>(), v_scale->data_ptr<scalar_t>(),
                                               q.stride(0), q.stride(1), out.stride(0), out.stride(1), bs, hkv, g, d,
                                               float(scale)};
-      run_decode_tasks(base, tasks, grain, tables, max_blocks, lens);
+      run_decode_tasks(base, tables, max_blocks, lens, b, parallel);
     } else {
       const DecodeTask<scalar_t, scalar_t> base{qp, op, k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
                                                 nullptr, nullptr, q.stride(0), q.stride(1), out.stride(0),
                                                 out.stride(1), bs, hkv, g, d, float(scale)};
-      run_decode_tasks(base, tasks, grain, tables, max_blocks, lens);
+      run_decode_tasks(base, tables, max_blocks, lens, b, parallel);
     }
   });
 }
