@@ -14,6 +14,7 @@ agreement: how often fp32's greedy token is the system's own top token given fp3
 
     .venv/bin/python benchmarks/decode.py                       # the table
     .venv/bin/python benchmarks/decode.py --agreement --json out.json
+    .venv/bin/python benchmarks/decode.py --systems gguf,llamacpp --context 2000   # decode at a long context
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PROMPT = "Write a short story about a robot who learns to paint."
+CONTEXT_FILE = "/usr/share/common-licenses/Apache-2.0"     # --context's filler (Debian's base-files)
 AGREE_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a",
                  "The three primary colors are", "Explain why the sky is blue.", "import numpy as np\n",
                  "My favourite recipe for pancakes:", "1, 1, 2, 3, 5, 8,", "The quick brown fox",
@@ -49,7 +51,8 @@ def kvflow_decode_once(llm, prompt_ids: list[int], tokens: int, rid: str) -> flo
     from kvflow.sampling.params import SamplingParams
     eng = llm.engine
     eng.add_request(rid, None, prompt_ids, SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True))
-    eng.step()                                        # the prompt and the first token
+    while not any(o.outputs[0].token_ids for o in eng.step()):     # the prompt (maybe chunked), first token
+        pass
     t0, n = time.perf_counter(), 0
     while eng.has_unfinished_requests():
         eng.step()
@@ -66,9 +69,9 @@ def kvflow_greedy(llm, prompts_ids, tokens):
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def llamacpp_open(model, threads):
+def llamacpp_open(model, threads, n_ctx=1024):
     from llama_cpp import Llama
-    return Llama(model_path=model, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
+    return Llama(model_path=model, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=512,
                  verbose=False)
 
 
@@ -128,6 +131,8 @@ def main():
     ap.add_argument("--model", default=None, help="a .gguf file (default: the default model)")
     ap.add_argument("--systems", default="bf16,int8,int4,gguf,llamacpp")
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--context", type=int, default=0,
+                    help="prompt length in tokens: license text in front of the prompt (default: the prompt alone)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--agreement", action="store_true")
@@ -143,7 +148,8 @@ def main():
     systems = args.systems.split(",")
     load = os.getloadavg()
     print(f"# {os.path.basename(model)}; torch {torch.__version__} ({args.threads} threads); "
-          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start; {args.tokens} tokens, best of {args.runs}")
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start; {args.tokens} tokens"
+          f"{f' after a {args.context}-token prompt' if args.context else ''}, best of {args.runs}")
 
     # load every system first, then time them round by round (best of --runs per system, after one
     # warm-up round): interleaving keeps a burst of load on this shared machine from hitting one system
@@ -151,7 +157,7 @@ def main():
     for name in systems:
         if name == "llamacpp":
             import llama_cpp
-            engines[name] = llamacpp_open(model, args.threads)
+            engines[name] = llamacpp_open(model, args.threads, max(1024, args.context + args.tokens + 64))
             rows.append({"system": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
                          "mode": "GGUF as stored", "weight_mb": os.path.getsize(model) / 1e6})
         else:
@@ -164,6 +170,13 @@ def main():
     kv = next((e for n, e in engines.items() if n != "llamacpp"), None)
     prompt_ids = (kv.get_tokenizer().encode(PROMPT) if kv
                   else engines["llamacpp"].tokenize(PROMPT.encode(), add_bos=False))
+    if args.context:             # a long context: license text in front of the prompt, cut to --context tokens
+        with open(CONTEXT_FILE, encoding="utf-8") as f:
+            text = f.read()
+        filler = (kv.get_tokenizer().encode(text) if kv
+                  else engines["llamacpp"].tokenize(text.encode(), add_bos=False))
+        filler = (filler * (args.context // len(filler) + 1))[:max(0, args.context - len(prompt_ids))]
+        prompt_ids = filler + prompt_ids
     best = {name: float("inf") for name in systems}
     for r in range(args.runs + 1):
         for name, llm in engines.items():

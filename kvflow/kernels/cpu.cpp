@@ -290,6 +290,12 @@ struct DecodeTask {
   float scale;
 };
 
+template <typename C>
+inline void prefetch_row(const C* cache, int64_t r, int64_t d) {
+  const char* p = reinterpret_cast<const char*>(cache + r * d);
+  for (int64_t b = 0; b < d * int64_t(sizeof(C)); b += 64) __builtin_prefetch(p + b);
+}
+
 // row `r` (= slot * Hkv + head) of a cache as floats; an int8 cache's codes times their scale, rounded to
 // T as the PyTorch path's dequantization does
 template <typename T>
@@ -307,8 +313,8 @@ inline void load_row(const int8_t* cache, const T* scales, int64_t r, int64_t d,
 // HEAD_DIM is the head size known at compile time (64, 128: the loops unroll, about 2x faster) or 0.
 template <typename T, typename C, int HEAD_DIM>
 void attend_chunk(const DecodeTask<T, C>& p, int64_t seq, int64_t kvh, const int64_t* table, int64_t t0,
-                  int64_t t1, std::vector<float>& buf, std::vector<int64_t>& rows, float* m, float* l,
-                  float* acc_out) {
+                  int64_t t1, bool prefetch, std::vector<float>& buf, std::vector<int64_t>& rows, float* m,
+                  float* l, float* acc_out) {
   const int64_t d = HEAD_DIM ? HEAD_DIM : p.head_dim, g = p.group, bs = p.block_size, n = t1 - t0;
   buf.resize(g * d * 2 + d + g * n);
   float* __restrict qf = buf.data();
@@ -325,13 +331,18 @@ void attend_chunk(const DecodeTask<T, C>& p, int64_t seq, int64_t kvh, const int
     rows[t] = (table[blk] * bs + off) * p.num_kv_heads + kvh;
     if (++off == bs) off = 0, ++blk;
   }
+  // long contexts (past L2) prefetch rows ahead: the blocks are scattered, the hardware prefetcher loses them
+  constexpr int64_t AHEAD = 8;
+  const int64_t ahead_end = prefetch ? n - AHEAD : 0;
   for (int64_t t = 0; t < n; ++t) {
+    if (t < ahead_end) prefetch_row(p.k_cache, rows[t + AHEAD], d);
     load_row<T>(p.k_cache, p.k_scale, rows[t], d, row);
     for (int64_t j = 0; j < g; ++j) scores[j * n + t] = dot(qf + j * d, row, d);
   }
   for (int64_t j = 0; j < g; ++j) exp_scores(scores + j * n, n, m + j, l + j);
   std::fill(acc, acc + g * d, 0.f);
   for (int64_t t = 0; t < n; ++t) {
+    if (t < ahead_end) prefetch_row(p.v_cache, rows[t + AHEAD], d);
     load_row<T>(p.v_cache, p.v_scale, rows[t], d, row);
     for (int64_t j = 0; j < g; ++j) {
       const float w = scores[j * n + t];
@@ -366,9 +377,10 @@ void run_decode_tasks(const DecodeTask<T, C>& p, const int64_t* tables, int64_t 
       float* lt = l.data() + task * g;
       float* at = acc.data() + task * g * d;
       const int64_t* table = tables + s * max_blocks;
-      if (d == 64) attend_chunk<T, C, 64>(p, s, kvh, table, t0, t1, buf, rows, mt, lt, at);
-      else if (d == 128) attend_chunk<T, C, 128>(p, s, kvh, table, t0, t1, buf, rows, mt, lt, at);
-      else attend_chunk<T, C, 0>(p, s, kvh, table, t0, t1, buf, rows, mt, lt, at);
+      const bool pf = lens[s] >= 1024;
+      if (d == 64) attend_chunk<T, C, 64>(p, s, kvh, table, t0, t1, pf, buf, rows, mt, lt, at);
+      else if (d == 128) attend_chunk<T, C, 128>(p, s, kvh, table, t0, t1, pf, buf, rows, mt, lt, at);
+      else attend_chunk<T, C, 0>(p, s, kvh, table, t0, t1, pf, buf, rows, mt, lt, at);
     }
   });
   std::vector<float> o(d);
