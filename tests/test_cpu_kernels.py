@@ -1,6 +1,9 @@
 """The CPU kernels (kvflow/kernels/cpu.cpp) against the PyTorch code they replace, on random inputs with
 the shapes and strides the model gives them: exact where the arithmetic is the same, to a tolerance where
 only the order of a sum differs (attention)."""
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -306,3 +309,13 @@ def test_decode_attention_splits_long_contexts_and_merges_exactly(dtype):
         ref = F.scaled_dot_product_attention(q[i].float().view(3, 3, 64), keys, values, scale=0.125).view(9, 64)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(out[i].float(), ref, rtol=tol, atol=tol)
+
+
+def test_kernel_cache_falls_back_to_the_temp_dir_when_the_cache_is_not_writable(tmp_path, monkeypatch):
+    import kvflow.kernels as kernels
+    monkeypatch.setenv("KVFLOW_CACHE_DIR", str(tmp_path / "rw"))
+    assert kernels.cache_dir() == tmp_path / "rw" / "kernels"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")                  # a folder cannot be made under a file, even by root
+    monkeypatch.setenv("KVFLOW_CACHE_DIR", str(blocker / "cache"))
+    assert kernels.cache_dir().parent == Path(tempfile.gettempdir())

@@ -5,8 +5,8 @@
 tested against. `KVFLOW_CPU_KERNELS=0` turns them off.
 
 The shared library is compiled against the installed torch's headers for this machine's CPU
-(-march=native), once: about 15 s. It is cached in `$KVFLOW_CACHE_DIR/kernels` (default
-~/.cache/kvflow/kernels) under a name that hashes the source, the flags, torch's version and the CPU's
+(-march=native), once: about 10 s. It is cached in `$KVFLOW_CACHE_DIR/kernels` (default
+~/.cache/kvflow/kernels, or the temp dir when that is not writable) under a name that hashes the source, the flags, torch's version and the CPU's
 feature flags, so an edit, a torch upgrade or another machine sharing the folder builds its own copy.
 """
 from __future__ import annotations
@@ -46,8 +46,17 @@ def _cpu_identity() -> str:
 
 
 def cache_dir() -> Path:
+    """$KVFLOW_CACHE_DIR/kernels or ~/.cache/kvflow/kernels; a folder in the temp dir if that is not
+    writable (a read-only home)."""
     root = os.environ.get("KVFLOW_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kvflow")
-    return Path(root) / "kernels"
+    path = Path(root) / "kernels"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"kvflow-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
 
 
 def library_path() -> Path:
