@@ -125,14 +125,19 @@ inline void rms_row(const float* x, const T* w, T* out, int64_t d, float eps, fl
   store(tmp, out, d);
 }
 
+// x and its partner (out, or the residual): [T, D] rows, contiguous in D; weight [D]; one dtype
+void check_norm(const char* name, const at::Tensor& x, const at::Tensor& other, const at::Tensor& weight) {
+  check_rows(x, "x");
+  check_rows(other, name);
+  TORCH_CHECK(x.dim() == 2 && other.sizes() == x.sizes(), name, ": x and its partner must be [T, D] alike");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1), name, ": weight must be [D]");
+  TORCH_CHECK(other.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(),
+              name, ": the tensors and the weight must share one dtype");
+}
+
 // out = rms_norm(x) * weight. x, out: [T, D]
 void rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_rows(x, "x");
-  check_rows(out, "out");
-  TORCH_CHECK(x.dim() == 2 && out.sizes() == x.sizes(), "rms_norm: x and out must be [T, D] alike");
-  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1), "rms_norm: weight must be [D]");
-  TORCH_CHECK(out.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(),
-              "rms_norm: x, out and weight must share one dtype");
+  check_norm("rms_norm", x, out, weight);
   const int64_t rows = x.size(0), d = x.size(1);
   KVFLOW_DISPATCH(x.scalar_type(), "rms_norm", [&] {
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
@@ -149,12 +154,7 @@ void rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, do
 // residual = x + residual (rounded to the dtype, as PyTorch's add); x = rms_norm(residual) * weight.
 // Both are overwritten, as in vLLM's fused_add_rms_norm.
 void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
-  check_rows(x, "x");
-  check_rows(residual, "residual");
-  TORCH_CHECK(x.dim() == 2 && residual.sizes() == x.sizes(), "fused_add_rms_norm: x and residual must be [T, D] alike");
-  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1), "fused_add_rms_norm: weight must be [D]");
-  TORCH_CHECK(residual.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(),
-              "fused_add_rms_norm: x, residual and weight must share one dtype");
+  check_norm("fused_add_rms_norm", x, residual, weight);
   const int64_t rows = x.size(0), d = x.size(1);
   KVFLOW_DISPATCH(x.scalar_type(), "fused_add_rms_norm", [&] {
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
@@ -201,20 +201,26 @@ void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
 
 // ---- paged KV cache ------------------------------------------------------------------------------------
 
+// k, v: [T, Hkv, D] rows (views of qkv); caches [N, block_size, Hkv, D] contiguous; slot_mapping int64 [T]
+void check_kv_write(const char* name, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                    const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+  check_rows(k, "k");
+  check_rows(v, "v");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), name, ": caches must be contiguous");
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k_cache.dim() == 4 && k_cache.size(2) == k.size(1) &&
+                  k_cache.size(3) == k.size(2) && v_cache.sizes() == k_cache.sizes(),
+              name, ": k, v [T, Hkv, D] and caches [N, block_size, Hkv, D] must match");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
+                  slot_mapping.numel() == k.size(0), name, ": slot_mapping must be int64 [T]");
+}
+
 // k_cache[slot] = k[t], v_cache[slot] = v[t] for slot = slot_mapping[t].
 // k, v: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D] contiguous; slot_mapping: int64 [T].
 void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
               const at::Tensor& slot_mapping) {
-  check_rows(k, "k");
-  check_rows(v, "v");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "write_kv: caches must be contiguous");
-  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k_cache.dim() == 4 && k_cache.size(2) == k.size(1) &&
-                  k_cache.size(3) == k.size(2) && v_cache.sizes() == k_cache.sizes(),
-              "write_kv: k, v [T, Hkv, D] and caches [N, block_size, Hkv, D] must match");
+  check_kv_write("write_kv", k, v, k_cache, v_cache, slot_mapping);
   TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type() &&
                   v_cache.scalar_type() == k_cache.scalar_type(), "write_kv: one dtype for k, v and the caches");
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
-                  slot_mapping.numel() == k.size(0), "write_kv: slot_mapping must be int64 [T]");
   const int64_t t = k.size(0), h = k.size(1), d = k.size(2);
   const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
@@ -246,19 +252,12 @@ void quantize_row_int8(const T* x, int64_t d, int8_t* q, T* scale) {
 
 void write_kv_int8(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
                    at::Tensor& k_scale, at::Tensor& v_scale, const at::Tensor& slot_mapping) {
-  check_rows(k, "k");
-  check_rows(v, "v");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_scale.is_contiguous() && v_scale.is_contiguous(),
-              "write_kv_int8: caches and scales must be contiguous");
-  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k_cache.dim() == 4 && k_cache.size(2) == k.size(1) &&
-                  k_cache.size(3) == k.size(2) && v_cache.sizes() == k_cache.sizes() &&
-                  k_scale.numel() == k_cache.numel() / k.size(2) && v_scale.sizes() == k_scale.sizes(),
-              "write_kv_int8: k, v [T, Hkv, D], caches [N, block_size, Hkv, D] and scales [N, block_size, Hkv]");
+  check_kv_write("write_kv_int8", k, v, k_cache, v_cache, slot_mapping);
+  TORCH_CHECK(k_scale.is_contiguous() && v_scale.is_contiguous() && k_scale.numel() == k_cache.numel() / k.size(2) &&
+                  v_scale.sizes() == k_scale.sizes(), "write_kv_int8: scales must be contiguous [N, block_size, Hkv]");
   TORCH_CHECK(k_cache.scalar_type() == at::kChar && v_cache.scalar_type() == at::kChar, "write_kv_int8: int8 caches");
   TORCH_CHECK(v.scalar_type() == k.scalar_type() && k_scale.scalar_type() == k.scalar_type() &&
                   v_scale.scalar_type() == k.scalar_type(), "write_kv_int8: k, v and the scales share one dtype");
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
-                  slot_mapping.numel() == k.size(0), "write_kv_int8: slot_mapping must be int64 [T]");
   const int64_t t = k.size(0), h = k.size(1), d = k.size(2);
   const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
