@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kvflow.attention.metadata import AttentionMetadata
-from kvflow.kernels import cpu_ops
+from kvflow.kernels import KERNEL_DTYPES, cpu_ops
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +70,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's new tokens). Returns [T, Hq, D].
     k_scale, v_scale: the int8 cache's scales [num_blocks, block_size, Hkv]; None for a cache in q's dtype."""
-    ops = cpu_ops() if q.is_cpu and q.dtype in (torch.bfloat16, torch.float32) else None
+    ops = cpu_ops() if q.is_cpu and q.dtype in KERNEL_DTYPES else None
     if ops is not None and k_scale is None:
         ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     elif ops is not None and not meta.prefills:      # int8, decodes only: no one reads the new K/V back

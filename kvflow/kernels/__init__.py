@@ -28,6 +28,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)    # what every kernel computes in
+
 SOURCE = Path(__file__).with_name("cpu.cpp")
 # no -ffast-math: NaN checks and the order of fp32 roundings stay as written (no FMA contraction either);
 # -fno-trapping-math lets loops with conversions and selects vectorise (results unchanged)

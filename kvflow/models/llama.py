@@ -13,7 +13,7 @@ from torch import nn
 from kvflow.attention.cpu import paged_attention
 from kvflow.attention.metadata import AttentionMetadata
 from kvflow.config import ModelConfig
-from kvflow.kernels import cpu_ops
+from kvflow.kernels import KERNEL_DTYPES, cpu_ops
 from kvflow.layers.norm import RMSNorm
 from kvflow.layers.rotary import RotaryEmbedding
 
@@ -58,7 +58,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        ops = cpu_ops() if gate_up.is_cpu and gate_up.dtype in (torch.bfloat16, torch.float32) else None
+        ops = cpu_ops() if gate_up.is_cpu and gate_up.dtype in KERNEL_DTYPES else None
         if ops is not None:
             act = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
             ops.silu_and_mul(act, gate_up)

@@ -1,19 +1,22 @@
-"""Weight-only quantization of the linear layers, run by PyTorch's CPU low-bit matmul kernels.
+"""Weight-only quantization of the linear layers, run by low-bit matmul kernels on the CPU.
 
 For a weight w [N outputs, K inputs]:
 - int8: symmetric, one scale per output row: w ~ q * s, q int8 in [-127, 127], s = max|w_row| / 127.
-  Kernel: torch._weight_int8pack_mm(x, q, s); x and s share one dtype (bf16 or fp32).
 - int4: asymmetric, group-wise along K (32 by default, GGUF's block size): per (row, group)
-  w ~ q * s + m with q in 0..15 (Q4_1's convention; Q4_0's d * (q - 8) is s = d, m = -8 d).
-  Kernel: torch._weight_int4pack_mm_for_cpu(x, packed, group, sz), which computes (q - 8) * s + z in
-  fp32 from bf16 s and z, so z = m + 8 s. The codes are packed once by
-  aten._convert_weight_to_int4pack_for_cpu. Activations run in bf16 (the kernel's fp32 path is scalar
-  code: an fp32 model's activations are cast for the call).
+  w ~ q * s + m with q in 0..15 (Q4_1's convention; Q4_0's d * (q - 8) is s = d, m = -8 d), held as
+  (q - 8) * s + z with bf16 s and z, so z = m + 8 s (PyTorch's int4 convention).
 
-The kernels win for a few rows (decode) and lose for many (about 3x a bf16 matmul at 512 rows: they
-dequantize each weight again for every 4 rows). Above `kernel_max_rows` rows (measured crossovers:
-int8 16, int4 128) a layer dequantizes its weight for that call, 1M weights at a time (transient pieces),
-and runs the dense matmul; no dense copy stays resident. The dense path also serves non-CPU devices.
+Two layouts, chosen when a layer is built:
+- "tiles": kvflow's kernels (kernels/cpu.cpp, int4_linear / int8_linear) on CPUs with AVX-512 VNNI:
+  rows in tiles of 16, activations quantized per group of 32 into two int8 terms, integer dot products.
+- "aten": PyTorch's torch._weight_int8pack_mm(x, q, s) and torch._weight_int4pack_mm_for_cpu(x, packed,
+  group, sz) (codes packed once by aten._convert_weight_to_int4pack_for_cpu; bf16 activations, since the
+  int4 kernel's fp32 path is scalar code).
+
+The kernels win for a few rows (decode) and lose for many. Above `kernel_max_rows` rows (measured
+crossovers, set per layout) a layer dequantizes its weight for that call, 1M weights at a time
+(transient pieces), and runs the dense matmul; no dense copy stays resident. The dense path also
+serves non-CPU devices.
 
 The logits projection is quantized too, to int8 in both modes (int4 logits cost too many greedy
 tokens; for a tied model it is a quantized copy of the embedding, whose lookup stays exact, in the
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvflow.kernels import cpu_ops
+from kvflow.kernels import KERNEL_DTYPES, cpu_ops
 
 INT4_GROUP_SIZE = 32
 LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
@@ -121,15 +124,9 @@ DENSE_PIECE = 1 << 20      # weights dequantized at a time on the many-row path 
 
 
 @functools.cache
-def _int8_kernel_ops():
-    """kvflow's int8 x int8 kernel (AVX-512 VNNI CPUs with the kernels built), or None."""
-    ops = cpu_ops()
-    return ops if ops is not None and hasattr(ops, "int8_linear") else None
-
-
-@functools.cache
-def _int4_kernel_ops():
-    """kvflow's int4 x int8 kernel (AVX-512 VNNI CPUs with the kernels built), or None."""
+def _vnni_ops():
+    """kvflow's kernels when they include the weight matmuls (int4_linear, int8_linear: built on CPUs with
+    AVX-512 VNNI only), or None."""
     ops = cpu_ops()
     return ops if ops is not None and hasattr(ops, "int4_linear") else None
 
@@ -193,7 +190,7 @@ class Int8Linear(_QuantLinear):
     def __init__(self, w: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
         self.out_features, self.in_features = w.codes.shape
-        if self.in_features % 32 == 0 and w.codes.device.type == "cpu" and _int8_kernel_ops() is not None:
+        if self.in_features % 32 == 0 and w.codes.device.type == "cpu" and _vnni_ops() is not None:
             self.layout = "tiles"
             self.kernel_max_rows = 96   # measured crossover with the dense path: 100-200 rows (12 with a dense copy)
             packed, wsum = pack_int8_tiles(w.codes)
@@ -220,9 +217,9 @@ class Int8Linear(_QuantLinear):
         if x.dim() != 2:
             return self(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         few = x.shape[0] <= self.kernel_max_rows and x.is_cpu
-        if few and self.layout == "tiles" and x.dtype in (torch.bfloat16, torch.float32):
+        if few and self.layout == "tiles" and x.dtype in KERNEL_DTYPES:
             out = x.new_empty(x.shape[0], self.out_features)
-            _int8_kernel_ops().int8_linear(out, x.contiguous(), qweight, self.wsum, self.scale_f32)
+            _vnni_ops().int8_linear(out, x.contiguous(), qweight, self.wsum, self.scale_f32)
         elif few and self.layout == "aten":
             out = torch._weight_int8pack_mm(x, qweight, scale)
         elif self.dense_weight is not None:
@@ -280,7 +277,7 @@ class Int4Linear(_QuantLinear):
         self.out_features, self.in_features = w.codes.shape
         self.group_size = self.in_features // w.scale.shape[1]
         device = w.codes.device
-        if self.group_size == 32 and device.type == "cpu" and _int4_kernel_ops() is not None:
+        if self.group_size == 32 and device.type == "cpu" and _vnni_ops() is not None:
             self.layout = "tiles"
             self.kernel_max_rows = 64   # measured: even with the dense path at 64-128 rows, faster below
             packed, sz = pack_int4_tiles(w)
@@ -303,9 +300,9 @@ class Int4Linear(_QuantLinear):
         if x.dim() != 2:
             return self(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         few = x.shape[0] <= self.kernel_max_rows and x.is_cpu
-        if few and self.layout == "tiles" and x.dtype in (torch.bfloat16, torch.float32):
+        if few and self.layout == "tiles" and x.dtype in KERNEL_DTYPES:
             out = x.new_empty(x.shape[0], self.out_features)
-            _int4_kernel_ops().int4_linear(out, x.contiguous(), packed, scale_zeros)
+            _vnni_ops().int4_linear(out, x.contiguous(), packed, scale_zeros)
         elif few and self.layout == "aten" or (x.is_cpu and self.layout == "aten" and not int4_unpack_ok()):
             if x.dtype == torch.bfloat16:
                 out = torch._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zeros)
@@ -334,7 +331,7 @@ class Int4Linear(_QuantLinear):
         stop = self.out_features if stop is None else stop
         n = stop - start
         if self.layout == "tiles":
-            out = torch.empty(n, k, dtype=dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32)
+            out = torch.empty(n, k, dtype=dtype if dtype in KERNEL_DTYPES else torch.float32)
             cpu_ops().int4_dequantize(out, self.packed.cpu(), self.scale_zeros.cpu(), start // 16)
             return out.t().to(self.packed.device, dtype)
         q = unpack_int4(self.packed[start:stop], n, k).t().reshape(k // g, g, n).float().sub_(8)
