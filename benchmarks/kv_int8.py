@@ -20,15 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kvflow import LLM, SamplingParams  # noqa: E402
 from kvflow.eval import perplexity  # noqa: E402
-
-PROMPTS = [
-    "The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,",
-    "The three laws of thermodynamics are", "Here is a recipe for banana bread:", "import numpy as np\n",
-    "The history of the Roman Empire", "Q: What is the boiling point of water?\nA:", "Dear hiring manager,",
-    "The best way to learn a new language is", "In machine learning, overfitting means",
-    "1, 1, 2, 3, 5, 8,", "The mitochondria is", "SELECT name FROM users WHERE",
-    "A haiku about autumn:\n", "The main causes of the First World War were",
-]
+from kvflow.eval.prompts import AGREEMENT_PROMPTS as PROMPTS  # noqa: E402
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:

@@ -11,6 +11,7 @@ from kvflow.attention.cpu import quantize_int8
 from kvflow.config import EngineConfig, resolve_dtype
 from kvflow.engine.frontend import num_kv_blocks
 from kvflow.eval import perplexity
+from kvflow.eval.prompts import AGREEMENT_PROMPTS as PROMPTS
 from kvflow.models.loader import load_model_config
 from tests.conftest import needs_default_model, random_prompts
 
@@ -115,14 +116,6 @@ def test_prefix_cache_and_copy_on_write_with_int8(tiny, int8_reference):
 
 # ---- quality on the default model, bf16 compute -------------------------------------------------------
 
-PROMPTS = [
-    "The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,",
-    "The three laws of thermodynamics are", "Here is a recipe for banana bread:", "import numpy as np\n",
-    "The history of the Roman Empire", "Q: What is the boiling point of water?\nA:", "Dear hiring manager,",
-    "The best way to learn a new language is", "In machine learning, overfitting means",
-    "1, 1, 2, 3, 5, 8,", "The mitochondria is", "SELECT name FROM users WHERE",
-    "A haiku about autumn:\n", "The main causes of the First World War were",
-]
 PPL_TOKENS = 1024
 
 
