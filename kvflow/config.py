@@ -1,17 +1,42 @@
-"""Configuration: what the model is (ModelConfig) and how the engine runs it (EngineConfig)."""
+"""Configuration, in sections, resolved once.
+
+`EngineConfig` is what a user asks for, in four sections (model, cache, scheduler, parallel); every field
+carries its help text and choices, and the command line is generated from them (entrypoints/cli_args.py),
+so a new option is one field. `resolve(config)` turns it, once, into a `ResolvedConfig`: the model's path
+and architecture (`ModelConfig`), the compute dtype, the context length and the number of KV blocks. The
+resolved config is plain data (JSON both ways) and is what the engine core, in this process or another,
+is built from.
+
+This module does not import torch: the scheduler, the KV manager and the simulator use it without one.
+"""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
-
-import torch
+from dataclasses import dataclass, field
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_KV_CACHE_BYTES = 1 << 30
+MAX_DEFAULT_MODEL_LEN = 8192
 
-# model_type values of the Llama-family decoders this engine runs (one implementation: models/llama.py).
+# model_type values of the decoders this engine runs
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+DTYPES = ("auto", "bfloat16", "float32")
+KV_CACHE_DTYPES = ("auto", "int8")
+QUANTIZATIONS = ("int8", "int4", "gguf")
+PREEMPTION_MODES = ("auto", "recompute", "swap")
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+                  "half": "float16", "float32": "float32", "bfloat16": "bfloat16"}
+DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def opt(default, help: str, choices=None, **cli):
+    """A config field with what the command line needs to offer it: help, choices, and CLI hints
+    (`flag`: another flag name, `gib`: given in GiB on the command line, `cli_default`)."""
+    return field(default=default, metadata={"help": help, "choices": choices, **cli})
 
 
 def default_model_path() -> str:
@@ -27,8 +52,11 @@ def default_model_path() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
 
 
+# ---- the model's architecture ----------------------------------------------------------------------------
+
 @dataclass
 class ModelConfig:
+    """What the model is (from a Hugging Face config.json or a GGUF file's metadata)."""
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -93,82 +121,217 @@ class ModelConfig:
         with open(cfg_path) as f:
             return cls.from_hf_dict(json.load(f))
 
-    def kv_bytes_per_token(self, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    def kv_bytes_per_token(self, dtype, kv_cache_dtype: str = "auto") -> int:
         """K and V of one token in every layer. int8: one byte per element plus one scale (in `dtype`)
-        per kv head, for K and for V."""
+        per kv head, for K and for V. `dtype`: a name ("bfloat16") or a torch dtype."""
+        itemsize = DTYPE_SIZES[dtype_name(dtype)]
         if kv_cache_dtype == "int8":
-            return 2 * self.num_layers * self.num_kv_heads * (self.head_dim + dtype.itemsize)
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype.itemsize
+            return 2 * self.num_layers * self.num_kv_heads * (self.head_dim + itemsize)
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+def dtype_name(dtype) -> str:
+    """"bfloat16" for "bf16", torch.bfloat16, ..."""
+    name = str(dtype).removeprefix("torch.")
+    return _DTYPE_ALIASES.get(name, name)
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+def resolve_dtype(dtype, device: str) -> str:
     """`auto` is bf16 (on the CPU bf16 matmuls run about 2x fp32 here, see README); fp16 is refused on the
-    CPU, where PyTorch has no fast path for it."""
-    if isinstance(dtype, torch.dtype):
-        resolved = dtype
-    elif dtype == "auto":
-        resolved = torch.bfloat16
-    elif dtype in _DTYPES:
-        resolved = _DTYPES[dtype]
-    else:
+    CPU, where PyTorch has no fast path for it. Returns the dtype's name."""
+    name = "bfloat16" if dtype == "auto" else dtype_name(dtype)
+    if name not in DTYPE_SIZES:
         raise ValueError(f"dtype must be one of auto, float32, bfloat16 (got {dtype!r})")
-    if resolved == torch.float16 and device == "cpu":
+    if name == "float16" and device == "cpu":
         raise ValueError("dtype float16 is not supported on the CPU (about 100x slower than bfloat16): "
                          "use dtype='bfloat16' or 'float32'")
-    if resolved not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be float32 or bfloat16, got {resolved}")
-    return resolved
+    return name
 
 
-KV_CACHE_DTYPES = ("auto", "int8")
-
+# ---- what the user asks for, in sections ---------------------------------------------------------------
 
 @dataclass
-class EngineConfig:
-    model: str | None = None                 # HF folder or .gguf file; None = the default model
-    dtype: str | torch.dtype = "auto"
-    device: str = "cpu"
-    max_model_len: int | None = None         # defaults to the model's context length (capped at 8192)
-    max_num_seqs: int = 64                   # requests in one step at most
-    max_num_batched_tokens: int = 2048       # tokens in one step at most (chunked-prefill budget)
-    block_size: int = 16
-    kv_cache_memory_bytes: int | None = None  # KV-cache budget; default 1 GiB
-    num_kv_blocks: int | None = None         # overrides the budget (tests use tiny caches)
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    preemption_mode: str = "auto"            # "auto" (cheaper of the two per request), "recompute" or "swap"
-    swap_space_bytes: int = 512 << 20        # the swap tier for preempted requests (host memory)
-    num_swap_blocks: int | None = None       # overrides swap_space_bytes (tests)
-    kv_store_dir: str | None = None          # the disk tier: prefix blocks spill here and survive restarts
-    kv_store_max_bytes: int = 4 << 30        # its size cap (least recently used files go first)
-    kv_cache_dtype: str = "auto"              # "auto" (the model's dtype) or "int8" (per token and head scales)
-    quantization: str | None = None          # weights: None, "int8", "int4", or "gguf" (keep a GGUF's Q4/Q8 blocks)
+class ModelOptions:
+    model: str | None = opt(None, "a Hugging Face folder or a .gguf file (default: SmolLM2-135M-Instruct GGUF)")
+    dtype: str = opt("auto", "compute dtype: auto (bfloat16), bfloat16 or float32", DTYPES)
+    device: str = opt("cpu", "cpu or cuda")
+    max_model_len: int | None = opt(None, "context length (default: the model's, capped at 8192)")
+    quantization: str | None = opt(None, "weight-only quantization: int8, int4 (group 32), or gguf (keep a "
+                                         ".gguf's Q4_0/Q4_1/Q8_0)", QUANTIZATIONS)
+    seed: int = opt(0, "random seed (engine and sampling)", cli_default=None)
 
     def __post_init__(self):
-        if self.preemption_mode not in ("auto", "recompute", "swap"):
-            raise ValueError(f"preemption_mode must be auto, recompute or swap, got {self.preemption_mode!r}")
-        for name in ("swap_space_bytes", "num_swap_blocks", "kv_store_max_bytes"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
-            raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be a positive integer, got {self.num_kv_blocks!r}")
+        if isinstance(self.dtype, str):
+            resolve_dtype(self.dtype, "cuda")            # names it; fp16-on-CPU is checked at resolve()
         if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if self.quantization not in (None, "int8", "int4", "gguf"):
+        _check_positive(self, "max_model_len", optional=True)
+        if self.quantization not in (None, *QUANTIZATIONS):
             raise ValueError(f"quantization must be None, 'int8', 'int4' or 'gguf', got {self.quantization!r}")
         if self.quantization == "gguf" and self.model is not None and not str(self.model).lower().endswith(".gguf"):
             raise ValueError(f"quantization='gguf' keeps a GGUF file's quantized weights: model must be a .gguf "
                              f"file, got {self.model!r} (use 'int8' or 'int4' for other checkpoints)")
+
+
+@dataclass
+class CacheOptions:
+    block_size: int = opt(16, "tokens per KV block")
+    kv_cache_memory_bytes: int | None = opt(None, "KV-cache budget (default 1 GiB)", flag="--kv-cache-memory",
+                                            gib=True)
+    num_kv_blocks: int | None = opt(None, "number of KV blocks (overrides the budget)")
+    enable_prefix_caching: bool = opt(True, "automatic prefix caching")
+    kv_cache_dtype: str = opt("auto", "auto (the model's dtype) or int8 (per token and head scales: about 2x "
+                                      "the tokens)", KV_CACHE_DTYPES)
+    swap_space_bytes: int = opt(512 << 20, "the swap tier's size (host memory for preempted requests)",
+                                flag="--swap-space", gib=True)
+    num_swap_blocks: int | None = opt(None, "number of swap-tier blocks (overrides --swap-space)")
+    kv_store_dir: str | None = opt(None, "disk tier of the prefix cache: evicted blocks spill here and survive "
+                                         "restarts")
+    kv_store_max_bytes: int = opt(4 << 30, "the disk tier's size cap", flag="--kv-store-max", gib=True)
+
+    def __post_init__(self):
+        _check_positive(self, "block_size")
+        _check_positive(self, "num_kv_blocks", optional=True)
+        _check_positive(self, "kv_cache_memory_bytes", optional=True)
+        for name in ("swap_space_bytes", "num_swap_blocks", "kv_store_max_bytes"):
+            _check_positive(self, name, optional=True, allow_zero=True)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+
+
+@dataclass
+class SchedulerOptions:
+    max_num_seqs: int = opt(64, "requests in one step at most")
+    max_num_batched_tokens: int = opt(2048, "tokens in one step at most (the chunked-prefill budget)")
+    preemption_mode: str = opt("auto", "how a preempted request gives back its KV blocks (auto: the cheaper of "
+                                       "recompute and swap, per request)", PREEMPTION_MODES)
+
+    def __post_init__(self):
+        _check_positive(self, "max_num_seqs")
+        _check_positive(self, "max_num_batched_tokens")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be auto, recompute or swap, got {self.preemption_mode!r}")
+
+
+@dataclass
+class ParallelOptions:
+    num_threads: int | None = opt(None, "compute threads of the engine (default: PyTorch's, one per core); "
+                                        "give each engine on a machine its own")
+
+    def __post_init__(self):
+        _check_positive(self, "num_threads", optional=True)
+
+
+SECTIONS = {"model": ModelOptions, "cache": CacheOptions, "scheduler": SchedulerOptions,
+            "parallel": ParallelOptions}
+
+
+@dataclass
+class EngineConfig:
+    model: ModelOptions = field(default_factory=ModelOptions)
+    cache: CacheOptions = field(default_factory=CacheOptions)
+    scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
+    parallel: ParallelOptions = field(default_factory=ParallelOptions)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        """Build from flat field names (`LLM(model=..., block_size=...)`, the command line)."""
+        sections: dict[str, dict] = {name: {} for name in SECTIONS}
+        owner = field_sections()
+        unknown = sorted(set(kwargs) - set(owner))
+        if unknown:
+            raise ValueError(f"unknown engine argument(s): {', '.join(unknown)}")
+        for key, value in kwargs.items():
+            sections[owner[key]][key] = value
+        return cls(**{name: SECTIONS[name](**values) for name, values in sections.items()})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EngineConfig":
+        return cls(**{name: SECTIONS[name](**d.get(name, {})) for name in SECTIONS})
+
+
+def field_sections() -> dict[str, str]:
+    """Flat field name -> the section that holds it."""
+    return {f.name: name for name, sec in SECTIONS.items() for f in dataclasses.fields(sec)}
+
+
+def _check_positive(obj, name: str, optional: bool = False, allow_zero: bool = False) -> None:
+    value = getattr(obj, name)
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {kind} integer, got {value!r}")
+
+
+# ---- resolved once -------------------------------------------------------------------------------------
+
+@dataclass
+class ResolvedConfig:
+    """The engine config with everything derived from it and the model: what an engine core is built from."""
+    config: EngineConfig
+    model_path: str
+    arch: ModelConfig
+    dtype: str                      # "bfloat16" | "float32" (| "float16" off the CPU)
+    max_model_len: int
+    num_kv_blocks: int
+    block_bytes: int                # KV bytes of one block, all layers (scales included)
+    num_swap_blocks: int
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ResolvedConfig":
+        d = json.loads(text)
+        arch = d.pop("arch")
+        arch["eos_token_ids"] = tuple(arch["eos_token_ids"])
+        return cls(config=EngineConfig.from_dict(d.pop("config")), arch=ModelConfig(**arch), **d)
+
+
+def resolve(config: EngineConfig, reader=None) -> ResolvedConfig:
+    """Fill in the default model, read its architecture (`reader`: a parsed GGUF file, to read it once) and
+    size the context and the KV cache. Raises ValueError / FileNotFoundError naming what is wrong."""
+    from kvflow.models.loader import load_model_config
+    m, c = config.model, config.cache
+    path = m.model or default_model_path()
+    arch = load_model_config(path, reader)
+    dtype = resolve_dtype(m.dtype, m.device)
+    model_len = max_model_len(m.max_model_len, arch)
+    block_bytes = arch.kv_bytes_per_token(dtype, c.kv_cache_dtype) * c.block_size
+    num_swap = c.num_swap_blocks if c.num_swap_blocks is not None else c.swap_space_bytes // block_bytes
+    return ResolvedConfig(config, path, arch, dtype, model_len, num_kv_blocks(config, block_bytes, model_len),
+                          block_bytes, num_swap)
+
+
+def max_model_len(requested: int | None, arch: ModelConfig) -> int:
+    """The model's context length, capped at 8192 by default. Sliding-window attention is not
+    implemented, so a context is kept within the window, where full attention is exact."""
+    limit = arch.max_position_embeddings
+    if arch.sliding_window is not None and arch.sliding_window < limit:
+        limit = arch.sliding_window
+        if requested is not None and requested > limit:
+            raise ValueError(f"max_model_len {requested} exceeds the model's sliding window {limit} "
+                             "(sliding-window attention is not implemented)")
+    if requested is None:
+        return min(limit, MAX_DEFAULT_MODEL_LEN)
+    if requested > limit:
+        raise ValueError(f"max_model_len {requested} exceeds the model's context length {limit}")
+    return requested
+
+
+def num_kv_blocks(config: EngineConfig, block_bytes: int, model_len: int) -> int:
+    """How many KV blocks the cache holds: the configured count, or as many as the memory budget
+    allows (but no more than max_num_seqs full-length requests could use)."""
+    c = config.cache
+    if c.num_kv_blocks is not None:
+        return c.num_kv_blocks
+    budget = c.kv_cache_memory_bytes or DEFAULT_KV_CACHE_BYTES
+    useful = config.scheduler.max_num_seqs * -(-model_len // c.block_size)
+    n = min(budget // block_bytes, useful)
+    if n < 1:
+        raise ValueError(f"kv_cache_memory_bytes={budget} is too small for one block of {c.block_size} tokens")
+    return n

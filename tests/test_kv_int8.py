@@ -8,10 +8,9 @@ import torch
 
 from kvflow import LLM, SamplingParams
 from kvflow.attention.cpu import quantize_int8
-from kvflow.config import EngineConfig, resolve_dtype
-from kvflow.engine.frontend import num_kv_blocks
+from kvflow.config import EngineConfig, num_kv_blocks, resolve_dtype
 from kvflow.eval import perplexity
-from kvflow.eval.prompts import AGREEMENT_PROMPTS as PROMPTS
+from benchmarks.prompts import AGREEMENT_PROMPTS as PROMPTS
 from kvflow.models.loader import load_model_config
 from tests.conftest import needs_default_model, random_prompts
 
@@ -47,15 +46,16 @@ def test_twice_the_blocks_for_the_same_memory(tiny_model_dir):
     path = DEFAULT_GGUF or tiny_model_dir("llama_gqa")
     mcfg = load_model_config(path)
     for dtype, lo, hi in [("bfloat16", 1.9, 2.0), ("float32", 3.7, 4.0)]:
-        counts = [num_kv_blocks(EngineConfig(kv_cache_memory_bytes=256 << 20, kv_cache_dtype=kv), mcfg,
-                                resolve_dtype(dtype, "cpu"), 8192) for kv in ("auto", "int8")]
+        counts = [num_kv_blocks(EngineConfig.from_kwargs(kv_cache_memory_bytes=256 << 20, kv_cache_dtype=kv),
+                                mcfg.kv_bytes_per_token(resolve_dtype(dtype, "cpu"), kv) * 16, 8192)
+                  for kv in ("auto", "int8")]
         ratio = counts[1] / counts[0]
         assert lo <= ratio <= hi, (dtype, counts)
     # the real tensors: int8 K/V plus scales, all within the budget, every one indexed by block on dim 0
     budget = 1 << 20
     engines = {kv: LLM(model=tiny_model_dir("llama_gqa"), dtype="bfloat16", block_size=8,
                        kv_cache_memory_bytes=budget, kv_cache_dtype=kv).engine for kv in ("auto", "int8")}
-    n_auto, n_int8 = engines["auto"].num_kv_blocks, engines["int8"].num_kv_blocks
+    n_auto, n_int8 = engines["auto"].resolved.num_kv_blocks, engines["int8"].resolved.num_kv_blocks
     d = engines["int8"].model_config.head_dim        # 16: the scales weigh more than with 64
     assert abs(n_int8 / n_auto - 2 * d / (d + 2)) < 0.01
     runner = engines["int8"].core.runner
@@ -68,7 +68,7 @@ def test_twice_the_blocks_for_the_same_memory(tiny_model_dir):
     assert sum(t.numel() * t.element_size() for t in tensors) <= budget
     assert sum(t.numel() * t.element_size() for t in engines["auto"].core.runner.kv_tensors()) <= budget
     with pytest.raises(ValueError, match="kv_cache_dtype"):
-        EngineConfig(kv_cache_dtype="fp8")
+        EngineConfig.from_kwargs(kv_cache_dtype="fp8")
 
 
 @pytest.fixture(scope="module")

@@ -59,12 +59,12 @@ def test_shared_prefix_blocks_are_referenced_twice():
     kv.cache_full_blocks(a)
     b = make_request("b", list(range(8)) + [99, 98, 97])
     hits = kv.get_computed_blocks(b)
-    assert [blk.block_id for blk in hits] == [blk.block_id for blk in a.block_table[:2]]
+    assert [blk.block_id for blk in hits] == kv.block_ids("a")[:2]
     assert kv.allocate_slots(b, 3, hits)
-    assert [blk.ref_count for blk in a.block_table] == [2, 2, 1]
-    kv.check([a, b])
-    kv.free(a)
-    kv.free(b)
+    assert [blk.ref_count for blk in kv.table("a")] == [2, 2, 1]
+    kv.check(["a", "b"])
+    kv.forget(a)
+    kv.forget(b)
     kv.check([])
     assert kv.pool.num_free == 16 and len(kv.pool.cached) == 2
 
@@ -73,7 +73,7 @@ def test_allocation_fails_cleanly_when_blocks_run_out():
     kv = KVCacheManager(num_blocks=3, block_size=4)
     a = make_request("a", range(12))
     assert not kv.allocate_slots(a, 13)
-    assert a.block_table == [] and kv.pool.num_free == 3
+    assert kv.table("a") == [] and kv.pool.num_free == 3
     assert kv.allocate_slots(a, 12)
-    kv.check([a])
-    kv.free(a)
+    kv.check(["a"])
+    kv.forget(a)

@@ -7,7 +7,6 @@ that every device and swap block is free, cached or held exactly as often as liv
 import pytest
 
 from kvflow import LLM, SamplingParams
-from kvflow.request import Request
 from kvflow.scheduler.scheduler import PreemptionCost
 from tests.conftest import random_prompts
 
@@ -120,9 +119,9 @@ def test_abort_while_swapped_frees_both_tiers(model):
     for i, p in enumerate(random_prompts([30, 30, 30], seed=8)):
         engine.add_request(f"r{i}", None, p, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
     kv = engine.kv
-    while not any(r.swapped_table for r in engine.core.requests.values()):
+    while not kv.swapped:
         engine.step()
-    swapped = [rid for rid, r in engine.core.requests.items() if r.swapped_table]
+    swapped = list(kv.swapped)
     engine.abort_request(swapped[0])
     while engine.has_unfinished_requests():
         engine.step()
@@ -131,12 +130,9 @@ def test_abort_while_swapped_frees_both_tiers(model):
 
 def test_cost_model_prefers_the_cheaper_path():
     cost = PreemptionCost(block_bytes=1 << 20, prefill_tokens_per_s=2000.0, swap_bytes_per_s=1e9)
-    req = Request("x", list(range(400)), GREEDY, set(), 20)
-    req.num_computed_tokens = 400
-    req.block_table = [object()] * 25            # 25 MiB of KV: 2 x 26 ms to move, 200 ms to recompute
-    assert cost.swap_s(req) < cost.recompute_s(req)
-    req.num_computed_tokens, req.block_table = 10, [object()] * 400   # a big cache, few tokens behind it
-    assert cost.swap_s(req) > cost.recompute_s(req)
+    # 400 tokens in 25 blocks, 25 MiB of KV: 2 x 26 ms to move, 200 ms to recompute
+    assert cost.swap_s(25) < cost.recompute_s(400)
+    assert cost.swap_s(400) > cost.recompute_s(10)   # a big cache, few tokens behind it
 
 
 def test_bad_preemption_settings_name_the_field(model):

@@ -134,7 +134,9 @@ def test_default_model_matches_transformers(hf_smollm2):
 
 def test_prompt_logprobs_cross_the_process_boundary(model):
     """The engine-core process's msgpack wire format carries prompt logprobs (tuples become lists)."""
-    from kvflow.engine.core_process import decode_outputs, encode_outputs, pack, unpack
+    import time
+
+    from kvflow.engine.wire import decode, encode
     llm = LLM(model=model, dtype="float32", block_size=8, max_num_batched_tokens=8)
     engine = llm.engine
     engine.add_request("r", None, list(range(10, 30)), SamplingParams(max_tokens=2, prompt_logprobs=1))
@@ -142,10 +144,10 @@ def test_prompt_logprobs_cross_the_process_boundary(model):
     while engine.core.has_unfinished():
         outs = engine.core.step()
         direct += [o.prompt_logprobs for o in outs]
-        wired += decode_outputs(unpack(pack(encode_outputs(outs))))
+        wired += decode(encode(outs))
     assert any(o.new_token_ids == [] and o.prompt_logprobs for o in wired)   # a chunk that sampled nothing
     assert [o.prompt_logprobs and [[list(e[0][0]), e[1]] for e in o.prompt_logprobs] for o in wired] == \
            [p and [[list(e[0][0]), e[1]] for e in p] for p in direct]
-    final = engine.process(wired)[0][-1]
+    final = engine.output_processor.process(wired, time.monotonic())[0][-1]
     assert final.finished and len(final.prompt_logprobs) == 20 and final.prompt_logprobs[0] is None
     assert all(len(d) in (1, 2) for d in final.prompt_logprobs[1:])

@@ -1,164 +1,116 @@
-"""EngineCore: the step loop of one replica (scheduler + KV-cache manager + model runner).
+"""EngineCore: the step loop of one replica.
 
-It speaks in token ids only. Each `step()` schedules work, runs one forward pass, applies the
-token-level stop rules and returns one EngineCoreOutput per request that made progress. Plain data
-in and out, so the same core can run in-process (LLM) or behind a process boundary (server).
+    SchedulerOutput = scheduler.schedule()
+    RunnerOutput    = runner.execute(SchedulerOutput)
+    outputs         = scheduler.update_from_output(SchedulerOutput, RunnerOutput)
+
+It speaks in token ids only (`EngineCoreRequest` in, `EngineCoreOutput` out: kvflow/engine/wire.py), so the
+same core runs in this process (LLM) or behind a process boundary (the server's engine-core process).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
-from kvflow.config import EngineConfig, ModelConfig
+from kvflow.config import ResolvedConfig
+from kvflow.engine.block_ops import apply_block_ops
 from kvflow.engine.model_runner import ModelRunner
-from kvflow.memory.disk_store import DiskKVStore, model_identity
+from kvflow.engine.wire import EngineCoreOutput, EngineCoreRequest, EngineStats
 from kvflow.memory.kv_cache_manager import KVCacheManager
-from kvflow.models.loader import load_model
 from kvflow.request import Request, RequestStatus
+from kvflow.sampling.params import SamplingParams
 from kvflow.scheduler.scheduler import PreemptionCost, Scheduler
 
 logger = logging.getLogger("kvflow")
 
-
-@dataclass
-class EngineCoreOutput:
-    request_id: str
-    new_token_ids: list[int]
-    new_logprobs: list | None = None     # per new token: ([(id, logprob)] sampled first, then top-N; rank)
-    finish_reason: str | None = None     # "stop" | "length" | "abort"
-    stop_reason: int | str | None = None
-    num_cached_tokens: int = 0
-    first_scheduled_time: float | None = None
-    num_preemptions: int = 0
-    # prompt logprobs computed this step (a prompt chunk may send them with no new token), in the
-    # new_logprobs format, one entry per prompt token from the second on. Keep new fields at the END:
-    # core_process encodes these fields positionally.
-    prompt_logprobs: list | None = None
-
-
-@dataclass
-class EngineStats:
-    """A snapshot of the core's load, sent to the frontend with every step (Prometheus gauges)."""
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0          # fraction of KV blocks held by requests
-    prefix_cache_queries: int = 0        # prompt tokens looked up in the prefix cache, cumulative
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0             # cumulative
-    num_swapped_out: int = 0             # of those, preempted by swapping out (the rest: recompute)
-    num_cow_copies: int = 0              # blocks copied on write by forked samples, cumulative
-    disk_hit_tokens: int = 0             # prompt tokens loaded from the disk tier, cumulative
+LOADING_WAIT_S = 5e-4        # a step with nothing to run but KV being read from a tier sleeps this long
 
 
 class EngineCore:
-    def __init__(self, runner: ModelRunner, kv: KVCacheManager, scheduler: Scheduler, device: str = "cpu"):
-        self.runner, self.kv, self.scheduler = runner, kv, scheduler
-        self.device = device
-        self.requests: dict[str, Request] = {}
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler):
+        self.runner, self.scheduler, self.kv = runner, scheduler, scheduler.kv
 
     @classmethod
-    def build(cls, config: EngineConfig, path: str, mcfg: ModelConfig, dtype: torch.dtype, max_model_len: int,
-              num_blocks: int, reader=None) -> EngineCore:
-        """Load the weights and allocate the KV cache (the Frontend has sized it)."""
-        torch.manual_seed(config.seed)
+    def build(cls, rc: ResolvedConfig, reader=None) -> EngineCore:
+        """Load the weights, allocate the KV cache and its tiers, and measure the swap tier's bandwidth."""
+        from kvflow.models.loader import load_model
+        cfg = rc.config
+        if cfg.parallel.num_threads:
+            torch.set_num_threads(cfg.parallel.num_threads)
+        torch.manual_seed(cfg.model.seed)
         t0 = time.perf_counter()
-        model = load_model(path, mcfg, dtype, config.device, max_model_len, reader, config.quantization)
-        bs = config.block_size
-        runner = ModelRunner(model, mcfg, dtype, config.device, num_blocks, bs, config.kv_cache_dtype)
-        num_swap = config.num_swap_blocks
-        if num_swap is None:
-            num_swap = config.swap_space_bytes // runner.block_bytes
-        runner.allocate_swap(num_swap)
-        kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching, num_swap)
-        if config.kv_store_dir:
-            identity = model_identity(path, {"model": dataclasses.asdict(mcfg), "dtype": str(dtype),
-                                             "kv_cache_dtype": config.kv_cache_dtype, "block_size": bs,
-                                             "quantization": getattr(config, "quantization", None)})
-            kv.disk = runner.kv_store = DiskKVStore(config.kv_store_dir, identity, runner.block_spec(),
-                                                    config.kv_store_max_bytes)
+        dtype = getattr(torch, rc.dtype)
+        model = load_model(rc.model_path, rc.arch, dtype, cfg.model.device, rc.max_model_len, reader,
+                           cfg.model.quantization)
+        bs = cfg.cache.block_size
+        runner = ModelRunner(model, rc.arch, dtype, cfg.model.device, rc.num_kv_blocks, bs, cfg.cache.kv_cache_dtype)
+        runner.allocate_swap(rc.num_swap_blocks)
+        disk = None
+        if cfg.cache.kv_store_dir:
+            from kvflow.memory.disk_store import DiskKVStore, model_identity
+            identity = model_identity(rc.model_path, {
+                "model": dataclasses.asdict(rc.arch), "dtype": str(dtype), "kv_cache_dtype": cfg.cache.kv_cache_dtype,
+                "block_size": bs, "quantization": cfg.model.quantization})
+            disk = runner.kv_store = DiskKVStore(cfg.cache.kv_store_dir, identity, runner.block_spec(),
+                                                 cfg.cache.kv_store_max_bytes)
+        kv = KVCacheManager(rc.num_kv_blocks, bs, cfg.cache.enable_prefix_caching, rc.num_swap_blocks, disk)
         cost = PreemptionCost(runner.block_bytes, swap_bytes_per_s=runner.measure_swap_bandwidth())
-        scheduler = Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens, max_model_len,
-                              config.preemption_mode, cost)
-        logger.info("loaded %s (%s, %s) in %.1fs; KV cache: %d blocks of %d tokens", path, mcfg.model_type,
-                    dtype, time.perf_counter() - t0, num_blocks, bs)
-        return cls(runner, kv, scheduler, config.device)
+        scheduler = Scheduler(kv, cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens,
+                              rc.max_model_len, cfg.scheduler.preemption_mode, cost)
+        logger.info("loaded %s (%s, %s) in %.1fs; KV cache: %d blocks of %d tokens", rc.model_path,
+                    rc.arch.model_type, rc.dtype, time.perf_counter() - t0, rc.num_kv_blocks, bs)
+        return cls(runner, scheduler)
 
-    def add_request(self, req: Request) -> None:
-        if req.request_id in self.requests:
-            raise ValueError(f"request_id {req.request_id!r} is already in use")
-        if req.params.seed is not None and req.generator is None:   # its own stream, on the engine's device
-            req.generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
-        if req.fork_of is not None:            # share the prompt blocks of the request's sample 0
-            req.fork_source = self.requests.get(req.fork_of)
-        self.requests[req.request_id] = req
-        self.scheduler.add(req)
+    def add_request(self, r: EngineCoreRequest) -> None:
+        self.scheduler.add_request(Request(r.request_id, list(r.prompt_token_ids), r.params, set(r.stop_ids),
+                                           r.max_tokens, r.arrival_time, fork_from=r.fork_from))
 
     def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
-        for rid in request_ids:
-            req = self.requests.pop(rid, None)
-            if req is not None:
-                self.scheduler.finish(req, status)
+        self.scheduler.finish_requests(request_ids, status)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[EngineCoreOutput]:
-        batch = self.scheduler.schedule()
-        if not batch.requests:
-            self.runner.apply_block_ops(batch.block_ops)
-            if self.scheduler.waiting and not self.scheduler.running:   # would spin forever: fail loudly
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            self.runner.execute(sched)         # block ops and finished ids still apply
+            if self.scheduler.num_loading:     # KV on its way from a tier: let the reader work
+                time.sleep(LOADING_WAIT_S)
+            elif self.scheduler.waiting and not self.scheduler.running:   # would spin forever: fail loudly
                 req = self.scheduler.waiting[0]
                 raise RuntimeError(f"cannot schedule request {req.request_id!r} ({req.num_tokens} tokens) with "
                                    f"{self.kv.pool.num_free} of {self.kv.num_blocks} KV blocks free")
             return []
         t0 = time.perf_counter()
-        sampled = self.runner.execute(batch)
-        num_tokens = sum(batch.num_new_tokens)
-        if num_tokens >= 4 * len(batch.requests) and num_tokens >= 64:   # mostly prefill: refine the estimate
-            cost = self.scheduler.cost
+        result = self.runner.execute(sched)
+        num_tokens, cost = sched.num_scheduled_tokens, self.scheduler.cost
+        if num_tokens >= 4 * len(sched) and num_tokens >= 64:   # mostly prefill: refine the estimate
             cost.prefill_tokens_per_s += 0.2 * (num_tokens / (time.perf_counter() - t0) - cost.prefill_tokens_per_s)
-        now = time.monotonic()
-        finished = set(map(id, self.scheduler.update(batch, sampled)))
-        outputs = []
-        for req, token in zip(batch.requests, sampled):
-            prompt_logprobs, req.new_prompt_logprobs = req.new_prompt_logprobs, None
-            if token is None and prompt_logprobs is None:
-                continue
-            if token is not None and req.first_token_time is None:
-                req.first_token_time = now
-            done = id(req) in finished
-            outputs.append(EngineCoreOutput(
-                request_id=req.request_id, new_token_ids=[token] if token is not None else [],
-                new_logprobs=req.logprobs[-1:] if req.logprobs is not None and token is not None else None,
-                finish_reason=req.status.value if done else None,
-                stop_reason=req.stop_reason, num_cached_tokens=req.num_cached_tokens,
-                first_scheduled_time=req.first_scheduled_time, num_preemptions=req.num_preemptions,
-                prompt_logprobs=prompt_logprobs))
-            if done:
-                del self.requests[req.request_id]
-        return outputs
+        return self.scheduler.update_from_output(sched, result)
 
     def warm_up(self) -> None:
         """Run one small request through every stage, so that the first user request does not pay
         for first-call costs (allocator growth, kernel selection); its prefix is then forgotten."""
-        from kvflow.sampling.params import SamplingParams
-        self.add_request(Request("warm-up", list(range(1, 33)), SamplingParams(max_tokens=4, ignore_eos=True),
-                                 set(), 4))
+        self.add_request(EngineCoreRequest("warm-up", list(range(1, 33)), SamplingParams(max_tokens=4, ignore_eos=True),
+                                           [], 4, time.monotonic()))
         while self.has_unfinished():
             self.step()
-        self.kv.pool.reset_prefix_cache()
+        self.reset_prefix_cache()
         self.kv.num_queries = self.kv.num_hits = 0
+
+    def reset_prefix_cache(self) -> None:
+        self.kv.pool.reset_prefix_cache()
 
     def shutdown(self) -> None:
         """Persist the prefix blocks still cached in memory to the disk tier (if on) and wait for its writes."""
         store = self.kv.disk
         if store is None:
             return
-        self.runner.apply_block_ops(self.kv.take_ops())
+        apply_block_ops(self.runner, self.kv.take_ops())     # pending spills first
         for h, block in list(self.kv.pool.cached.items()):
             if h not in store:
                 store.save_async(h, self.runner.read_block(block.block_id))

@@ -1,53 +1,66 @@
-"""LLMEngine: the in-process engine (Frontend + EngineCore in one process), behind `LLM`."""
+"""LLMEngine: the synchronous engine behind `LLM`, built from an input processor, an output processor and
+an engine-core client (the core in this process)."""
 from __future__ import annotations
 
 import atexit
+import time
 import weakref
 
 from kvflow.config import EngineConfig
 from kvflow.engine.core import EngineCore
-from kvflow.engine.frontend import Frontend
+from kvflow.engine.core_client import InprocClient
+from kvflow.engine.input_processor import InputProcessor, open_model
+from kvflow.engine.output_processor import OutputProcessor
 from kvflow.outputs import RequestOutput
-from kvflow.request import RequestStatus
 from kvflow.sampling.params import SamplingParams
 
 
-class LLMEngine(Frontend):
+class LLMEngine:
     def __init__(self, config: EngineConfig):
-        super().__init__(config)
-        self.core = EngineCore.build(config, self.model_path, self.model_config, self.dtype, self.max_model_len,
-                                     self.num_kv_blocks, self.reader)
-        self.kv = self.core.kv
-        self.reader = None             # the weights are loaded: let the parsed file go
-        if config.kv_store_dir:        # persist the prefix cache even if nobody calls shutdown()
+        self.config = config
+        self.resolved, reader, self.tokenizer = open_model(config)
+        rc = self.resolved
+        self.model_path, self.model_config, self.max_model_len = rc.model_path, rc.arch, rc.max_model_len
+        self.input_processor = InputProcessor(rc, set(self.tokenizer.eos_token_ids) | set(rc.arch.eos_token_ids))
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.core = EngineCore.build(rc, reader)     # the parsed GGUF goes with this call
+        self.client = InprocClient(self.core)
+        if config.cache.kv_store_dir:                 # persist the prefix cache even if nobody calls shutdown()
             atexit.register(_shutdown_at_exit, weakref.ref(self))
+
+    @property
+    def kv(self):
+        return self.core.kv
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams) -> None:
-        for req in self.make_requests(request_id, prompt, prompt_token_ids, params):
-            self.core.add_request(req)
+        arrival = time.monotonic()
+        reqs = self.input_processor.process(request_id, prompt_token_ids, params, arrival)
+        self.output_processor.add_request(request_id, prompt, prompt_token_ids, params, arrival,
+                                          [r.request_id for r in reqs])
+        for req in reqs:
+            self.client.add_request(req)
 
     def abort_request(self, request_id: str) -> None:
-        self.core.abort_requests(self.abort(request_id))
+        self.client.abort_requests(self.output_processor.abort(request_id))
 
     def has_unfinished_requests(self) -> bool:
-        return self.core.has_unfinished()
+        return self.client.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        results, to_abort = self.process(self.core.step())
-        if to_abort:                   # a stop string ended these: the core stops them too
-            self.core.abort_requests(to_abort, RequestStatus.FINISHED_STOPPED)
+        results, stopped = self.output_processor.process(self.client.step(), time.monotonic())
+        self.client.stop_requests(stopped)
         return results
 
     def reset_prefix_cache(self) -> None:
-        self.kv.pool.reset_prefix_cache()
+        self.client.reset_prefix_cache()
 
     def check_blocks(self) -> None:
         self.core.check_blocks()
 
     def shutdown(self) -> None:
         """Write the prefix cache to the disk tier (when kv_store_dir is set) and wait for the writes."""
-        self.core.shutdown()
+        self.client.shutdown()
 
 
 def _shutdown_at_exit(ref) -> None:

@@ -1,13 +1,15 @@
-"""Turns a scheduled step into tensors, runs the model once over the flat batch, and samples.
+"""Turns a `SchedulerOutput` into tensors, runs the model once over the flat batch, samples, and returns a
+`RunnerOutput` (kvflow/step.py). It never sees a `Request`: it keeps what it needs per request id (token
+ids, block table, sampling parameters and seeded generator, prompt-logprob progress) and forgets a request
+when the scheduler lists it as finished.
 
 Single-token rows (decodes) are laid out first so attention can batch them in one call; then each
-multi-token row (prompt chunk). Logits are computed only for rows that end at their last known
-token, i.e. the rows that sample this step, and for the prompt positions of requests that asked for
-prompt logprobs (in slices, so a long chunk never holds [tokens, vocab] logits at once).
+multi-token row (prompt chunk). Logits are computed only for rows that sample this step, and for the
+prompt positions of requests that asked for prompt logprobs (in slices, so a long chunk never holds
+[tokens, vocab] logits at once).
 """
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -16,10 +18,27 @@ import torch
 
 from kvflow.attention.metadata import AttentionMetadata, PrefillSeq
 from kvflow.config import ModelConfig
-from kvflow.models.llama import LlamaForCausalLM, expose_submodules
-from kvflow.request import Request
+from kvflow.engine.block_ops import apply_block_ops
+from kvflow.models.llama import expose_submodules
+from kvflow.sampling.params import SamplingParams
 from kvflow.sampling.sampler import Sampler, SamplingBatch
-from kvflow.scheduler.scheduler import ScheduledBatch
+from kvflow.step import BlockOp, RunnerOutput, SchedulerOutput
+
+
+@dataclass
+class RunnerRequest:
+    """The runner's state of one request."""
+    prompt_len: int
+    token_ids: list[int]                  # every token whose position the runner has been given
+    params: SamplingParams
+    stop_ids: set[int]
+    generator: torch.Generator | None     # seeded requests draw from their own stream
+    block_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    num_prompt_logprobs: int = 1          # prompt tokens covered (the first one has none)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.prompt_len]
 
 
 @dataclass
@@ -28,13 +47,13 @@ class StepInputs:
     positions: torch.Tensor
     attn: AttentionMetadata
     logits_indices: torch.Tensor      # rows of the hidden states that sample
-    sampling_requests: list[Request]  # in the order of logits_indices
-    # rows that want prompt logprobs: (request, first flat row, number of rows, first position)
-    prompt_logprob_rows: list[tuple[Request, int, int, int]] = field(default_factory=list)
+    sampling_rows: list[int]          # index in SchedulerOutput.scheduled of each logits row
+    # rows that want prompt logprobs: (scheduled index, first flat row, number of rows, first position)
+    prompt_logprob_rows: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, cfg: ModelConfig, dtype: torch.dtype, device: str,
+    def __init__(self, model, cfg: ModelConfig, dtype: torch.dtype, device: str,
                  num_blocks: int, block_size: int, kv_cache_dtype: str = "auto"):
         self.model, self.cfg, self.device, self.block_size = model, cfg, device, block_size
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
@@ -54,6 +73,8 @@ class ModelRunner:
                 layer.self_attn.k_scale, layer.self_attn.v_scale = self.k_scales[i], self.v_scales[i]
         expose_submodules(model)
         self.sampler = Sampler()
+        self.requests: dict[str, RunnerRequest] = {}
+        self.swap_tensors: list[torch.Tensor] = []
         self.kv_store = None              # DiskKVStore, when the disk tier is on
 
     def kv_tensors(self) -> list[torch.Tensor]:
@@ -61,7 +82,7 @@ class ModelRunner:
         of each of them copies the block's whole content)."""
         return self.k_caches + self.v_caches + self.k_scales + self.v_scales
 
-    # ---- moving blocks: copy-on-write, swap tier ------------------------------------------------------------
+    # ---- KV blocks and tiers --------------------------------------------------------------------------------
 
     @property
     def block_bytes(self) -> int:
@@ -81,41 +102,8 @@ class ModelRunner:
             return 4e9
         ids = list(range(n))
         t0 = time.perf_counter()
-        self.apply_block_ops([("out", i, i) for i in ids] + [("in", i, i) for i in ids])
+        apply_block_ops(self, [BlockOp("swap_out", ids, ids), BlockOp("swap_in", ids, ids)])
         return 2 * n * self.block_bytes / max(time.perf_counter() - t0, 1e-6)
-
-    def apply_block_ops(self, ops: list[tuple]) -> None:
-        """Apply the scheduler's block moves in order (consecutive moves of one kind in one copy per tensor):
-        "copy" device -> device, "out" device -> swap tier, "in" swap tier -> device, "spill" a block to
-        the disk tier (a host copy, written by its thread), "load" a block from it."""
-        kv = self.kv_tensors()
-        for kind, group in itertools.groupby(ops, key=lambda op: op[0]):
-            group = list(group)
-            if kind == "spill":
-                for _, b, h in group:
-                    self.kv_store.save_async(h, self.read_block(b))
-                continue
-            if kind == "load":
-                for _, b, tensors in group:
-                    for t, x in zip(kv, tensors):
-                        t[b].copy_(x)
-                continue
-            src = torch.tensor([op[1] for op in group], dtype=torch.int64)
-            dst = torch.tensor([op[2] for op in group], dtype=torch.int64)
-            if kind == "copy":
-                src, dst = src.to(self.device), dst.to(self.device)
-                for t in kv:
-                    t.index_copy_(0, dst, t.index_select(0, src))
-            elif kind == "out":
-                src = src.to(self.device)
-                for t, host in zip(kv, self.swap_tensors):
-                    host.index_copy_(0, dst, t.index_select(0, src).to("cpu"))
-            elif kind == "in":
-                dst = dst.to(self.device)
-                for t, host in zip(kv, self.swap_tensors):
-                    t.index_copy_(0, dst, host.index_select(0, src).to(self.device))
-            else:
-                raise ValueError(f"unknown block op {kind!r}")
 
     def block_spec(self) -> list[list]:
         """Shape and dtype of one block of each KV tensor (what a disk-tier file must hold)."""
@@ -124,21 +112,46 @@ class ModelRunner:
     def read_block(self, block_id: int) -> list[torch.Tensor]:
         return [t[block_id].to("cpu", copy=True) for t in self.kv_tensors()]
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    # ---- one step ---------------------------------------------------------------------------------------------
+
+    def _update_states(self, sched: SchedulerOutput) -> None:
+        for rid in sched.finished_req_ids:
+            self.requests.pop(rid, None)
+        for new in sched.new_requests:
+            gen = None
+            if new.params.seed is not None:      # its own stream, on the runner's device
+                gen = torch.Generator(device=self.device).manual_seed(new.params.seed)
+            self.requests[new.req_id] = RunnerRequest(len(new.prompt_token_ids), list(new.prompt_token_ids),
+                                                      new.params, set(new.stop_ids), gen)
+        for s in sched.scheduled:
+            state = self.requests[s.req_id]
+            if s.num_spec_tokens:
+                raise ValueError(f"request {s.req_id!r}: verifying proposed tokens needs a speculative sampler, "
+                                 "which this runner does not have")
+            if s.blocks_replaced:
+                state.block_ids = np.asarray(s.block_ids, dtype=np.int64)
+            elif s.block_ids:
+                state.block_ids = np.concatenate([state.block_ids, np.asarray(s.block_ids, dtype=np.int64)])
+            del state.token_ids[s.num_computed_tokens:]
+            state.token_ids.extend(s.token_ids)
+
+    def prepare(self, sched: SchedulerOutput) -> StepInputs:
         bs, dev = self.block_size, self.device
-        order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] != 1)
+        scheduled = sched.scheduled
+        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
         ids: list[int] = []
         positions: list[np.ndarray] = []
         slots: list[np.ndarray] = []
         decode_tables, decode_lens, prefills, logits_indices, sampling, prompt_rows = [], [], [], [], [], []
         for i in order:
-            req, n = batch.requests[i], batch.num_new_tokens[i]
-            start = req.num_computed_tokens
+            s = scheduled[i]
+            state = self.requests[s.req_id]
+            start, n = s.num_computed_tokens, s.num_new_tokens
             ctx_len = start + n
-            table = np.fromiter((b.block_id for b in req.block_table), dtype=np.int64, count=len(req.block_table))
+            table = state.block_ids
             pos = np.arange(start, ctx_len, dtype=np.int64)
             flat_start = len(ids)
-            ids.extend(req.all_token_ids[start:ctx_len])
+            ids.extend(s.token_ids)
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             if n == 1:
@@ -150,13 +163,14 @@ class ModelRunner:
                 mask = torch.arange(ctx_len).unsqueeze(0) <= torch.arange(start, ctx_len).unsqueeze(1)
                 prefills.append(PrefillSeq(flat_start, n, ctx_len, torch.from_numpy(table[:-(-ctx_len // bs)]).to(dev),
                                            mask.to(dev)))
-            if ctx_len == req.num_tokens:
+            if s.sample:
                 logits_indices.append(len(ids) - 1)
-                sampling.append(req)
-            if req.needs_prompt_logprobs:  # positions whose next token is a prompt token not yet covered
-                lo, hi = max(start, req.num_prompt_logprobs - 1), min(ctx_len, len(req.prompt_token_ids) - 1)
+                sampling.append(i)
+            if state.params.prompt_logprobs is not None and state.num_prompt_logprobs < state.prompt_len:
+                # positions whose next token is a prompt token not yet covered
+                lo, hi = max(start, state.num_prompt_logprobs - 1), min(ctx_len, state.prompt_len - 1)
                 if hi > lo:
-                    prompt_rows.append((req, flat_start + lo - start, hi - lo, lo))
+                    prompt_rows.append((i, flat_start + lo - start, hi - lo, lo))
         nd = len(decode_tables)
         decode_bt = decode_lens_t = None
         if nd:
@@ -173,31 +187,37 @@ class ModelRunner:
                           torch.tensor(logits_indices, dtype=torch.int64, device=dev), sampling, prompt_rows)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[int | None]:
-        """Run one step. Returns, per request of the batch, its sampled token (None if it did not sample)."""
-        self.apply_block_ops(batch.block_ops)
-        inp = self.prepare(batch)
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Run one step: apply the block ops, compute the scheduled tokens, sample where asked."""
+        self._update_states(sched)
+        apply_block_ops(self, sched.block_ops)
+        scheduled = sched.scheduled
+        out = RunnerOutput(req_ids=[s.req_id for s in scheduled], sampled_token_ids=[[] for _ in scheduled])
+        if not scheduled:
+            return out
+        inp = self.prepare(sched)
         hidden = self.model(inp.input_ids, inp.positions, inp.attn)
-        sampled: list[int | None] = [None] * len(batch)
-        for req, row, count, pos in inp.prompt_logprob_rows:
-            targets = req.prompt_token_ids[pos + 1:pos + 1 + count]
-            entries = self.prompt_logprobs(hidden[row:row + count], targets, req.params.prompt_logprobs)
-            req.new_prompt_logprobs = (req.new_prompt_logprobs or []) + entries
-            req.num_prompt_logprobs = pos + 1 + count
-        if not inp.sampling_requests:
-            return sampled
+        for i, row, count, pos in inp.prompt_logprob_rows:
+            state = self.requests[scheduled[i].req_id]
+            targets = state.token_ids[pos + 1:pos + 1 + count]
+            out.prompt_logprobs[scheduled[i].req_id] = self.prompt_logprobs(
+                hidden[row:row + count], targets, state.params.prompt_logprobs)
+            state.num_prompt_logprobs = pos + 1 + count
+        if not inp.sampling_rows:
+            return out
         logits = self.model.compute_logits(hidden[inp.logits_indices])   # the sampler works in fp32
-        reqs = inp.sampling_requests
-        sb = SamplingBatch.build([r.params for r in reqs], [r.prompt_token_ids for r in reqs],
-                                 [r.output_token_ids for r in reqs], [r.generator for r in reqs],
-                                 [r.stop_ids for r in reqs], logits.shape[-1], device=logits.device)
-        out = self.sampler(logits, sb)
-        index = {id(r): i for i, r in enumerate(batch.requests)}
-        for j, req in enumerate(reqs):
-            sampled[index[id(req)]] = out.token_ids[j]
-            if req.logprobs is not None and out.logprobs is not None:
-                req.logprobs.append((out.logprobs[j], out.ranks[j]))
-        return sampled
+        states = [self.requests[scheduled[i].req_id] for i in inp.sampling_rows]
+        sb = SamplingBatch.build([r.params for r in states], [r.prompt_token_ids for r in states],
+                                 [r.token_ids[r.prompt_len:] for r in states], [r.generator for r in states],
+                                 [r.stop_ids for r in states], logits.shape[-1], device=logits.device)
+        sampled = self.sampler(logits, sb)
+        if sampled.logprobs is not None:
+            out.logprobs = [None] * len(scheduled)
+        for j, i in enumerate(inp.sampling_rows):
+            out.sampled_token_ids[i] = [sampled.token_ids[j]]
+            if sampled.logprobs is not None and states[j].params.logprobs is not None:
+                out.logprobs[i] = [(sampled.logprobs[j], sampled.ranks[j])]
+        return out
 
     PROMPT_LOGPROBS_ROWS = 256         # logits rows at a time: [256, vocab] fp32 is ~50 MB for a 49k vocab
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvflow.detokenizer import IncrementalDetokenizer
-from kvflow.engine.core import EngineCoreOutput
+from kvflow.engine.wire import EngineCoreOutput
 from kvflow.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from kvflow.sampling.params import SamplingParams
 from kvflow.tokenizer import Tokenizer
@@ -46,8 +46,14 @@ class OutputProcessor:
         self.children: dict[str, ChildState] = {}
         self.parents: dict[str, ParentState] = {}
 
-    def add(self, parent: ParentState, child_ids: list[str], params: SamplingParams) -> None:
-        self.parents[parent.request_id] = parent
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float, child_ids: list[str]) -> None:
+        """Track a request's samples (the engine-core requests child_ids) under one RequestOutput."""
+        if request_id in self.parents:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        parent = ParentState(request_id, prompt, list(prompt_token_ids), RequestMetrics(arrival_time),
+                             [CompletionOutput(i, "", []) for i in range(params.n)])
+        self.parents[request_id] = parent
         if params.prompt_logprobs is not None:
             parent.prompt_logprobs = [None]
         for i, cid in enumerate(child_ids):
@@ -59,9 +65,9 @@ class OutputProcessor:
 
     def process(self, outputs: list[EngineCoreOutput], now: float) -> tuple[list[RequestOutput], list[str]]:
         """Apply one step's outputs. Returns the updated parents' RequestOutputs and the child ids that a
-        stop string finished (the engine core must abort those)."""
+        stop string finished (the engine core must stop those: EngineCoreClient.stop_requests)."""
         updated: dict[str, ParentState] = {}
-        to_abort: list[str] = []
+        stopped: list[str] = []
         for out in outputs:
             child = self.children.get(out.request_id)
             if child is None:
@@ -86,7 +92,7 @@ class OutputProcessor:
             if stop is not None:
                 comp.finish_reason, comp.stop_reason = "stop", stop
                 if out.finish_reason is None:      # still running in the engine core
-                    to_abort.append(out.request_id)
+                    stopped.append(out.request_id)
             elif out.finish_reason is not None:
                 delta += child.detok.flush()
                 comp.finish_reason, comp.stop_reason = out.finish_reason, out.stop_reason
@@ -100,7 +106,7 @@ class OutputProcessor:
                 parent.metrics.finished_time = now
                 del self.parents[parent.request_id]
             results.append(parent.to_output())
-        return results, to_abort
+        return results, stopped
 
     def abort(self, parent_id: str) -> list[str]:
         """Forget a parent request; returns its unfinished child ids."""

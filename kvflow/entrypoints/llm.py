@@ -16,16 +16,18 @@ class LLM:
     """An LLM engine in this process.
 
     model: a Hugging Face folder or a .gguf file (None: the default SmolLM2-135M-Instruct GGUF).
-    dtype: "auto" (bfloat16), "float32" or "bfloat16". Other keyword arguments are EngineConfig fields:
-    max_model_len, max_num_seqs, max_num_batched_tokens, block_size, kv_cache_memory_bytes,
-    num_kv_blocks, enable_prefix_caching, device, seed, kv_cache_dtype ("auto" or "int8"), ...
+    dtype: "auto" (bfloat16), "float32" or "bfloat16". Other keyword arguments are the fields of
+    EngineConfig's sections (kvflow/config.py): max_model_len, max_num_seqs, max_num_batched_tokens,
+    block_size, kv_cache_memory_bytes, num_kv_blocks, enable_prefix_caching, device, seed,
+    kv_cache_dtype ("auto" or "int8"), quantization, preemption_mode, kv_store_dir, num_threads, ...
     """
 
     def __init__(self, model: str | None = None, dtype: str = "auto", **kwargs):
-        unknown = set(kwargs) - {f for f in EngineConfig.__dataclass_fields__}
-        if unknown:
-            raise ValueError(f"unknown LLM argument(s): {', '.join(sorted(unknown))}")
-        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, **kwargs))
+        try:
+            config = EngineConfig.from_kwargs(model=model, dtype=dtype, **kwargs)
+        except ValueError as e:
+            raise ValueError(str(e).replace("unknown engine argument", "unknown LLM argument")) from None
+        self.engine = LLMEngine(config)
         self._counter = itertools.count()
 
     def get_tokenizer(self):

@@ -9,7 +9,13 @@ engine expects (corrupted, truncated, written by another model or another kvflow
 warning and never loaded into the cache.
 
 Writes happen on a background thread (the step loop only copies the block to host memory); the
-store keeps its total size under a cap by deleting the least recently used files.
+store keeps its total size under a cap by deleting the least recently used files. Reads happen on another
+thread: the scheduler asks for a request's blocks (`fetch`) and the request waits in the loading-KV state
+until they are in host memory, so a disk read never stalls a step; the runner's "load" op then copies
+them into the cache.
+
+As a `KVTier`, the store is keyed by block hash; its ops are "spill" (device block -> file) and "load"
+(file -> device block), applied by the handlers registered at the end of this file.
 """
 from __future__ import annotations
 
@@ -23,6 +29,10 @@ import threading
 from collections import OrderedDict
 
 import torch
+
+from kvflow.engine.block_ops import register_block_op
+from kvflow.memory.tiers import KVTier
+from kvflow.step import BlockOp
 
 logger = logging.getLogger("kvflow")
 
@@ -52,7 +62,9 @@ def _spec(tensors: list[torch.Tensor]) -> list[list]:
     return [[list(t.shape), str(t.dtype).removeprefix("torch.")] for t in tensors]
 
 
-class DiskKVStore:
+class DiskKVStore(KVTier):
+    name, save_kind, load_kind = "disk", "spill", "load"
+
     def __init__(self, root: str, model_id: str, block_spec: list[list], max_bytes: int):
         self.dir = os.path.join(root, model_id)
         os.makedirs(self.dir, exist_ok=True)
@@ -74,6 +86,12 @@ class DiskKVStore:
         self.queue: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._writer, name="kvflow-kv-store", daemon=True)
         self.thread.start()
+        # reads: hash -> tensors (None: the file was refused); hashes queued for reading
+        self.staged: dict[int, list[torch.Tensor] | None] = {}
+        self.reading: set[int] = set()
+        self.read_queue: queue.Queue = queue.Queue()
+        self.reader = threading.Thread(target=self._reader, name="kvflow-kv-store-read", daemon=True)
+        self.reader.start()
 
     def _path(self, block_hash: int) -> str:
         return os.path.join(self.dir, f"{block_hash & (2 ** 64 - 1):016x}{SUFFIX}")
@@ -86,7 +104,54 @@ class DiskKVStore:
         with self.lock:
             return block_hash in self.index or block_hash in self.pending
 
-    # ---- reading (the step loop) ----------------------------------------------------------------------------
+    def contains(self, key: int) -> bool:
+        return key in self
+
+    # ---- reading: fetched on the reader thread, taken by the runner ---------------------------------------------
+
+    def fetch(self, keys: list[int]) -> int | None:
+        """Queue the keys not yet read; None while any is being read, else how many leading keys are valid."""
+        with self.lock:
+            todo = [h for h in keys if h not in self.staged and h not in self.reading]
+            self.reading.update(todo)
+            busy = any(h in self.reading for h in keys)
+        for h in todo:
+            self.read_queue.put(h)
+        if busy:
+            return None
+        with self.lock:
+            for i, h in enumerate(keys):
+                if self.staged.get(h) is None:
+                    return i
+        return len(keys)
+
+    def discard(self, keys: list[int]) -> None:
+        with self.lock:
+            for h in keys:
+                self.staged.pop(h, None)
+
+    def take(self, block_hash: int) -> list[torch.Tensor]:
+        with self.lock:
+            tensors = self.staged.pop(block_hash, None)
+        if tensors is None:
+            raise RuntimeError(f"KV store: block {block_hash:x} was not fetched before its load")
+        return tensors
+
+    def _reader(self) -> None:
+        while True:
+            h = self.read_queue.get()
+            if h is None:
+                return
+            tensors = None
+            try:
+                tensors = self.load(h)
+            except Exception:
+                logger.exception("KV store: reading a block failed")
+            with self.lock:
+                self.staged[h] = tensors
+                self.reading.discard(h)
+
+    # ---- reading one block ----------------------------------------------------------------------------------
 
     def load(self, block_hash: int) -> list[torch.Tensor] | None:
         """The block's tensors (host memory), or None if it is not here or its file is not valid."""
@@ -162,6 +227,9 @@ class DiskKVStore:
         self.flush()
         self.queue.put(None)
         self.thread.join()
+        self.read_queue.put(None)
+        self.reader.join()
+        self.staged.clear()
 
     def _writer(self) -> None:
         while True:
@@ -208,3 +276,21 @@ class DiskKVStore:
 def _signed(h: int) -> int:
     """File names hold the hash as unsigned hex; block hashes are signed 64-bit ints."""
     return h - 2 ** 64 if h >= 2 ** 63 else h
+
+
+# ---- the runner's side: its ops ----------------------------------------------------------------------------
+
+@register_block_op("spill")
+def spill_blocks(runner, op: BlockOp) -> None:
+    """Device blocks -> files (a host copy now, written by the store's thread)."""
+    for b, h in zip(op.src, op.dst):
+        runner.kv_store.save_async(h, runner.read_block(b))
+
+
+@register_block_op("load")
+def load_blocks(runner, op: BlockOp) -> None:
+    """Fetched blocks (host memory) -> device blocks."""
+    kv = runner.kv_tensors()
+    for h, b in zip(op.src, op.dst):
+        for t, x in zip(kv, runner.kv_store.take(h)):
+            t[b].copy_(x)

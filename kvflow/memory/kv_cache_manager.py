@@ -1,15 +1,24 @@
-"""Per-request KV block tables on top of the block pool, with automatic prefix caching.
+"""Per-request KV block tables on top of the block pool, with automatic prefix caching, forks and tiers.
 
-A full block is identified by a chained hash of its tokens (hash of the parent block's hash and its
-own token ids), so equal hashes mean equal whole prefixes. Full blocks are registered in the pool's
-cache as soon as they are computed; a new request reuses the longest run of cached blocks that
-starts its prompt, and only computes the rest.
+Everything is kept by request id: block tables, chained block hashes, swap tables. A full block is
+identified by a chained hash of its tokens (hash of the parent block's hash and its own token ids), so
+equal hashes mean equal whole prefixes. Full blocks are registered in the pool's cache as soon as they are
+computed; a new request reuses the longest run of cached blocks that starts its prompt, continues it from
+the disk tier, and only computes the rest.
+
+Moves of KV data are typed `BlockOp`s, queued in the order they must be applied (`take_ops`). The runner
+learns each request's table incrementally (`block_update`). No torch here.
 """
+from __future__ import annotations
+
 import hashlib
 import struct
 
 from kvflow.memory.block_pool import Block, BlockPool
+from kvflow.memory.swap_tier import SwapTier
+from kvflow.memory.tiers import KVTier
 from kvflow.request import Request
+from kvflow.step import BlockOp
 
 
 def hash_block(parent_hash: int | None, token_ids: list[int]) -> int:
@@ -19,177 +28,267 @@ def hash_block(parent_hash: int | None, token_ids: list[int]) -> int:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 num_swap_blocks: int = 0):
+                 num_swap_blocks: int = 0, disk: KVTier | None = None):
         self.pool = BlockPool(num_blocks)
-        self.swap_pool = BlockPool(num_swap_blocks) if num_swap_blocks else None   # the second tier
+        self.swap = SwapTier(num_swap_blocks) if num_swap_blocks else None
+        self.disk = disk                # the disk tier of the prefix cache (kv_store_dir), or None
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.num_queries = self.num_hits = 0    # prefix-cache lookups and hits, in tokens
+        self.tables: dict[str, list[Block]] = {}
+        self.hashes: dict[str, list[int]] = {}       # chained hashes of each request's full blocks
+        self.num_cached_blocks: dict[str, int] = {}  # leading blocks registered in the prefix cache
+        self.swapped: dict[str, list[Block]] = {}    # swap-tier blocks of preempted requests
+        self.loading: dict[str, list[int]] = {}      # tier keys fetched for requests waiting on them
+        self._sent: dict[str, int] = {}              # blocks of each table the runner knows
+        self.ops: list[BlockOp] = []
+        self.num_queries = self.num_hits = 0         # prefix-cache lookups and hits, in tokens
         self.num_cow_copies = 0
-        # block moves the model runner must apply, in this order, before the next forward pass:
-        # ("copy", src, dst) device -> device (copy-on-write), ("out", device, swap), ("in", swap, device),
-        # ("spill", device, hash) to the disk tier, ("load", device, tensors) from it
-        self.ops: list[tuple] = []
-        self.disk = None                # DiskKVStore: the disk tier of the prefix cache (kv_store_dir)
-        self.num_disk_hits = 0          # tokens loaded from the disk tier instead of computed
+        self.num_disk_hits = 0                       # tokens loaded from the disk tier instead of computed
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.pool.blocks)
+
+    @property
+    def swap_pool(self) -> BlockPool | None:
+        return self.swap.pool if self.swap is not None else None
+
+    def table(self, req_id: str) -> list[Block]:
+        return self.tables.get(req_id, [])
+
+    def block_ids(self, req_id: str) -> list[int]:
+        return [b.block_id for b in self.tables.get(req_id, ())]
+
+    # ---- ops and the runner's view -------------------------------------------------------------------------
+
+    def _op(self, op: BlockOp) -> None:
+        """Queue an op, merged into the previous one when it is of the same kind."""
+        if self.ops and self.ops[-1].kind == op.kind:
+            self.ops[-1].src += op.src
+            self.ops[-1].dst += op.dst
+        else:
+            self.ops.append(op)
+
+    def take_ops(self) -> list[BlockOp]:
+        ops, self.ops = self.ops, []
+        return ops
+
+    def block_update(self, req_id: str) -> tuple[list[int], bool]:
+        """The block ids the runner has not seen: (appended ids, False), or (whole table, True) after the
+        table changed other than by appending."""
+        table = self.tables.get(req_id, [])
+        sent = self._sent.get(req_id)
+        self._sent[req_id] = len(table)
+        if sent is None:
+            return [b.block_id for b in table], True
+        return [b.block_id for b in table[sent:]], False
+
+    def _replaced(self, req_id: str) -> None:
+        self._sent.pop(req_id, None)
+
+    # ---- prefix cache ---------------------------------------------------------------------------------------
 
     def _allocate(self, n: int) -> list[Block]:
         """Blocks from the pool; cached blocks it evicts spill to the disk tier before they are overwritten."""
         blocks = self.pool.allocate(n)
         evicted, self.pool.evicted = self.pool.evicted, []
         if self.disk is not None:
-            self.ops += [("spill", b, h) for b, h in evicted if h not in self.disk]
+            spill = [(b, h) for b, h in evicted if not self.disk.contains(h)]
+            if spill:
+                self._op(self.disk.save_op([b for b, _ in spill], [h for _, h in spill]))
         return blocks
-
-    def disk_hits(self, req: Request, num_computed_blocks: int) -> list[tuple[int, list]]:
-        """(hash, tensors) of the blocks after the memory hits that the disk tier holds, in order."""
-        if self.disk is None or not self.enable_prefix_caching or req.needs_prompt_logprobs:
-            return []
-        max_blocks = (len(req.all_token_ids) - 1) // self.block_size
-        hits = []
-        for h in self.block_hashes(req)[num_computed_blocks:max_blocks]:
-            tensors = self.disk.load(h) if h in self.disk else None
-            if tensors is None:
-                break
-            hits.append((h, tensors))
-        return hits
-
-    def load_blocks(self, req: Request, first: int, hits: list[tuple[int, list]]) -> None:
-        """Fill req's blocks [first, first + len(hits)) from the disk tier and cache them as computed."""
-        if not hits:
-            return
-        for i, (h, tensors) in enumerate(hits):
-            block = req.block_table[first + i]
-            self.ops.append(("load", block.block_id, tensors))
-            self.pool.cache(block, h)
-        req.num_cached_blocks = first + len(hits)
-        self.num_disk_hits += len(hits) * self.block_size
-
-    def take_ops(self) -> list[tuple[str, int, int]]:
-        ops, self.ops = self.ops, []
-        return ops
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.pool.blocks)
 
     def block_hashes(self, req: Request) -> list[int]:
         """Extend the request's chain of full-block hashes to cover its known tokens."""
-        bs, hashes, tokens = self.block_size, req.block_hashes, req.all_token_ids
+        bs, tokens = self.block_size, req.all_token_ids
+        hashes = self.hashes.setdefault(req.request_id, [])
         for i in range(len(hashes), len(tokens) // bs):
             hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs:(i + 1) * bs]))
         return hashes
 
-    def get_computed_blocks(self, req: Request) -> list[Block]:
-        """Cached blocks that start this request's tokens. At least one token is always left to compute,
-        so that the step that finishes the prompt produces logits.
-
-        A request that still needs prompt logprobs takes no hits (as in vLLM): a hit skips computing those
+    def _max_hit_blocks(self, req: Request) -> int:
+        """At least one token is always left to compute, so that the step that finishes the prompt yields
+        logits. A request that still needs prompt logprobs takes no hits (as in vLLM): a hit skips those
         positions, and with them their logits. Its own blocks are still cached for other requests."""
         if not self.enable_prefix_caching or req.needs_prompt_logprobs:
-            return []
-        max_blocks = (len(req.all_token_ids) - 1) // self.block_size
+            return 0
+        return (req.num_tokens - 1) // self.block_size
+
+    def get_computed_blocks(self, req: Request) -> list[Block]:
+        """Cached blocks that start this request's tokens."""
         hits = []
-        for h in self.block_hashes(req)[:max_blocks]:
+        for h in self.block_hashes(req)[:self._max_hit_blocks(req)]:
             block = self.pool.lookup(h)
             if block is None:
                 break
             hits.append(block)
         return hits
 
+    def tier_hits(self, req: Request, num_computed_blocks: int) -> list[int]:
+        """Hashes of the blocks after the memory hits that the disk tier holds, in order (index lookups only)."""
+        if self.disk is None:
+            return []
+        hits = []
+        for h in self.block_hashes(req)[num_computed_blocks:self._max_hit_blocks(req)]:
+            if not self.disk.contains(h):
+                break
+            hits.append(h)
+        return hits
+
+    def fetch(self, req: Request, keys: list[int]) -> int | None:
+        """Ask the disk tier for keys without waiting: None while it reads them, else how many are ready."""
+        self.loading[req.request_id] = keys
+        return self.disk.fetch(keys)
+
+    def load_blocks(self, req: Request, first: int, keys: list[int]) -> None:
+        """Fill the request's blocks [first, first + len(keys)) from the disk tier; cache them as computed."""
+        fetched = self.loading.pop(req.request_id, [])
+        if self.disk is not None and len(fetched) > len(keys):
+            self.disk.discard(fetched[len(keys):])
+        if not keys:
+            return
+        table = self.tables[req.request_id]
+        blocks = table[first:first + len(keys)]
+        self._op(self.disk.load_op(keys, [b.block_id for b in blocks]))
+        for block, h in zip(blocks, keys):
+            self.pool.cache(block, h)
+        self.num_cached_blocks[req.request_id] = first + len(keys)
+        self.num_disk_hits += len(keys) * self.block_size
+
     def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
         """Prefix-cache statistics, counted once per admitted request."""
         self.num_queries += num_tokens
         self.num_hits += num_hit_tokens
+
+    def cache_full_blocks(self, req: Request) -> None:
+        """Register the request's newly completed blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        rid = req.request_id
+        num_full = min(req.num_computed_tokens, req.num_tokens) // self.block_size
+        done = self.num_cached_blocks.get(rid, 0)
+        if num_full <= done:
+            return
+        hashes, table = self.block_hashes(req), self.tables[rid]
+        for i in range(done, num_full):
+            self.pool.cache(table[i], hashes[i])
+        self.num_cached_blocks[rid] = num_full
+
+    # ---- allocation -------------------------------------------------------------------------------------------
 
     def allocate_slots(self, req: Request, num_new_tokens: int, computed: list[Block] = ()) -> bool:
         """Make room for num_new_tokens more tokens (after `computed` prefix hits). False when blocks are short.
 
         Copy-on-write: if the block the new tokens start in is shared (a forked sample's prompt tail), the
         request gets its own copy of it first."""
+        rid = req.request_id
+        table = self.tables.setdefault(rid, [])
         total = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
-        num_needed = -(-total // self.block_size) - len(req.block_table) - len(computed)
+        num_needed = -(-total // self.block_size) - len(table) - len(computed)
         num_revived = sum(1 for b in computed if b.ref_count == 0)   # cached blocks taken off the free queue
         i = req.num_computed_tokens // self.block_size
-        cow = not computed and i < len(req.block_table) and req.block_table[i].ref_count > 1
+        cow = not computed and i < len(table) and table[i].ref_count > 1
         if max(num_needed, 0) + num_revived + cow > self.pool.num_free:
             return False
         if cow:
-            old, new = req.block_table[i], self._allocate(1)[0]
-            self.ops.append(("copy", old.block_id, new.block_id))
+            old, new = table[i], self._allocate(1)[0]
+            self._op(BlockOp("copy", [old.block_id], [new.block_id]))
             self.pool.release([old])
-            req.block_table[i] = new
+            table[i] = new
+            self._replaced(rid)
             self.num_cow_copies += 1
-        self.pool.touch(list(computed))
-        req.block_table.extend(computed)
-        req.num_cached_blocks += len(computed)
+        if computed:
+            self.pool.touch(list(computed))
+            table.extend(computed)
+            self.num_cached_blocks[rid] = self.num_cached_blocks.get(rid, 0) + len(computed)
         if num_needed > 0:
-            req.block_table.extend(self._allocate(num_needed))
+            table.extend(self._allocate(num_needed))
         return True
 
-    def fork(self, req: Request, src: Request) -> None:
-        """Give `req` (another sample of src's prompt) src's blocks for all of the prompt but its last token,
-        shared by reference: only the last token is computed again (it yields the logits that req samples
-        from), and the block it is written into is copied on that write."""
-        bs, n = self.block_size, len(req.prompt_token_ids) - 1
-        shared = src.block_table[:-(-n // bs)]
+    def fork(self, src: str, dst: Request, num_tokens: int) -> None:
+        """Give `dst` the blocks of request `src` that hold its first num_tokens tokens, shared by reference
+        (copy-on-write when dst writes into a shared block). n > 1 forks the samples of a prompt from the
+        first one; beam search forks a beam."""
+        bs = self.block_size
+        shared = self.tables[src][:-(-num_tokens // bs)]
         self.pool.touch(shared)
-        req.block_table = list(shared)
-        req.block_hashes = src.block_hashes[:n // bs]
-        req.num_cached_blocks = min(src.num_cached_blocks, n // bs)
-        req.num_computed_tokens = n
+        self.tables[dst.request_id] = list(shared)
+        self.hashes[dst.request_id] = self.hashes.get(src, [])[:num_tokens // bs]
+        self.num_cached_blocks[dst.request_id] = min(self.num_cached_blocks.get(src, 0), num_tokens // bs)
+        self._replaced(dst.request_id)
+        dst.num_computed_tokens = num_tokens
 
     def swap_out(self, req: Request) -> bool:
         """Move a preempted request's blocks to the swap tier (False if it has no room). Its computed tokens
         are kept: it resumes where it stopped once swapped back in."""
-        if self.swap_pool is None or self.swap_pool.num_free < len(req.block_table):
+        table = self.tables.get(req.request_id, [])
+        if self.swap is None or self.swap.num_free < len(table):
             return False
-        host = self.swap_pool.allocate(len(req.block_table))
-        self.ops += [("out", d.block_id, h.block_id) for d, h in zip(req.block_table, host)]
-        self.free(req)
-        req.swapped_table = host
+        host = self.swap.allocate(len(table))
+        self._op(self.swap.save_op([b.block_id for b in table], [h.block_id for h in host]))
+        self._release_table(req.request_id)
+        self.swapped[req.request_id] = host
         return True
+
+    def is_swapped(self, req_id: str) -> bool:
+        return req_id in self.swapped
 
     def swap_in(self, req: Request, num_new_tokens: int) -> bool:
         """Bring a swapped request's blocks back, with room for num_new_tokens more (False if short)."""
         need = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size)
         if need > self.pool.num_free:
             return False
+        host = self.swapped.pop(req.request_id)
         dev = self._allocate(need)
-        self.ops += [("in", h.block_id, d.block_id) for h, d in zip(req.swapped_table, dev)]
-        self.swap_pool.release(req.swapped_table[::-1])
-        req.swapped_table = []
-        req.block_table = dev
+        self._op(self.swap.load_op([h.block_id for h in host], [d.block_id for d in dev[:len(host)]]))
+        self.swap.release(host)
+        self.tables[req.request_id] = dev
+        self._replaced(req.request_id)
         return True
 
-    def cache_full_blocks(self, req: Request) -> None:
-        """Register the request's newly completed blocks in the prefix cache."""
-        if not self.enable_prefix_caching:
-            return
-        num_full = req.num_computed_tokens // self.block_size
-        if num_full <= req.num_cached_blocks:
-            return
-        hashes = self.block_hashes(req)
-        for i in range(req.num_cached_blocks, num_full):
-            self.pool.cache(req.block_table[i], hashes[i])
-        req.num_cached_blocks = num_full
+    def trim(self, req: Request) -> None:
+        """Give back the blocks past the request's computed tokens plus one (after rejected proposals)."""
+        table = self.tables.get(req.request_id, [])
+        keep = -(-(req.num_computed_tokens + 1) // self.block_size)
+        if len(table) > keep:
+            extra = table[keep:]
+            del table[keep:]
+            self.pool.release(extra[::-1])
+            self._replaced(req.request_id)
+
+    def _release_table(self, req_id: str) -> None:
+        self.pool.release(self.tables.pop(req_id, [])[::-1])
+        self.num_cached_blocks.pop(req_id, None)
+        self._replaced(req_id)
 
     def free(self, req: Request) -> None:
-        self.pool.release(req.block_table[::-1])
-        req.block_table = []
-        req.num_cached_blocks = 0
-        if req.swapped_table:
-            self.swap_pool.release(req.swapped_table[::-1])
-            req.swapped_table = []
+        """Give back everything the request holds (its blocks, swap blocks, fetched tier data); its hashes
+        stay, so it can take prefix hits when it is computed again."""
+        rid = req.request_id
+        self._release_table(rid)
+        if rid in self.swapped:
+            self.swap.release(self.swapped.pop(rid))
+        if rid in self.loading and self.disk is not None:
+            self.disk.discard(self.loading.pop(rid))
 
-    def check(self, live: list[Request]) -> None:
+    def forget(self, req: Request) -> None:
+        """The request has ended: free it and drop its hashes."""
+        self.free(req)
+        self.hashes.pop(req.request_id, None)
+        self._sent.pop(req.request_id, None)
+
+    def check(self, live: list[str]) -> None:
+        """Assert that every block is free, cached, or held by a live request, exactly as often as held."""
+        assert set(self.tables) <= set(live), f"tables of ended requests: {sorted(set(self.tables) - set(live))}"
+        assert set(self.swapped) <= set(live), f"swap tables of ended requests: {sorted(set(self.swapped) - set(live))}"
         refs: dict[int, int] = {}
-        swap_refs: dict[int, int] = {}
-        for req in live:
-            for block in req.block_table:
+        for table in self.tables.values():
+            for block in table:
                 refs[block.block_id] = refs.get(block.block_id, 0) + 1
-            for block in req.swapped_table:
-                swap_refs[block.block_id] = swap_refs.get(block.block_id, 0) + 1
         self.pool.check(refs)
-        if self.swap_pool is not None:
-            self.swap_pool.check(swap_refs)
+        if self.swap is not None:
+            swap_refs: dict[int, int] = {}
+            for table in self.swapped.values():
+                for block in table:
+                    swap_refs[block.block_id] = swap_refs.get(block.block_id, 0) + 1
+            self.swap.pool.check(swap_refs)
