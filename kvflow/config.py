@@ -21,8 +21,7 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 MAX_DEFAULT_MODEL_LEN = 8192
 
-# model_type values of the decoders this engine runs
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+from kvflow.models.registry import SUPPORTED_MODEL_TYPES  # noqa: E402  (torch-free)
 
 DTYPES = ("auto", "bfloat16", "float32")
 KV_CACHE_DTYPES = ("auto", "int8")

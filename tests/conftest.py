@@ -147,13 +147,10 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def disable_cpu_kernels(monkeypatch) -> None:
-    """Run the PyTorch code instead of kvflow's CPU kernels (kvflow/kernels) in every layer."""
-    import kvflow.attention.cpu
-    import kvflow.layers.norm
-    import kvflow.layers.rotary
-    import kvflow.models.llama
-    for module in (kvflow.attention.cpu, kvflow.layers.norm, kvflow.layers.rotary, kvflow.models.llama):
-        monkeypatch.setattr(module, "cpu_ops", lambda: None)
+    """Run the PyTorch code instead of kvflow's CPU kernels (kvflow/kernels) everywhere, for this test:
+    every call site, the quantized layers included, asks kvflow.kernels.kernel_ops, which reads this switch."""
+    import kvflow.kernels
+    monkeypatch.setattr(kvflow.kernels, "ENABLED", False)
 
 
 def random_prompts(lengths, vocab=400, seed=0) -> list[list[int]]:

@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kvflow.kernels as dispatch
 from kvflow.attention import cpu as attn_cpu
 from kvflow.attention.metadata import AttentionMetadata
-from kvflow.kernels import cpu_ops
 from kvflow.layers.norm import RMSNorm
 from kvflow.layers.rotary import RotaryEmbedding
 
-ops = cpu_ops()
+ops = dispatch.load_ops()
 needs_kernels = pytest.mark.skipif(ops is None, reason="the CPU kernels could not be built here")
 DTYPES = [torch.bfloat16, torch.float32]
 
@@ -138,7 +138,7 @@ def test_paged_attention_kernel_path_agrees_with_the_pytorch_path(monkeypatch, d
         meta = AttentionMetadata(slot_mapping=slots, num_decodes=2, decode_block_tables=tables[:2],
                                  decode_context_lens=torch.tensor([40, 7]),
                                  prefills=[PrefillSeq(2, 4, 50, tables[2, :4], mask)])
-        monkeypatch.setattr(attn_cpu, "cpu_ops", (lambda: ops) if kernels else (lambda: None))
+        monkeypatch.setattr(dispatch, "ENABLED", kernels)
         kc, vc = k_cache.clone(), v_cache.clone()
         outs.append((attn_cpu.paged_attention(q, k, v, kc, vc, meta, 0.125), kc, vc))
     (o1, kc1, vc1), (o2, kc2, vc2) = outs
@@ -172,14 +172,14 @@ def test_kernels_reject_bad_arguments():
 # ---- int4 weights x two-term int8 activations ------------------------------------------------------------
 
 def _int4_weight(n, k, seed=0):
-    from kvflow.quant.weights import quantize_int4
+    from kvflow.quant.formats import quantize_int4
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
     return quantize_int4(w)
 
 
 @needs_kernels
 def test_int4_tile_packing_round_trips():
-    from kvflow.quant.weights import pack_int4_tiles, unpack_int4_tiles
+    from kvflow.quant.formats import pack_int4_tiles, unpack_int4_tiles
     w = _int4_weight(48, 96)
     packed, sz = pack_int4_tiles(w)
     assert packed.shape == (3, 3, 4, 64) and packed.dtype == torch.uint8 and sz.shape == (3, 3, 2, 16)
@@ -201,7 +201,7 @@ def test_int4_tile_packing_round_trips():
 def test_int4_linear_matches_the_dequantized_matmul(dtype, rows):
     """The activations' two int8 terms leave an error below bf16's: the result matches a matmul on the
     dequantized weights to a few 1e-4 of its largest value, even with an outlier channel in x."""
-    from kvflow.quant.weights import pack_int4_tiles
+    from kvflow.quant.formats import pack_int4_tiles
     w = _int4_weight(208, 576, seed=rows)
     packed, sz = pack_int4_tiles(w)
     dense = torch.empty(208, 576)
@@ -220,7 +220,7 @@ def test_int4_linear_matches_the_dequantized_matmul(dtype, rows):
 
 @needs_kernels
 def test_int8_tile_packing_round_trips():
-    from kvflow.quant.weights import pack_int8_tiles, quantize_int8, unpack_int8_tiles
+    from kvflow.quant.formats import pack_int8_tiles, quantize_int8, unpack_int8_tiles
     w = quantize_int8(torch.randn(40, 64) * 0.05)          # 40 rows: the last tile is padded
     packed, wsum = pack_int8_tiles(w.codes)
     assert packed.shape == (3, 16, 64) and wsum.shape == (3, 2, 16)
@@ -234,7 +234,7 @@ def test_int8_tile_packing_round_trips():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 5, 40])
 def test_int8_linear_matches_the_dequantized_matmul(dtype, rows):
-    from kvflow.quant.weights import pack_int8_tiles, quantize_int8
+    from kvflow.quant.formats import pack_int8_tiles, quantize_int8
     w = quantize_int8(torch.randn(200, 576, generator=torch.Generator().manual_seed(rows)) * 0.05)
     packed, wsum = pack_int8_tiles(w.codes)
     scale = F.pad(w.scale.float(), (0, 8))
@@ -285,7 +285,7 @@ def test_int8_cache_decode_kernel_agrees_with_the_pytorch_path(monkeypatch, dtyp
     for kernels in (True, False):
         meta = AttentionMetadata(slot_mapping=slots, num_decodes=3, decode_block_tables=tables,
                                  decode_context_lens=torch.tensor(lens), prefills=[])
-        monkeypatch.setattr(attn_cpu, "cpu_ops", (lambda: ops) if kernels else (lambda: None))
+        monkeypatch.setattr(dispatch, "ENABLED", kernels)
         state = [t.clone() for t in (kq, vq, ks, vs)]
         outs.append((attn_cpu.paged_attention(q, k, v, state[0], state[1], meta, 0.125, state[2], state[3]), state))
     (o1, s1), (o2, s2) = outs
@@ -312,10 +312,105 @@ def test_decode_attention_splits_long_contexts_and_merges_exactly(dtype):
 
 
 def test_kernel_cache_falls_back_to_the_temp_dir_when_the_cache_is_not_writable(tmp_path, monkeypatch):
-    import kvflow.kernels as kernels
+    import kvflow.kernels.build as kernels
     monkeypatch.setenv("KVFLOW_CACHE_DIR", str(tmp_path / "rw"))
     assert kernels.cache_dir() == tmp_path / "rw" / "kernels"
     blocker = tmp_path / "a-file"
     blocker.write_text("")                  # a folder cannot be made under a file, even by root
     monkeypatch.setenv("KVFLOW_CACHE_DIR", str(blocker / "cache"))
     assert kernels.cache_dir().parent == Path(tempfile.gettempdir())
+
+
+@needs_kernels
+def test_int4_tiles_dequantize_in_pytorch_matches_the_kernel():
+    """The tiles layout's PyTorch dequantization (a "tiles" layer's path while the kernels are off)."""
+    from kvflow.quant.formats import dequantize_int4_tiles, pack_int4_tiles
+    w = _int4_weight(64, 96, seed=3)
+    packed, sz = pack_int4_tiles(w)
+    for dtype in DTYPES:
+        dense = torch.empty(64, 96, dtype=dtype)
+        ops.int4_dequantize(dense, packed, sz, 0)
+        assert torch.equal(dequantize_int4_tiles(packed, sz, 0, 64).to(dtype), dense)
+        assert torch.equal(dequantize_int4_tiles(packed, sz, 32, 64).to(dtype), dense[32:])
+
+
+# ---- the one dispatch (kvflow.kernels.kernel_ops) ------------------------------------------------------------
+
+def test_kernel_ops_answers_by_switch_device_and_dtype():
+    x = torch.zeros(2, 64)
+    assert dispatch.kernel_ops(x) is ops and dispatch.kernel_ops(x.bfloat16()) is ops   # None: not built here
+    assert dispatch.kernel_ops(x.half()) is None and dispatch.kernel_ops(x.to(torch.int8)) is None
+    assert dispatch.kernel_ops(torch.zeros(2, device="meta")) is None
+    assert dispatch.kernel_ops_for("meta") is None and dispatch.kernel_ops_for("cpu", "no_such_op") is None
+    assert dispatch.kernel_ops_for(torch.device("cpu")) is ops
+    with dispatch.disabled():
+        assert dispatch.kernel_ops(x) is None and dispatch.kernel_ops_for("cpu") is None
+        assert not dispatch.enabled()
+    assert dispatch.kernel_ops(x) is ops and dispatch.enabled() == (ops is not None)
+    assert dispatch.set_enabled(False) is True and dispatch.kernel_ops(x) is None
+    assert dispatch.set_enabled(True) is False and dispatch.kernel_ops(x) is ops
+
+
+class _Spy:
+    """The kernels' namespace, recording the name of every op called through it."""
+
+    def __init__(self, ops):
+        self.ops, self.calls = ops, []
+
+    def __getattr__(self, name):
+        op = getattr(self.ops, name)             # AttributeError for an op this build lacks, as the real one
+
+        def call(*args):
+            self.calls.append(name)
+            return op(*args)
+        return call
+
+
+def _tiny_quantized_model(method):
+    from kvflow.attention.backend import get_attention_backend
+    from kvflow.config import ModelConfig
+    from kvflow.models.llama import LlamaForCausalLM
+    from kvflow.quant.layers import quantize_model
+    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
+                      max_position_embeddings=64, tie_word_embeddings=False, attention_bias=False, qk_norm=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg, 64, get_attention_backend(device="cpu"))
+    quantize_model(model, method)
+    return model
+
+
+def _decode_step(model):
+    """Two decode rows (positions 0 and 1) on fresh caches; the logits."""
+    attn = model.layers[0].self_attn
+    attn.k_cache, attn.v_cache = torch.zeros(4, 8, 2, 16), torch.zeros(4, 8, 2, 16)
+    meta = AttentionMetadata(slot_mapping=torch.tensor([0, 9]), num_decodes=2,
+                             decode_block_tables=torch.tensor([[0], [1]]), decode_context_lens=torch.tensor([1, 2]),
+                             prefills=[])
+    with torch.no_grad():
+        return model.compute_logits(model(torch.tensor([3, 5]), torch.tensor([0, 1]), meta))
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_the_switch_reaches_every_call_site(monkeypatch, method):
+    """Every call site asks kernel_ops: with the kernels off not one op runs, the quantized layers included
+    (built while off: PyTorch's layout; built while on and run off: their dense PyTorch path)."""
+    spy = _Spy(ops)
+    monkeypatch.setattr(dispatch, "_library", spy)
+    with dispatch.disabled():
+        built_off = _tiny_quantized_model(method)
+        off = _decode_step(built_off)
+    assert spy.calls == []
+    assert {m.layout for m in built_off.modules() if hasattr(m, "layout")} == {"aten"}
+    built_on = _tiny_quantized_model(method)
+    on = _decode_step(built_on)
+    expected = {"rms_norm", "fused_add_rms_norm", "rotary_", "write_kv", "paged_decode_attention", "silu_and_mul"}
+    expected |= {name for name in {f"{method}_linear", "int8_linear"} if hasattr(ops, name)}   # int8 logits
+    assert set(spy.calls) == expected
+    spy.calls.clear()
+    with dispatch.disabled():
+        on_then_off = _decode_step(built_on)
+    assert spy.calls == []
+    for got in (on, on_then_off):        # other kernels, the same weights: bf16-level differences at most
+        assert (got - off).abs().max() <= 0.02 * off.abs().max()

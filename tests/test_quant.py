@@ -1,5 +1,6 @@
-"""Weight-only quantization (kvflow/quant/weights.py): int8 / int4 formats, the CPU kernels against a
-dequantized reference, GGUF Q4_1 / Q8_0 blocks kept quantized, and LLMs in each mode on the default model."""
+"""Weight-only quantization (kvflow/quant: formats.py, layers.py, gguf_repack.py): int8 / int4 formats, the
+CPU kernels against a dequantized reference, GGUF Q4_1 / Q8_0 blocks kept quantized, and LLMs in each mode on
+the default model."""
 import os
 
 import gguf
@@ -8,21 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kvflow.quant.weights as W
+import kvflow.kernels as kernels
+import kvflow.quant.layers as W
 from kvflow import LLM, SamplingParams
 from kvflow.config import EngineConfig
 from kvflow.eval.perplexity import perplexity
 from kvflow.models.gguf import _unpermute, gguf_blocks, gguf_hf_config, read_gguf
-from kvflow.quant.weights import (
-    Int4Linear,
-    Int8Linear,
-    int4_unpack_ok,
-    linear_from_gguf,
-    quantize_int4,
-    quantize_int8,
-    quantize_linear,
-    unpack_int4,
-)
+from kvflow.quant.formats import int4_unpack_ok, quantize_int4, quantize_int8, unpack_int4
+from kvflow.quant.gguf_repack import linear_from_gguf
+from kvflow.quant.layers import Int4Linear, Int8Linear, quantize_linear
 from tests.conftest import needs_default_model
 
 
@@ -86,6 +81,26 @@ def test_quantized_linear_matches_dequantized_matmul(method, rows, dtype, monkey
     m.to(torch.float32)       # moving the module refreshes the kernel's tensors (read from a tuple)
     ref32 = F.linear(x.float(), m.dequantize(), bias.float())
     assert torch.allclose(m(x.float()), ref32, rtol=2e-2, atol=tol * ref.abs().max())
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 200])
+def test_quantized_linear_with_the_kernels_off(method, rows):
+    """Built while kvflow's kernels are off, a layer takes PyTorch's layout; a layer built with them
+    ("tiles" on a VNNI CPU) and run while they are off takes its dense PyTorch path. Both match the
+    dequantized matmul, and hold the same weights."""
+    w = _weight(208, 256)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(2))
+    on = quantize_linear(w, None, method, torch.float32)
+    with kernels.disabled():
+        off = quantize_linear(w, None, method, torch.float32)
+        assert off.layout == "aten"
+        torch.testing.assert_close(on.dequantize(), off.dequantize(), rtol=0, atol=1e-6)
+        for m in (on, off):
+            ref = F.linear(x, m.dequantize())
+            few_aten_int4 = m.layout == "aten" and method == "int4" and rows <= m.kernel_max_rows
+            tol = 2e-2 if few_aten_int4 else 1e-4          # PyTorch's int4 kernel takes bf16 activations
+            assert (m(x) - ref).abs().max() <= tol * ref.abs().max()
 
 
 # ---- GGUF blocks kept quantized ------------------------------------------------------------------------
@@ -234,10 +249,10 @@ def test_tiny_models_run_quantized(tiny_model_dir, name, method):
 def test_bad_quantization_values_name_the_field(tiny_model_dir):
     for bad in ("int3", "fp8", "", "INT8"):
         with pytest.raises(ValueError, match="quantization"):
-            EngineConfig(quantization=bad)
+            EngineConfig.from_kwargs(quantization=bad)
     with pytest.raises(ValueError, match="quantization"):
-        EngineConfig(model=tiny_model_dir("llama_gqa"), quantization="gguf")
-    assert EngineConfig(quantization="gguf").quantization == "gguf"      # the default model is a GGUF
+        EngineConfig.from_kwargs(model=tiny_model_dir("llama_gqa"), quantization="gguf")
+    assert EngineConfig.from_kwargs(quantization="gguf").model.quantization == "gguf"   # the default model: a GGUF
     with pytest.raises(ValueError, match="quantization"):
         LLM(tiny_model_dir("llama_gqa"), quantization="q4")
 

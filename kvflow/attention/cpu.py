@@ -1,4 +1,5 @@
-"""Paged attention on the CPU with PyTorch ops.
+"""Paged attention with PyTorch ops (SDPA over the block tables), and kvflow's CPU kernels where they
+apply: the attention backend "torch_sdpa" (TorchSDPABackend, the default on every device).
 
 The KV cache of a layer is [num_blocks, block_size, num_kv_heads, head_dim]. New tokens' K/V are written
 to their slots; then each row attends to its context by gathering its blocks through its block table
@@ -22,8 +23,9 @@ chunks attend to their own dequantized K/V).
 import torch
 import torch.nn.functional as F
 
+from kvflow.attention.backend import AttentionBackend, register_attention_backend
 from kvflow.attention.metadata import AttentionMetadata
-from kvflow.kernels import KERNEL_DTYPES, cpu_ops
+from kvflow.kernels import kernel_ops
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +72,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's new tokens). Returns [T, Hq, D].
     k_scale, v_scale: the int8 cache's scales [num_blocks, block_size, Hkv]; None for a cache in q's dtype."""
-    ops = cpu_ops() if q.is_cpu and q.dtype in KERNEL_DTYPES else None
+    ops = kernel_ops(q)
     if ops is not None and k_scale is None:
         ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     elif ops is not None and not meta.prefills:      # int8, decodes only: no one reads the new K/V back
@@ -107,3 +109,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, scale=scale, enable_gqa=True)
         out[sl] = o[0].transpose(0, 1)
     return out
+
+
+@register_attention_backend("torch_sdpa")
+class TorchSDPABackend(AttentionBackend):
+    """paged_attention as a backend: the CPU kernels for the KV write and the decode rows when they
+    apply (kvflow.kernels.kernel_ops), PyTorch's SDPA for the rest, on any device."""
+
+    forward = staticmethod(paged_attention)     # called directly: no extra Python frame per layer

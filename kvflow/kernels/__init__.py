@@ -1,113 +1,90 @@
-"""kvflow's CPU kernels (cpu.cpp): built with the system C++ compiler on first use, then loaded from a cache.
+"""kvflow's CPU kernels (cpu.cpp, compiled by build.py on first use), and the one place that decides
+whether a call site runs them.
 
-`cpu_ops()` returns the `torch.ops.kvflow` ops, or None when the kernels are off or cannot be built
-(no compiler): the layers then run their PyTorch code, which is also the reference the kernels are
-tested against. `KVFLOW_CPU_KERNELS=0` turns them off.
+Every call site asks `kernel_ops(x)` for the kernels' ops (torch.ops.kvflow.*, as attributes of a
+namespace) and runs its PyTorch code when the answer is None; that code is also the reference the
+kernels are tested against. The answer is None when:
+- `KVFLOW_CPU_KERNELS=0` (read once, at the first question: the library is then never built),
+- the library cannot be built here (no compiler, no headers),
+- the process-wide switch is off (`set_enabled(False)`, `with disabled():`; tests compare both paths),
+- x is not a CPU tensor in a dtype the kernels compute in (KERNEL_DTYPES).
+`kernel_ops_for(device, op)` answers for a device, when a layer is built: e.g. whether this machine has
+the weight matmuls (int4_linear, int8_linear: CPUs with AVX-512 VNNI only).
 
-The shared library is compiled against the installed torch's headers for this machine's CPU
-(-march=native), once: about 10 s. It is cached in `$KVFLOW_CACHE_DIR/kernels` (default
-~/.cache/kvflow/kernels, or the temp dir when that is not writable) under a name that hashes the source, the flags, torch's version and the CPU's
-feature flags, so an edit, a torch upgrade or another machine sharing the folder builds its own copy.
+kernel_ops is asked on every layer call (~300 times a decode step), so it is two global reads and two
+attribute tests: the library is loaded once into a module global, and the switch is a module global.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
 import os
-import platform
-import shutil
-import subprocess
 import sys
-import sysconfig
-import tempfile
+import threading
 import types
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
-logger = logging.getLogger(__name__)
-
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)    # what every kernel computes in
 
-SOURCE = Path(__file__).with_name("cpu.cpp")
-# no -ffast-math: NaN checks and the order of fp32 roundings stay as written (no FMA contraction either);
-# -fno-trapping-math lets loops with conversions and selects vectorise (results unchanged)
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-std=c++20", "-fPIC", "-shared", "-fopenmp", "-w",
-         "-D_GLIBCXX_USE_CXX11_ABI=" + str(int(torch.compiled_with_cxx11_abi()))]
+ENABLED = True        # the process-wide switch (set_enabled, disabled); tests may also monkeypatch it
+
+_UNLOADED = object()
+_library: types.SimpleNamespace | None | object = _UNLOADED   # the loaded ops, or None: off or not buildable
+_lock = threading.Lock()
 
 
-def _cpu_identity() -> str:
-    flags = ""
+def load_ops() -> types.SimpleNamespace | None:
+    """The kernels as built, whatever the switch says (the kernels' own tests call them directly): built
+    or loaded at the first call; None with KVFLOW_CPU_KERNELS=0 or when they cannot be built here."""
+    global _library
+    with _lock:
+        if _library is _UNLOADED:
+            if os.environ.get("KVFLOW_CPU_KERNELS", "1") == "0" or sys.platform == "win32":
+                _library = None
+            else:
+                from kvflow.kernels.build import load_library
+                _library = load_library()
+    return _library
+
+
+def kernel_ops(x: torch.Tensor) -> types.SimpleNamespace | None:
+    """The kernels for tensor x, or None: run the PyTorch code (see the module's docstring)."""
+    if not ENABLED:
+        return None
+    ops = _library if _library is not _UNLOADED else load_ops()
+    if ops is None or not x.is_cpu or x.dtype not in KERNEL_DTYPES:
+        return None
+    return ops
+
+
+def kernel_ops_for(device: torch.device | str, op: str | None = None) -> types.SimpleNamespace | None:
+    """The kernels for tensors on `device`, or None; with `op`, None also when this build lacks that op
+    (the weight matmuls need AVX-512 VNNI). For choices made once, e.g. a quantized layer's layout."""
+    if not ENABLED or torch.device(device).type != "cpu":
+        return None
+    ops = load_ops()
+    return ops if ops is not None and (op is None or hasattr(ops, op)) else None
+
+
+def set_enabled(flag: bool) -> bool:
+    """Turn the kernels on or off for the whole process (a layer built while they are off keeps the
+    layout it chose). Returns the previous setting."""
+    global ENABLED
+    previous, ENABLED = ENABLED, bool(flag)
+    return previous
+
+
+def enabled() -> bool:
+    """Whether call sites run the kernels now (switch on, library built)."""
+    return ENABLED and load_ops() is not None
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """`with kernels.disabled():` runs the PyTorch code everywhere inside the block."""
+    previous = set_enabled(False)
     try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        pass
-    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} {flags}"
-
-
-def cache_dir() -> Path:
-    """$KVFLOW_CACHE_DIR/kernels or ~/.cache/kvflow/kernels; a folder in the temp dir if that is not
-    writable (a read-only home)."""
-    root = os.environ.get("KVFLOW_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kvflow")
-    path = Path(root) / "kernels"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        if os.access(path, os.W_OK):
-            return path
-    except OSError:
-        pass
-    return Path(tempfile.gettempdir()) / f"kvflow-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
-
-
-def library_path() -> Path:
-    key = hashlib.blake2b(digest_size=8)
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), torch.__version__.encode(), _cpu_identity().encode()):
-        key.update(part)
-    return cache_dir() / f"kvflow_cpu_{key.hexdigest()}.so"
-
-
-def build(path: Path) -> None:
-    """Compile cpu.cpp into `path` (atomically: a concurrent build never sees a half-written file)."""
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        raise RuntimeError("no C++ compiler (set CXX, or install g++)")
-    torch_dir = Path(torch.__file__).parent
-    includes = [torch_dir / "include", torch_dir / "include" / "torch" / "csrc" / "api" / "include",
-                sysconfig.get_paths()["include"]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    # link torch's own libgomp (the same soname is already loaded): one OpenMP runtime in the process
-    cmd = [cxx, *FLAGS, *(f"-I{p}" for p in includes), str(SOURCE), "-o", tmp, f"-L{torch_dir / 'lib'}",
-           f"-Wl,-rpath,{torch_dir / 'lib'}", "-ltorch", "-ltorch_cpu", "-lc10"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"building the CPU kernels failed:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}")
-        os.replace(tmp, path)
+        yield
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-@functools.cache
-def cpu_ops():
-    """The kernels (torch.ops.kvflow.*, as attributes of a namespace), or None (turned off, or not
-    buildable here). Ops that need CPU features this machine lacks are absent (e.g. int4_linear)."""
-    if os.environ.get("KVFLOW_CPU_KERNELS", "1") == "0" or sys.platform == "win32":
-        return None
-    try:
-        path = library_path()
-        if not path.exists():
-            logger.info("building kvflow's CPU kernels into %s (once)", path)
-            build(path)
-        torch.ops.load_library(str(path))
-    except Exception as e:            # no compiler, no headers, a read-only home: run the PyTorch code
-        logger.warning("kvflow's CPU kernels are unavailable, using the PyTorch path: %s", e)
-        return None
-    # each op's one overload, called directly: the OpOverloadPacket's Python __call__ adds ~0.2 us a call
-    names = [op.name.removeprefix("kvflow::") for op in torch._C._jit_get_all_schemas()
-             if op.name.startswith("kvflow::")]
-    return types.SimpleNamespace(**{name: getattr(torch.ops.kvflow, name).default for name in names})
+        set_enabled(previous)

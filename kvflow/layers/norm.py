@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvflow.kernels import KERNEL_DTYPES, cpu_ops
+from kvflow.kernels import kernel_ops
 
 
 class RMSNorm(nn.Module):
@@ -18,8 +18,8 @@ class RMSNorm(nn.Module):
         Returns the normalised tensor, or (normalised, new residual) when a residual is passed. On the CPU
         kernel path (2-D rows in bf16 or fp32) x and residual are overwritten with them, in one op."""
         w = self.weight
-        ops = cpu_ops() if x.is_cpu and x.dim() == 2 and x.stride(-1) == 1 else None
-        if ops is not None and x.dtype in KERNEL_DTYPES and w.dtype == x.dtype:
+        ops = kernel_ops(x) if x.dim() == 2 and x.stride(-1) == 1 else None
+        if ops is not None and w.dtype == x.dtype:
             if residual is None:
                 out = torch.empty_like(x)
                 ops.rms_norm(out, x, w, self.eps)

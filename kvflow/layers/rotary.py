@@ -4,7 +4,7 @@ import math
 import torch
 from torch import nn
 
-from kvflow.kernels import KERNEL_DTYPES, cpu_ops
+from kvflow.kernels import kernel_ops
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -52,11 +52,10 @@ class RotaryEmbedding(nn.Module):
         dtype; the math is fp32, in 6 ops (per-op dispatch dominates at decode sizes), or on the CPU in one
         kernel that rotates x in place."""
         cos, sin = rope
-        if x.is_cpu and x.dtype in KERNEL_DTYPES and x.stride(-1) == 1:
-            ops = cpu_ops()
-            if ops is not None:
-                ops.rotary_(x, cos, sin)        # in place, the same arithmetic in one op
-                return x
+        ops = kernel_ops(x) if x.stride(-1) == 1 else None
+        if ops is not None:
+            ops.rotary_(x, cos, sin)        # in place, the same arithmetic in one op
+            return x
         xf = x.float()
         return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 

@@ -4,22 +4,26 @@ read_gguf() opens and validates the file, gguf_hf_config() turns its metadata in
 style dict, gguf_weights() yields dequantized tensors under their Hugging Face names and layout,
 gguf_blocks() yields the raw Q4_0 / Q4_1 / Q8_0 blocks of chosen tensors (for quantization="gguf"), and
 gguf_tokenizer() rebuilds a `tokenizers.Tokenizer` from the tokenizer.ggml.* metadata.
+Which architectures load: models/registry.py. torch is imported only by gguf_weights: reading a file's
+config needs none.
 """
+from __future__ import annotations
 
 import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import gguf
 import numpy as np
-import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+from kvflow.models.registry import GGUF_ARCHITECTURES, SUPPORTED_ARCHITECTURES
 
-_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+if TYPE_CHECKING:
+    import torch
+
 
 # GGUF tensor name -> Hugging Face name ("{i}" is the layer index).
 _GLOBAL_NAMES = {
@@ -127,9 +131,10 @@ def gguf_hf_config(reader) -> dict:
         vocab_size = len(tokens.data) if tokens is not None else int(embedding.shape[1])  # [hidden, vocab]
     head_dim = int(get("attention.key_length", hidden // heads))
     rope_theta = _f32(get("rope.freq_base", 10000.0))
+    model_type, hf_architecture = GGUF_ARCHITECTURES[arch]
     return {
-        "model_type": arch,
-        "architectures": [_HF_ARCHITECTURES[arch]],
+        "model_type": model_type,
+        "architectures": [hf_architecture],
         "vocab_size": int(vocab_size),
         "hidden_size": hidden,
         "intermediate_size": int(need("feed_forward_length")),
@@ -198,10 +203,12 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_weights(reader, dtype: torch.dtype = torch.float32,
+def gguf_weights(reader, dtype: torch.dtype | None = None,
                  skip: frozenset[str] | set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (Hugging Face name, dequantized tensor in HF layout cast to dtype) for every tensor whose
-    Hugging Face name is not in `skip` (those kept quantized, see gguf_blocks)."""
+    """Yield (Hugging Face name, dequantized tensor in HF layout cast to dtype, float32 by default) for
+    every tensor whose Hugging Face name is not in `skip` (those kept quantized, see gguf_blocks)."""
+    import torch
+    dtype = torch.float32 if dtype is None else dtype
     config = gguf_hf_config(reader)
     permuted = config["model_type"] == "llama"  # qwen2/qwen3 GGUFs keep HF's rotate-half layout
     for t in reader.tensors:

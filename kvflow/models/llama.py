@@ -1,7 +1,8 @@
 """Llama-family decoder: Llama 2/3, Mistral, SmolLM2, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm).
 
 The forward pass takes a flat batch of tokens from many requests (no padding) and the step's
-AttentionMetadata; attention reads each request's context through the paged KV cache.
+AttentionMetadata; attention reads each request's context through the paged KV cache, through the
+AttentionBackend the model is given (kvflow/attention/backend.py; the loader picks it).
 q/k/v and gate/up projections are fused into one matmul each.
 """
 from collections.abc import Iterable
@@ -10,16 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvflow.attention.cpu import paged_attention
+from kvflow.attention.backend import AttentionBackend
 from kvflow.attention.metadata import AttentionMetadata
 from kvflow.config import ModelConfig
-from kvflow.kernels import KERNEL_DTYPES, cpu_ops
+from kvflow.kernels import kernel_ops
 from kvflow.layers.norm import RMSNorm
 from kvflow.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
@@ -30,6 +31,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = rotary
+        self.attend = backend.forward                  # the bound call, looked up once
         self.k_cache = self.v_cache = torch.empty(0)   # bound by the model runner
         self.k_scale = self.v_scale = None             # int8 KV cache: per (slot, kv head) scales, bound too
 
@@ -44,10 +46,10 @@ class Attention(nn.Module):
             q = qkv[:, :self.q_size].view(-1, self.num_heads, self.head_dim)
             k = qkv[:, self.q_size:self.q_size + self.kv_size].view(-1, self.num_kv_heads, self.head_dim)
             q, k = self.rotary(rope, self.q_norm(q)), self.rotary(rope, self.k_norm(k))
-        o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.k_scale, self.v_scale)
+        o = self.attend(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.k_scale, self.v_scale)
         return self.o_proj(o.flatten(1))
 
-    __call__ = forward   # skip nn.Module's hook machinery: ~1 us a call, ~10 calls a layer (quant/weights.py)
+    __call__ = forward   # skip nn.Module's hook machinery: ~1 us a call, ~10 calls a layer (quant/layers.py)
 
 
 class MLP(nn.Module):
@@ -58,7 +60,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        ops = cpu_ops() if gate_up.is_cpu and gate_up.dtype in KERNEL_DTYPES else None
+        ops = kernel_ops(gate_up)
         if ops is not None:
             act = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
             ops.silu_and_mul(act, gate_up)
@@ -66,13 +68,13 @@ class MLP(nn.Module):
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
-    __call__ = forward   # skip nn.Module's hook machinery: ~1 us a call, ~10 calls a layer (quant/weights.py)
+    __call__ = forward   # skip nn.Module's hook machinery: ~1 us a call, ~10 calls a layer (quant/layers.py)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend):
         super().__init__()
-        self.self_attn = Attention(cfg, rotary)
+        self.self_attn = Attention(cfg, rotary, backend)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -86,7 +88,7 @@ class DecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
-    __call__ = forward   # skip nn.Module's hook machinery: ~1 us a call, ~10 calls a layer (quant/weights.py)
+    __call__ = forward   # skip nn.Module's hook machinery: ~1 us a call, ~10 calls a layer (quant/layers.py)
 
 
 def expose_submodules(model: nn.Module) -> None:
@@ -100,12 +102,14 @@ def expose_submodules(model: nn.Module) -> None:
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int):
+    """The decoder stack and the logits projection; `backend` runs every layer's paged attention."""
+
+    def __init__(self, cfg: ModelConfig, max_position: int, backend: AttentionBackend):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.attn_backend = cfg, backend
         self.rotary = rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, backend) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 

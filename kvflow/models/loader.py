@@ -1,16 +1,23 @@
-"""Load a model from a Hugging Face folder (config.json + safetensors shards) or a GGUF file."""
+"""Load a model from a Hugging Face folder (config.json + safetensors shards) or a GGUF file.
+
+is_gguf and load_model_config import no torch (the config is resolved without the model stack); the
+model class comes from the registry (models/registry.py), the attention backend from
+kvflow/attention/backend.py.
+"""
 from __future__ import annotations
 
 import glob
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import torch
+from typing import TYPE_CHECKING
 
 from kvflow.config import ModelConfig
-from kvflow.layers.rotary import RotaryEmbedding
-from kvflow.models.llama import LlamaForCausalLM
+from kvflow.models.registry import model_class
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def is_gguf(path: str) -> bool:
@@ -46,6 +53,7 @@ def _safetensors_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 @contextmanager
 def _default_dtype(dtype: torch.dtype):
+    import torch
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -55,14 +63,20 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: str, max_position: int,
-               gguf_reader=None, quantization: str | None = None) -> LlamaForCausalLM:
+               gguf_reader=None, quantization: str | None = None, attention_backend: str | None = None) -> nn.Module:
     """Build the model without initialising it (meta device), then fill it from the checkpoint
     (a Hugging Face folder, or the GGUF file `gguf_reader` has open).
 
-    quantization (kvflow/quant/weights.py): "int8" / "int4" quantize the linear layers once loaded;
-    "gguf" installs them from the file's Q4_0 / Q4_1 / Q8_0 blocks first, and the rest loads dense."""
+    quantization (kvflow/quant): "int8" / "int4" quantize the linear layers once loaded (quant/layers.py);
+    "gguf" installs them from the file's Q4_0 / Q4_1 / Q8_0 blocks first (quant/gguf_repack.py), and the
+    rest loads dense. attention_backend: a registered backend's name; None = the device's default."""
+    import torch
+
+    from kvflow.attention.backend import get_attention_backend
+    from kvflow.layers.rotary import RotaryEmbedding
+    backend = get_attention_backend(attention_backend, device)
     with torch.device("meta"), _default_dtype(dtype):
-        model = LlamaForCausalLM(cfg, max_position)
+        model = model_class(cfg.model_type)(cfg, max_position, backend)
     model.to_empty(device=device)
     for m in model.modules():                 # buffers are not in checkpoints: rebuild them for real
         if isinstance(m, RotaryEmbedding):
@@ -70,7 +84,7 @@ def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: str, max
     kept: set[str] = set()
     if quantization == "gguf":
         from kvflow.models.gguf import gguf_blocks
-        from kvflow.quant.weights import quantize_model_from_gguf
+        from kvflow.quant.gguf_repack import quantize_model_from_gguf
         kept = quantize_model_from_gguf(model, lambda names: dict(gguf_blocks(gguf_reader, names)))
     if gguf_reader is not None:
         from kvflow.models.gguf import gguf_weights
@@ -80,6 +94,6 @@ def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: str, max
     with torch.no_grad():
         model.load_weights(weights)
     if quantization in ("int8", "int4"):
-        from kvflow.quant.weights import quantize_model
+        from kvflow.quant.layers import quantize_model
         quantize_model(model, quantization)
     return model.eval()
