@@ -1,4 +1,6 @@
 """The `kvflow` command line: generate, chat, and argument errors (exit 2, no traceback)."""
+import argparse
+import dataclasses
 import io
 import os
 import subprocess
@@ -6,8 +8,11 @@ import sys
 
 import pytest
 
+from kvflow import config
+from kvflow.config import EngineConfig
 from kvflow.engine.llm_engine import LLMEngine
-from kvflow.entrypoints.cli import main
+from kvflow.entrypoints.cli import main, make_parser
+from kvflow.entrypoints.cli_args import CLIError, add_engine_args, engine_kwargs
 from tests.conftest import needs_default_model
 
 needs_model = needs_default_model
@@ -85,6 +90,11 @@ def test_chat_eof_without_input(capsys, monkeypatch):
     ["generate", "x", "--model", "/no/such/model"],
     ["generate", "x", "--model", "/no/such/model.gguf"],
     ["generate", "x", "--kv-cache-memory", "-1"],
+    ["generate", "x", "--max-num-seqs", "0"],          # config validation (ValueError)
+    ["generate", "x", "--block-size", "0"],
+    ["serve", "--max-num-batched-tokens", "-1"],
+    ["generate", "x", "--kv-cache-dtype", "fp8"],      # not among the choices
+    ["generate", "x", "--swap-space", "-0.5"],
     ["generate", "x", "--temperature", "hot"],
     ["chat", "--top-k", "-5"],
     ["generate"],
@@ -104,3 +114,89 @@ def test_bad_args_subprocess():
     assert r.returncode == 2
     assert r.stdout == ""
     assert "kvflow: error: temperature" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- the engine flags, generated from the config fields ----------------------------------------------------
+
+TODAYS_FLAGS = ["--model", "--dtype", "--device", "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens",
+                "--kv-cache-memory", "--no-prefix-caching", "--seed", "--kv-cache-dtype", "--quantization",
+                "--preemption-mode", "--swap-space", "--kv-store-dir", "--kv-store-max", "-v", "--verbose"]
+
+
+def _engine_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    return p
+
+
+def _parse(*argv) -> argparse.Namespace:
+    return make_parser().parse_args(["generate", "x", *argv])
+
+
+def test_every_config_field_has_a_flag():
+    options = _engine_parser()._option_string_actions
+    names = []
+    for section in config.SECTIONS.values():
+        for f in dataclasses.fields(section):
+            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            assert flag in options, f"config field {f.name} has no flag {flag}"
+            assert options[flag].help, flag
+            if f.type in ("bool", bool):
+                assert "--no-" + flag[2:] in options
+            names.append(f.name)
+    assert sorted(engine_kwargs(_engine_parser().parse_args([]))) == sorted(names)
+    for flag in TODAYS_FLAGS + ["--block-size", "--num-kv-blocks", "--num-swap-blocks", "--num-threads"]:
+        assert flag in options, flag
+
+
+def test_defaults_round_trip():
+    args = _parse()
+    assert args.seed is None                   # sampling stays unseeded; the engine gets 0
+    kw = engine_kwargs(args)
+    assert kw["seed"] == 0
+    assert EngineConfig.from_kwargs(**kw) == EngineConfig()
+
+
+def test_gib_flags_convert_to_bytes():
+    kw = engine_kwargs(_parse("--kv-cache-memory", "0.05", "--swap-space", "0", "--kv-store-max", "2"))
+    assert kw["kv_cache_memory_bytes"] == int(0.05 * (1 << 30))
+    assert kw["swap_space_bytes"] == 0
+    assert kw["kv_store_max_bytes"] == 2 << 30
+    for flag, value in [("--kv-cache-memory", "0"), ("--swap-space", "-1"), ("--kv-store-max", "0"),
+                        ("--kv-cache-memory", "inf")]:
+        with pytest.raises(CLIError, match=flag):
+            engine_kwargs(_parse(flag, value))
+
+
+def test_flags_set_fields():
+    kw = engine_kwargs(_parse("--block-size", "32", "--num-threads", "2", "--seed", "7", "--quantization", "int4",
+                              "--preemption-mode", "swap", "--kv-store-dir", "/tmp/kv", "--max-num-seqs", "8"))
+    c = EngineConfig.from_kwargs(**kw)
+    assert (c.cache.block_size, c.parallel.num_threads, c.model.seed) == (32, 2, 7)
+    assert (c.model.quantization, c.scheduler.preemption_mode, c.cache.kv_store_dir) == ("int4", "swap", "/tmp/kv")
+    assert c.scheduler.max_num_seqs == 8
+
+
+@pytest.mark.parametrize("argv", [["--dtype", "fp16"], ["--kv-cache-dtype", "fp8"], ["--quantization", "int2"],
+                                  ["--preemption-mode", "never"], ["--block-size", "big"]])
+def test_choices_and_types_enforced(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        _parse(*argv)
+    assert e.value.code == 2
+    assert "invalid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,expected", [([], True), (["--no-prefix-caching"], False),
+                                           (["--no-enable-prefix-caching"], False),
+                                           (["--enable-prefix-caching"], True),
+                                           (["--no-prefix-caching", "--enable-prefix-caching"], True)])
+def test_prefix_caching_flags(argv, expected):
+    assert engine_kwargs(_parse(*argv))["enable_prefix_caching"] is expected
+
+
+def test_config_error_names_the_problem(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "x", "--max-num-seqs", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvflow: error: ") and "max_num_seqs" in err and "Traceback" not in err

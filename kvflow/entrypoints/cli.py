@@ -11,40 +11,13 @@ import logging
 import os
 import sys
 
+from kvflow.entrypoints.cli_args import CLIError, add_engine_args, engine_kwargs  # noqa: F401 (re-exported)
+
 logger = logging.getLogger("kvflow")
 
 
-class CLIError(Exception):
-    """A user error found by the CLI itself (reported like an argparse error)."""
-
-
 # ---- shared options ------------------------------------------------------------------------------------
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None,
-                   help="a Hugging Face folder or a .gguf file (default: SmolLM2-135M-Instruct GGUF)")
-    g.add_argument("--dtype", default="auto", help="auto (bfloat16), bfloat16 or float32")
-    g.add_argument("--device", default="cpu", help="cpu or cuda")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
-                   help="KV-cache budget in GiB (default 1)")
-    g.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
-    g.add_argument("--seed", type=int, default=None, help="random seed (engine and sampling)")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
-                   help="auto (the model's dtype) or int8 (per token and head scales: about 2x the tokens)")
-    g.add_argument("--quantization", default=None, choices=["int8", "int4", "gguf"],
-                   help="weight-only quantization: int8, int4 (group 32), or gguf (keep a .gguf's Q4_0/Q4_1/Q8_0)")
-    g.add_argument("--preemption-mode", default="auto", choices=["auto", "recompute", "swap"],
-                   help="how a preempted request gives back its KV blocks (auto: the cheaper, per request)")
-    g.add_argument("--swap-space", type=float, default=0.5, metavar="GIB", help="the swap tier's size (default 0.5)")
-    g.add_argument("--kv-store-dir", default=None, metavar="DIR",
-                   help="disk tier of the prefix cache: evicted blocks spill here and survive restarts")
-    g.add_argument("--kv-store-max", type=float, default=4.0, metavar="GIB", help="its size cap (default 4)")
-    g.add_argument("-v", "--verbose", action="store_true", help="log kvflow's info messages to stderr")
-
+# the engine's flags are generated from the config fields: see cli_args.py
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
     g = p.add_argument_group("sampling")
@@ -62,26 +35,12 @@ def sampling_params(args: argparse.Namespace):
                           top_k=args.top_k, seed=args.seed, stop=args.stop)
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    kv_bytes = None if args.kv_cache_memory is None else gib("--kv-cache-memory", args.kv_cache_memory)
-    return dict(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                kv_cache_memory_bytes=kv_bytes, enable_prefix_caching=not args.no_prefix_caching,
-                seed=args.seed if args.seed is not None else 0, kv_cache_dtype=args.kv_cache_dtype,
-                quantization=args.quantization, preemption_mode=args.preemption_mode,
-                swap_space_bytes=gib("--swap-space", args.swap_space, allow_zero=True),
-                kv_store_dir=args.kv_store_dir, kv_store_max_bytes=gib("--kv-store-max", args.kv_store_max))
-
-
-def gib(option: str, value: float, allow_zero: bool = False) -> int:
-    if not (value > 0 or (allow_zero and value == 0)):
-        raise CLIError(f"{option} must be a {'non-negative' if allow_zero else 'positive'} number of GiB, got {value}")
-    return int(value * (1 << 30))
-
-
 def build_llm(args: argparse.Namespace):
+    from kvflow.config import EngineConfig
     from kvflow.entrypoints.llm import LLM
-    return LLM(**engine_kwargs(args))
+    kw = engine_kwargs(args)
+    EngineConfig.from_kwargs(**kw)           # validate before the (slow) model load
+    return LLM(**kw)
 
 
 def stream(engine, request_id: str, prompt: str | None, token_ids: list[int], params, out=None) -> str:
@@ -175,7 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from kvflow.config import EngineConfig
     from kvflow.entrypoints.api_server import serve
-    config = EngineConfig(**engine_kwargs(args))
+    config = EngineConfig.from_kwargs(**engine_kwargs(args))
     if args.max_queue_len < 0:
         raise CLIError(f"--max-queue-len must be >= 0, got {args.max_queue_len}")
     if not 0 < args.port < 65536:
@@ -199,7 +158,7 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     res = perplexity(llm, text, args.max_length, args.stride, args.num_tokens)
     if args.json:
         d = dict(dataclasses.asdict(res), file=args.file, model=llm.engine.model_path,
-                 dtype=str(llm.engine.dtype).removeprefix("torch."), kv_cache_dtype=args.kv_cache_dtype)
+                 dtype=llm.engine.resolved.dtype, kv_cache_dtype=args.kv_cache_dtype)
         print(json.dumps(d))
     else:
         print(f"perplexity: {res.ppl:.4f}\ntokens: {res.num_tokens} ({res.num_windows} window(s) of up to "
