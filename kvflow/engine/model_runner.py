@@ -28,8 +28,8 @@ from kvflow.step import BlockOp, RunnerOutput, SchedulerOutput
 @dataclass
 class RunnerRequest:
     """The runner's state of one request."""
-    prompt_len: int
-    token_ids: list[int]                  # every token whose position the runner has been given
+    prompt_token_ids: list[int]
+    token_ids: list[int]                  # the tokens of every position given so far (outputs included)
     params: SamplingParams
     stop_ids: set[int]
     generator: torch.Generator | None     # seeded requests draw from their own stream
@@ -37,8 +37,8 @@ class RunnerRequest:
     num_prompt_logprobs: int = 1          # prompt tokens covered (the first one has none)
 
     @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[:self.prompt_len]
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
 
 
 @dataclass
@@ -121,8 +121,7 @@ class ModelRunner:
             gen = None
             if new.params.seed is not None:      # its own stream, on the runner's device
                 gen = torch.Generator(device=self.device).manual_seed(new.params.seed)
-            self.requests[new.req_id] = RunnerRequest(len(new.prompt_token_ids), list(new.prompt_token_ids),
-                                                      new.params, set(new.stop_ids), gen)
+            self.requests[new.req_id] = RunnerRequest(new.prompt_token_ids, list(new.prompt_token_ids), new.params, set(new.stop_ids), gen)
         for s in sched.scheduled:
             state = self.requests[s.req_id]
             if s.num_spec_tokens:
@@ -199,7 +198,7 @@ class ModelRunner:
         hidden = self.model(inp.input_ids, inp.positions, inp.attn)
         for i, row, count, pos in inp.prompt_logprob_rows:
             state = self.requests[scheduled[i].req_id]
-            targets = state.token_ids[pos + 1:pos + 1 + count]
+            targets = state.prompt_token_ids[pos + 1:pos + 1 + count]
             out.prompt_logprobs[scheduled[i].req_id] = self.prompt_logprobs(
                 hidden[row:row + count], targets, state.params.prompt_logprobs)
             state.num_prompt_logprobs = pos + 1 + count

@@ -110,13 +110,14 @@ class DiskKVStore(KVTier):
     # ---- reading: fetched on the reader thread, taken by the runner ---------------------------------------------
 
     def fetch(self, keys: list[int]) -> int | None:
-        """Queue the keys not yet read; None while any is being read, else how many leading keys are valid."""
+        """Queue the keys not yet read (one job, read in order); None while any is being read, else how
+        many leading keys are valid."""
         with self.lock:
             todo = [h for h in keys if h not in self.staged and h not in self.reading]
             self.reading.update(todo)
             busy = any(h in self.reading for h in keys)
-        for h in todo:
-            self.read_queue.put(h)
+        if todo:
+            self.read_queue.put(todo)
         if busy:
             return None
         with self.lock:
@@ -138,18 +139,24 @@ class DiskKVStore(KVTier):
         return tensors
 
     def _reader(self) -> None:
+        """Read each job's keys in order; after the first refused file the rest of the chain is useless,
+        so it is not read (its keys stage None: not loadable this time)."""
         while True:
-            h = self.read_queue.get()
-            if h is None:
+            keys = self.read_queue.get()
+            if keys is None:
                 return
-            tensors = None
-            try:
-                tensors = self.load(h)
-            except Exception:
-                logger.exception("KV store: reading a block failed")
-            with self.lock:
-                self.staged[h] = tensors
-                self.reading.discard(h)
+            ok = True
+            for h in keys:
+                tensors = None
+                if ok:
+                    try:
+                        tensors = self.load(h)
+                    except Exception:
+                        logger.exception("KV store: reading a block failed")
+                    ok = tensors is not None
+                with self.lock:
+                    self.staged[h] = tensors
+                    self.reading.discard(h)
 
     # ---- reading one block ----------------------------------------------------------------------------------
 
