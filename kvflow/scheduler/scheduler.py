@@ -25,13 +25,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kvflow.config import PREEMPTION_MODES
 from kvflow.engine.wire import EngineCoreOutput
 from kvflow.memory.block_pool import Block
 from kvflow.memory.kv_cache_manager import KVCacheManager
 from kvflow.request import Request, RequestStatus
 from kvflow.step import NewRequestData, RunnerOutput, ScheduledRequest, SchedulerOutput
 
-PREEMPTION_MODES = ("auto", "recompute", "swap")
 
 
 @dataclass
