@@ -7,7 +7,7 @@ PROMPT ?= The capital of France is
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-test serve generate chat test bench bench-serve clean
+.PHONY: install install-test serve generate chat test test-fast bench bench-serve clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,10 @@ chat: install
 
 test: install-test
 	$(VENV)/bin/python -m pytest -q tests
+
+# the quick loop while editing: no server processes, nothing over ~5 s (markers in pyproject.toml)
+test-fast: install-test
+	$(VENV)/bin/python -m pytest -q -m "not slow and not server" tests
 
 bench: $(VENV)/bin/python
 	$(PIP) -e ".[bench]"

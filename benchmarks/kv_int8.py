@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kvflow import LLM, SamplingParams  # noqa: E402
 from kvflow.eval import perplexity  # noqa: E402
-from kvflow.eval.prompts import AGREEMENT_PROMPTS as PROMPTS  # noqa: E402
+from benchmarks.prompts import AGREEMENT_PROMPTS as PROMPTS  # noqa: E402
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
@@ -62,7 +62,7 @@ def main() -> int:
             res = llm.generate(prompts, params, use_tqdm=False)
             gen_s = time.perf_counter() - t0
             outs[dtype, kv] = [o.outputs[0].token_ids for o in res]
-            blocks = llm.engine.num_kv_blocks
+            blocks = llm.engine.resolved.num_kv_blocks
             del llm
             llm = LLM(model=args.model, dtype=dtype, kv_cache_dtype=kv, max_num_batched_tokens=args.chunk,
                       max_model_len=args.ppl_tokens + 1)

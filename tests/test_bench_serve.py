@@ -1,13 +1,10 @@
 """`kvflow bench serve`: metrics, arrivals, datasets and option checks as pure functions, then end to
-end against a real llama-cpp-python server started here."""
+end against a real `kvflow serve` started here on a tiny random-weight model (the client's measurements
+are what is tested, not the model; llama.cpp's server is a peer in benchmarks/serve.py only)."""
 import argparse
 import asyncio
 import json
 import math
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -16,25 +13,19 @@ from kvflow.bench.datasets import RequestSpec, range_bounds, sample_chat, sample
 from kvflow.bench.metrics import RequestResult, compute_metrics, throughput_bins, tpot
 from kvflow.bench.serve import (BenchConfig, add_cli_args, arrival_times, main, parse_goodput, request_body,
                                 run_benchmark, send_request)
-from kvflow.config import default_model_path
+from kvflow.tokenizer import Tokenizer
+from tests.server_process import Server, free_port
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from kvflow.tokenizer import Tokenizer
-    return Tokenizer.from_pretrained(default_model_path())
+def tok(default_model_path):
+    return Tokenizer.from_pretrained(default_model_path)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     add_cli_args(p)
     return p.parse_args(argv)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- metrics -----------------------------------------------------------------------------------------
@@ -226,54 +217,37 @@ def test_stream_failures_are_recorded(transport, error):
     assert not r.success and error in r.error
 
 
-# ---- end to end against llama-cpp-python's server ----------------------------------------------------
+# ---- end to end against kvflow's own server -------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def llama_server(tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("llama_server") / "server.log"
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", default_model_path(), "--host", "127.0.0.1",
-           "--port", str(port), "--interrupt_requests", "False",
-           # one thread: on a 2-core machine shared with other jobs, llama.cpp's 2 spinning threads can
-           # slow to seconds per token when another process holds a core (correctness is what is tested)
-           "--n_threads", "1", "--n_threads_batch", "1"]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama_cpp.server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"llama_cpp.server did not answer in 90 s:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def tiny_model(tiny_model_dir):
+    return tiny_model_dir("llama_gqa")
 
 
-def test_end_to_end_completions(llama_server, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def tiny_tok(tiny_model):
+    return Tokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def kvflow_server(tmp_path_factory, tiny_model):
+    srv = Server(tmp_path_factory.mktemp("kvflow_server"), "--model", tiny_model, "--dtype", "float32")
+    yield srv.url
+    srv.stop()
+
+
+@pytest.mark.server
+def test_end_to_end_completions(kvflow_server, tiny_model, tmp_path, capsys):
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
-    rc = main(parse(["--base-url", llama_server, "--num-prompts", "4", "--random-input-len", "32",
-                     "--random-output-len", "8", "--goodput", "ttft:60000", "--save-result", str(out_json),
-                     "--plot", str(out_png)]))
+    rc = main(parse(["--base-url", kvflow_server, "--tokenizer", tiny_model, "--num-prompts", "4",
+                     "--random-input-len", "32", "--random-output-len", "8", "--goodput", "ttft:60000",
+                     "--save-result", str(out_json), "--plot", str(out_png)]))
     assert rc == 0
     assert "Serving Benchmark Result" in capsys.readouterr().out
     result = json.loads(out_json.read_text())
     s = result["summary"]
     assert s["completed"] == 4 and s["failed"] == 0
-    assert s["total_output_tokens"] == 32          # EOS banned through logit_bias: exactly 8 each
+    assert s["total_output_tokens"] == 32          # EOS ignored (and banned through logit_bias): exactly 8 each
     assert s["goodput"] == pytest.approx(s["request_throughput"])
     assert all(r["ttft"] > 0 and r["e2e"] >= r["ttft"] and r["output_tokens"] == 8 for r in result["requests"])
     assert all(r["finish_reason"] == "length" and len(r["itl"]) <= 7 for r in result["requests"])
@@ -281,25 +255,30 @@ def test_end_to_end_completions(llama_server, tmp_path, capsys):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_end_to_end_chat_with_rate_and_concurrency(llama_server, tok):
-    cfg = BenchConfig(base_url=llama_server, endpoint="/v1/chat/completions", dataset_name="chat",
-                      num_prompts=3, chat_output_len=6, request_rate=20.0, max_concurrency=2, warmup=0)
-    result = asyncio.run(run_benchmark(cfg, tok=tok, log=lambda s: None))
+@pytest.mark.server
+def test_end_to_end_chat_with_rate_and_concurrency(kvflow_server, tiny_tok):
+    # seed 4: three conversations that fit the tiny model's 1,024 tokens (49, 389 and 515 of them; its
+    # tokenizer spells most words letter by letter, so a long-context one would not)
+    cfg = BenchConfig(base_url=kvflow_server, endpoint="/v1/chat/completions", dataset_name="chat",
+                      num_prompts=3, chat_output_len=6, request_rate=20.0, max_concurrency=2, warmup=0, seed=4)
+    result = asyncio.run(run_benchmark(cfg, tok=tiny_tok, log=lambda s: None))
     assert result["summary"]["completed"] == 3
     assert all(r["output_tokens"] == 6 and r["finish_reason"] == "length" for r in result["requests"])
 
 
-def test_http_errors_are_recorded_not_raised(llama_server, tok):
-    cfg = BenchConfig(base_url=llama_server, num_prompts=2, random_input_len=8, random_output_len=2,
-                      warmup=0, extra_body={"max_tokens": -1})        # the server answers 500
-    result = asyncio.run(run_benchmark(cfg, tok=tok, log=lambda s: None))
+@pytest.mark.server
+def test_http_errors_are_recorded_not_raised(kvflow_server, tiny_tok):
+    cfg = BenchConfig(base_url=kvflow_server, num_prompts=2, random_input_len=8, random_output_len=2,
+                      warmup=0, extra_body={"max_tokens": -1})        # the server answers 400
+    result = asyncio.run(run_benchmark(cfg, tok=tiny_tok, log=lambda s: None))
     assert result["summary"]["failed"] == 2
-    assert all(r["error"].startswith("RuntimeError: HTTP 500") and "max_tokens" in r["error"]
+    assert all(r["error"].startswith("RuntimeError: HTTP 400") and "max_tokens" in r["error"]
                for r in result["requests"]), result["requests"]
 
 
-def test_warmup_failure_raises(llama_server, tok):
-    cfg = BenchConfig(base_url=llama_server, num_prompts=1, random_input_len=8, random_output_len=2,
+@pytest.mark.server
+def test_warmup_failure_raises(kvflow_server, tiny_tok):
+    cfg = BenchConfig(base_url=kvflow_server, num_prompts=1, random_input_len=8, random_output_len=2,
                       extra_body={"max_tokens": -1})
     with pytest.raises(RuntimeError, match="warm-up"):
-        asyncio.run(run_benchmark(cfg, tok=tok, log=lambda s: None))
+        asyncio.run(run_benchmark(cfg, tok=tiny_tok, log=lambda s: None))

@@ -1,5 +1,10 @@
-"""The OpenAI-compatible server, end to end: real `kvflow serve` processes on 127.0.0.1 (default
-model), driven by the official `openai` client and raw HTTP; every server is stopped by its test.
+"""The OpenAI-compatible server, end to end: real `kvflow serve` processes on 127.0.0.1, driven by the
+official `openai` client and raw HTTP; every server is stopped by its test.
+
+What needs real text (greedy answers, stop strings, logprobs, batching invariance) and requests long
+enough to catch in flight (queue bound, drain, engine death) runs on the default model; the refusals
+(API key, validation, error bodies) run on a tiny random-weight model, since no model's output shows
+in them.
 
 The main server runs in float32 so that "the same greedy text as alone" is exact under any batch
 composition (bf16 rounding can legitimately flip a near-tie between batch shapes).
@@ -9,98 +14,26 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import needs_default_model
+from tests.server_process import Server
 
-pytestmark = needs_default_model
+pytestmark = pytest.mark.server
 
 API_KEY = "test-key-123"
+TINY = "tiny-llama"
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colors are",
            "In 1492,", "Water boils at", "My favourite food is", "The quick brown fox"]
 
 
-class Server:
-    """`python -m kvflow serve ...` on a free port; `stop()` ends it (SIGTERM, then SIGKILL)."""
-
-    def __init__(self, tmp_path, *args: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp_path / f"server-{self.port}.log"
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "kvflow", "serve", "--port", str(self.port), *args],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server did not start:\n{self.output()}")
-            time.sleep(0.2)
-        self.core_pid = int(re.search(r"engine core pid (\d+)", self.output()).group(1))
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text()
-
-    def client(self, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kw.pop("api_key", API_KEY), max_retries=0, **kw)
-
-    def metrics(self) -> dict[str, float]:
-        text = httpx.get(f"{self.url}/metrics").text
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[re.sub(r"\{.*\}", "", name)] = float(value)
-        return out
-
-    def wait_idle(self, timeout: float = 5.0) -> dict[str, float]:
-        """Wait until no request runs or waits and no KV block is held; returns the metrics."""
-        deadline = time.monotonic() + timeout
-        while True:
-            m = self.metrics()
-            if m["kvflow:num_requests_running"] == 0 and m["kvflow:num_requests_waiting"] == 0 \
-                    and m["kvflow:kv_cache_usage_perc"] == 0:
-                return m
-            assert time.monotonic() < deadline, f"server not idle: {m}"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        try:
-            os.kill(self.core_pid, signal.SIGKILL)   # never leave the engine core behind
-        except (AttributeError, ProcessLookupError):
-            pass
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("server"), "--api-key", API_KEY, "--dtype", "float32")
+def server(tmp_path_factory, default_model_path):
+    srv = Server(tmp_path_factory.mktemp("server"), "--dtype", "float32", api_key=API_KEY)
     yield srv
     srv.stop()
     assert srv.proc.returncode == 0, srv.output()
@@ -110,6 +43,21 @@ def server(tmp_path_factory):
 def client(server):
     yield server.client()
     server.wait_idle()            # after every test: nothing running, every KV block free or cached
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory, tiny_model_dir):
+    srv = Server(tmp_path_factory.mktemp("tiny_server"), "--model", tiny_model_dir("llama_gqa"),
+                 "--served-model-name", TINY, api_key=API_KEY)
+    yield srv
+    srv.stop()
+    assert srv.proc.returncode == 0, srv.output()
+
+
+@pytest.fixture
+def tiny_client(tiny_server):
+    yield tiny_server.client()
+    tiny_server.wait_idle()
 
 
 def headers(key: str = API_KEY) -> dict:
@@ -220,6 +168,7 @@ def test_echo_with_logprobs_scores_the_prompt(server, client):
     assert lp.text_offset[len(ids)] == len(PROMPTS[0])
 
 
+@pytest.mark.slow
 def test_concurrent_streaming_clients_get_the_same_text_as_alone(server, client):
     alone = {p: client.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt=p, max_tokens=24,
                                           temperature=0).choices[0].text for p in PROMPTS}
@@ -282,13 +231,15 @@ def test_metrics_count_requests(server, client):
 
 # ---- refusals --------------------------------------------------------------------------------------------
 
-def test_api_key_required_on_v1(server, client):
+def test_api_key_required_on_v1(tiny_server, tiny_client):
+    server = tiny_server
     assert httpx.get(f"{server.url}/v1/models").status_code == 401
     r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x"}, headers=headers("wrong"))
     assert r.status_code == 401 and r.json()["error"]["type"] == "AuthenticationError"
     with pytest.raises(openai.AuthenticationError):
         server.client(api_key="nope").models.list()
     assert httpx.get(f"{server.url}/health").status_code == 200      # health needs no key
+    assert [m.id for m in tiny_client.models.list().data] == [TINY]
 
 
 C, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -334,21 +285,21 @@ BAD = [
 
 
 @pytest.mark.parametrize("path,body,status,words", BAD, ids=[f"{i}" for i in range(len(BAD))])
-def test_bad_input_gets_a_clear_4xx(server, client, path, body, status, words):
+def test_bad_input_gets_a_clear_4xx(tiny_server, tiny_client, path, body, status, words):
     kw = {"content": body, "headers": {**headers(), "content-type": "application/json"}} if isinstance(body, bytes) \
         else {"json": body, "headers": headers()}
-    r = httpx.post(f"{server.url}{path}", timeout=30, **kw)
+    r = httpx.post(f"{tiny_server.url}{path}", timeout=30, **kw)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert words in err["message"] + (err.get("param") or ""), err
     assert err["code"] == status and err["type"]
 
 
-def test_openai_client_raises_bad_request(client):
+def test_openai_client_raises_bad_request(tiny_client):
     with pytest.raises(openai.BadRequestError, match="temperature"):
-        client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", messages=MSG, temperature=-1)
+        tiny_client.chat.completions.create(model=TINY, messages=MSG, temperature=-1)
     with pytest.raises(openai.NotFoundError):
-        client.completions.create(model="missing", prompt="x")
+        tiny_client.completions.create(model="missing", prompt="x")
 
 
 # ---- queue bound, drain on SIGTERM, engine death ----------------------------------------------------------
@@ -361,7 +312,8 @@ def _stream_text(url: str, body: dict, out: dict, key: str) -> None:
                 out[key]["events"].append(json.loads(line[6:]))
 
 
-def test_full_queue_gets_503_then_sigterm_drains(tmp_path):
+@pytest.mark.slow
+def test_full_queue_gets_503_then_sigterm_drains(tmp_path, default_model_path):
     srv = Server(tmp_path, "--max-num-seqs", "1", "--max-queue-len", "1", "--drain-timeout", "60")
     try:
         import threading
@@ -392,7 +344,8 @@ def test_full_queue_gets_503_then_sigterm_drains(tmp_path):
         srv.stop()
 
 
-def test_engine_death_fails_waiting_clients_at_once(tmp_path):
+@pytest.mark.slow
+def test_engine_death_fails_waiting_clients_at_once(tmp_path, default_model_path):
     srv = Server(tmp_path)
     try:
         import threading

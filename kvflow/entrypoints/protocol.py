@@ -1,5 +1,5 @@
-"""The OpenAI-compatible wire format: request bodies (pydantic), their SamplingParams, and the
-response / stream-chunk bodies built from RequestOutputs.
+"""The OpenAI-compatible request bodies (pydantic) and the SamplingParams they ask for; the response
+bodies are built in responses.py.
 
 Fields follow OpenAI's API, plus vLLM's extra sampling fields (top_k, min_p, repetition_penalty,
 ignore_eos, min_tokens, stop_token_ids, skip_special_tokens, include_stop_str_in_output).
@@ -7,11 +7,8 @@ Unknown fields are ignored, as OpenAI-compatible servers do.
 """
 from __future__ import annotations
 
-import time
-import uuid
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvflow.outputs import CompletionOutput, Logprob
 from kvflow.sampling.params import SamplingParams
 
 MAX_N = 128
@@ -23,12 +20,6 @@ class ProtocolError(ValueError):
     def __init__(self, message: str, status: int = 400, param: str | None = None):
         super().__init__(message)
         self.status, self.param = status, param
-
-
-def error_body(message: str, status: int, param: str | None = None) -> dict:
-    kind = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-            503: "ServiceUnavailableError"}.get(status, "InternalServerError")
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
 class StreamOptions(BaseModel):
@@ -171,70 +162,3 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     tokens: list[int]
-
-
-# ---- responses -----------------------------------------------------------------------------------------
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    u = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-         "total_tokens": prompt_tokens + completion_tokens}
-    if cached_tokens:
-        u["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
-    return u
-
-
-def finish_reason(comp: CompletionOutput) -> str | None:
-    return None if comp.finish_reason == "abort" else comp.finish_reason
-
-
-def _token_text(lp: Logprob | None, tokenizer, tid: int) -> str:
-    return lp.decoded_token if lp is not None and lp.decoded_token is not None else tokenizer.decode([tid])
-
-
-def completion_logprobs(comp: CompletionOutput, start: int, text_offset: int, top_n: int, tokenizer,
-                        prompt: tuple[list[int], list] | None = None) -> dict:
-    """The completions API's logprobs object for comp's tokens [start:], after the prompt's tokens and
-    their prompt logprobs when `prompt` is given (echo)."""
-    tokens, token_lps, tops, offsets = [], [], [], []
-    pairs = list(zip(comp.token_ids[start:], (comp.logprobs or [])[start:]))
-    if prompt is not None:
-        pairs = list(zip(*prompt)) + pairs
-    for tid, entries in pairs:
-        if entries is None:                  # the first prompt token: nothing before it to score it
-            text = tokenizer.decode([tid])
-            tokens.append(text), token_lps.append(None), tops.append(None), offsets.append(text_offset)
-            text_offset += len(text)
-            continue
-        lp = entries.get(tid)
-        text = _token_text(lp, tokenizer, tid)
-        tokens.append(text)
-        token_lps.append(lp.logprob if lp is not None else None)
-        ranked = sorted(entries.items(), key=lambda kv: kv[1].rank or 0)
-        tops.append({_token_text(v, tokenizer, k): v.logprob for k, v in ranked if k == tid or (v.rank or 0) <= top_n}
-                    if top_n else None)
-        offsets.append(text_offset)
-        text_offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def chat_logprobs(comp: CompletionOutput, start: int, top_n: int, tokenizer) -> dict:
-    """The chat API's logprobs object ({"content": [...]}) for comp's tokens [start:]."""
-    content = []
-    for tid, entries in zip(comp.token_ids[start:], (comp.logprobs or [])[start:]):
-        lp = entries.get(tid)
-        text = _token_text(lp, tokenizer, tid)
-        top = sorted(((k, v) for k, v in entries.items() if v.rank is not None and v.rank <= top_n),
-                     key=lambda kv: kv[1].rank)
-        content.append({"token": text, "logprob": lp.logprob if lp is not None else None,
-                        "bytes": list(text.encode()),
-                        "top_logprobs": [{"token": (t := _token_text(v, tokenizer, k)), "logprob": v.logprob,
-                                          "bytes": list(t.encode())} for k, v in top]})
-    return {"content": content}
-
-
-def created() -> int:
-    return int(time.time())

@@ -1,5 +1,6 @@
 """A fixed set of short, varied prompts for greedy-agreement checks (a quantized mode against the
-unquantized one): the same list for the benchmarks and the tests, so their figures compare."""
+unquantized one): the same list for benchmarks/kv_int8.py and tests/test_kv_int8.py, so their figures
+compare."""
 
 AGREEMENT_PROMPTS = [
     "The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,",

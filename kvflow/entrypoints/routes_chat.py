@@ -1,0 +1,23 @@
+"""POST /v1/chat/completions: messages rendered by the model's chat template; streamed or whole."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from kvflow.entrypoints import protocol as P
+from kvflow.entrypoints.responses import ChatContext, sse
+from kvflow.entrypoints.serving import ServingDep, final_outputs, merge, until_disconnected
+
+router = APIRouter()
+
+
+@router.post("/chat/completions")
+async def chat_completions(req: P.ChatCompletionRequest, raw: Request, serving: ServingDep):
+    serving.check_model(req.model)
+    params = req.sampling_params()
+    text, ids = serving.tok.encode_chat(req.template_messages(), req.add_generation_prompt)
+    gens = serving.submit([(text, ids)], params, "chatcmpl")
+    ctx = ChatContext(req, serving.model_name, params.n, len(ids), serving.tok)
+    if req.stream:
+        return sse(ctx.stream(merge(gens)))
+    finals = await until_disconnected(raw, final_outputs(gens))
+    return ctx.response(finals[0])

@@ -1,0 +1,26 @@
+"""POST /v1/completions: a prompt, a batch of prompts, or token ids; streamed or whole."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from kvflow.entrypoints import protocol as P
+from kvflow.entrypoints.responses import CompletionContext, sse
+from kvflow.entrypoints.serving import ServingDep, final_outputs, merge, until_disconnected
+
+router = APIRouter()
+
+
+@router.post("/completions")
+async def completions(req: P.CompletionRequest, raw: Request, serving: ServingDep):
+    serving.check_model(req.model)
+    params = req.sampling_params()
+    tok = serving.tok
+    inputs = []
+    for p in req.prompts():
+        inputs.append((p, tok.encode(p)) if isinstance(p, str) else (None, list(p)))
+    gens = serving.submit(inputs, params, "cmpl")
+    ctx = CompletionContext(req, serving.model_name, params.n, inputs, tok)
+    if req.stream:
+        return sse(ctx.stream(merge(gens)))
+    finals = await until_disconnected(raw, final_outputs(gens))
+    return ctx.response(finals)

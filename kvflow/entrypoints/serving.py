@@ -1,0 +1,125 @@
+"""What the routes share: the served model (its engine, name and metrics, reached by the routes as the
+`ServingDep` dependency), the checks every request goes through (model name, context length),
+submitting requests, and reading their outputs (merged, awaited whole, cancelled when the client goes
+away).
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from kvflow.engine.async_llm import AsyncLLM
+from kvflow.entrypoints import protocol as P
+from kvflow.entrypoints.metrics import ServerMetrics
+from kvflow.entrypoints.responses import new_id
+from kvflow.outputs import RequestOutput
+
+DISCONNECT_POLL_S = 0.5
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its whole answer was ready; its requests were aborted."""
+
+
+class Serving:
+    """One served model: its engine, its tokenizer, the names it answers to, and its metrics."""
+
+    def __init__(self, engine: AsyncLLM, model_name: str, metrics: ServerMetrics):
+        self.engine, self.model_name, self.metrics, self.tok = engine, model_name, metrics, engine.tokenizer
+        self.model_names = {model_name, engine.model_path}
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.model_names:
+            raise P.ProtocolError(f"the model `{name}` does not exist (this server serves `{self.model_name}`)",
+                                  404, "model")
+
+    def check_length(self, num_prompt: int, max_tokens: int | None) -> None:
+        limit = self.engine.max_model_len
+        if num_prompt >= limit:
+            raise P.ProtocolError(f"this model's maximum context length is {limit} tokens, but the prompt has "
+                                  f"{num_prompt} tokens", param="prompt")
+        if max_tokens is not None and num_prompt + max_tokens > limit:
+            raise P.ProtocolError(f"this model's maximum context length is {limit} tokens, but "
+                                  f"{num_prompt + max_tokens} were requested ({num_prompt} in the prompt, "
+                                  f"{max_tokens} for the completion)", param="max_tokens")
+
+    def submit(self, inputs: list[tuple[str | None, list[int]]], params,
+               prefix: str) -> list[AsyncIterator[RequestOutput]]:
+        """Add one request per (text, token ids) input, all or none; their output iterators."""
+        ids = []
+        try:
+            for text, token_ids in inputs:
+                self.check_length(len(token_ids), params.max_tokens)
+                ids.append(self.engine.add_request(text, token_ids, params, new_id(prefix)))
+        except BaseException:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return [self.engine.outputs(rid) for rid in ids]
+
+
+def get_serving(request: Request) -> Serving:
+    return request.app.state.serving
+
+
+ServingDep = Annotated[Serving, Depends(get_serving)]
+
+
+async def merge(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several requests as they come, tagged with the request's index. Closing this
+    iterator cancels the readers, which aborts the unfinished requests."""
+    if len(gens) == 1:
+        async for out in gens[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, gen):
+        try:
+            async for out in gen:
+                queue.put_nowait((i, out, None))
+        except Exception as e:
+            queue.put_nowait((i, None, e))
+        queue.put_nowait((i, None, StopAsyncIteration()))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(gens)
+        while remaining:
+            i, out, err = await queue.get()
+            if isinstance(err, StopAsyncIteration):
+                remaining -= 1
+            elif err is not None:
+                raise err
+            else:
+                yield i, out
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def final_outputs(gens: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    finals: list[RequestOutput | None] = [None] * len(gens)
+    async for i, out in merge(gens):
+        finals[i] = out
+    return finals
+
+
+async def until_disconnected(raw: Request, coro):
+    """Await `coro`, cancelling it (and so aborting its requests) if the client goes away."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait([task], timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await raw.is_disconnected():
+                raise ClientDisconnected()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
