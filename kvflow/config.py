@@ -17,11 +17,13 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from kvflow.models.registry import SUPPORTED_MODEL_TYPES
+from kvflow.scheduler.policy import POLICY_MODULES
+
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 MAX_DEFAULT_MODEL_LEN = 8192
 
-from kvflow.models.registry import SUPPORTED_MODEL_TYPES  # noqa: E402  (torch-free)
 
 DTYPES = ("auto", "bfloat16", "float32")
 KV_CACHE_DTYPES = ("auto", "int8")
@@ -204,9 +206,14 @@ class SchedulerOptions:
     max_num_batched_tokens: int = opt(2048, "tokens in one step at most (the chunked-prefill budget)")
     preemption_mode: str = opt("auto", "how a preempted request gives back its KV blocks (auto: the cheaper of "
                                        "recompute and swap, per request)", PREEMPTION_MODES)
+    scheduling_policy: str = opt("fcfs", "the order requests are served in, and who is preempted first",
+                                 tuple(POLICY_MODULES))
 
     def __post_init__(self):
         _check_positive(self, "max_num_seqs")
+        if self.scheduling_policy not in POLICY_MODULES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(POLICY_MODULES)}, "
+                             f"got {self.scheduling_policy!r}")
         _check_positive(self, "max_num_batched_tokens")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be auto, recompute or swap, got {self.preemption_mode!r}")

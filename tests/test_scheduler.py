@@ -11,6 +11,7 @@ from kvflow.memory.kv_cache_manager import KVCacheManager
 from kvflow.memory.tiers import KVTier
 from kvflow.request import Request, RequestStatus
 from kvflow.sampling.params import SamplingParams
+from kvflow.scheduler.policy import SchedulingPolicy
 from kvflow.scheduler.scheduler import Scheduler
 from kvflow.step import RunnerOutput, SchedulerOutput
 
@@ -273,3 +274,35 @@ def test_core_modules_import_without_torch():
             "assert sys.modules['torch'] is None\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+class LongestFirst(SchedulingPolicy):
+    """A policy written as a test would: longest prompt first, skip what does not fit, preempt the oldest."""
+    stop_at_blocked = False
+
+    def order_waiting(self, waiting, now):
+        ordered = sorted(waiting, key=lambda r: -len(r.prompt_token_ids))
+        waiting.clear()
+        waiting.extend(ordered)
+
+    def pick_victim(self, candidates):
+        return candidates[0]
+
+
+def test_a_policy_orders_admits_and_picks_victims():
+    h = Harness(num_blocks=6, budget=64)
+    h.sched.policy = LongestFirst()
+    h.add("short", 3, max_tokens=12)
+    h.add("long", 9, max_tokens=12)
+    out, _ = h.step()
+    assert [s.req_id for s in out.scheduled] == ["long", "short"]
+    h.run()
+    assert h.sched.num_preemptions > 0 and sorted(h.finished) == ["long", "short"]
+
+
+def test_scheduling_policy_is_a_config_choice():
+    from kvflow.config import EngineConfig
+    assert EngineConfig().scheduler.scheduling_policy == "fcfs"
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        EngineConfig.from_kwargs(scheduling_policy="lottery")
+    assert Scheduler(KVCacheManager(4, BS), 1, 8, 64, policy="fcfs").policy.name == "fcfs"

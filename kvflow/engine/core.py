@@ -59,7 +59,8 @@ class EngineCore:
         kv = KVCacheManager(rc.num_kv_blocks, bs, cfg.cache.enable_prefix_caching, rc.num_swap_blocks, disk)
         cost = PreemptionCost(runner.block_bytes, swap_bytes_per_s=runner.measure_swap_bandwidth())
         scheduler = Scheduler(kv, cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens,
-                              rc.max_model_len, cfg.scheduler.preemption_mode, cost)
+                              rc.max_model_len, cfg.scheduler.preemption_mode, cost,
+                              policy=cfg.scheduler.scheduling_policy)
         logger.info("loaded %s (%s, %s) in %.1fs; KV cache: %d blocks of %d tokens", rc.model_path,
                     rc.arch.model_type, rc.dtype, time.perf_counter() - t0, rc.num_kv_blocks, bs)
         return cls(runner, scheduler)

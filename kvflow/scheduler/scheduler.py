@@ -30,6 +30,7 @@ from kvflow.engine.wire import EngineCoreOutput
 from kvflow.memory.block_pool import Block
 from kvflow.memory.kv_cache_manager import KVCacheManager
 from kvflow.request import Request, RequestStatus
+from kvflow.scheduler.policy import SchedulingPolicy, make_policy
 from kvflow.step import NewRequestData, RunnerOutput, ScheduledRequest, SchedulerOutput
 
 
@@ -53,7 +54,7 @@ class PreemptionCost:
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  preemption_mode: str = "auto", cost: PreemptionCost | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, policy: SchedulingPolicy | str = "fcfs"):
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, got {preemption_mode!r}")
         self.kv = kv
@@ -63,11 +64,13 @@ class Scheduler:
         self.preemption_mode = preemption_mode
         self.cost = cost or PreemptionCost(block_bytes=1)
         self.clock = clock
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self.requests: dict[str, Request] = {}     # every live request, by id
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._unsent: set[str] = set()             # the runner has not been told about these yet
         self._finished: list[str] = []             # ended since the last step: the runner drops them
+        self._now = 0.0                            # the clock at the start of the step being scheduled
         self.num_preemptions = 0
         self.num_swapped_out = 0                   # preemptions that went to the swap tier (the rest: recompute)
         self.num_scheduled_tokens = 0              # tokens computed, all steps
@@ -100,6 +103,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_req_ids=self._finished)
         self._finished = []
+        self._now = self.clock()
         budget = self.max_num_batched_tokens
         preempted = False
         i = 0
@@ -107,7 +111,8 @@ class Scheduler:
             req = self.running[i]
             num_new = min(req.num_tokens_with_spec - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, num_new):
-                victim = self.running.pop()
+                victim = self.policy.pick_victim(self.running[i:])     # not one already in this step
+                self.running.remove(victim)
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
@@ -117,6 +122,7 @@ class Scheduler:
                 budget -= num_new
                 i += 1
         # admit waiting requests (not in a step that had to preempt: memory is short)
+        self.policy.order_waiting(self.waiting, self._now)
         j = 0
         while j < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[j]
@@ -125,7 +131,10 @@ class Scheduler:
                 j += 1
                 continue
             if not self._admit(req, budget, *prefix):
-                break
+                if self.policy.stop_at_blocked:
+                    break
+                j += 1
+                continue
             del self.waiting[j]
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -203,7 +212,7 @@ class Scheduler:
     def _first_schedule(self, req: Request, num_cached: int) -> None:
         if req.num_cached_tokens < 0:
             req.num_cached_tokens = num_cached
-            req.first_scheduled_time = self.clock()
+            req.first_scheduled_time = self._now
 
     def _preempt(self, req: Request) -> None:
         req.spec_token_ids = []
