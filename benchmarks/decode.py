@@ -143,6 +143,7 @@ def main():
 
     from kvflow import LLM
     from kvflow.config import default_model_path
+    from kvflow.platform import capabilities, describe
     torch.set_num_threads(args.threads)
     model = args.model or default_model_path()
     systems = args.systems.split(",")
@@ -150,6 +151,7 @@ def main():
     print(f"# {os.path.basename(model)}; torch {torch.__version__} ({args.threads} threads); "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start; {args.tokens} tokens"
           f"{f' after a {args.context}-token prompt' if args.context else ''}, best of {args.runs}")
+    print(f"# cpu: {describe()}")
 
     # load every system first, then time them round by round (best of --runs per system, after one
     # warm-up round): interleaving keeps a burst of load on this shared machine from hitting one system
@@ -232,7 +234,8 @@ def main():
               f"fp32's prefix (kvflow: prompt logprobs, i.e. its many-row path)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": model, "load_average": load, "threads": args.threads, "tokens": args.tokens,
+            json.dump({"model": model, "cpu": capabilities(), "load_average": load,
+                       "threads": args.threads, "tokens": args.tokens,
                        "runs": args.runs, "rows": rows}, f, indent=1)
 
 

@@ -37,6 +37,7 @@ import httpx
 
 from kvflow.bench.metrics import plot_result, save_result
 from kvflow.bench.serve import BenchConfig, build_dataset, load_tokenizer, run_benchmark
+from kvflow.platform import capabilities, describe
 
 SYSTEMS = ("kvflow", "llamacpp")
 EXTRA_BODY = {"kvflow": {}, "llamacpp": {"repeat_penalty": 1.0}}
@@ -173,6 +174,7 @@ def main() -> int:
 
     print(f"machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
           f"python {platform.python_version()}, load average {os.getloadavg()[0]:.2f} at start")
+    print(f"cpu: {describe(with_torch=False)}")
     print(f"model: {os.path.basename(model)}")
     print(f"workload: {args.dataset_name} on {args.endpoint}{' (--quick)' if args.quick else ''}: "
           f"{len(specs)} requests, {sum(s.prompt_len for s in specs)} prompt tokens, "
@@ -197,7 +199,8 @@ def main() -> int:
     print("\n" + table(rows))
     with open(os.path.join(args.out, "serve_summary.json"), "w", encoding="utf-8") as f:
         json.dump({"workload": {**vars(args), "request_rate": str(args.request_rate), "model": model,
-                                "requests": len(specs)}, "rows": rows}, f, indent=1)
+                                "requests": len(specs)},
+                   "cpu": capabilities(with_torch=False), "rows": rows}, f, indent=1)
     print(f"\nresults in {args.out}/")
     return 0 if all("summary" in r and r["summary"]["failed"] == 0 for r in rows) else 1
 

@@ -167,7 +167,9 @@ def main():
     machine = (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
                f"torch {torch.__version__} with {torch.get_num_threads()} threads, python {platform.python_version()}, "
                f"load average {os.getloadavg()[0]:.2f} at start")
+    from kvflow.platform import capabilities, describe
     print(f"machine: {machine}")
+    print(f"cpu: {describe()}")
     print(f"model: {os.path.basename(model)}")
     print(f"workload: W-CPU{' (--quick)' if args.quick else ''}: {len(reqs)} requests, "
           f"{sum(len(p) for p, _ in reqs)} prompt tokens, {n_out} output tokens, EOS ignored\n", flush=True)
@@ -194,7 +196,8 @@ def main():
         gc.collect()
         assert [len(t) for t in toks] == [m for _, m in reqs], f"{system}: wrong output lengths"
         if system == "kvflow" and dtype.startswith("auto"):
-            dtype = dtype.replace("auto", "bfloat16 (auto)", 1)
+            from kvflow.config import resolve_dtype        # what auto is on this CPU
+            dtype = dtype.replace("auto", f"{resolve_dtype('auto', 'cpu')} (auto)", 1)
         rows.append({"system": system, "dtype": dtype, "output_tokens": n_out, "wall_s": wall,
                      "tok_s": n_out / wall, "tokens": toks, **extra})
         print(f"  {n_out / wall:.1f} tok/s in {wall:.2f} s", flush=True)
@@ -226,7 +229,7 @@ def main():
 
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "model": model, "quick": args.quick, "requests": len(reqs),
+            json.dump({"machine": machine, "cpu": capabilities(), "model": model, "quick": args.quick, "requests": len(reqs),
                        "rows": [{k: v for k, v in r.items() if k != "tokens"} for r in rows]}, f, indent=2)
         print(f"saved {args.json}")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -138,15 +139,38 @@ def dtype_name(dtype) -> str:
 
 
 def resolve_dtype(dtype, device: str) -> str:
-    """`auto` is bf16 (on the CPU bf16 matmuls run about 2x fp32 here, see README); fp16 is refused on the
-    CPU, where PyTorch has no fast path for it. Returns the dtype's name."""
+    """The compute dtype's name. `auto`: on the CPU, bf16 only where the processor multiplies bf16 natively
+    (AVX-512 BF16 or AMX; bf16 matmuls then run about 2x fp32, see README), float32 elsewhere, where
+    PyTorch converts bf16 to fp32 for every matmul; bf16 on other devices. Asking for bf16 on a CPU without
+    it works, with a warning. fp16 is refused on the CPU, where PyTorch has no fast path for it."""
+    if device == "cpu":
+        from kvflow.platform import cpu_info, log_capabilities
+        log_capabilities()                  # once per process, at engine start
+        if dtype == "auto":
+            return "bfloat16" if cpu_info().bf16_native else "float32"
     name = "bfloat16" if dtype == "auto" else dtype_name(dtype)
     if name not in DTYPE_SIZES:
         raise ValueError(f"dtype must be one of auto, float32, bfloat16 (got {dtype!r})")
     if name == "float16" and device == "cpu":
         raise ValueError("dtype float16 is not supported on the CPU (about 100x slower than bfloat16): "
                          "use dtype='bfloat16' or 'float32'")
+    if name == "bfloat16" and device == "cpu" and not cpu_info().bf16_native:
+        _warn_slow_bf16(cpu_info().model)
     return name
+
+
+_warned_bf16 = False
+
+
+def _warn_slow_bf16(model: str) -> None:
+    global _warned_bf16
+    if not _warned_bf16:
+        _warned_bf16 = True
+        logging.getLogger(__name__).warning(
+            "dtype bfloat16 on a CPU without native bf16 (%s: no AVX-512 BF16 or AMX): PyTorch converts "
+            "bf16 to fp32 for every matmul, so it runs slower than float32 (W-CPU on an AVX2 EPYC: kvflow "
+            "in bf16 12.6 tok/s, HF transformers in float32 19.1) and only halves the memory of the "
+            "weights and KV cache; dtype='auto' chooses float32 here", model or "this processor")
 
 
 # ---- what the user asks for, in sections ---------------------------------------------------------------
@@ -154,7 +178,8 @@ def resolve_dtype(dtype, device: str) -> str:
 @dataclass
 class ModelOptions:
     model: str | None = opt(None, "a Hugging Face folder or a .gguf file (default: SmolLM2-135M-Instruct GGUF)")
-    dtype: str = opt("auto", "compute dtype: auto (bfloat16), bfloat16 or float32", DTYPES)
+    dtype: str = opt("auto", "compute dtype: auto (bfloat16 where the CPU multiplies it natively, else "
+                             "float32), bfloat16 or float32", DTYPES)
     device: str = opt("cpu", "cpu or cuda")
     max_model_len: int | None = opt(None, "context length (default: the model's, capped at 8192)")
     quantization: str | None = opt(None, "weight-only quantization: int8, int4 (group 32), or gguf (keep a "

@@ -195,7 +195,7 @@ def test_int4_tile_packing_round_trips():
 
 
 @needs_kernels
-@pytest.mark.skipif(ops is None or not hasattr(ops, "int4_linear"), reason="needs AVX-512 VNNI")
+@pytest.mark.skipif(ops is None or not hasattr(ops, "int4_linear"), reason="needs AVX-512 VNNI or AVX2 + FMA")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 17, 128])
 def test_int4_linear_matches_the_dequantized_matmul(dtype, rows):
@@ -230,7 +230,7 @@ def test_int8_tile_packing_round_trips():
 
 
 @needs_kernels
-@pytest.mark.skipif(ops is None or not hasattr(ops, "int8_linear"), reason="needs AVX-512 VNNI")
+@pytest.mark.skipif(ops is None or not hasattr(ops, "int8_linear"), reason="needs AVX-512 VNNI or AVX2 + FMA")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 5, 40])
 def test_int8_linear_matches_the_dequantized_matmul(dtype, rows):

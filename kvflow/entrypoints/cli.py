@@ -1,5 +1,5 @@
 """The `kvflow` command line: `kvflow serve`, `kvflow generate PROMPT`, `kvflow chat`, `kvflow bench serve`,
-`kvflow eval perplexity --file F`.
+`kvflow eval perplexity --file F`, `kvflow env` (this machine's CPU capabilities and versions).
 
 Only the generated text goes to stdout; logs and errors go to stderr. A bad argument value prints
 `kvflow: error: <message>` and exits 2, as argparse does for a malformed command line.
@@ -171,12 +171,49 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return bench_serve_main(args)
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    """Versions and the CPU's capabilities (what dtype="auto" and the kernels choose by)."""
+    import json
+    import platform
+
+    import torch
+
+    from kvflow import __version__
+    from kvflow.platform import capabilities
+    caps = capabilities()
+    info = {"kvflow": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "cpu": caps}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"kvflow {__version__}, python {info['python']}, torch {info['torch']} ({info['torch_threads']} threads)")
+    print(f"cpu: {caps['model'] or 'unknown'} ({caps['arch']}, {caps['cores']} cores)")
+    print(f"flags: {' '.join(caps['flags']) or 'none'}")
+    print(f"torch cpu capability: {caps['torch_capability']}")
+    print(f"bf16 native: {'yes' if caps['bf16_native'] else 'no'} (dtype auto: "
+          f"{'bfloat16' if caps['bf16_native'] else 'float32'})")
+    print(f"weight kernels: {caps['kernel_isa']}")
+    return 0
+
+
+class VersionAction(argparse.Action):
+    """`kvflow --version`: the version, then the CPU line (argparse's own action rewraps the text)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from kvflow import __version__
+        from kvflow.platform import describe
+        print(f"kvflow {__version__}\ncpu: {describe(with_torch=False)}")
+        parser.exit(0)
+
+
 # ---- main ----------------------------------------------------------------------------------------------
 
 def make_parser() -> argparse.ArgumentParser:
-    from kvflow import __version__
     parser = argparse.ArgumentParser(prog="kvflow", description="kvflow: LLM inference with a paged KV cache")
-    parser.add_argument("--version", action="version", version=f"kvflow {__version__}")
+    parser.add_argument("--version", action=VersionAction, help="print the version and the CPU's capabilities")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("generate", help="complete a prompt and print the continuation",
@@ -233,6 +270,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     add_engine_args(p)
     p.set_defaults(func=cmd_eval_perplexity)
+
+    p = sub.add_parser("env", help="versions and this machine's CPU capabilities",
+                       description="kvflow, python and torch versions; the CPU's model and flags, and what "
+                                   "dtype=auto and the weight kernels choose by them.")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_env, verbose=False)
     return parser
 
 

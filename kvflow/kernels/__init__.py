@@ -1,5 +1,5 @@
-"""kvflow's CPU kernels (cpu.cpp, compiled by build.py on first use), and the one place that decides
-whether a call site runs them.
+"""kvflow's CPU kernels (cpu.cpp and weights.cpp, compiled by build.py on first use for this CPU's
+instruction set), and the one place that decides whether a call site runs them.
 
 Every call site asks `kernel_ops(x)` for the kernels' ops (torch.ops.kvflow.*, as attributes of a
 namespace) and runs its PyTorch code when the answer is None; that code is also the reference the
@@ -9,7 +9,8 @@ kernels are tested against. The answer is None when:
 - the process-wide switch is off (`set_enabled(False)`, `with disabled():`; tests compare both paths),
 - x is not a CPU tensor in a dtype the kernels compute in (KERNEL_DTYPES).
 `kernel_ops_for(device, op)` answers for a device, when a layer is built: e.g. whether this machine has
-the weight matmuls (int4_linear, int8_linear: CPUs with AVX-512 VNNI only).
+the weight matmuls (int4_linear, int8_linear: CPUs with AVX-512 VNNI, or AVX2 + FMA; `weight_tiles()`
+says which variant was built).
 
 kernel_ops is asked on every layer call (~300 times a decode step), so it is two global reads and two
 attribute tests: the library is loaded once into a module global, and the switch is a module global.
@@ -60,11 +61,18 @@ def kernel_ops(x: torch.Tensor) -> types.SimpleNamespace | None:
 
 def kernel_ops_for(device: torch.device | str, op: str | None = None) -> types.SimpleNamespace | None:
     """The kernels for tensors on `device`, or None; with `op`, None also when this build lacks that op
-    (the weight matmuls need AVX-512 VNNI). For choices made once, e.g. a quantized layer's layout."""
+    (the weight matmuls need AVX-512 VNNI or AVX2 + FMA). For choices made once, e.g. a quantized
+    layer's layout."""
     if not ENABLED or torch.device(device).type != "cpu":
         return None
     ops = load_ops()
     return ops if ops is not None and (op is None or hasattr(ops, op)) else None
+
+
+def weight_tiles() -> str | None:
+    """The weight kernels' variant in this build: "avx512_vnni", "avx2" or "none"; None with no kernels."""
+    ops = load_ops()
+    return None if ops is None else ops.weight_tiles()
 
 
 def set_enabled(flag: bool) -> bool:

@@ -1,11 +1,14 @@
-"""Building kvflow's CPU kernels (cpu.cpp) with the system C++ compiler, and loading them from a cache.
+"""Building kvflow's CPU kernels (cpu.cpp, weights.cpp and their headers) with the system C++ compiler, and
+loading them from a cache.
 
 The shared library is compiled against the installed torch's headers for this machine's CPU
-(-march=native), once: about 10 s. It is cached in `$KVFLOW_CACHE_DIR/kernels` (default
-~/.cache/kvflow/kernels, or the temp dir when that is not writable) under a name that hashes the source,
-the flags, torch's version and the CPU's feature flags, so an edit, a torch upgrade or another machine
-sharing the folder builds its own copy. Which call sites use the kernels is decided in kvflow/kernels
-(`kernel_ops`), not here.
+(-march=native), once: about 10 s. The weight kernels' variant follows the instruction set
+(kvflow.platform: AVX-512 VNNI, else AVX2 + FMA, else none); `KVFLOW_CPU_ISA=avx2` builds for AVX2 on an
+AVX-512 machine (-mno-avx512f: the whole library as on an AVX2-only CPU), `generic` without AVX2 either.
+It is cached in `$KVFLOW_CACHE_DIR/kernels` (default ~/.cache/kvflow/kernels, or the temp dir when that
+is not writable) under a name that carries the instruction set and hashes the sources, the flags, torch's
+version and the CPU's feature flags, so an edit, a torch upgrade or another machine sharing the folder
+builds its own copy. Which call sites use the kernels is decided in kvflow/kernels (`kernel_ops`), not here.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import shutil
 import subprocess
 import sysconfig
 import tempfile
+import time
 import types
 from pathlib import Path
 
@@ -24,7 +28,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "cpu.cpp", HERE / "weights.cpp"]                  # compiled together into one library
+HEADERS = [HERE / "common.h", HERE / "tiles_avx512.h", HERE / "tiles_avx2.h"]
+# what -march=native is narrowed by when KVFLOW_CPU_ISA asks for less than the CPU has
+ISA_FLAGS = {"avx512_vnni": [], "avx2": ["-mno-avx512f"], "generic": ["-mno-avx512f", "-mno-avx2", "-mno-fma"]}
 # no -ffast-math: NaN checks and the order of fp32 roundings stay as written (no FMA contraction either);
 # -fno-trapping-math lets loops with conversions and selects vectorise (results unchanged)
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-std=c++20", "-fPIC", "-shared", "-fopenmp", "-w",
@@ -55,15 +63,31 @@ def cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"kvflow-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
 
 
-def library_path() -> Path:
+def target_isa() -> str:
+    """The instruction set the library is built for: the CPU's best, or less with $KVFLOW_CPU_ISA."""
+    from kvflow.platform import cpu_info
+    return cpu_info().kernel_isa
+
+
+def flags(isa: str) -> list[str]:
+    """The compiler's flags for `isa` (on the CPU's own best ISA, the narrowing flags change nothing)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return FLAGS
+    return FLAGS + ISA_FLAGS[isa]
+
+
+def library_path(isa: str | None = None) -> Path:
+    isa = isa or target_isa()
     key = hashlib.blake2b(digest_size=8)
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), torch.__version__.encode(), _cpu_identity().encode()):
+    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), " ".join(flags(isa)).encode(),
+                 torch.__version__.encode(), _cpu_identity().encode()):
         key.update(part)
-    return cache_dir() / f"kvflow_cpu_{key.hexdigest()}.so"
+    return cache_dir() / f"kvflow_cpu_{isa}_{key.hexdigest()}.so"
 
 
-def build(path: Path) -> None:
-    """Compile cpu.cpp into `path` (atomically: a concurrent build never sees a half-written file)."""
+def build(path: Path, isa: str | None = None) -> None:
+    """Compile the sources into `path` (atomically: a concurrent build never sees a half-written file)."""
+    isa = isa or target_isa()
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         raise RuntimeError("no C++ compiler (set CXX, or install g++)")
@@ -73,28 +97,49 @@ def build(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
-    # link torch's own libgomp (the same soname is already loaded): one OpenMP runtime in the process
-    cmd = [cxx, *FLAGS, *(f"-I{p}" for p in includes), str(SOURCE), "-o", tmp, f"-L{torch_dir / 'lib'}",
-           f"-Wl,-rpath,{torch_dir / 'lib'}", "-ltorch", "-ltorch_cpu", "-lc10"]
+    objdir = tempfile.mkdtemp(dir=path.parent)
+    objects = [os.path.join(objdir, f"{src.stem}.o") for src in SOURCES]
+    compile_flags = [f for f in flags(isa) if f != "-shared"]
+    # the files compile in parallel (each parses torch's headers: most of the time), then link once;
+    # torch's own libgomp is linked (the same soname is already loaded): one OpenMP runtime in the process
+    compiles = [[cxx, *compile_flags, *(f"-I{p}" for p in includes), "-c", str(src), "-o", obj]
+                for src, obj in zip(SOURCES, objects)]
+    link = [cxx, "-shared", "-fopenmp", *objects, "-o", tmp, f"-L{torch_dir / 'lib'}",
+            f"-Wl,-rpath,{torch_dir / 'lib'}", "-ltorch", "-ltorch_cpu", "-lc10"]
+    procs: list[subprocess.Popen] = []
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"building the CPU kernels failed:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}")
+        procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for cmd in compiles]
+        for cmd, proc in zip(compiles, procs):
+            err = proc.communicate()[1]
+            if proc.returncode != 0:
+                raise RuntimeError(f"building the CPU kernels failed:\n{' '.join(cmd)}\n{err[-4000:]}")
+        done = subprocess.run(link, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"linking the CPU kernels failed:\n{' '.join(link)}\n{done.stderr[-4000:]}")
         os.replace(tmp, path)
     finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         if os.path.exists(tmp):
             os.unlink(tmp)
+        shutil.rmtree(objdir, ignore_errors=True)
 
 
 def load_library() -> types.SimpleNamespace | None:
     """Build (once) and load the library; its ops as attributes of a namespace, or None when it cannot be
     built here (no compiler, no headers, a read-only home). Ops that need CPU features this machine lacks
-    are absent (int4_linear and int8_linear need AVX-512 VNNI)."""
+    are absent (int4_linear and int8_linear need AVX-512 VNNI or AVX2 + FMA)."""
     try:
-        path = library_path()
+        isa = target_isa()
+        path = library_path(isa)
         if not path.exists():
-            logger.info("building kvflow's CPU kernels into %s (once)", path)
-            build(path)
+            logger.info("building kvflow's CPU kernels for %s into %s (once, 10-40 s)", isa, path)
+            start = time.perf_counter()
+            build(path, isa)
+            logger.info("built kvflow's CPU kernels in %.1f s", time.perf_counter() - start)
         torch.ops.load_library(str(path))
     except Exception as e:            # the callers run their PyTorch code
         logger.warning("kvflow's CPU kernels are unavailable, using the PyTorch path: %s", e)

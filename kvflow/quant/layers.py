@@ -1,7 +1,8 @@
 """Weight-only quantized linear layers (Int8Linear, Int4Linear) and `quantize_model`, which installs them.
 
 Formats and packings: quant/formats.py. Two layouts, chosen when a layer is built:
-- "tiles": kvflow's kernels (kernels/cpu.cpp, int4_linear / int8_linear) on CPUs with AVX-512 VNNI:
+- "tiles": kvflow's kernels (kernels/weights.cpp, int4_linear / int8_linear) on CPUs with AVX-512 VNNI
+  or AVX2 + FMA (one variant per instruction set, identical results):
   rows in tiles of 16, activations quantized per group of 32 into two int8 terms, integer dot products.
 - "aten": PyTorch's torch._weight_int8pack_mm(x, q, s) and torch._weight_int4pack_mm_for_cpu(x, packed,
   group, sz) (codes packed once by aten._convert_weight_to_int4pack_for_cpu; bf16 activations, since the
@@ -73,7 +74,7 @@ class _QuantLinear(nn.Module):
 
 class Int8Linear(_QuantLinear):
     """int8 weights, one scale per row. Two layouts, chosen when built:
-    - "tiles" (kvflow's kernel, AVX-512 VNNI CPUs, K a multiple of 32): int8 x two-term int8 activations
+    - "tiles" (kvflow's kernel, AVX-512 VNNI or AVX2 CPUs, K a multiple of 32): int8 x two-term int8 activations
       (kernels/cpu.cpp, int8_linear);
     - "aten": PyTorch's _weight_int8pack_mm, which converts every weight to the activations' dtype."""
     kernel_max_rows = 16       # the kernel beats q.to(bf16) + a bf16 matmul up to 16-32 rows (2 threads)
@@ -137,7 +138,7 @@ class Int8Linear(_QuantLinear):
 
 class Int4Linear(_QuantLinear):
     """int4 weights, group-wise. Two layouts, chosen when built:
-    - "tiles" (kvflow's kernel, on CPUs with AVX-512 VNNI): activations quantized to int8 per group of 32,
+    - "tiles" (kvflow's kernel, on CPUs with AVX-512 VNNI or AVX2): activations quantized to int8 per group of 32,
       integer dot products, the 4-bit weights read once for all rows (kernels/cpu.cpp, int4_linear);
     - "aten": PyTorch's _weight_int4pack_mm_for_cpu, which converts every code to fp32 (compute-bound:
       ~20 GB/s of weights on 2 cores, against ~80 GB/s of memory bandwidth).
