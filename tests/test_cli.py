@@ -93,6 +93,8 @@ def test_chat_eof_without_input(capsys, monkeypatch):
     ["generate", "x", "--max-num-seqs", "0"],          # config validation (ValueError)
     ["generate", "x", "--block-size", "0"],
     ["serve", "--max-num-batched-tokens", "-1"],
+    ["serve", "--max-body-bytes", "0"],                # server limits
+    ["serve", "--sse-keepalive", "-1"],
     ["generate", "x", "--kv-cache-dtype", "fp8"],      # not among the choices
     ["generate", "x", "--swap-space", "-0.5"],
     ["generate", "x", "--temperature", "hot"],
@@ -200,3 +202,4 @@ def test_config_error_names_the_problem(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("kvflow: error: ") and "max_num_seqs" in err and "Traceback" not in err
+

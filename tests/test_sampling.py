@@ -47,7 +47,17 @@ BAD_VALUES = [
     ("ignore_eos", 1), ("skip_special_tokens", None),
     ("logit_bias", {"a": 1.0}), ("logit_bias", {-1: 1.0}), ("logit_bias", {3: 101}), ("logit_bias", [1]),
     ("logit_bias", {3: "x"}),
+    # every int crosses to the engine core as a msgpack int64 (issue 19)
+    ("seed", 2 ** 64), ("seed", 2 ** 63), ("seed", -2 ** 63 - 1), ("top_k", 2 ** 64), ("stop_token_ids", [2 ** 64]),
+    ("min_tokens", 2 ** 64), ("max_tokens", 2 ** 64), ("n", 2 ** 64), ("logit_bias", {2 ** 64: 1.0}),
 ]
+
+
+def test_seed_leaves_room_for_every_sample():
+    SamplingParams(seed=2 ** 63 - 1)
+    SamplingParams(n=3, seed=2 ** 63 - 3)
+    with pytest.raises(ValueError, match="^seed "):
+        SamplingParams(n=2, seed=2 ** 63 - 1)           # the second sample would use seed + 1
 
 
 @pytest.mark.parametrize("field,value", BAD_VALUES)

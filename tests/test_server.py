@@ -70,11 +70,15 @@ def test_models_health_version_tokenize(server, client):
     models = client.models.list().data
     assert [m.id for m in models] == ["SmolLM2-135M-Instruct.Q4_1"]
     assert httpx.get(f"{server.url}/health").status_code == 200
-    assert httpx.get(f"{server.url}/version").json()["version"]
-    tok = httpx.post(f"{server.url}/tokenize", json={"prompt": "Hello world"}).json()
+    version = httpx.get(f"{server.url}/version").json()
+    assert version["version"] and version["cpu"]["model"] is not None and "flags" in version["cpu"]
+    assert httpx.post(f"{server.url}/tokenize", json={"prompt": "Hello world"}).status_code == 401   # keyed
+    tok = httpx.post(f"{server.url}/tokenize", json={"prompt": "Hello world"}, headers=headers()).json()
     assert tok["count"] == len(tok["tokens"]) > 0
-    assert httpx.post(f"{server.url}/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == "Hello world"
-    chat = httpx.post(f"{server.url}/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": tok["tokens"]},
+                      headers=headers()).json()["prompt"] == "Hello world"
+    chat = httpx.post(f"{server.url}/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]},
+                      headers=headers()).json()
     assert chat["count"] > tok["count"]
 
 
@@ -126,7 +130,8 @@ def test_batch_of_prompts_and_echo(client):
     assert [c.index for c in out.choices] == [0, 1, 2, 3]
     assert out.choices[0].text.startswith(PROMPTS[0]) and out.choices[2].text.startswith(PROMPTS[1])
     assert out.choices[0].text == out.choices[1].text                    # greedy: both samples agree
-    ids = httpx.post(f"{client.base_url}".replace("/v1/", "/tokenize"), json={"prompt": PROMPTS[0]}).json()["tokens"]
+    ids = httpx.post(f"{client.base_url}".replace("/v1/", "/tokenize"), json={"prompt": PROMPTS[0]},
+                     headers=headers()).json()["tokens"]
     by_ids = client.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt=ids, max_tokens=4, temperature=0)
     assert PROMPTS[0] + by_ids.choices[0].text == out.choices[0].text
 
@@ -157,7 +162,7 @@ def test_logprobs(client):
 
 
 def test_echo_with_logprobs_scores_the_prompt(server, client):
-    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": PROMPTS[0]}).json()["tokens"]
+    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": PROMPTS[0]}, headers=headers()).json()["tokens"]
     out = client.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt=PROMPTS[0], max_tokens=3,
                                     temperature=0, logprobs=1, echo=True)
     c = out.choices[0]
@@ -337,6 +342,7 @@ def test_full_queue_gets_503_then_sigterm_drains(tmp_path, default_model_path):
         for i in range(2):
             events = results[i]["events"]
             assert results[i]["status"] == 200
+            assert "choices" in events[-1], (events[-1], srv.output())
             assert events[-1]["choices"][0]["finish_reason"] == "length"
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{srv.url}/health")

@@ -113,8 +113,17 @@ class AsyncLLM:
         self.output_processor.add_request(request_id, prompt, prompt_token_ids, params, arrival,
                                           [r.request_id for r in reqs])
         self.streams[request_id] = _Stream()
-        for req in reqs:
-            self.client.add_request(req)
+        sent = 0
+        try:
+            for req in reqs:
+                self.client.add_request(req)
+                sent += 1
+        except BaseException:            # release everything registered above: no leaked queue slot
+            self.streams.pop(request_id, None)
+            child_ids = self.output_processor.abort(request_id)
+            if sent and self.errored is None:
+                self.client.abort_requests(child_ids)
+            raise
         return request_id
 
     async def outputs(self, request_id: str) -> AsyncIterator[RequestOutput]:
@@ -137,6 +146,7 @@ class AsyncLLM:
             yield out
 
     def abort_request(self, request_id: str) -> None:
+        self.streams.pop(request_id, None)
         child_ids = self.output_processor.abort(request_id)
         if self.errored is None:
             self.client.abort_requests(child_ids)

@@ -95,7 +95,11 @@ class MPClient(EngineCoreClient):
         self._input.send(encode(list(msg)))
 
     def add_request(self, req: EngineCoreRequest) -> None:
-        self._send("add", req)
+        try:
+            data = encode(["add", req])
+        except (OverflowError, TypeError, ValueError) as e:   # a value msgpack cannot carry
+            raise ValueError(f"the request cannot be sent to the engine core: {e}") from None
+        self._input.send(data)
 
     def abort_requests(self, request_ids, status=RequestStatus.FINISHED_ABORTED) -> None:
         if request_ids and self.is_alive:

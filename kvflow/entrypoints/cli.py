@@ -139,9 +139,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--max-queue-len must be >= 0, got {args.max_queue_len}")
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_body_bytes < 1:
+        raise CLIError(f"--max-body-bytes must be positive, got {args.max_body_bytes}")
+    if not args.sse_keepalive >= 0:
+        raise CLIError(f"--sse-keepalive must be >= 0 seconds, got {args.sse_keepalive}")
     return asyncio.run(serve(config, args.host, args.port, args.api_key or os.environ.get("KVFLOW_API_KEY"),
                              args.served_model_name, args.max_queue_len, args.drain_timeout,
-                             "info" if args.verbose else "warning"))
+                             "info" if args.verbose else "warning", args.max_body_bytes, args.sse_keepalive))
 
 
 def cmd_eval_perplexity(args: argparse.Namespace) -> int:
@@ -244,6 +248,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="requests that may wait beyond --max-num-seqs; more get 503 with Retry-After")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let in-flight requests finish")
+    p.add_argument("--max-body-bytes", type=int, default=2 << 20,
+                   help="larger request bodies get 413 (default: 2 MiB, more than a full context needs)")
+    p.add_argument("--sse-keepalive", type=float, default=15.0, metavar="SECONDS",
+                   help="a stream with nothing to send gets a keep-alive comment this often (0: never)")
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -7,7 +7,7 @@ Unknown fields are ignored, as OpenAI-compatible servers do.
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvflow.sampling.params import SamplingParams
 
@@ -22,14 +22,45 @@ class ProtocolError(ValueError):
         self.status, self.param = status, param
 
 
+def lone_surrogate(value) -> str | None:
+    """The path of the first string in a parsed JSON value that holds a lone surrogate (JSON can carry
+    "\\ud800", UTF-8 and the tokenizer cannot), or None. Iterative: any nesting depth is fine."""
+    stack = [(value, "")]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                stack += [(item, f"{path}.{k}" if path else str(k)), (k, path or "body")]
+        elif isinstance(v, list):
+            stack += [(item, f"{path}[{i}]") for i, item in enumerate(v)]
+    return None
+
+
+class _Body(BaseModel):
+    """A request body: unknown fields are ignored, and text must be valid Unicode (no lone surrogates)."""
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        path = lone_surrogate(data)
+        if path is not None:
+            raise ValueError(f"{path} holds a lone surrogate (such as \\ud800): it is not valid Unicode text")
+        return data
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
 
-class _SamplingRequest(BaseModel):
+class _SamplingRequest(_Body):
     """Fields that both endpoints share."""
-    model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     n: int = 1
@@ -149,8 +180,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return [m.as_template_message() for m in self.messages]
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -158,7 +188,26 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
+
+
+# ---- response bodies the OpenAPI spec declares (the generation bodies are built in responses.py) ------
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class HealthResponse(BaseModel):
+    status: str
+
+
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)}

@@ -6,7 +6,9 @@ that each stream chunk carries only the text and logprobs since the previous one
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,17 +19,26 @@ from kvflow.engine.async_llm import EngineDeadError
 from kvflow.entrypoints import protocol as P
 from kvflow.outputs import CompletionOutput, Logprob, RequestOutput
 
+logger = logging.getLogger("kvflow")
+
 # ---- errors ----------------------------------------------------------------------------------------------
 
 
 def error_body(message: str, status: int, param: str | None = None) -> dict:
     kind = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-            503: "ServiceUnavailableError"}.get(status, "InternalServerError")
+            413: "RequestTooLargeError", 503: "ServiceUnavailableError"}.get(status, "InternalServerError")
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
+class _AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message may quote text that is not valid UTF-8."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def error_response(message: str, status: int, param: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, status, param), status_code=status, headers=headers)
+    return _AsciiJSONResponse(error_body(message, status, param), status_code=status, headers=headers)
 
 
 # ---- pieces of a body ------------------------------------------------------------------------------------
@@ -99,14 +110,49 @@ def chat_logprobs(comp: CompletionOutput, start: int, top_n: int, tokenizer) -> 
 
 # ---- streams ---------------------------------------------------------------------------------------------
 
-def sse(events: AsyncIterator[dict]) -> StreamingResponse:
-    """Server-sent events: one `data:` line per chunk, an error event if the engine dies, then [DONE]."""
+def _event(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+KEEPALIVE = ": keep-alive\n\n"
+
+
+def sse(events: AsyncIterator[dict], serving=None, request_id: str = "") -> StreamingResponse:
+    """Server-sent events: one `data:` line per chunk, then `data: [DONE]`. With a `serving` (serving.py),
+    a `: keep-alive` comment goes out whenever nothing was sent for `serving.keepalive_s` seconds (a
+    queued request stays visibly alive), and when `serving.cut` is set (the drain deadline) the stream
+    ends with an error event. If the engine fails, an error event comes before [DONE]."""
     async def body():
+        keepalive = getattr(serving, "keepalive_s", None) or None
+        cut = asyncio.ensure_future(serving.cut.wait()) if serving is not None else None
+        it, nxt = events.__aiter__(), None
         try:
-            async for event in events:
-                yield f"data: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n"
+            while True:
+                nxt = asyncio.ensure_future(it.__anext__())
+                while not nxt.done():
+                    await asyncio.wait([t for t in (nxt, cut) if t is not None], timeout=keepalive,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    if cut is not None and cut.done() and not nxt.done():
+                        logger.warning("request %s: cut at the drain deadline, still streaming", request_id)
+                        yield _event(error_body("the server is shutting down: the drain deadline passed", 503))
+                        yield "data: [DONE]\n\n"
+                        return
+                    if not nxt.done():
+                        yield KEEPALIVE
+                try:
+                    event = nxt.result()
+                except StopAsyncIteration:
+                    break
+                yield _event(event)
         except EngineDeadError as e:
-            yield f"data: {json.dumps(error_body(f'the engine is not running: {e}', 500))}\n\n"
+            yield _event(error_body(f"the engine is not running: {e}", 500))
+        except (ValueError, RuntimeError) as e:      # the core refused the request after accepting it
+            logger.warning("request %s failed: %s", request_id, e)
+            yield _event(error_body(str(e), 500))
+        finally:
+            for t in (nxt, cut):
+                if t is not None and not t.done():
+                    t.cancel()          # cancelling the pending read aborts the request
         yield "data: [DONE]\n\n"
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -14,10 +14,10 @@ router = APIRouter()
 async def chat_completions(req: P.ChatCompletionRequest, raw: Request, serving: ServingDep):
     serving.check_model(req.model)
     params = req.sampling_params()
-    text, ids = serving.tok.encode_chat(req.template_messages(), req.add_generation_prompt)
+    text, ids = await serving.encode_chat(req.template_messages(), req.add_generation_prompt)
+    ctx = ChatContext(req, serving.model_name, params.n, len(ids), serving.tok)   # before submit: nothing to leak
     gens = serving.submit([(text, ids)], params, "chatcmpl")
-    ctx = ChatContext(req, serving.model_name, params.n, len(ids), serving.tok)
     if req.stream:
-        return sse(ctx.stream(merge(gens)))
+        return sse(ctx.stream(merge(gens)), serving, ctx.id)
     finals = await until_disconnected(raw, final_outputs(gens))
     return ctx.response(finals[0])

@@ -17,10 +17,10 @@ async def completions(req: P.CompletionRequest, raw: Request, serving: ServingDe
     tok = serving.tok
     inputs = []
     for p in req.prompts():
-        inputs.append((p, tok.encode(p)) if isinstance(p, str) else (None, list(p)))
-    gens = serving.submit(inputs, params, "cmpl")
+        inputs.append((p, await serving.encode(p)) if isinstance(p, str) else (None, list(p)))
+    gens = serving.submit(inputs, params, "cmpl")           # validates the token ids that echo decodes below
     ctx = CompletionContext(req, serving.model_name, params.n, inputs, tok)
     if req.stream:
-        return sse(ctx.stream(merge(gens)))
+        return sse(ctx.stream(merge(gens)), serving, ctx.id)
     finals = await until_disconnected(raw, final_outputs(gens))
     return ctx.response(finals)

@@ -1,30 +1,34 @@
-"""Everything but generation: /v1/models (behind the API key), and /health, /version, /metrics,
-/tokenize, /detokenize (open)."""
+"""Everything but generation: /v1/models and /v1/models/{id} (under /v1, behind the API key),
+/tokenize and /detokenize (behind the API key: they run the tokenizer), and /health, /version,
+/metrics (open)."""
 from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import Response
 
 from kvflow import __version__
+from kvflow.platform import capabilities
 from kvflow.entrypoints import protocol as P
 from kvflow.entrypoints.responses import created, error_response
 from kvflow.entrypoints.serving import ServingDep
 
 router = APIRouter()          # at the root, no API key
+keyed_router = APIRouter()    # at the root, behind the API key
 v1_router = APIRouter()       # under /v1
 
 
-@router.get("/health")
+@router.get("/health", response_model=P.HealthResponse, responses={503: {"model": P.ErrorResponse}})
 async def health(serving: ServingDep):
+    """200 {"status": "ok"} while the engine runs; 503 with an error body once it is gone."""
     engine = serving.engine
     if engine.is_healthy:
-        return Response(status_code=200)
+        return {"status": "ok"}
     return error_response(f"the engine is not running: {engine.errored}", 503)
 
 
 @router.get("/version")
 async def version():
-    return {"version": __version__}
+    return {"version": __version__, "cpu": capabilities()}
 
 
 @router.get("/metrics")
@@ -32,27 +36,37 @@ async def prometheus(serving: ServingDep):
     return Response(serving.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+def model_card(serving) -> dict:
+    engine = serving.engine
+    return {"id": serving.model_name, "object": "model", "created": created(), "owned_by": "kvflow",
+            "root": engine.model_path, "max_model_len": engine.max_model_len}
+
+
 @v1_router.get("/models")
 async def models(serving: ServingDep):
-    engine = serving.engine
-    return {"object": "list", "data": [{"id": serving.model_name, "object": "model", "created": created(),
-                                        "owned_by": "kvflow", "root": engine.model_path,
-                                        "max_model_len": engine.max_model_len}]}
+    return {"object": "list", "data": [model_card(serving)]}
 
 
-@router.post("/tokenize")
+@v1_router.get("/models/{model_id:path}")
+async def model(model_id: str, serving: ServingDep):
+    """One model (the openai client's `models.retrieve`); 404 for a model this server does not serve."""
+    serving.check_model(model_id)
+    return model_card(serving)
+
+
+@keyed_router.post("/tokenize")
 async def tokenize(req: P.TokenizeRequest, serving: ServingDep):
     serving.check_model(req.model)
     if (req.prompt is None) == (req.messages is None):
         raise P.ProtocolError("give exactly one of prompt or messages", param="prompt")
     if req.messages is not None:
-        _, ids = serving.tok.encode_chat([m.as_template_message() for m in req.messages], req.add_generation_prompt)
+        _, ids = await serving.encode_chat([m.as_template_message() for m in req.messages], req.add_generation_prompt)
     else:
-        ids = serving.tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        ids = await serving.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     return {"tokens": ids, "count": len(ids), "max_model_len": serving.engine.max_model_len}
 
 
-@router.post("/detokenize")
+@keyed_router.post("/detokenize")
 async def detokenize(req: P.DetokenizeRequest, serving: ServingDep):
     serving.check_model(req.model)
     vocab = serving.engine.model_config.vocab_size

@@ -6,6 +6,7 @@ away).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -17,7 +18,11 @@ from kvflow.entrypoints.metrics import ServerMetrics
 from kvflow.entrypoints.responses import new_id
 from kvflow.outputs import RequestOutput
 
+logger = logging.getLogger("kvflow")
+
 DISCONNECT_POLL_S = 0.5
+MIN_CHARS_PER_TOKEN = 8          # the character bound per token is never below this
+TOKENIZE_INLINE_CHARS = 4096     # longer texts are tokenized in a worker thread, off the event loop
 
 
 class ClientDisconnected(Exception):
@@ -25,11 +30,40 @@ class ClientDisconnected(Exception):
 
 
 class Serving:
-    """One served model: its engine, its tokenizer, the names it answers to, and its metrics."""
+    """One served model: its engine, its tokenizer, the names it answers to, and its metrics; how often
+    a quiet stream gets a keep-alive comment, and `cut`, set at the drain deadline to end every stream."""
 
-    def __init__(self, engine: AsyncLLM, model_name: str, metrics: ServerMetrics):
+    def __init__(self, engine: AsyncLLM, model_name: str, metrics: ServerMetrics, keepalive_s: float = 15.0):
         self.engine, self.model_name, self.metrics, self.tok = engine, model_name, metrics, engine.tokenizer
         self.model_names = {model_name, engine.model_path}
+        self.keepalive_s = keepalive_s
+        self.cut = asyncio.Event()
+        # a token covers at most as many characters as its longest vocabulary string: a text longer than
+        # max_model_len such tokens cannot fit, and is refused before it is tokenized
+        longest = max((len(t) for t in self.tok.convert_ids_to_tokens(range(self.tok.vocab_size)) if t), default=1)
+        self.max_prompt_chars = engine.max_model_len * max(longest, MIN_CHARS_PER_TOKEN)
+
+    def check_chars(self, num_chars: int, param: str = "prompt") -> None:
+        if num_chars > self.max_prompt_chars:
+            raise P.ProtocolError(f"this model's maximum context length is {self.engine.max_model_len} tokens, "
+                                  f"and a text of {num_chars} characters cannot fit in it", param=param)
+
+    async def _run(self, num_chars: int, fn, *args, **kw):
+        """fn(*args, **kw), in a thread when the text is big enough to stall the event loop."""
+        if num_chars > TOKENIZE_INLINE_CHARS:
+            return await asyncio.to_thread(fn, *args, **kw)
+        return fn(*args, **kw)
+
+    async def encode(self, text: str, param: str = "prompt", **kw) -> list[int]:
+        """Token ids of a prompt string, refused first if it is too long to fit in the context."""
+        self.check_chars(len(text), param)
+        return await self._run(len(text), self.tok.encode, text, **kw)
+
+    async def encode_chat(self, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[int]]:
+        """The rendered chat prompt and its token ids, refused first if the messages cannot fit."""
+        num_chars = sum(len(m.get("content") or "") for m in messages)
+        self.check_chars(num_chars, "messages")
+        return await self._run(num_chars, self.tok.encode_chat, messages, add_generation_prompt)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.model_names:
@@ -110,8 +144,10 @@ async def final_outputs(gens: list[AsyncIterator[RequestOutput]]) -> list[Reques
 
 
 async def until_disconnected(raw: Request, coro):
-    """Await `coro`, cancelling it (and so aborting its requests) if the client goes away."""
+    """Await `coro`, cancelling it (and so aborting its requests) if the client goes away, or with a 503
+    at the drain deadline."""
     task = asyncio.ensure_future(coro)
+    cut = get_serving(raw).cut
     try:
         while True:
             done, _ = await asyncio.wait([task], timeout=DISCONNECT_POLL_S)
@@ -119,6 +155,9 @@ async def until_disconnected(raw: Request, coro):
                 return task.result()
             if await raw.is_disconnected():
                 raise ClientDisconnected()
+            if cut.is_set():
+                logger.warning("%s %s: cut at the drain deadline, still running", raw.method, raw.url.path)
+                raise P.ProtocolError("the server is shutting down: the drain deadline passed", 503)
     finally:
         if not task.done():
             task.cancel()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 MAX_LOGPROBS = 20       # largest top-N a request may ask for
 GREEDY_EPS = 1e-5       # temperatures below this are treated as greedy (argmax)
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1   # every int crosses to the engine core as a msgpack int64
 
 
 def _is_int(x) -> bool:
@@ -54,10 +55,11 @@ class SamplingParams:
         self.top_p = self._real("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         if _is_int(self.top_k) and self.top_k == -1:
             self.top_k = 0
-        self.top_k = self._int("top_k", self.top_k, lo=0, hint="top_k must be -1, 0 (off) or a positive int")
+        self.top_k = self._int("top_k", self.top_k, lo=0,
+                               hint="top_k must be -1, 0 (off) or a positive int below 2**63")
         self.min_p = self._real("min_p", self.min_p, 0.0, 1.0)
-        if self.seed is not None:
-            self.seed = self._int("seed", self.seed)
+        if self.seed is not None:       # the samples of n > 1 use seed, seed + 1, ..., seed + n - 1
+            self.seed = self._int("seed", self.seed, lo=INT64_MIN, hi=INT64_MAX - (self.n - 1))
         self.stop = self._stop_strings(self.stop)
         self.stop_token_ids = self._stop_ids(self.stop_token_ids)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
@@ -89,10 +91,13 @@ class SamplingParams:
 
     # --------------------------------------------------------------- validation
     @staticmethod
-    def _int(name, value, lo=None, hi=None, hint=None) -> int:
-        bounds = (f" >= {lo}" if lo is not None else "") + (f" and <= {hi}" if hi is not None else "")
-        ok = _is_int(value) and (lo is None or value >= lo) and (hi is None or value <= hi)
+    def _int(name, value, lo=INT64_MIN, hi=INT64_MAX, hint=None) -> int:
+        ok = _is_int(value) and lo <= value <= hi
         if not ok:
+            below, above = _is_int(value) and value < lo, _is_int(value) and value > hi
+            parts = ([f">= {lo if lo != INT64_MIN else '-2**63'}"] if lo != INT64_MIN or below else []) + \
+                    ([f"<= {hi if hi != INT64_MAX else '2**63 - 1'}"] if hi != INT64_MAX or above else [])
+            bounds = " " + " and ".join(parts) if parts else ""
             raise ValueError(f"{hint or f'{name} must be an int{bounds}'}, got {value!r}")
         return int(value)
 
@@ -131,7 +136,7 @@ class SamplingParams:
         for tid, b in bias.items():
             if isinstance(tid, str) and tid.lstrip("-").isdigit():
                 tid = int(tid)                 # JSON object keys are strings
-            if not _is_int(tid) or tid < 0:
+            if not _is_int(tid) or not 0 <= tid <= INT64_MAX:
                 raise ValueError(f"logit_bias keys must be non-negative token ids, got {tid!r}")
             if not _is_real(b) or not -100 <= b <= 100:
                 raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {b!r}")
@@ -145,6 +150,6 @@ class SamplingParams:
         if not isinstance(ids, (list, tuple, set, frozenset)):
             raise ValueError(f"stop_token_ids must be a list of int, got {ids!r}")
         for t in ids:
-            if not _is_int(t) or t < 0:
-                raise ValueError(f"stop_token_ids must contain only non-negative ints, got {t!r}")
+            if not _is_int(t) or not 0 <= t <= INT64_MAX:
+                raise ValueError(f"stop_token_ids must contain only token ids in [0, 2**63), got {t!r}")
         return [int(t) for t in ids]
