@@ -42,6 +42,8 @@ class EngineCore:
             torch.set_num_threads(cfg.parallel.num_threads)
         torch.manual_seed(cfg.model.seed)
         t0 = time.perf_counter()
+        logger.info("loading %s (%s, %s%s) ...", rc.model_path, rc.arch.model_type, rc.dtype,
+                    f", {cfg.model.quantization}" if cfg.model.quantization else "")
         dtype = getattr(torch, rc.dtype)
         model = load_model(rc.model_path, rc.arch, dtype, cfg.model.device, rc.max_model_len, reader,
                            cfg.model.quantization)
@@ -96,12 +98,14 @@ class EngineCore:
     def warm_up(self) -> None:
         """Run one small request through every stage, so that the first user request does not pay
         for first-call costs (allocator growth, kernel selection); its prefix is then forgotten."""
+        t0 = time.perf_counter()
         self.add_request(EngineCoreRequest("warm-up", list(range(1, 33)), SamplingParams(max_tokens=4, ignore_eos=True),
                                            [], 4, time.monotonic()))
         while self.has_unfinished():
             self.step()
         self.reset_prefix_cache()
         self.kv.num_queries = self.kv.num_hits = 0
+        logger.info("warmed up in %.1fs", time.perf_counter() - t0)
 
     def reset_prefix_cache(self) -> None:
         self.kv.pool.reset_prefix_cache()

@@ -288,7 +288,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(verbose: bool) -> None:
-    """kvflow's logs go to stderr: warnings always, info with -v."""
+    """kvflow's logs go to stderr: warnings always, info with -v (and for `serve`, whose info lines are
+    its start-up progress)."""
     for h in [h for h in logger.handlers if h.get_name() == "kvflow-cli"]:
         logger.removeHandler(h)        # main() may run more than once in a process (tests)
     handler = logging.StreamHandler(sys.stderr)
@@ -301,7 +302,8 @@ def setup_logging(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    # `serve` says what it is doing while it starts (loading, building kernels, warming up), with times
+    setup_logging(args.verbose or getattr(args, "func", None) is cmd_serve)
     try:
         return args.func(args)
     except (CLIError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
