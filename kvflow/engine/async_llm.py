@@ -3,8 +3,14 @@ process's asyncio loop) and an engine-core client whose core runs in its own pro
 (kvflow.engine.core_process, reached over ZMQ with msgpack).
 
 `generate()` is an async iterator of cumulative RequestOutputs. Closing it early (the client went
-away) aborts the request in the core, so its blocks are freed within a step. If the core process
-dies, every waiting request fails at once with EngineDeadError and `errored` says why.
+away) aborts the request in the core, so its blocks are freed within a step.
+
+If the core process dies (it exits, is killed, or sends "dead"), every request in flight fails at once
+with EngineDeadError (failed, not replayed), its output-processor entry is released and the stats reset
+to zero; then a new core is started, after a backoff of 1 s, 2 s, 4 s... While it starts, `restarting`
+is true and new requests get EngineRestartingError. At most `max_engine_restarts` restarts are made
+within `restart_window_s`; past that, or if the new core fails while loading, the engine gives up:
+`fatal` says why and `wait_fatal()` returns (the server then exits non-zero).
 """
 from __future__ import annotations
 
@@ -12,10 +18,11 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 from kvflow.config import EngineConfig
-from kvflow.engine.core_client import EngineDeadError, MPClient
+from kvflow.engine.core_client import EngineDeadError, EngineRestartingError, MPClient
 from kvflow.engine.input_processor import InputProcessor, open_model
 from kvflow.engine.output_processor import OutputProcessor
 from kvflow.engine.wire import EngineStats
@@ -25,8 +32,10 @@ from kvflow.sampling.params import SamplingParams
 logger = logging.getLogger("kvflow")
 
 DEATH_POLL_S = 0.2
+RESTART_WINDOW_S = 600.0      # restarts older than this no longer count against max_engine_restarts
+RESTART_BACKOFF_S = 1.0       # the first restart waits this long, each further one in the window twice as long
 
-__all__ = ["AsyncLLM", "EngineDeadError", "QueueFullError"]
+__all__ = ["AsyncLLM", "EngineDeadError", "EngineRestartingError", "QueueFullError"]
 
 
 class QueueFullError(RuntimeError):
@@ -61,8 +70,19 @@ class _Stream:
 class AsyncLLM:
     def __init__(self, config: EngineConfig, max_queue_len: int = 256,
                  on_output: Callable[[RequestOutput], None] | None = None,
-                 on_stats: Callable[[EngineStats], None] | None = None):
+                 on_stats: Callable[[EngineStats], None] | None = None, max_engine_restarts: int = 3,
+                 restart_window_s: float = RESTART_WINDOW_S, restart_backoff_s: float = RESTART_BACKOFF_S):
+        if max_engine_restarts < 0:
+            raise ValueError(f"max_engine_restarts must be >= 0, got {max_engine_restarts}")
         self.config = config
+        self.max_engine_restarts = max_engine_restarts
+        self.restart_window_s, self.restart_backoff_s = restart_window_s, restart_backoff_s
+        self.restarting = False           # the core died and a new one is starting
+        self.fatal: str | None = None     # why the engine gave up (no more restarts)
+        self.num_restarts = 0
+        self._restart_times: deque[float] = deque()
+        self._fatal_event: asyncio.Event | None = None
+        self._start_timeout = 600.0
         self.max_queue_len = max_queue_len
         self.on_output, self.on_stats = on_output, on_stats
         self.streams: dict[str, _Stream] = {}
@@ -82,12 +102,22 @@ class AsyncLLM:
 
     async def start(self, timeout: float = 600.0) -> None:
         """Wait until the engine core has loaded the model, then start serving its outputs."""
+        self._start_timeout = timeout
+        self._fatal_event = asyncio.Event()
         await self.client.wait_ready(timeout)
-        self._tasks = [asyncio.create_task(self._output_loop()), asyncio.create_task(self._watch_process())]
+        self._tasks = [asyncio.create_task(self._supervise())]
+
+    async def wait_fatal(self) -> str:
+        """Return (why) once the engine has given up: its core died and cannot be restarted."""
+        await self._fatal_event.wait()
+        return self.fatal
 
     async def shutdown(self, timeout: float = 60.0) -> None:
         for t in self._tasks:
             t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.restarting:             # a core still loading reads no message: nothing to persist yet
+            await asyncio.to_thread(self.client.kill)
         await asyncio.to_thread(self.client.shutdown, timeout)
         self._fail_all(EngineDeadError("the server is shutting down"))
 
@@ -102,6 +132,8 @@ class AsyncLLM:
         """Validate and submit a request; returns its id. Raises ValueError for a bad request,
         QueueFullError when the waiting queue is full, EngineDeadError if the core is gone. The caller
         must then consume `outputs(request_id)` (or `abort_request` it)."""
+        if self.restarting:
+            raise EngineRestartingError(f"the engine core is restarting after it failed ({self.errored})")
         if self.errored is not None:
             raise EngineDeadError(self.errored)
         waiting = len(self.output_processor.children) + params.n - self.config.scheduler.max_num_seqs
@@ -154,9 +186,80 @@ class AsyncLLM:
     def reset_prefix_cache(self) -> None:
         self.client.reset_prefix_cache()
 
-    # ---- background tasks --------------------------------------------------------------------------------
+    # ---- background tasks: serve the core's messages, restart it when it dies --------------------------------
 
-    async def _output_loop(self) -> None:
+    async def _supervise(self) -> None:
+        while True:
+            reason = await self._serve_core()
+            if not await self._restart(reason):
+                return
+
+    async def _serve_core(self) -> str:
+        """Run the output loop and the process watch until the core dies; why it died."""
+        tasks = [asyncio.create_task(self._output_loop()), asyncio.create_task(self._watch_process())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        task = done.pop()
+        if task.exception() is not None:
+            logger.error("engine output loop failed", exc_info=task.exception())
+            return f"the engine output loop failed: {task.exception()!r}"
+        return task.result()
+
+    async def _restart(self, reason: str) -> bool:
+        """Fail every request in flight, then start a new core after a backoff. False if the engine gave up."""
+        now = time.monotonic()
+        while self._restart_times and now - self._restart_times[0] > self.restart_window_s:
+            self._restart_times.popleft()
+        recent = len(self._restart_times)
+        give_up = recent >= self.max_engine_restarts
+        logger.error("%s", reason)
+        self.errored, self.restarting = reason, not give_up
+        self._release_all(EngineDeadError(
+            f"{reason}; the engine core {'cannot be restarted' if give_up else 'is being restarted'}: "
+            "this request was failed, not replayed"))
+        await asyncio.to_thread(self.client.kill)
+        if give_up:
+            self._give_up(f"{reason}; no restart left ({self.max_engine_restarts} allowed within "
+                          f"{self.restart_window_s:.0f}s)")
+            return False
+        self._restart_times.append(now)
+        delay = self.restart_backoff_s * 2 ** recent
+        logger.warning("restarting the engine core in %.1fs (restart %d of %d allowed within %.0fs)", delay,
+                       recent + 1, self.max_engine_restarts, self.restart_window_s)
+        self.client.close()
+        await asyncio.sleep(delay)
+        self.client = MPClient(self.resolved)
+        try:
+            await self.client.wait_ready(self._start_timeout)
+        except EngineDeadError as e:
+            self._give_up(f"{reason}; the engine core could not be restarted: {e}")
+            return False
+        self.num_restarts += 1
+        self.errored, self.restarting = None, False
+        logger.warning("engine core restarted: pid %d", self.proc.pid)
+        return True
+
+    def _release_all(self, error: BaseException) -> None:
+        """Fail every stream, forget every request (no queue slot stays taken), zero the stats."""
+        self._fail_all(error)
+        for request_id in list(self.output_processor.parents):
+            self.output_processor.abort(request_id)
+        self.stats = EngineStats()
+        if self.on_stats is not None:
+            self.on_stats(self.stats)
+
+    def _give_up(self, reason: str) -> None:
+        logger.error("the engine gave up: %s", reason)
+        self.errored, self.restarting, self.fatal = reason, False, reason
+        self._fail_all(EngineDeadError(reason))
+        if self._fatal_event is not None:
+            self._fatal_event.set()
+
+    async def _output_loop(self) -> str:
         while True:
             msg = await self.client.get_message()
             kind = msg[0]
@@ -179,19 +282,12 @@ class AsyncLLM:
                     stream.fail(RuntimeError(msg[2]))
             elif kind == "dead":
                 logger.error("engine core failed: %s", msg[1])
-                self._die(f"engine core failed: {msg[1].splitlines()[0]}")
-                return
+                return f"engine core failed: {msg[1].splitlines()[0]}"
 
-    async def _watch_process(self) -> None:
+    async def _watch_process(self) -> str:
         while self.client.is_alive:
             await asyncio.sleep(DEATH_POLL_S)
-        self._die(f"engine core process exited with code {self.proc.returncode}")
-
-    def _die(self, reason: str) -> None:
-        if self.errored is None:
-            logger.error(reason)
-            self.errored = reason
-        self._fail_all(EngineDeadError(reason))
+        return f"engine core process exited with code {self.proc.returncode}"
 
     def _fail_all(self, error: BaseException) -> None:
         for stream in self.streams.values():

@@ -23,7 +23,11 @@ logger = logging.getLogger("kvflow")
 
 
 class EngineDeadError(RuntimeError):
-    """The engine core process is gone: nothing more can be served."""
+    """The engine core process is gone: nothing more can be served by it."""
+
+
+class EngineRestartingError(EngineDeadError):
+    """The engine core died and a new one is starting: try again in a moment."""
 
 
 class EngineCoreClient(ABC):
@@ -76,6 +80,7 @@ class MPClient(EngineCoreClient):
         import zmq
         import zmq.asyncio
         self._zmq_error = zmq.ZMQError
+        self._closed = False
         self._dir = tempfile.TemporaryDirectory(prefix="kvflow-")
         in_addr, out_addr = (f"ipc://{self._dir.name}/{name}" for name in ("input", "output"))
         self._ctx = zmq.Context()
@@ -158,6 +163,9 @@ class MPClient(EngineCoreClient):
         self.close()
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._input.close(0)
         self._output.close(0)
         self._ctx.term()

@@ -20,7 +20,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvflow import __version__
-from kvflow.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError
+from kvflow.engine.async_llm import AsyncLLM, EngineDeadError, EngineRestartingError, QueueFullError
 from kvflow.entrypoints import protocol as P
 from kvflow.entrypoints import routes_chat, routes_completions, routes_misc
 from kvflow.entrypoints.metrics import ServerMetrics
@@ -127,6 +127,10 @@ def add_error_handlers(app: FastAPI) -> None:
     async def _gone(_, exc: ClientDisconnected):
         return Response(status_code=499)      # nobody reads it: the request was aborted
 
+    @app.exception_handler(EngineRestartingError)
+    async def _restarting(_, exc: EngineRestartingError):
+        return error_response(str(exc), 503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
     @app.exception_handler(EngineDeadError)
     async def _dead(_, exc: EngineDeadError):
         return error_response(f"the engine is not running: {exc}", 500)
@@ -137,9 +141,11 @@ def add_error_handlers(app: FastAPI) -> None:
 async def serve(engine_config, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                 served_model_name: str | None = None, max_queue_len: int = 256, drain_timeout: float = 30.0,
                 log_level: str = "warning", max_body_bytes: int = MAX_BODY_BYTES,
-                keepalive_s: float = KEEPALIVE_S) -> int:
+                keepalive_s: float = KEEPALIVE_S, max_engine_restarts: int = 3) -> int:
+    """Serve until SIGTERM/SIGINT (exit code 0), or until the engine core dies and cannot be restarted
+    (`max_engine_restarts` within AsyncLLM's window, or it fails while loading): exit code 1."""
     import uvicorn
-    engine = AsyncLLM(engine_config, max_queue_len)
+    engine = AsyncLLM(engine_config, max_queue_len, max_engine_restarts=max_engine_restarts)
     name = served_model_name or os.path.basename(engine.model_path.rstrip("/")).removesuffix(".gguf")
     metrics = ServerMetrics(name)
     engine.on_output, engine.on_stats = metrics.record_output, metrics.record_stats
@@ -155,12 +161,22 @@ async def serve(engine_config, host: str = "127.0.0.1", port: int = 8000, api_ke
         signal.signal(sig, lambda *_: None)
     print(f"kvflow: serving {name} on http://{host}:{port} (engine core pid {engine.proc.pid})", flush=True)
     cutter = asyncio.create_task(cut_at_deadline(server, app.state.serving, drain_timeout))
+    stopper = asyncio.create_task(exit_when_engine_gives_up(server, engine))
     try:
         await server.serve()
     finally:
         cutter.cancel()
+        stopper.cancel()
         await engine.shutdown()
-    return 0 if server.started else 1
+    return 0 if server.started and engine.fatal is None else 1
+
+
+async def exit_when_engine_gives_up(server, engine: AsyncLLM) -> None:
+    """The engine core cannot come back (every stream has failed): stop the server, so that it exits
+    non-zero and a supervisor sees it."""
+    reason = await engine.wait_fatal()
+    print(f"kvflow: the engine core cannot be restarted, exiting: {reason}", flush=True)
+    server.should_exit = True
 
 
 async def cut_at_deadline(server, serving: Serving, drain_timeout: float) -> None:

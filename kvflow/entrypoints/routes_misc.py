@@ -19,10 +19,15 @@ v1_router = APIRouter()       # under /v1
 
 @router.get("/health", response_model=P.HealthResponse, responses={503: {"model": P.ErrorResponse}})
 async def health(serving: ServingDep):
-    """200 {"status": "ok"} while the engine runs; 503 with an error body once it is gone."""
+    """200 {"status": "ok"} while the engine runs; 503 with an error body while its core restarts (the
+    message starts "restarting", with Retry-After) or once it is gone."""
     engine = serving.engine
     if engine.is_healthy:
         return {"status": "ok"}
+    if engine.fatal is None:          # it died: restarting (or about to, within a poll interval)
+        why = f" ({engine.errored})" if engine.errored else ""
+        return error_response(f"restarting: the engine core failed{why} and a new one is starting", 503,
+                              headers={"Retry-After": "1"})
     return error_response(f"the engine is not running: {engine.errored}", 503)
 
 
