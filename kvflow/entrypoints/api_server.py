@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server (`kvflow serve`): FastAPI + uvicorn in front of an AsyncLLM.
 
 Endpoints: /v1/completions (routes_completions.py), /v1/chat/completions (routes_chat.py), both
-streamed as server-sent events ending in `data: [DONE]` or whole; /v1/models, /v1/models/{id},
+streamed as server-sent events ending in `data: [DONE]` or whole; /v1/responses (routes_responses.py,
+streamed as the Responses API's events or whole); /v1/models, /v1/models/{id},
 /health, /metrics, /tokenize, /detokenize, /version (routes_misc.py). The routes share a `Serving`
 (serving.py); their bodies are built in responses.py. Every refusal is an OpenAI-style error body:
 {"error": {"message", "type", "param", "code"}}; this module maps each exception to its status.
@@ -22,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kvflow import __version__
 from kvflow.engine.async_llm import AsyncLLM, EngineDeadError, EngineRestartingError, QueueFullError
 from kvflow.entrypoints import protocol as P
-from kvflow.entrypoints import routes_chat, routes_completions, routes_misc
+from kvflow.entrypoints import routes_chat, routes_completions, routes_misc, routes_responses
 from kvflow.entrypoints.metrics import ServerMetrics
 from kvflow.entrypoints.responses import error_response
 from kvflow.entrypoints.serving import ClientDisconnected, Serving
@@ -57,7 +58,7 @@ def build_app(engine: AsyncLLM, model_name: str, metrics: ServerMetrics, api_key
     add_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
-    for router in (routes_misc.v1_router, routes_completions.router, routes_chat.router):
+    for router in (routes_misc.v1_router, routes_completions.router, routes_chat.router, routes_responses.router):
         v1.include_router(router)
     app.include_router(routes_misc.router)
     app.include_router(routes_misc.keyed_router, dependencies=[Depends(check_api_key)])

@@ -117,11 +117,15 @@ def _event(obj) -> str:
 KEEPALIVE = ": keep-alive\n\n"
 
 
-def sse(events: AsyncIterator[dict], serving=None, request_id: str = "") -> StreamingResponse:
+def sse(events: AsyncIterator[dict], serving=None, request_id: str = "", frame=_event, done: str | None = "[DONE]",
+        error_event=error_body) -> StreamingResponse:
     """Server-sent events: one `data:` line per chunk, then `data: [DONE]`. With a `serving` (serving.py),
     a `: keep-alive` comment goes out whenever nothing was sent for `serving.keepalive_s` seconds (a
     queued request stays visibly alive), and when `serving.cut` is set (the drain deadline) the stream
-    ends with an error event. If the engine fails, an error event comes before [DONE]."""
+    ends with an error event. If the engine fails, an error event comes before [DONE]. The Responses API
+    passes its own `frame` (event lines), `error_event(message, status)`, and no `done`."""
+    done = f"data: {done}\n\n" if done else ""
+
     async def body():
         keepalive = getattr(serving, "keepalive_s", None) or None
         cut = asyncio.ensure_future(serving.cut.wait()) if serving is not None else None
@@ -134,8 +138,9 @@ def sse(events: AsyncIterator[dict], serving=None, request_id: str = "") -> Stre
                                        return_when=asyncio.FIRST_COMPLETED)
                     if cut is not None and cut.done() and not nxt.done():
                         logger.warning("request %s: cut at the drain deadline, still streaming", request_id)
-                        yield _event(error_body("the server is shutting down: the drain deadline passed", 503))
-                        yield "data: [DONE]\n\n"
+                        yield frame(error_event("the server is shutting down: the drain deadline passed", 503))
+                        if done:
+                            yield done
                         return
                     if not nxt.done():
                         yield KEEPALIVE
@@ -143,17 +148,18 @@ def sse(events: AsyncIterator[dict], serving=None, request_id: str = "") -> Stre
                     event = nxt.result()
                 except StopAsyncIteration:
                     break
-                yield _event(event)
+                yield frame(event)
         except EngineDeadError as e:
-            yield _event(error_body(f"the engine is not running: {e}", 500))
+            yield frame(error_event(f"the engine is not running: {e}", 500))
         except (ValueError, RuntimeError) as e:      # the core refused the request after accepting it
             logger.warning("request %s failed: %s", request_id, e)
-            yield _event(error_body(str(e), 500))
+            yield frame(error_event(str(e), 500))
         finally:
             for t in (nxt, cut):
                 if t is not None and not t.done():
                     t.cancel()          # cancelling the pending read aborts the request
-        yield "data: [DONE]\n\n"
+        if done:
+            yield done
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 

@@ -65,7 +65,7 @@ async def tokenize(req: P.TokenizeRequest, serving: ServingDep):
     if (req.prompt is None) == (req.messages is None):
         raise P.ProtocolError("give exactly one of prompt or messages", param="prompt")
     if req.messages is not None:
-        _, ids = await serving.encode_chat([m.as_template_message() for m in req.messages], req.add_generation_prompt)
+        _, ids = await serving.encode_chat(P.template_messages(req.messages), req.add_generation_prompt)
     else:
         ids = await serving.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     return {"tokens": ids, "count": len(ids), "max_model_len": serving.engine.max_model_len}
