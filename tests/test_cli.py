@@ -96,6 +96,7 @@ def test_chat_eof_without_input(capsys, monkeypatch):
     ["serve", "--max-body-bytes", "0"],                # server limits
     ["serve", "--sse-keepalive", "-1"],
     ["serve", "--max-engine-restarts", "-1"],
+    ["serve", "--max-queue-wait", "-5"],
     ["generate", "x", "--kv-cache-dtype", "fp8"],      # not among the choices
     ["generate", "x", "--swap-space", "-0.5"],
     ["generate", "x", "--temperature", "hot"],

@@ -1,6 +1,7 @@
 """Server hardening (issue 19): odd input never gives a 500 nor leaks a queue slot, the API key guards
 the tokenizer endpoints, what clients probe (models.retrieve, /health as JSON), the body-size limit,
-long prompts refused by their size, SSE keep-alives, and the drain deadline's last events.
+long prompts refused by their size, SSE keep-alives, refusing early what would wait too long (503), and
+the drain deadline's last events.
 
 Most tests run the app in this process (uvicorn on a thread, an AsyncLLM on the tiny model, one
 sequence at a time and a queue of 2), so that they can look inside the engine: its output processor
@@ -31,7 +32,7 @@ MAX_BODY = 64 * 1024
 class InProcessServer:
     """build_app + uvicorn on a background thread's event loop, over a real AsyncLLM (and core process)."""
 
-    def __init__(self, model_dir: str, **app_kw):
+    def __init__(self, model_dir: str, max_num_seqs: int = 1, max_queue_len: int = 2, **app_kw):
         import uvicorn
 
         from kvflow.config import EngineConfig
@@ -44,7 +45,8 @@ class InProcessServer:
         ready = threading.Event()
 
         async def main():
-            self.engine = AsyncLLM(EngineConfig.from_kwargs(model=model_dir, max_num_seqs=1), max_queue_len=2)
+            self.engine = AsyncLLM(EngineConfig.from_kwargs(model=model_dir, max_num_seqs=max_num_seqs),
+                                   max_queue_len=max_queue_len)
             await self.engine.start()
             app = build_app(self.engine, TINY, ServerMetrics(TINY), KEY, **app_kw)
             self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -79,7 +81,7 @@ class InProcessServer:
 
 @pytest.fixture(scope="module")
 def app_server(tiny_model_dir):
-    srv = InProcessServer(tiny_model_dir("llama_gqa"), max_body_bytes=MAX_BODY, keepalive_s=0.1)
+    srv = InProcessServer(tiny_model_dir("llama_gqa"), max_body_bytes=MAX_BODY, keepalive_s=0.1, max_wait_s=3600)
     yield srv
     srv.stop()
 
@@ -259,7 +261,7 @@ def test_refused_by_size_before_tokenizing(app_server, monkeypatch):
     assert r.status_code == 200 and calls == [5000]
 
 
-# ---- item 3 (part): SSE keep-alives ------------------------------------------------------------------------
+# ---- item 3: SSE keep-alives, and refusing early what would wait too long -----------------------------------
 
 def test_queued_stream_gets_keepalives(app_server):
     """One sequence runs at a time: a stream queued behind a long request hears `: keep-alive` until its
@@ -286,6 +288,45 @@ def test_queued_stream_gets_keepalives(app_server):
     first_data = next(i for i, line in enumerate(lines) if line.startswith("data:"))
     assert first_data >= 1 and all(line == ": keep-alive" for line in lines[:first_data]), lines[:5]
     assert lines[-1] == "data: [DONE]"
+
+
+def test_predicted_wait_over_the_limit_gets_503_at_once(app_server):
+    """With max_wait_s, a request predicted to wait longer than that for a batch slot is refused at once
+    (503, Retry-After) instead of queued; with no limit the same request is queued and answered."""
+    serving, engine = app_server.server.config.app.state.serving, app_server.engine
+    assert serving.max_wait_s == 3600                       # build_app's max_wait_s
+    assert post(app_server, C, {"prompt": "x", "max_tokens": 2}).status_code == 200
+    assert app_server.call(lambda: engine.service_s) > 0   # measured from the finished requests
+    assert app_server.call(engine.predicted_wait, 1) == 0  # nothing runs: no wait
+    results = {}
+
+    def blocker():
+        results["blocker"] = post(app_server, C, {"prompt": "x", "max_tokens": 1000, "ignore_eos": True,
+                                                  "temperature": 0}).status_code
+    t = threading.Thread(target=blocker)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while app_server.held()[0] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert app_server.call(engine.predicted_wait, 1) > 0
+        serving.max_wait_s = 1e-6
+        for stream in (False, True):
+            start = time.monotonic()
+            r = post(app_server, C, {"prompt": "x", "max_tokens": 2, "stream": stream})
+            assert time.monotonic() - start < 2.0
+            assert_error(r, 503, "would wait")
+            assert int(r.headers["retry-after"]) >= 1
+        assert app_server.held()[0] == 1                    # only the blocker: nothing was registered
+        serving.max_wait_s = None
+        r = post(app_server, C, {"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    finally:
+        serving.max_wait_s = 3600
+        t.join(60)
+    assert results["blocker"] == 200
+    assert app_server.held() == (0, 0, 0)
 
 
 def test_sse_keepalive_and_cut_unit():

@@ -11,6 +11,9 @@ to zero; then a new core is started, after a backoff of 1 s, 2 s, 4 s... While i
 is true and new requests get EngineRestartingError. At most `max_engine_restarts` restarts are made
 within `restart_window_s`; past that, or if the new core fails while loading, the engine gives up:
 `fatal` says why and `wait_fatal()` returns (the server then exits non-zero).
+
+`predicted_wait(n)` estimates how long a new request would wait for a batch slot, from the mean time a
+finished request held its slots (`service_s`); the server refuses early with it (serving.py, max_wait_s).
 """
 from __future__ import annotations
 
@@ -34,12 +37,17 @@ logger = logging.getLogger("kvflow")
 DEATH_POLL_S = 0.2
 RESTART_WINDOW_S = 600.0      # restarts older than this no longer count against max_engine_restarts
 RESTART_BACKOFF_S = 1.0       # the first restart waits this long, each further one in the window twice as long
+SERVICE_EMA = 0.2             # the weight of the newest finished request in `service_s`, a moving mean
 
 __all__ = ["AsyncLLM", "EngineDeadError", "EngineRestartingError", "QueueFullError"]
 
 
 class QueueFullError(RuntimeError):
-    """Too many requests are waiting: try again later."""
+    """Too many requests are waiting, or they would wait too long: try again in `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class _Stream:
@@ -87,6 +95,9 @@ class AsyncLLM:
         self.on_output, self.on_stats = on_output, on_stats
         self.streams: dict[str, _Stream] = {}
         self.stats = EngineStats()
+        # the mean time a finished request held its batch slots (first scheduled to finished), a moving
+        # mean; None until a request has finished
+        self.service_s: float | None = None
         self.errored: str | None = None
         self._tasks: list[asyncio.Task] = []
         self.resolved, _, self.tokenizer = open_model(config)   # the core process reads the weights itself
@@ -183,6 +194,25 @@ class AsyncLLM:
         if self.errored is None:
             self.client.abort_requests(child_ids)
 
+    def predicted_wait(self, num_seqs: int = 1) -> float | None:
+        """Seconds a new request of `num_seqs` samples would wait until its last sample gets a batch slot,
+        predicted: the sequences ahead of it beyond the batch's `max_num_seqs` slots, times `service_s`,
+        over `max_num_seqs` (slots free at max_num_seqs per service_s). Rough: it ignores how far the
+        running requests have gone and the KV cache. None until a request has finished (no measure)."""
+        if self.service_s is None:
+            return None
+        slots = self.config.scheduler.max_num_seqs
+        ahead = len(self.output_processor.children) + num_seqs - slots
+        return max(0, ahead) * self.service_s / slots
+
+    def _measure(self, out: RequestOutput) -> None:
+        m = out.metrics
+        if m is None or m.finished_time is None:
+            return
+        start = m.first_scheduled_time if m.first_scheduled_time is not None else m.arrival_time
+        took = max(0.0, m.finished_time - start)
+        self.service_s = took if self.service_s is None else (1 - SERVICE_EMA) * self.service_s + SERVICE_EMA * took
+
     def reset_prefix_cache(self) -> None:
         self.client.reset_prefix_cache()
 
@@ -270,8 +300,10 @@ class AsyncLLM:
                     stream = self.streams.get(out.request_id)
                     if stream is not None:
                         stream.put(out)
-                    if out.finished and self.on_output is not None:
-                        self.on_output(out)
+                    if out.finished:
+                        self._measure(out)
+                        if self.on_output is not None:
+                            self.on_output(out)
                 self.stats = msg[2]
                 if self.on_stats is not None:
                     self.on_stats(self.stats)

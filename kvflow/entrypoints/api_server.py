@@ -41,11 +41,13 @@ DRAIN_BACKSTOP_S = 5.0
 
 
 def build_app(engine: AsyncLLM, model_name: str, metrics: ServerMetrics, api_key: str | None = None,
-              max_body_bytes: int = MAX_BODY_BYTES, keepalive_s: float = KEEPALIVE_S) -> FastAPI:
+              max_body_bytes: int = MAX_BODY_BYTES, keepalive_s: float = KEEPALIVE_S,
+              max_wait_s: float | None = None) -> FastAPI:
     """The app serving a started engine as `model_name`; with `api_key`, /v1, /tokenize and /detokenize
     ask for it as a Bearer token (/health, /metrics, /version and the docs stay open). Bodies over
     `max_body_bytes` get 413; a stream that has sent nothing for `keepalive_s` seconds gets an SSE
-    comment (0 turns keep-alives off)."""
+    comment (0 turns keep-alives off). With `max_wait_s`, a request predicted to wait longer than that
+    for a batch slot gets 503 with Retry-After at once (Serving.check_wait; None: no limit)."""
     async def check_api_key(request: Request) -> None:
         # a dependency, not an HTTP middleware: Starlette's middleware wrapper hides client disconnects
         if api_key is not None:
@@ -54,7 +56,7 @@ def build_app(engine: AsyncLLM, model_name: str, metrics: ServerMetrics, api_key
                 raise P.ProtocolError("invalid or missing API key (Authorization: Bearer ...)", 401)
 
     app = FastAPI(title="kvflow", version=__version__, responses=P.ERROR_RESPONSES)
-    app.state.serving = Serving(engine, model_name, metrics, keepalive_s)
+    app.state.serving = Serving(engine, model_name, metrics, keepalive_s, max_wait_s)
     add_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
@@ -122,7 +124,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(QueueFullError)
     async def _busy(_, exc: QueueFullError):
-        return error_response(str(exc), 503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        return error_response(str(exc), 503, headers={"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(_, exc: ClientDisconnected):
@@ -142,16 +144,18 @@ def add_error_handlers(app: FastAPI) -> None:
 async def serve(engine_config, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                 served_model_name: str | None = None, max_queue_len: int = 256, drain_timeout: float = 30.0,
                 log_level: str = "warning", max_body_bytes: int = MAX_BODY_BYTES,
-                keepalive_s: float = KEEPALIVE_S, max_engine_restarts: int = 3) -> int:
+                keepalive_s: float = KEEPALIVE_S, max_engine_restarts: int = 3,
+                max_wait_s: float | None = None) -> int:
     """Serve until SIGTERM/SIGINT (exit code 0), or until the engine core dies and cannot be restarted
-    (`max_engine_restarts` within AsyncLLM's window, or it fails while loading): exit code 1."""
+    (`max_engine_restarts` within AsyncLLM's window, or it fails while loading): exit code 1. See
+    build_app for the other settings."""
     import uvicorn
     engine = AsyncLLM(engine_config, max_queue_len, max_engine_restarts=max_engine_restarts)
     name = served_model_name or os.path.basename(engine.model_path.rstrip("/")).removesuffix(".gguf")
     metrics = ServerMetrics(name)
     engine.on_output, engine.on_stats = metrics.record_output, metrics.record_stats
     await engine.start()
-    app = build_app(engine, name, metrics, api_key, max_body_bytes, keepalive_s)
+    app = build_app(engine, name, metrics, api_key, max_body_bytes, keepalive_s, max_wait_s)
     # the drain deadline is ours (cut_at_deadline): streams still running then end with an error event and
     # [DONE]; uvicorn's own cancellation is only a backstop a little later
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,

@@ -145,10 +145,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--sse-keepalive must be >= 0 seconds, got {args.sse_keepalive}")
     if args.max_engine_restarts < 0:
         raise CLIError(f"--max-engine-restarts must be >= 0, got {args.max_engine_restarts}")
+    if args.max_queue_wait is not None and not args.max_queue_wait >= 0:
+        raise CLIError(f"--max-queue-wait must be >= 0 seconds, got {args.max_queue_wait}")
     return asyncio.run(serve(config, args.host, args.port, args.api_key or os.environ.get("KVFLOW_API_KEY"),
                              args.served_model_name, args.max_queue_len, args.drain_timeout,
                              "info" if args.verbose else "warning", args.max_body_bytes, args.sse_keepalive,
-                             max_engine_restarts=args.max_engine_restarts))
+                             max_engine_restarts=args.max_engine_restarts, max_wait_s=args.max_queue_wait))
 
 
 def cmd_eval_perplexity(args: argparse.Namespace) -> int:
@@ -253,6 +255,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, seconds to let in-flight requests finish")
     p.add_argument("--max-body-bytes", type=int, default=2 << 20,
                    help="larger request bodies get 413 (default: 2 MiB, more than a full context needs)")
+    p.add_argument("--max-queue-wait", type=float, default=None, metavar="SECONDS",
+                   help="refuse with 503 + Retry-After a request predicted to wait longer than this for a "
+                        "batch slot (default: off)")
     p.add_argument("--max-engine-restarts", type=int, default=3,
                    help="restarts of a dead engine core within 10 minutes before the server exits non-zero")
     p.add_argument("--sse-keepalive", type=float, default=15.0, metavar="SECONDS",

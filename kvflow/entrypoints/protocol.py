@@ -361,3 +361,6 @@ class HealthResponse(BaseModel):
 
 
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)}
+# the generation routes answer JSON, or with `stream: true` server-sent events (their spec says both)
+STREAM_RESPONSES = {200: {"description": "The answer as JSON, or with `stream: true` as server-sent events",
+                          "content": {"text/event-stream": {}}}}

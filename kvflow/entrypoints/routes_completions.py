@@ -10,7 +10,7 @@ from kvflow.entrypoints.serving import ServingDep, final_outputs, merge, until_d
 router = APIRouter()
 
 
-@router.post("/completions")
+@router.post("/completions", responses=P.STREAM_RESPONSES)
 async def completions(req: P.CompletionRequest, raw: Request, serving: ServingDep):
     serving.check_model(req.model)
     params = req.sampling_params()

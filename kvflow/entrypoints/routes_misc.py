@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 
 from kvflow import __version__
 from kvflow.platform import capabilities
@@ -36,7 +36,7 @@ async def version():
     return {"version": __version__, "cpu": capabilities()}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def prometheus(serving: ServingDep):
     return Response(serving.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

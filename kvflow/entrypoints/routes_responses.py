@@ -15,7 +15,7 @@ from kvflow.entrypoints.serving import ServingDep, final_outputs, merge, until_d
 router = APIRouter()
 
 
-@router.post("/responses")
+@router.post("/responses", responses=P.STREAM_RESPONSES)
 async def create_response(req: P.ResponsesRequest, raw: Request, serving: ServingDep):
     serving.check_model(req.model)
     params = req.sampling_params()

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from kvflow.engine.async_llm import AsyncLLM
+from kvflow.engine.async_llm import AsyncLLM, QueueFullError
 from kvflow.entrypoints import protocol as P
 from kvflow.entrypoints.metrics import ServerMetrics
 from kvflow.entrypoints.responses import new_id
@@ -31,12 +32,17 @@ class ClientDisconnected(Exception):
 
 class Serving:
     """One served model: its engine, its tokenizer, the names it answers to, and its metrics; how often
-    a quiet stream gets a keep-alive comment, and `cut`, set at the drain deadline to end every stream."""
+    a quiet stream gets a keep-alive comment, `cut`, set at the drain deadline to end every stream, and
+    `max_wait_s`: a request whose predicted wait for a batch slot is longer gets 503 (None: no limit)."""
 
-    def __init__(self, engine: AsyncLLM, model_name: str, metrics: ServerMetrics, keepalive_s: float = 15.0):
+    def __init__(self, engine: AsyncLLM, model_name: str, metrics: ServerMetrics, keepalive_s: float = 15.0,
+                 max_wait_s: float | None = None):
+        if max_wait_s is not None and not max_wait_s >= 0:
+            raise ValueError(f"max_wait_s must be >= 0 seconds or None, got {max_wait_s}")
         self.engine, self.model_name, self.metrics, self.tok = engine, model_name, metrics, engine.tokenizer
         self.model_names = {model_name, engine.model_path}
         self.keepalive_s = keepalive_s
+        self.max_wait_s = max_wait_s
         self.cut = asyncio.Event()
         # a token covers at most as many characters as its longest vocabulary string: a text longer than
         # max_model_len such tokens cannot fit, and is refused before it is tokenized
@@ -80,13 +86,27 @@ class Serving:
                                   f"{num_prompt + max_tokens} were requested ({num_prompt} in the prompt, "
                                   f"{max_tokens} for the completion)", param="max_tokens")
 
+    def check_wait(self, num_seqs: int) -> None:
+        """Refuse early (QueueFullError: 503 with Retry-After) work that would wait longer than max_wait_s
+        for a batch slot (AsyncLLM.predicted_wait); Retry-After is the excess, at least 1 s."""
+        if self.max_wait_s is None:
+            return
+        wait = self.engine.predicted_wait(num_seqs)
+        if wait is not None and wait > self.max_wait_s:
+            raise QueueFullError(f"the server is busy: this request would wait about {wait:.3g}s to start, "
+                                 f"over the server's limit of {self.max_wait_s:g}s",
+                                 retry_after=max(1, math.ceil(wait - self.max_wait_s)))
+
     def submit(self, inputs: list[tuple[str | None, list[int]]], params,
                prefix: str) -> list[AsyncIterator[RequestOutput]]:
-        """Add one request per (text, token ids) input, all or none; their output iterators."""
+        """Add one request per (text, token ids) input, all or none; their output iterators. A bad
+        request is refused (400) before a busy server refuses it (503)."""
+        for _, token_ids in inputs:
+            self.check_length(len(token_ids), params.max_tokens)
+        self.check_wait(len(inputs) * params.n)
         ids = []
         try:
             for text, token_ids in inputs:
-                self.check_length(len(token_ids), params.max_tokens)
                 ids.append(self.engine.add_request(text, token_ids, params, new_id(prefix)))
         except BaseException:
             for rid in ids:
