@@ -138,6 +138,14 @@ def dtype_name(dtype) -> str:
     return _DTYPE_ALIASES.get(name, name)
 
 
+def checked_dtype_name(dtype) -> str:
+    """The dtype's name, or a ValueError naming the field."""
+    name = dtype_name(dtype)
+    if name not in DTYPE_SIZES:
+        raise ValueError(f"dtype must be one of auto, float32, bfloat16 (got {dtype!r})")
+    return name
+
+
 def resolve_dtype(dtype, device: str) -> str:
     """The compute dtype's name. `auto`: on the CPU, bf16 only where the processor multiplies bf16 natively
     (AVX-512 BF16 or AMX; bf16 matmuls then run about 2x fp32, see README), float32 elsewhere, where
@@ -148,9 +156,7 @@ def resolve_dtype(dtype, device: str) -> str:
         log_capabilities()                  # once per process, at engine start
         if dtype == "auto":
             return "bfloat16" if cpu_info().bf16_native else "float32"
-    name = "bfloat16" if dtype == "auto" else dtype_name(dtype)
-    if name not in DTYPE_SIZES:
-        raise ValueError(f"dtype must be one of auto, float32, bfloat16 (got {dtype!r})")
+    name = "bfloat16" if dtype == "auto" else checked_dtype_name(dtype)
     if name == "float16" and device == "cpu":
         raise ValueError("dtype float16 is not supported on the CPU (about 100x slower than bfloat16): "
                          "use dtype='bfloat16' or 'float32'")
@@ -187,8 +193,8 @@ class ModelOptions:
     seed: int = opt(0, "random seed (engine and sampling)", cli_default=None)
 
     def __post_init__(self):
-        if isinstance(self.dtype, str):
-            resolve_dtype(self.dtype, "cuda")            # names it; fp16-on-CPU is checked at resolve()
+        if self.dtype != "auto":
+            checked_dtype_name(self.dtype)               # fp16 on the CPU is refused at resolve()
         if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         _check_positive(self, "max_model_len", optional=True)

@@ -263,13 +263,11 @@ def test_refused_by_size_before_tokenizing(app_server, monkeypatch):
 
 # ---- item 3: SSE keep-alives, and refusing early what would wait too long -----------------------------------
 
-def test_queued_stream_gets_keepalives(app_server):
-    """One sequence runs at a time: a stream queued behind a long request hears `: keep-alive` until its
-    first token."""
-    results = {}
-
+def hold_the_batch(app_server, max_tokens: int, results: dict) -> threading.Thread:
+    """Start a long request in a thread (its status lands in results["blocker"]) and wait until it holds
+    the one batch slot."""
     def blocker():
-        results["blocker"] = post(app_server, C, {"prompt": "x", "max_tokens": 500, "ignore_eos": True,
+        results["blocker"] = post(app_server, C, {"prompt": "x", "max_tokens": max_tokens, "ignore_eos": True,
                                                   "temperature": 0}).status_code
     t = threading.Thread(target=blocker)
     t.start()
@@ -277,6 +275,14 @@ def test_queued_stream_gets_keepalives(app_server):
     while app_server.held()[0] < 1:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    return t
+
+
+def test_queued_stream_gets_keepalives(app_server):
+    """One sequence runs at a time: a stream queued behind a long request hears `: keep-alive` until its
+    first token."""
+    results = {}
+    t = hold_the_batch(app_server, 500, results)
     lines = []
     with httpx.stream("POST", f"{app_server.url}{C}", json={"prompt": "x", "max_tokens": 2, "stream": True},
                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
@@ -299,17 +305,8 @@ def test_predicted_wait_over_the_limit_gets_503_at_once(app_server):
     assert app_server.call(lambda: engine.service_s) > 0   # measured from the finished requests
     assert app_server.call(engine.predicted_wait, 1) == 0  # nothing runs: no wait
     results = {}
-
-    def blocker():
-        results["blocker"] = post(app_server, C, {"prompt": "x", "max_tokens": 1000, "ignore_eos": True,
-                                                  "temperature": 0}).status_code
-    t = threading.Thread(target=blocker)
-    t.start()
+    t = hold_the_batch(app_server, 1000, results)
     try:
-        deadline = time.monotonic() + 10
-        while app_server.held()[0] < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
         assert app_server.call(engine.predicted_wait, 1) > 0
         serving.max_wait_s = 1e-6
         for stream in (False, True):

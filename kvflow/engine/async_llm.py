@@ -103,7 +103,7 @@ class AsyncLLM:
         self.resolved, _, self.tokenizer = open_model(config)   # the core process reads the weights itself
         rc = self.resolved
         self.model_path, self.model_config, self.max_model_len = rc.model_path, rc.arch, rc.max_model_len
-        self.input_processor = InputProcessor(rc, set(self.tokenizer.eos_token_ids) | set(rc.arch.eos_token_ids))
+        self.input_processor = InputProcessor(rc, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.client = MPClient(rc)
 
@@ -147,14 +147,11 @@ class AsyncLLM:
             raise EngineRestartingError(f"the engine core is restarting after it failed ({self.errored})")
         if self.errored is not None:
             raise EngineDeadError(self.errored)
-        waiting = len(self.output_processor.children) + params.n - self.config.scheduler.max_num_seqs
-        if waiting > self.max_queue_len:
+        if self._num_waiting(params.n) > self.max_queue_len:
             raise QueueFullError(f"the server is busy: {self.max_queue_len} requests are already waiting")
         request_id = request_id or uuid.uuid4().hex
-        arrival = time.monotonic()
-        reqs = self.input_processor.process(request_id, prompt_token_ids, params, arrival)
-        self.output_processor.add_request(request_id, prompt, prompt_token_ids, params, arrival,
-                                          [r.request_id for r in reqs])
+        reqs = self.input_processor.process(request_id, prompt_token_ids, params, time.monotonic())
+        self.output_processor.add_request(request_id, prompt, reqs)
         self.streams[request_id] = _Stream()
         sent = 0
         try:
@@ -201,9 +198,11 @@ class AsyncLLM:
         running requests have gone and the KV cache. None until a request has finished (no measure)."""
         if self.service_s is None:
             return None
-        slots = self.config.scheduler.max_num_seqs
-        ahead = len(self.output_processor.children) + num_seqs - slots
-        return max(0, ahead) * self.service_s / slots
+        return max(0, self._num_waiting(num_seqs)) * self.service_s / self.config.scheduler.max_num_seqs
+
+    def _num_waiting(self, num_seqs: int) -> int:
+        """Sequences that would wait for a batch slot once `num_seqs` more are added (negative: free slots)."""
+        return len(self.output_processor.children) + num_seqs - self.config.scheduler.max_num_seqs
 
     def _measure(self, out: RequestOutput) -> None:
         m = out.metrics

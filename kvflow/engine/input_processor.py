@@ -19,9 +19,9 @@ def child_request_ids(request_id: str, n: int) -> list[str]:
 
 
 class InputProcessor:
-    def __init__(self, rc: ResolvedConfig, eos_token_ids: set[int]):
+    def __init__(self, rc: ResolvedConfig, tokenizer: Tokenizer):
         self.rc = rc
-        self.eos_token_ids = eos_token_ids
+        self.eos_token_ids = set(tokenizer.eos_token_ids) | set(rc.arch.eos_token_ids)
 
     def process(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                 arrival_time: float) -> list[EngineCoreRequest]:

@@ -21,7 +21,7 @@ class LLMEngine:
         self.resolved, reader, self.tokenizer = open_model(config)
         rc = self.resolved
         self.model_path, self.model_config, self.max_model_len = rc.model_path, rc.arch, rc.max_model_len
-        self.input_processor = InputProcessor(rc, set(self.tokenizer.eos_token_ids) | set(rc.arch.eos_token_ids))
+        self.input_processor = InputProcessor(rc, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.core = EngineCore.build(rc, reader)     # the parsed GGUF goes with this call
         self.client = InprocClient(self.core)
@@ -34,10 +34,8 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams) -> None:
-        arrival = time.monotonic()
-        reqs = self.input_processor.process(request_id, prompt_token_ids, params, arrival)
-        self.output_processor.add_request(request_id, prompt, prompt_token_ids, params, arrival,
-                                          [r.request_id for r in reqs])
+        reqs = self.input_processor.process(request_id, prompt_token_ids, params, time.monotonic())
+        self.output_processor.add_request(request_id, prompt, reqs)
         for req in reqs:
             self.client.add_request(req)
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvflow.detokenizer import IncrementalDetokenizer
-from kvflow.engine.wire import EngineCoreOutput
+from kvflow.engine.wire import EngineCoreOutput, EngineCoreRequest
 from kvflow.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from kvflow.sampling.params import SamplingParams
 from kvflow.tokenizer import Tokenizer
 
 
@@ -46,12 +45,14 @@ class OutputProcessor:
         self.children: dict[str, ChildState] = {}
         self.parents: dict[str, ParentState] = {}
 
-    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float, child_ids: list[str]) -> None:
-        """Track a request's samples (the engine-core requests child_ids) under one RequestOutput."""
+    def add_request(self, request_id: str, prompt: str | None, samples: list[EngineCoreRequest]) -> None:
+        """Track a request's samples (its engine-core requests, from the input processor) under one
+        RequestOutput."""
         if request_id in self.parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        parent = ParentState(request_id, prompt, list(prompt_token_ids), RequestMetrics(arrival_time),
+        first = samples[0]
+        params, child_ids = first.params, [r.request_id for r in samples]
+        parent = ParentState(request_id, prompt, list(first.prompt_token_ids), RequestMetrics(first.arrival_time),
                              [CompletionOutput(i, "", []) for i in range(params.n)])
         self.parents[request_id] = parent
         if params.prompt_logprobs is not None:

@@ -66,12 +66,14 @@ class EngineStats:
 WIRE_TYPES = {cls.__name__: cls for cls in (
     EngineCoreRequest, EngineCoreOutput, EngineStats, SamplingParams,
     step.BlockOp, step.NewRequestData, step.ScheduledRequest, step.SchedulerOutput, step.RunnerOutput)}
+_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in WIRE_TYPES.values()}
 _TYPE_KEY = "__type__"
 
 
 def _default(obj):
-    if dataclasses.is_dataclass(obj) and type(obj).__name__ in WIRE_TYPES:
-        d = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    names = _FIELDS.get(type(obj))
+    if names is not None:
+        d = {name: getattr(obj, name) for name in names}
         d[_TYPE_KEY] = type(obj).__name__
         return d
     if isinstance(obj, (set, frozenset)):

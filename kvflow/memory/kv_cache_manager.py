@@ -136,7 +136,11 @@ class KVCacheManager:
         return hits
 
     def fetch(self, req: Request, keys: list[int]) -> int | None:
-        """Ask the disk tier for keys without waiting: None while it reads them, else how many are ready."""
+        """Ask the disk tier for keys without waiting: None while it reads them, else how many are ready.
+        Keys fetched earlier for this request that it no longer needs (its memory hits grew) are dropped."""
+        stale = set(self.loading.get(req.request_id, ())) - set(keys)
+        if stale:
+            self.disk.discard(list(stale))
         self.loading[req.request_id] = keys
         return self.disk.fetch(keys)
 
