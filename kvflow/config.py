@@ -30,6 +30,7 @@ DTYPES = ("auto", "bfloat16", "float32")
 KV_CACHE_DTYPES = ("auto", "int8")
 QUANTIZATIONS = ("int8", "int4", "gguf")
 PREEMPTION_MODES = ("auto", "recompute", "swap")
+KV_RESERVATIONS = ("on-demand", "static")
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
                   "half": "float16", "float32": "float32", "bfloat16": "bfloat16"}
 DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -235,10 +236,23 @@ class CacheOptions:
 class SchedulerOptions:
     max_num_seqs: int = opt(64, "requests in one step at most")
     max_num_batched_tokens: int = opt(2048, "tokens in one step at most (the chunked-prefill budget)")
+    enable_chunked_prefill: bool = opt(True, "split long prompts into chunks that share steps with decodes "
+                                             "(off: a prompt is computed whole, in a step of its own size)")
     preemption_mode: str = opt("auto", "how a preempted request gives back its KV blocks (auto: the cheaper of "
                                        "recompute and swap, per request)", PREEMPTION_MODES)
+    kv_reservation: str = opt("on-demand", "KV blocks as tokens need them (on-demand), or for a request's whole "
+                                           "possible length when admitted, never preempted (static, as Orca)",
+                              KV_RESERVATIONS)
     scheduling_policy: str = opt("fcfs", "the order requests are served in, and who is preempted first",
                                  tuple(POLICY_MODULES))
+    length_predictor: str | None = opt(None, "output-length predictor for sjf and mlfq: a file from `kvflow "
+                                             "predict train`, or online (learns from finished requests; the "
+                                             "default)", metavar="FILE")
+    tpot_slo_ms: float | None = opt(None, "TPOT target: each step's prefill chunk is sized from a step-time "
+                                          "model learned online so that decodes keep it (default: the fixed "
+                                          "budget)")
+    client_weights: str | None = opt(None, "the fair policy's shares per client (the OpenAI `user` field), e.g. "
+                                           "'alice=2,bob=1' (others: 1)")
 
     def __post_init__(self):
         _check_positive(self, "max_num_seqs")
@@ -248,6 +262,32 @@ class SchedulerOptions:
         _check_positive(self, "max_num_batched_tokens")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be auto, recompute or swap, got {self.preemption_mode!r}")
+        if self.kv_reservation not in KV_RESERVATIONS:
+            raise ValueError(f"kv_reservation must be one of {', '.join(KV_RESERVATIONS)}, got {self.kv_reservation!r}")
+        if self.tpot_slo_ms is not None and (isinstance(self.tpot_slo_ms, bool) or
+                                             not isinstance(self.tpot_slo_ms, (int, float)) or
+                                             not 0 < self.tpot_slo_ms < float("inf")):
+            raise ValueError(f"tpot_slo_ms must be a positive number of milliseconds, got {self.tpot_slo_ms!r}")
+        if self.length_predictor is not None and not isinstance(self.length_predictor, str):
+            raise ValueError(f"length_predictor must be a file path or 'online', got {self.length_predictor!r}")
+        parse_client_weights(self.client_weights)
+
+
+def parse_client_weights(spec: str | None) -> dict[str, float]:
+    """'alice=2,bob=1' -> {"alice": 2.0, "bob": 1.0}; ValueError naming client_weights."""
+    weights: dict[str, float] = {}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        name, sep, value = part.rpartition("=")
+        try:
+            w = float(value)
+        except ValueError:
+            w = -1.0
+        if not sep or not name.strip() or not 0 < w < float("inf"):
+            raise ValueError(f"client_weights must look like 'alice=2,bob=1' with positive weights, got {spec!r}")
+        weights[name.strip()] = w
+    return weights
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from kvflow.predict.base import LengthEstimate
 from kvflow.sampling.params import SamplingParams
 
 
@@ -35,6 +36,9 @@ class Request:
     arrival_time: float = 0.0
     # scheduling hints
     fork_from: str | None = None       # share this request's prompt blocks (sample i > 0 of an n > 1 request)
+    priority: int = 0                  # lower runs first (the `priority` policy)
+    client: str | None = None          # who sent it (the OpenAI `user` field): the `fair` policy's unit
+    length_estimate: LengthEstimate | None = None   # predicted output length (kvflow/predict)
     # tokens and progress
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
@@ -64,6 +68,17 @@ class Request:
     @property
     def num_tokens_with_spec(self) -> int:
         return len(self.all_token_ids) + len(self.spec_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def predicted_remaining(self) -> float:
+        """Output tokens still to come, as predicted (max_tokens left when there is no prediction)."""
+        left = self.max_tokens - len(self.output_token_ids)
+        if self.length_estimate is None:
+            return float(left)
+        return min(self.length_estimate.remaining(len(self.output_token_ids), self.max_tokens), float(left))
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -90,3 +90,6 @@ class RunnerOutput:
     sampled_token_ids: list[list[int]] = field(default_factory=list)   # [] when it did not sample
     logprobs: list[list[LogprobEntry] | None] = field(default_factory=list)   # per sampled token
     prompt_logprobs: dict[str, list[LogprobEntry]] = field(default_factory=dict)   # computed this step
+    # the final hidden state of the last prompt token, for requests whose prefill completed this step
+    # (only when the runner is asked to collect it: a length predictor reads it)
+    prompt_hidden: dict[str, list[float]] = field(default_factory=dict)

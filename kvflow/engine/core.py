@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import time
 
+import numpy as np
 import torch
 
 from kvflow.config import ResolvedConfig
@@ -22,6 +23,7 @@ from kvflow.engine.wire import EngineCoreOutput, EngineCoreRequest, EngineStats
 from kvflow.memory.kv_cache_manager import KVCacheManager
 from kvflow.request import Request, RequestStatus
 from kvflow.sampling.params import SamplingParams
+from kvflow.scheduler.policy import make_policy
 from kvflow.scheduler.scheduler import PreemptionCost, Scheduler
 
 logger = logging.getLogger("kvflow")
@@ -32,6 +34,26 @@ LOADING_WAIT_S = 5e-4        # a step with nothing to run but KV being read from
 class EngineCore:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler):
         self.runner, self.scheduler, self.kv = runner, scheduler, scheduler.kv
+        self._features_log: dict | None = None
+        self._sync_feature_collection()
+
+    @property
+    def features_log(self) -> dict | None:
+        """None, or a dict in which every request's predictor features are kept by request id: {"embed":
+        mean input embedding, "hidden": last prompt token's final hidden state} (`kvflow predict train`)."""
+        return self._features_log
+
+    @features_log.setter
+    def features_log(self, log: dict | None) -> None:
+        self._features_log = log
+        self._sync_feature_collection()
+
+    def _sync_feature_collection(self) -> None:
+        wanted = set(self.scheduler.predictor.features) if self.scheduler.predictor is not None else set()
+        if self._features_log is not None:
+            wanted |= {"embed", "hidden"}
+        self._features = wanted
+        self.runner.collect_hidden = "hidden" in wanted
 
     @classmethod
     def build(cls, rc: ResolvedConfig, reader=None) -> EngineCore:
@@ -60,16 +82,28 @@ class EngineCore:
                                                  cfg.cache.kv_store_max_bytes)
         kv = KVCacheManager(rc.num_kv_blocks, bs, cfg.cache.enable_prefix_caching, rc.num_swap_blocks, disk)
         cost = PreemptionCost(runner.block_bytes, swap_bytes_per_s=runner.measure_swap_bandwidth())
-        scheduler = Scheduler(kv, cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens,
-                              rc.max_model_len, cfg.scheduler.preemption_mode, cost,
-                              policy=cfg.scheduler.scheduling_policy)
+        sc = cfg.scheduler
+        predictor = None
+        if sc.length_predictor is not None:
+            from kvflow.predict.base import make_predictor, model_identity
+            predictor = make_predictor(sc.length_predictor, model_identity(rc.model_path, rc.arch))
+        scheduler = Scheduler(kv, sc.max_num_seqs, sc.max_num_batched_tokens, rc.max_model_len, sc.preemption_mode,
+                              cost, policy=make_policy(sc.scheduling_policy, client_weights=sc.client_weights),
+                              predictor=predictor, tpot_slo_ms=sc.tpot_slo_ms,
+                              enable_chunked_prefill=sc.enable_chunked_prefill, kv_reservation=sc.kv_reservation)
         logger.info("loaded %s (%s, %s) in %.1fs; KV cache: %d blocks of %d tokens", rc.model_path,
                     rc.arch.model_type, rc.dtype, time.perf_counter() - t0, rc.num_kv_blocks, bs)
         return cls(runner, scheduler)
 
     def add_request(self, r: EngineCoreRequest) -> None:
+        features = {}
+        if "embed" in self._features:
+            features["embed"] = self.runner.embed_features(r.prompt_token_ids)
+        if self._features_log is not None:
+            self._features_log[r.request_id] = dict(features)
         self.scheduler.add_request(Request(r.request_id, list(r.prompt_token_ids), r.params, set(r.stop_ids),
-                                           r.max_tokens, r.arrival_time, fork_from=r.fork_from))
+                                           r.max_tokens, r.arrival_time, fork_from=r.fork_from,
+                                           priority=r.priority, client=r.client), features)
 
     def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         self.scheduler.finish_requests(request_ids, status)
@@ -90,9 +124,14 @@ class EngineCore:
             return []
         t0 = time.perf_counter()
         result = self.runner.execute(sched)
+        seconds = time.perf_counter() - t0
+        self.scheduler.record_step(sched, seconds)
         num_tokens, cost = sched.num_scheduled_tokens, self.scheduler.cost
         if num_tokens >= 4 * len(sched) and num_tokens >= 64:   # mostly prefill: refine the estimate
-            cost.prefill_tokens_per_s += 0.2 * (num_tokens / (time.perf_counter() - t0) - cost.prefill_tokens_per_s)
+            cost.prefill_tokens_per_s += 0.2 * (num_tokens / seconds - cost.prefill_tokens_per_s)
+        if self._features_log is not None:
+            for rid, hidden in result.prompt_hidden.items():
+                self._features_log.setdefault(rid, {})["hidden"] = np.asarray(hidden, dtype=np.float32)
         return self.scheduler.update_from_output(sched, result)
 
     def warm_up(self) -> None:
@@ -126,7 +165,8 @@ class EngineCore:
         kv, sched = self.kv, self.scheduler
         return EngineStats(len(sched.running), len(sched.waiting), 1.0 - kv.pool.num_free / kv.num_blocks,
                            kv.num_queries, kv.num_hits, sched.num_preemptions, sched.num_swapped_out,
-                           kv.num_cow_copies, kv.num_disk_hits)
+                           kv.num_cow_copies, kv.num_disk_hits, sched.policy.queue_lengths(), sched.predictor_error,
+                           sched.token_budget)
 
     def check_blocks(self) -> None:
         """Assert that every KV block is free, cached, or held by a live request (tests call this)."""

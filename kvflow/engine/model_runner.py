@@ -76,6 +76,7 @@ class ModelRunner:
         self.requests: dict[str, RunnerRequest] = {}
         self.swap_tensors: list[torch.Tensor] = []
         self.kv_store = None              # DiskKVStore, when the disk tier is on
+        self.collect_hidden = False       # return the last prompt token's hidden state (a length predictor's)
 
     def kv_tensors(self) -> list[torch.Tensor]:
         """Every tensor that holds KV-cache state, each indexed by block id on dim 0 (copying block b
@@ -204,7 +205,10 @@ class ModelRunner:
             state.num_prompt_logprobs = pos + 1 + count
         if not inp.sampling_rows:
             return out
-        logits = self.model.compute_logits(hidden[inp.logits_indices])   # the sampler works in fp32
+        sample_hidden = hidden[inp.logits_indices]
+        if self.collect_hidden:
+            self._collect_hidden(sched, inp, sample_hidden, out)
+        logits = self.model.compute_logits(sample_hidden)   # the sampler works in fp32
         states = [self.requests[scheduled[i].req_id] for i in inp.sampling_rows]
         sb = SamplingBatch.build([r.params for r in states], [r.prompt_token_ids for r in states],
                                  [r.token_ids[r.prompt_len:] for r in states], [r.generator for r in states],
@@ -217,6 +221,21 @@ class ModelRunner:
             if sampled.logprobs is not None and states[j].params.logprobs is not None:
                 out.logprobs[i] = [(sampled.logprobs[j], sampled.ranks[j])]
         return out
+
+    def _collect_hidden(self, sched: SchedulerOutput, inp: StepInputs, hidden: torch.Tensor,
+                        out: RunnerOutput) -> None:
+        """The final hidden state of the last prompt token, for each request whose prompt ends this step."""
+        for j, i in enumerate(inp.sampling_rows):
+            s = sched.scheduled[i]
+            if s.num_computed_tokens + s.num_new_tokens == self.requests[s.req_id].prompt_len:
+                out.prompt_hidden[s.req_id] = hidden[j].float().tolist()
+
+    @torch.inference_mode()
+    def embed_features(self, token_ids: list[int]) -> np.ndarray:
+        """The mean of the prompt's input embeddings (float32): what a length predictor reads before the
+        prefill."""
+        ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+        return self.model.embed_tokens(ids).float().mean(dim=0).cpu().numpy()
 
     PROMPT_LOGPROBS_ROWS = 256         # logits rows at a time: [256, vocab] fp32 is ~50 MB for a 49k vocab
 

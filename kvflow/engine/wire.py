@@ -32,6 +32,8 @@ class EngineCoreRequest:
     max_tokens: int                    # clipped to the context left after the prompt
     arrival_time: float
     fork_from: str | None = None       # share this request's prompt blocks (the samples of n > 1)
+    priority: int = 0                  # lower runs first, under the `priority` policy
+    client: str | None = None          # the OpenAI `user` field: the `fair` policy's unit
 
 
 @dataclass
@@ -61,6 +63,9 @@ class EngineStats:
     num_swapped_out: int = 0             # of those, preempted by swapping out (the rest: recompute)
     num_cow_copies: int = 0              # blocks copied on write by forked samples, cumulative
     disk_hit_tokens: int = 0             # prompt tokens loaded from the disk tier, cumulative
+    queue_lengths: dict = dataclasses.field(default_factory=dict)   # the policy's queues (MLFQ levels): length
+    predictor_error: float | None = None  # the length predictor's running mean |log2(predicted / true)|
+    token_budget: int = 0                # the last step's token budget (it follows --tpot-slo-ms when set)
 
 
 WIRE_TYPES = {cls.__name__: cls for cls in (

@@ -12,6 +12,13 @@ front of the queue. Either its blocks are freed and it is recomputed later (its 
 already generated), or they are swapped out to the swap tier and swapped back in when it resumes;
 `PreemptionCost` picks the cheaper per request. No request is lost and its output does not change.
 
+The policy (kvflow/scheduler/policy.py) orders the running and waiting requests, and may let a waiting
+request take the seat of a running one that ranks after it. With a length predictor (kvflow/predict) every
+request carries a predicted output length, which SJF and MLFQ rank by. With a TPOT target the step's token
+budget follows a step-time model learned online (kvflow/scheduler/costs.py), decodes first. Without chunked
+prefill a prompt is computed whole or waits (vLLM before chunking, Orca). With static reservation a request
+gets the blocks of its whole possible length when admitted, and is never preempted (Orca).
+
 A waiting request whose prefix continues in the disk tier waits in the loading-KV state while the tier
 reads it, and other work steps on. A request with `fork_from` (the samples 1..n-1 of an n > 1 request)
 waits until its source has computed the prompt, then forks its blocks (copy-on-write).
@@ -20,51 +27,54 @@ No torch here, and time comes from the injected clock: the simulator runs this s
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from kvflow.config import PREEMPTION_MODES
+import numpy as np
+
+from kvflow.config import KV_RESERVATIONS, PREEMPTION_MODES
 from kvflow.engine.wire import EngineCoreOutput
 from kvflow.memory.block_pool import Block
 from kvflow.memory.kv_cache_manager import KVCacheManager
+from kvflow.predict.base import LengthPredictor, make_predictor
 from kvflow.request import Request, RequestStatus
+from kvflow.scheduler.costs import PreemptionCost, StepTimeModel
 from kvflow.scheduler.policy import SchedulingPolicy, make_policy
 from kvflow.step import NewRequestData, RunnerOutput, ScheduledRequest, SchedulerOutput
 
+__all__ = ["PreemptionCost", "Scheduler"]
 
-
-@dataclass
-class PreemptionCost:
-    """Estimated seconds to bring a preempted request back: recompute its tokens, or move its blocks out
-    to the swap tier and back. The engine core refines the rates from what it measures."""
-    block_bytes: int                        # KV bytes of one block, all layers
-    prefill_tokens_per_s: float = 2000.0    # measured on steps that are mostly prefill
-    swap_bytes_per_s: float = 4e9           # measured by the model runner at start
-    swap_overhead_s: float = 2e-4           # per direction: one copy call per KV tensor
-
-    def recompute_s(self, num_computed_tokens: int) -> float:
-        return num_computed_tokens / self.prefill_tokens_per_s
-
-    def swap_s(self, num_blocks: int) -> float:
-        return 2 * (num_blocks * self.block_bytes / self.swap_bytes_per_s + self.swap_overhead_s)
+MAX_DISPLACED = 4          # running requests a step may preempt to seat better-ranked waiting ones
 
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  preemption_mode: str = "auto", cost: PreemptionCost | None = None,
-                 clock: Callable[[], float] = time.monotonic, policy: SchedulingPolicy | str = "fcfs"):
+                 clock: Callable[[], float] = time.monotonic, policy: SchedulingPolicy | str = "fcfs",
+                 predictor: LengthPredictor | None = None, tpot_slo_ms: float | None = None,
+                 enable_chunked_prefill: bool = True, kv_reservation: str = "on-demand"):
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, got {preemption_mode!r}")
+        if kv_reservation not in KV_RESERVATIONS:
+            raise ValueError(f"kv_reservation must be one of {', '.join(KV_RESERVATIONS)}, got {kv_reservation!r}")
         self.kv = kv
         self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
+        # without chunked prefill a whole prompt must fit one step's budget
+        self.max_num_batched_tokens = max_num_batched_tokens if enable_chunked_prefill else max(
+            max_num_batched_tokens, max_model_len)
         self.max_model_len = max_model_len
         self.preemption_mode = preemption_mode
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.static_reservation = kv_reservation == "static"
         self.cost = cost or PreemptionCost(block_bytes=1)
         self.clock = clock
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self.policy.bind(self)
+        self.predictor = predictor or (make_predictor(None) if self.policy.needs_prediction else None)
+        self.tpot_slo_s = tpot_slo_ms / 1000 if tpot_slo_ms else None
+        self.step_time = StepTimeModel()
         self.requests: dict[str, Request] = {}     # every live request, by id
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -73,14 +83,21 @@ class Scheduler:
         self._now = 0.0                            # the clock at the start of the step being scheduled
         self.num_preemptions = 0
         self.num_swapped_out = 0                   # preemptions that went to the swap tier (the rest: recompute)
+        self.num_displaced = 0                     # of those, to seat a better-ranked waiting request
         self.num_scheduled_tokens = 0              # tokens computed, all steps
+        self.token_budget = self.max_num_batched_tokens   # the last step's
+        self.predictor_error: float | None = None  # running mean |log2(predicted / true length)|
 
     # ---- requests in and out ---------------------------------------------------------------------------------
 
-    def add_request(self, req: Request) -> None:
+    def add_request(self, req: Request, features: dict[str, np.ndarray] | None = None) -> None:
+        """Queue a request; `features`: what the length predictor reads of the model (kvflow/predict)."""
         if req.request_id in self.requests:
             raise ValueError(f"request_id {req.request_id!r} is already in use")
+        if self.predictor is not None and req.length_estimate is None:
+            req.length_estimate = self.predictor.predict(len(req.prompt_token_ids), req.client, features or {})
         self.requests[req.request_id] = req
+        self.policy.on_add(req, self._now)
         self._unsent.add(req.request_id)
         self.waiting.append(req)
 
@@ -103,13 +120,20 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_req_ids=self._finished)
         self._finished = []
-        self._now = self.clock()
-        budget = self.max_num_batched_tokens
+        now = self._now = self.clock()
+        self.policy.order_running(self.running, now)
+        self.policy.order_waiting(self.waiting, now)
+        if self.policy.preemptive:
+            self._displace(now)
+        budget = self.token_budget = self._token_budget()
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens_with_spec - req.num_computed_tokens, budget)
+            if num_new < req.num_tokens_with_spec - req.num_computed_tokens and not self.enable_chunked_prefill:
+                i += 1                 # its whole remaining prompt does not fit this step: wait for one it fits
+                continue
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.policy.pick_victim(self.running[i:])     # not one already in this step
                 self.running.remove(victim)
@@ -122,7 +146,6 @@ class Scheduler:
                 budget -= num_new
                 i += 1
         # admit waiting requests (not in a step that had to preempt: memory is short)
-        self.policy.order_waiting(self.waiting, self._now)
         j = 0
         while j < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[j]
@@ -144,6 +167,48 @@ class Scheduler:
         out.block_ops = self.kv.take_ops()
         self.num_scheduled_tokens += out.num_scheduled_tokens
         return out
+
+    def _displace(self, now: float) -> None:
+        """While every seat is taken and the best ready waiting request outranks the worst running one, the
+        latter is preempted (by swap or recompute: it resumes later where it was)."""
+        n = 0
+        while self.running and len(self.running) >= self.max_num_seqs and n < MAX_DISPLACED:
+            best = next((r for r in self.waiting if r.status != RequestStatus.WAITING_FOR_KV and r.fork_from is None),
+                        None)
+            worst = self.running[-1]
+            if best is None or not self.policy.outranks(best, worst, now):
+                break
+            self.running.pop()
+            self._preempt(worst)
+            self.num_displaced += 1
+            n += 1
+        if n:
+            self.policy.order_waiting(self.waiting, now)
+
+    def _token_budget(self) -> int:
+        """The step's token budget: the fixed one, or with a TPOT target, the decodes plus the prefill tokens
+        the step-time model says fit in the target (the decodes are then served first)."""
+        if self.tpot_slo_s is None:
+            return self.max_num_batched_tokens
+        decodes = [r for r in self.running if r.num_tokens_with_spec - r.num_computed_tokens == 1]
+        if not decodes:
+            return self.max_num_batched_tokens
+        self.running.sort(key=lambda r: r.num_tokens_with_spec - r.num_computed_tokens > 1)   # stable
+        context = sum(r.num_tokens for r in decodes)
+        prefill = self.step_time.prefill_budget(len(decodes), context, self.tpot_slo_s,
+                                                self.max_num_batched_tokens, self.kv.block_size)
+        return min(len(decodes) + prefill, self.max_num_batched_tokens)
+
+    def record_step(self, sched: SchedulerOutput, seconds: float) -> None:
+        """How long the runner took for this step (the step-time model learns from it)."""
+        rows = prefill = context = 0
+        for s in sched.scheduled:
+            if s.num_new_tokens == 1:
+                rows += 1
+                context += s.num_computed_tokens + 1
+            else:
+                prefill += s.num_new_tokens
+        self.step_time.observe(rows, prefill, context, seconds)
 
     def _add_to_step(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
         rid, start = req.request_id, req.num_computed_tokens
@@ -192,7 +257,8 @@ class Scheduler:
             if self.kv.pool.num_free < 1:      # room for the copy of the shared tail block
                 return False
             self.kv.fork(req.fork_from, req, len(req.prompt_token_ids) - 1)
-            if not self.kv.allocate_slots(req, 1):
+            room = self._full_length(req) - req.num_computed_tokens if self.static_reservation else 1
+            if not self.kv.allocate_slots(req, room):
                 self.kv.free(req)
                 req.num_computed_tokens = 0
                 return False
@@ -201,13 +267,21 @@ class Scheduler:
             return True
         num_cached = (len(computed) + len(keys)) * self.kv.block_size
         num_loaded = len(keys) * self.kv.block_size
-        if not self.kv.allocate_slots(req, num_loaded + min(req.num_tokens - num_cached, budget), computed):
+        if not self.enable_chunked_prefill and req.num_tokens - num_cached > budget:
+            return False
+        num_new = min(req.num_tokens - num_cached, budget)
+        if self.static_reservation:    # room for its whole possible length, now
+            num_new = self._full_length(req) - num_cached
+        if not self.kv.allocate_slots(req, num_loaded + num_new, computed):
             return False
         self.kv.load_blocks(req, len(computed), keys)
         self.kv.record_lookup(req.num_tokens, num_cached)
         req.num_computed_tokens = num_cached
         self._first_schedule(req, num_cached)
         return True
+
+    def _full_length(self, req: Request) -> int:
+        return min(len(req.prompt_token_ids) + req.max_tokens, self.max_model_len)
 
     def _first_schedule(self, req: Request, num_cached: int) -> None:
         if req.num_cached_tokens < 0:
@@ -232,7 +306,12 @@ class Scheduler:
     def update_from_output(self, sched: SchedulerOutput, result: RunnerOutput) -> list[EngineCoreOutput]:
         """Advance the scheduled requests by what the step computed: roll back rejected proposals, append
         the sampled tokens, apply the token-level stop rules, free what finished. Returns the outputs."""
-        outputs = []
+        outputs, now = [], self._now
+        for rid, hidden in result.prompt_hidden.items():      # refine the prediction after the prefill
+            req = self.requests.get(rid)
+            if req is not None and self.predictor is not None and "hidden" in self.predictor.features:
+                req.length_estimate = self.predictor.predict(
+                    len(req.prompt_token_ids), req.client, {"hidden": np.asarray(hidden, dtype=np.float32)})
         for s, sampled, logprobs in zip(sched.scheduled, result.sampled_token_ids,
                                         result.logprobs or [None] * len(sched.scheduled)):
             req = self.requests.get(s.req_id)
@@ -254,6 +333,9 @@ class Scheduler:
                 if status is not None:
                     break
             self.kv.cache_full_blocks(req)
+            num_prompt = max(min(s.num_computed_tokens + s.num_new_tokens, len(req.prompt_token_ids))
+                             - s.num_computed_tokens, 0)
+            self.policy.on_computed(req, num_prompt, len(new_tokens), now)
             if not new_tokens and not prompt_logprobs:
                 continue
             if status is not None:
@@ -283,11 +365,22 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.kv.forget(req)
+        self.policy.on_finish(req)
+        if status == RequestStatus.FINISHED_STOPPED and self.predictor is not None:
+            self._observe_length(req)
         req.status = status
         req.finished_time = self.clock()
         del self.requests[req.request_id]
         self._unsent.discard(req.request_id)
         self._finished.append(req.request_id)
+
+    def _observe_length(self, req: Request) -> None:
+        """A request ended by itself: the predictor learns its length, and its error is tracked."""
+        n = len(req.output_token_ids)
+        if req.length_estimate is not None:
+            err = abs(math.log2(max(req.length_estimate.mean(cap=req.max_tokens), 1.0) / max(n, 1)))
+            self.predictor_error = err if self.predictor_error is None else 0.98 * self.predictor_error + 0.02 * err
+        self.predictor.observe(len(req.prompt_token_ids), req.client, n)
 
     def check(self) -> None:
         """Assert that every block is free, cached, or held by a live request, exactly as often as held."""

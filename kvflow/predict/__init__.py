@@ -1,0 +1,1 @@
+"""Load prediction: output-length predictors (kvflow/predict/base.py has the interface)."""

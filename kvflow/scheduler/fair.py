@@ -1,0 +1,50 @@
+"""`fair`: the virtual token counter (VTC, Sheng et al. 2024), so that one flooding client cannot starve the
+others. Each client (the OpenAI `user` field; requests without one share the client None) has a counter of
+the service it received: prompt tokens computed count PROMPT_WEIGHT each and generated tokens OUTPUT_WEIGHT,
+divided by the client's share (`client_weights`, default 1). The waiting request of the client with the
+smallest counter goes first. A client that comes back after having nothing queued has its counter lifted
+to the smallest counter among the clients with requests in the system, so that idling banks no credit.
+A waiting request takes the seat of a running one whose client is ahead by more than MARGIN tokens."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from kvflow.config import parse_client_weights
+from kvflow.request import Request
+from kvflow.scheduler.policy import RankedPolicy, register_policy
+
+PROMPT_WEIGHT = 1.0
+OUTPUT_WEIGHT = 2.0
+MARGIN = 512.0
+
+
+@register_policy("fair")
+class Fair(RankedPolicy):
+    OPTIONS = ("client_weights",)
+    margin = MARGIN
+
+    def __init__(self, client_weights: str | dict | None = None):
+        self.weights = client_weights if isinstance(client_weights, dict) else parse_client_weights(client_weights)
+        self.counters: dict[str | None, float] = defaultdict(float)
+        self.live: dict[str | None, int] = defaultdict(int)     # requests in the system, per client
+
+    def on_add(self, req: Request, now: float) -> None:
+        c = req.client
+        if self.live[c] == 0:
+            active = [self.counters[k] for k, n in self.live.items() if n > 0]
+            if active:
+                self.counters[c] = max(self.counters[c], min(active))
+        self.live[c] += 1
+
+    def on_computed(self, req: Request, num_prompt_tokens: int, num_output_tokens: int, now: float) -> None:
+        service = PROMPT_WEIGHT * num_prompt_tokens + OUTPUT_WEIGHT * num_output_tokens
+        self.counters[req.client] += service / self.weights.get(req.client or "", 1.0)
+
+    def on_finish(self, req: Request) -> None:
+        self.live[req.client] -= 1
+
+    def rank(self, req: Request, now: float) -> tuple:
+        return self.counters[req.client], req.arrival_time
+
+    def outranks(self, waiting: Request, running: Request, now: float) -> bool:
+        return self.counters[waiting.client] < self.counters[running.client] - self.margin
