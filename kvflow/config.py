@@ -310,9 +310,14 @@ class EngineConfig:
     scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
     parallel: ParallelOptions = field(default_factory=ParallelOptions)
 
+    preset: str | None = None          # the survey runtime whose options were applied (kvflow/presets.py)
+
     @classmethod
-    def from_kwargs(cls, **kwargs) -> "EngineConfig":
-        """Build from flat field names (`LLM(model=..., block_size=...)`, the command line)."""
+    def from_kwargs(cls, preset: str | None = None, **kwargs) -> "EngineConfig":
+        """Build from flat field names (`LLM(model=..., block_size=...)`, the command line); a `preset` (a
+        survey runtime, kvflow/presets.py) sets its options first and the given ones override them."""
+        from kvflow.presets import apply_preset
+        kwargs = apply_preset(preset, kwargs)
         sections: dict[str, dict] = {name: {} for name in SECTIONS}
         owner = field_sections()
         unknown = sorted(set(kwargs) - set(owner))
@@ -320,14 +325,14 @@ class EngineConfig:
             raise ValueError(f"unknown engine argument(s): {', '.join(unknown)}")
         for key, value in kwargs.items():
             sections[owner[key]][key] = value
-        return cls(**{name: SECTIONS[name](**values) for name, values in sections.items()})
+        return cls(**{name: SECTIONS[name](**values) for name, values in sections.items()}, preset=preset)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "EngineConfig":
-        return cls(**{name: SECTIONS[name](**d.get(name, {})) for name in SECTIONS})
+        return cls(**{name: SECTIONS[name](**d.get(name, {})) for name in SECTIONS}, preset=d.get("preset"))
 
 
 def field_sections() -> dict[str, str]:

@@ -32,6 +32,7 @@ class RequestMetrics:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
+    priority: int = 0                  # as given (the priority policy runs lower values first)
 
     @property
     def ttft(self) -> float | None:

@@ -139,7 +139,7 @@ class AsyncLLM:
     # ---- requests ----------------------------------------------------------------------------------------
 
     def add_request(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, priority: int = 0, user: str | None = None) -> str:
         """Validate and submit a request; returns its id. Raises ValueError for a bad request,
         QueueFullError when the waiting queue is full, EngineDeadError if the core is gone. The caller
         must then consume `outputs(request_id)` (or `abort_request` it)."""
@@ -150,7 +150,7 @@ class AsyncLLM:
         if self._num_waiting(params.n) > self.max_queue_len:
             raise QueueFullError(f"the server is busy: {self.max_queue_len} requests are already waiting")
         request_id = request_id or uuid.uuid4().hex
-        reqs = self.input_processor.process(request_id, prompt_token_ids, params, time.monotonic())
+        reqs = self.input_processor.process(request_id, prompt_token_ids, params, time.monotonic(), priority, user)
         self.output_processor.add_request(request_id, prompt, reqs)
         self.streams[request_id] = _Stream()
         sent = 0
@@ -181,8 +181,9 @@ class AsyncLLM:
                 self.abort_request(request_id)
 
     async def generate(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        async for out in self.outputs(self.add_request(prompt, prompt_token_ids, params, request_id)):
+                       request_id: str | None = None, priority: int = 0,
+                       user: str | None = None) -> AsyncIterator[RequestOutput]:
+        async for out in self.outputs(self.add_request(prompt, prompt_token_ids, params, request_id, priority, user)):
             yield out
 
     def abort_request(self, request_id: str) -> None:

@@ -24,8 +24,13 @@ class InputProcessor:
         self.eos_token_ids = set(tokenizer.eos_token_ids) | set(rc.arch.eos_token_ids)
 
     def process(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                arrival_time: float) -> list[EngineCoreRequest]:
+                arrival_time: float, priority: int = 0, user: str | None = None) -> list[EngineCoreRequest]:
+        """`priority`: lower runs first under the priority policy; `user`: the client, for the fair policy."""
         self.check(prompt_token_ids, params)
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if user is not None and not isinstance(user, str):
+            raise ValueError(f"user must be a string, got {type(user).__name__}")
         max_len = self.rc.max_model_len
         max_tokens = max_len - len(prompt_token_ids)
         if params.max_tokens is not None:
@@ -40,7 +45,8 @@ class InputProcessor:
             if i > 0 and params.prompt_logprobs is not None:   # the parent takes them from the first sample
                 child_params = dataclasses.replace(child_params, prompt_logprobs=None)
             reqs.append(EngineCoreRequest(cid, list(prompt_token_ids), child_params, stop_ids, max_tokens,
-                                          arrival_time, fork_from=child_ids[0] if i else None))
+                                          arrival_time, fork_from=child_ids[0] if i else None,
+                                          priority=priority, client=user))
         return reqs
 
     def check(self, ids: list[int], params: SamplingParams) -> None:

@@ -33,8 +33,8 @@ class LLMEngine:
         return self.core.kv
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams) -> None:
-        reqs = self.input_processor.process(request_id, prompt_token_ids, params, time.monotonic())
+                    params: SamplingParams, priority: int = 0, user: str | None = None) -> None:
+        reqs = self.input_processor.process(request_id, prompt_token_ids, params, time.monotonic(), priority, user)
         self.output_processor.add_request(request_id, prompt, reqs)
         for req in reqs:
             self.client.add_request(req)

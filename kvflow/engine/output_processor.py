@@ -52,7 +52,7 @@ class OutputProcessor:
             raise ValueError(f"request_id {request_id!r} is already in use")
         first = samples[0]
         params, child_ids = first.params, [r.request_id for r in samples]
-        parent = ParentState(request_id, prompt, list(first.prompt_token_ids), RequestMetrics(first.arrival_time),
+        parent = ParentState(request_id, prompt, list(first.prompt_token_ids), RequestMetrics(first.arrival_time, priority=first.priority),
                              [CompletionOutput(i, "", []) for i in range(params.n)])
         self.parents[request_id] = parent
         if params.prompt_logprobs is not None:

@@ -314,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # `serve` says what it is doing while it starts (loading, building kernels, warming up), with times
     setup_logging(args.verbose or getattr(args, "func", None) is cmd_serve)
+    if getattr(args, "preset", None) and not logger.isEnabledFor(logging.INFO):
+        from kvflow.presets import describe, preset_options
+        print(f"kvflow: preset {args.preset}: {describe(preset_options(args.preset)) or 'the defaults'}",
+              file=sys.stderr)
     try:
         return args.func(args)
     except (CLIError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:

@@ -29,6 +29,28 @@ NEGATIVE_ALIASES = {"enable_prefix_caching": "--no-prefix-caching"}
 _TYPES = (int, float, str, bool)
 
 
+class _Explicit:
+    """Records which engine flags were given on the command line: with --preset, only those override it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        given = getattr(namespace, "_explicit_engine_flags", None) or set()
+        given.add(self.dest)
+        setattr(namespace, "_explicit_engine_flags", given)
+
+
+class _Store(_Explicit, argparse._StoreAction):
+    pass
+
+
+class _Bool(_Explicit, argparse.BooleanOptionalAction):
+    pass
+
+
+class _StoreFalse(_Explicit, argparse._StoreFalseAction):
+    pass
+
+
 class CLIError(Exception):
     """A user error found by the CLI itself (reported like an argparse error)."""
 
@@ -84,7 +106,11 @@ def _flag(f: dataclasses.Field, annotation) -> EngineFlag:
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """One argument group per config section, one flag per field; and -v/--verbose."""
+    """One argument group per config section, one flag per field; --preset; and -v/--verbose."""
+    from kvflow.presets import PRESETS
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                        help="set the engine options the way a runtime of the survey does (orca, vllm, sarathi, "
+                             "sglang, fastserve; kvflow: the defaults); flags given explicitly override it")
     for section, flags in engine_flags():
         group = parser.add_argument_group(f"engine: {section}")
         for fl in flags:
@@ -98,22 +124,27 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             if metavar:
                 kw["metavar"] = metavar
             if fl.type is bool:
-                group.add_argument(fl.flag, action=argparse.BooleanOptionalAction, **kw)
+                group.add_argument(fl.flag, action=_Bool, **kw)
                 alias = NEGATIVE_ALIASES.get(fl.name)
                 if alias:
-                    group.add_argument(alias, dest=fl.dest, action="store_false", default=argparse.SUPPRESS,
+                    group.add_argument(alias, dest=fl.dest, action=_StoreFalse, default=argparse.SUPPRESS,
                                        help=f"same as --no-{fl.flag[2:]}")
             else:
-                group.add_argument(fl.flag, type=fl.type, choices=md.get("choices"), **kw)
+                group.add_argument(fl.flag, action=_Store, type=fl.type, choices=md.get("choices"), **kw)
     parser.add_argument("-v", "--verbose", action="store_true", help="log kvflow's info messages to stderr")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """The engine's options from parsed arguments, by field name (bytes for GiB flags), for
-    `EngineConfig.from_kwargs(**kw)` and `LLM(**kw)`. Raises CLIError for a bad GiB value."""
-    kw = {}
+    `EngineConfig.from_kwargs(**kw)` and `LLM(**kw)`. With --preset, only the flags given explicitly (they
+    override the preset's options), and `preset`. Raises CLIError for a bad GiB value."""
+    preset = getattr(args, "preset", None)
+    given = getattr(args, "_explicit_engine_flags", None) or set()
+    kw = {} if preset is None else {"preset": preset}
     for _, flags in engine_flags():
         for fl in flags:
+            if preset is not None and fl.dest not in given:
+                continue
             value = getattr(args, fl.dest)
             if "cli_default" in fl.field.metadata and value == fl.field.metadata["cli_default"]:
                 value = fl.field.default         # e.g. --seed: unset on the command line, 0 for the engine

@@ -50,9 +50,12 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 user: str | Sequence[str | None] | None = None) -> list[RequestOutput]:
         """Prompts are strings or {"prompt_token_ids": [...]} dicts (or {"prompt": str}); returns one
-        RequestOutput per prompt, in input order."""
+        RequestOutput per prompt, in input order. `priority`: one integer per prompt (lower runs first under
+        scheduling_policy="priority"); `user`: the client of every prompt, or one per prompt (the fair
+        policy's unit)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -64,12 +67,15 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts")
+        priorities = _per_prompt("priority", priority, len(prompts), 0)
+        users = _per_prompt("user", [user] * len(prompts) if user is None or isinstance(user, str) else user,
+                            len(prompts), None)
         inputs = [self._tokenize(p) for p in prompts]
         ids = []
         try:
-            for (text, token_ids), params in zip(inputs, params_list):
+            for (text, token_ids), params, prio, who in zip(inputs, params_list, priorities, users):
                 rid = str(next(self._counter))
-                self.engine.add_request(rid, text, token_ids, params)
+                self.engine.add_request(rid, text, token_ids, params, prio, who)
                 ids.append(rid)
         except Exception:
             for rid in ids:
@@ -126,3 +132,12 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [finished[rid] for rid in request_ids]
+
+
+def _per_prompt(name: str, values, n: int, default) -> list:
+    if values is None:
+        return [default] * n
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries for {n} prompts")
+    return values

@@ -46,6 +46,19 @@ class ServerMetrics:
         self.tpot = histogram("time_per_output_token_seconds", "Mean time per output token after the first",
                               TPOT_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token", LATENCY_BUCKETS)
+        by_priority = labels + ["priority"]
+        self.ttft_by_priority = Histogram("kvflow:time_to_first_token_by_priority_seconds",
+                                          "Time to first token, per request priority", by_priority,
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e_by_priority = Histogram("kvflow:e2e_request_latency_by_priority_seconds",
+                                         "Arrival to last token, per request priority", by_priority,
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_length = Gauge("kvflow:policy_queue_length", "Requests in each of the scheduling policy's "
+                                  "queues (MLFQ: per level)", labels + ["queue"], registry=r)
+        self.predictor_error = gauge("length_predictor_error", "The output-length predictor's running mean "
+                                     "|log2(predicted / true length)| over requests that ended by themselves")
+        self.token_budget = gauge("step_token_budget", "The last step's token budget (it follows "
+                                  "--tpot-slo-ms when set)")
         self._last = EngineStats()
 
     def record_stats(self, s: EngineStats) -> None:
@@ -59,6 +72,11 @@ class ServerMetrics:
         self.swapped_out.inc(max(0, s.num_swapped_out - self._last.num_swapped_out))
         self.cow_copies.inc(max(0, s.num_cow_copies - self._last.num_cow_copies))
         self.disk_hits.inc(max(0, s.disk_hit_tokens - self._last.disk_hit_tokens))
+        for queue, n in s.queue_lengths.items():
+            self.queue_length.labels(queue=queue, **self._labels).set(n)
+        if s.predictor_error is not None:
+            self.predictor_error.set(s.predictor_error)
+        self.token_budget.set(s.token_budget)
         self._last = s
 
     def record_output(self, out: RequestOutput) -> None:
@@ -74,6 +92,9 @@ class ServerMetrics:
         ttft, e2e = m.first_token_time - m.arrival_time, m.finished_time - m.arrival_time
         self.ttft.observe(ttft)
         self.e2e.observe(e2e)
+        prio = {"priority": str(m.priority), **self._labels}
+        self.ttft_by_priority.labels(**prio).observe(ttft)
+        self.e2e_by_priority.labels(**prio).observe(e2e)
         if max(num_tokens) > 1:
             self.tpot.observe((e2e - ttft) / (max(num_tokens) - 1))
 

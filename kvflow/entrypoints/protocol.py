@@ -96,7 +96,8 @@ class _SamplingRequest(_Body):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    # vLLM's extra sampling fields
+    # vLLM's extra fields
+    priority: int = 0                  # lower runs first under --scheduling-policy priority
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None

@@ -16,7 +16,7 @@ async def chat_completions(req: P.ChatCompletionRequest, raw: Request, serving: 
     params = req.sampling_params()
     text, ids = await serving.encode_chat(req.template_messages(), req.add_generation_prompt)
     ctx = ChatContext(req, serving.model_name, params.n, len(ids), serving.tok)   # before submit: nothing to leak
-    gens = serving.submit([(text, ids)], params, "chatcmpl")
+    gens = serving.submit([(text, ids)], params, "chatcmpl", req.priority, req.user)
     if req.stream:
         return sse(ctx.stream(merge(gens)), serving, ctx.id)
     finals = await until_disconnected(raw, final_outputs(gens))

@@ -21,7 +21,7 @@ async def create_response(req: P.ResponsesRequest, raw: Request, serving: Servin
     params = req.sampling_params()
     text, ids = await serving.encode_chat(req.template_messages(), True)
     ctx = ResponseContext(req, serving.model_name, len(ids))
-    gens = serving.submit([(text, ids)], params, "resp")
+    gens = serving.submit([(text, ids)], params, "resp", req.priority, req.user)
     if req.stream:
         return sse(ctx.stream(merge(gens)), serving, ctx.id, frame=ctx.frame, done=None,
                    error_event=ctx.error_event)

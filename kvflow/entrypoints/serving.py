@@ -97,8 +97,8 @@ class Serving:
                                  f"over the server's limit of {self.max_wait_s:g}s",
                                  retry_after=max(1, math.ceil(wait - self.max_wait_s)))
 
-    def submit(self, inputs: list[tuple[str | None, list[int]]], params,
-               prefix: str) -> list[AsyncIterator[RequestOutput]]:
+    def submit(self, inputs: list[tuple[str | None, list[int]]], params, prefix: str, priority: int = 0,
+               user: str | None = None) -> list[AsyncIterator[RequestOutput]]:
         """Add one request per (text, token ids) input, all or none; their output iterators. A bad
         request is refused (400) before a busy server refuses it (503)."""
         for _, token_ids in inputs:
@@ -107,7 +107,7 @@ class Serving:
         ids = []
         try:
             for text, token_ids in inputs:
-                ids.append(self.engine.add_request(text, token_ids, params, new_id(prefix)))
+                ids.append(self.engine.add_request(text, token_ids, params, new_id(prefix), priority, user))
         except BaseException:
             for rid in ids:
                 self.engine.abort_request(rid)

@@ -1,0 +1,62 @@
+"""The survey's single-replica runtimes as presets (survey tables 2 and 3; DESIGN.md's runtime table).
+
+A preset is a set of engine options: batching, prioritisation, memory and preemption, persistence, the way
+the survey describes that system. `EngineConfig.from_kwargs(preset=NAME, **explicit)` (and so `LLM(preset=...)`
+and `kvflow serve --preset NAME`) applies it first; every option given explicitly overrides it. What a preset
+sets is logged when it is applied (`describe`).
+
+| preset    | batching                                   | prioritisation      | memory / preemption                               | persistence           |
+|-----------|--------------------------------------------|---------------------|---------------------------------------------------|-----------------------|
+| orca      | continuous, fixed batch size               | FCFS                | static per-request reservation, no preemption     | none                  |
+| vllm      | continuous, fixed batch size               | FCFS                | paged with swap tier, swap vs recompute by cost   | none                  |
+| sarathi   | continuous + chunked prefill, token budget | FCFS                | paged with swap tier, by cost                     | none                  |
+| sglang    | continuous + chunked prefill, token budget | longest prefix      | paged, always recompute                           | prefix cache, LRU     |
+| fastserve | continuous, fixed batch size               | MLFQ (skip-join)    | paged with swap tier, always offload              | none                  |
+| kvflow    | continuous + chunked prefill, token budget | FCFS                | paged with swap tier, by cost                     | prefix cache, LRU     |
+
+"fixed batch size": no chunked prefill, a prompt is computed whole in one step. Sarathi-Serve's budget is
+512 tokens (its paper's setting for strict TPOT; `kvflow tune` finds one for this machine). kvflow's own row is
+its defaults, which the scheduling benchmark (benchmarks/scheduling.py) compares with the others.
+"""
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("kvflow")
+
+PRESETS: dict[str, dict] = {
+    "orca": dict(enable_chunked_prefill=False, scheduling_policy="fcfs", kv_reservation="static",
+                 enable_prefix_caching=False),
+    "vllm": dict(enable_chunked_prefill=False, scheduling_policy="fcfs", kv_reservation="on-demand",
+                 preemption_mode="auto", enable_prefix_caching=False),
+    "sarathi": dict(enable_chunked_prefill=True, max_num_batched_tokens=512, scheduling_policy="fcfs",
+                    kv_reservation="on-demand", preemption_mode="auto", enable_prefix_caching=False),
+    "sglang": dict(enable_chunked_prefill=True, scheduling_policy="cache-aware", kv_reservation="on-demand",
+                   preemption_mode="recompute", enable_prefix_caching=True),
+    "fastserve": dict(enable_chunked_prefill=False, scheduling_policy="mlfq", kv_reservation="on-demand",
+                      preemption_mode="swap", enable_prefix_caching=False),
+    "kvflow": dict(),
+}
+
+
+def preset_options(name: str) -> dict:
+    """The options preset `name` sets; ValueError naming the field for an unknown one."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    return dict(PRESETS[name])
+
+
+def apply_preset(name: str | None, explicit: dict) -> dict:
+    """The engine options: the preset's, then the explicit ones over them (logging what the preset set and
+    what was overridden)."""
+    if name is None:
+        return dict(explicit)
+    options = preset_options(name)
+    overridden = sorted(k for k in options if k in explicit and explicit[k] != options[k])
+    logger.info("preset %s: %s%s", name, describe(options) or "kvflow's defaults",
+                f" (overridden: {', '.join(overridden)})" if overridden else "")
+    return {**options, **explicit}
+
+
+def describe(options: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items())
