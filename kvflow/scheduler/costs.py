@@ -56,7 +56,7 @@ class StepTimeModel:
     @property
     def coef(self) -> np.ndarray:
         if self._coef is None:
-            ridge = 1e-6 * np.eye(4) * max(np.trace(self.xtx), 1.0)
+            ridge = np.diag(1e-6 * np.diag(self.xtx) + 1e-12)      # per feature: scales differ a lot
             c = np.linalg.solve(self.xtx + ridge, self.xty)
             self._coef = np.maximum(c, 0.0)
         return self._coef
