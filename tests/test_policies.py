@@ -269,12 +269,14 @@ def test_greedy_outputs_do_not_depend_on_the_policy_or_preset(tiny_model_dir):
     configs = [{"scheduling_policy": p} for p in POLICY_MODULES] + [{"preset": p} for p in PRESETS]
     for kw in configs:
         llm = LLM(model=model, dtype="float32", block_size=8, max_num_seqs=2, num_kv_blocks=24, **kw)
-        outs = llm.generate(prompts, greedy, use_tqdm=False, priority=[3, 1, 2, 0, 1, 2],
-                            user=["a", "b", "a", "a", "b", "a"])
+        prio = [3, 1, 2, 0, 1, 2] if kw.get("scheduling_policy") == "priority" else None
+        outs = llm.generate(prompts, greedy, use_tqdm=False, priority=prio, user=["a", "b", "a", "a", "b", "a"])
         ids = [o.outputs[0].token_ids for o in outs]
         ref = ref or ids
         assert ids == ref, kw
-    with pytest.raises(ValueError, match="priority"):
+    with pytest.raises(ValueError, match="priority must be an integer"):
         llm.generate(prompts[:1], greedy, priority=["high"])
+    with pytest.raises(ValueError, match="only honoured with scheduling_policy='priority'"):
+        llm.generate(prompts[:1], greedy, priority=[1])
     with pytest.raises(ValueError, match="priority has 2 entries"):
         llm.generate(prompts[:1], greedy, priority=[1, 2])

@@ -158,3 +158,20 @@ def test_responses_bad_input_with_the_client(client):
     assert r.status in ("completed", "incomplete") and r.store is False
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(r.id)
+
+
+# ---- scheduling fields (issue 10) -----------------------------------------------------------------------
+
+def test_priority_and_user_in_the_body(app_server):
+    r = post(app_server, CHAT, {"messages": USER, "max_tokens": 2, "user": "alice", "priority": 0})
+    assert r.status_code == 200, r.text
+    err = assert_error(post(app_server, CHAT, {"messages": USER, "max_tokens": 2, "priority": 3}), 400,
+                       "only honoured with scheduling_policy='priority'")
+    for bad in ("high", 1.5, None):
+        err = assert_error(post(app_server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "priority": bad}), 400)
+        assert err["param"] == "priority", err
+    metrics = httpx.get(f"{app_server.url}/metrics").text
+    assert 'kvflow:e2e_request_latency_by_priority_seconds_count{model_name="tiny-llama",priority="0"}' in metrics
+    assert 'kvflow:step_token_budget{model_name="tiny-llama"} 2048.0' in metrics
+
+

@@ -47,8 +47,10 @@ class InProcessServer:
         async def main():
             self.engine = AsyncLLM(EngineConfig.from_kwargs(model=model_dir, max_num_seqs=max_num_seqs),
                                    max_queue_len=max_queue_len)
+            metrics = ServerMetrics(TINY)
+            self.engine.on_output, self.engine.on_stats = metrics.record_output, metrics.record_stats
             await self.engine.start()
-            app = build_app(self.engine, TINY, ServerMetrics(TINY), KEY, **app_kw)
+            app = build_app(self.engine, TINY, metrics, KEY, **app_kw)
             self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
             task = asyncio.create_task(self.server.serve())
             while not self.server.started:

@@ -29,6 +29,10 @@ class InputProcessor:
         self.check(prompt_token_ids, params)
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")
+        policy = self.rc.config.scheduler.scheduling_policy
+        if priority != 0 and policy != "priority":     # honoured or refused, never silently dropped (as vLLM)
+            raise ValueError(f"priority {priority} is only honoured with scheduling_policy='priority' "
+                             f"(this engine runs {policy!r})")
         if user is not None and not isinstance(user, str):
             raise ValueError(f"user must be a string, got {type(user).__name__}")
         max_len = self.rc.max_model_len
