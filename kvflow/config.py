@@ -240,6 +240,8 @@ class SchedulerOptions:
                                              "(off: a prompt is computed whole, in a step of its own size)")
     preemption_mode: str = opt("auto", "how a preempted request gives back its KV blocks (auto: the cheaper of "
                                        "recompute and swap, per request)", PREEMPTION_MODES)
+    async_recovery: bool = opt(False, "a swapped-out request's blocks are copied back beside the next step, and it "
+                                      "computes in the step after (FastServe's asynchronous recovery)")
     kv_reservation: str = opt("on-demand", "KV blocks as tokens need them (on-demand), or for a request's whole "
                                            "possible length when admitted, never preempted (static, as Orca)",
                               KV_RESERVATIONS)

@@ -34,7 +34,7 @@ PRESETS: dict[str, dict] = {
     "sglang": dict(enable_chunked_prefill=True, scheduling_policy="cache-aware", kv_reservation="on-demand",
                    preemption_mode="recompute", enable_prefix_caching=True),
     "fastserve": dict(enable_chunked_prefill=False, scheduling_policy="mlfq", kv_reservation="on-demand",
-                      preemption_mode="swap", enable_prefix_caching=False),
+                      preemption_mode="swap", async_recovery=True, enable_prefix_caching=False),
     "kvflow": dict(),
 }
 

@@ -198,6 +198,23 @@ def test_without_chunked_prefill_a_prompt_is_computed_whole():
     h.run()
 
 
+def test_async_recovery_copies_back_beside_a_step_and_computes_the_step_after():
+    h = Harness(num_blocks=6, budget=64, max_seqs=8, swap=16, mode="swap")
+    h.sched.async_recovery = True
+    add(h, "a", prompt_len=8, max_tokens=8)
+    add(h, "b", prompt_len=8, max_tokens=8, first=300)
+    kinds, recovering = [], []
+    while h.sched.has_unfinished():
+        out, _ = h.step()
+        kinds += [op.kind for op in out.block_ops]
+        if h.sched._recovering:
+            recovering.append(set(h.sched._recovering))
+            assert not any(s.req_id in h.sched._recovering for s in out.scheduled)   # not computed while copying
+    h.run()
+    assert "swap_out" in kinds and "swap_in_async" in kinds and "swap_in" not in kinds and recovering
+    assert h.outputs["a"] == [7] * 8 and h.outputs["b"] == [7] * 8
+
+
 def test_step_time_model_and_the_slo_budget():
     m = StepTimeModel()
     assert m.prefill_budget(4, 400, 0.05, 2048, 16) == 2048           # not trusted yet: the fixed budget
@@ -228,7 +245,7 @@ def test_presets_set_what_the_survey_table_says():
     assert sglang.scheduler.scheduling_policy == "cache-aware" and sglang.scheduler.preemption_mode == "recompute"
     assert sglang.cache.enable_prefix_caching
     fast = EngineConfig.from_kwargs(preset="fastserve").scheduler
-    assert (fast.scheduling_policy, fast.preemption_mode) == ("mlfq", "swap")
+    assert (fast.scheduling_policy, fast.preemption_mode, fast.async_recovery) == ("mlfq", "swap", True)
     assert EngineConfig.from_kwargs(preset="sarathi").scheduler.max_num_batched_tokens == 512
     assert not EngineConfig.from_kwargs(preset="vllm").cache.enable_prefix_caching
     over = EngineConfig.from_kwargs(preset="sglang", scheduling_policy="fcfs")     # explicit wins
@@ -267,13 +284,15 @@ def test_greedy_outputs_do_not_depend_on_the_policy_or_preset(tiny_model_dir):
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     ref = None
     configs = [{"scheduling_policy": p} for p in POLICY_MODULES] + [{"preset": p} for p in PRESETS]
+    configs.append({"preset": "fastserve", "num_kv_blocks": 10})     # preempted by swap, recovered async
     for kw in configs:
-        llm = LLM(model=model, dtype="float32", block_size=8, max_num_seqs=2, num_kv_blocks=24, **kw)
+        llm = LLM(model=model, dtype="float32", block_size=8, **{"max_num_seqs": 2, "num_kv_blocks": 24, **kw})
         prio = [3, 1, 2, 0, 1, 2] if kw.get("scheduling_policy") == "priority" else None
         outs = llm.generate(prompts, greedy, use_tqdm=False, priority=prio, user=["a", "b", "a", "a", "b", "a"])
         ids = [o.outputs[0].token_ids for o in outs]
         ref = ref or ids
         assert ids == ref, kw
+    assert llm.engine.core.scheduler.num_swapped_out > 0
     with pytest.raises(ValueError, match="priority must be an integer"):
         llm.generate(prompts[:1], greedy, priority=["high"])
     with pytest.raises(ValueError, match="only honoured with scheduling_policy='priority'"):

@@ -58,3 +58,10 @@ def swap_in(runner: "ModelRunner", op: BlockOp) -> None:
     src, dst = _ids(op.src, "cpu"), _ids(op.dst, runner.device)
     for t, host in zip(runner.kv_tensors(), runner.swap_tensors):
         t.index_copy_(0, dst, host.index_select(0, src).to(runner.device))
+
+
+@register_block_op("swap_in_async")
+def swap_in_async(runner: "ModelRunner", op: BlockOp) -> None:
+    """FastServe's asynchronous recovery: the copy back runs on the runner's copy thread while the step's
+    forward runs (the scheduler does not compute the request in this step); the next step waits for it."""
+    runner.background_copy(lambda: swap_in(runner, op))

@@ -90,7 +90,8 @@ class EngineCore:
         scheduler = Scheduler(kv, sc.max_num_seqs, sc.max_num_batched_tokens, rc.max_model_len, sc.preemption_mode,
                               cost, policy=make_policy(sc.scheduling_policy, client_weights=sc.client_weights),
                               predictor=predictor, tpot_slo_ms=sc.tpot_slo_ms,
-                              enable_chunked_prefill=sc.enable_chunked_prefill, kv_reservation=sc.kv_reservation)
+                              enable_chunked_prefill=sc.enable_chunked_prefill, kv_reservation=sc.kv_reservation,
+                              async_recovery=sc.async_recovery)
         logger.info("loaded %s (%s, %s) in %.1fs; KV cache: %d blocks of %d tokens", rc.model_path,
                     rc.arch.model_type, rc.dtype, time.perf_counter() - t0, rc.num_kv_blocks, bs)
         return cls(runner, scheduler)

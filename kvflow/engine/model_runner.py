@@ -77,6 +77,8 @@ class ModelRunner:
         self.swap_tensors: list[torch.Tensor] = []
         self.kv_store = None              # DiskKVStore, when the disk tier is on
         self.collect_hidden = False       # return the last prompt token's hidden state (a length predictor's)
+        self._copier = None               # a thread for block copies that overlap a step (async swap-in)
+        self._pending: list = []
 
     def kv_tensors(self) -> list[torch.Tensor]:
         """Every tensor that holds KV-cache state, each indexed by block id on dim 0 (copying block b
@@ -109,6 +111,18 @@ class ModelRunner:
     def block_spec(self) -> list[list]:
         """Shape and dtype of one block of each KV tensor (what a disk-tier file must hold)."""
         return [[list(t.shape[1:]), str(t.dtype).removeprefix("torch.")] for t in self.kv_tensors()]
+
+    def background_copy(self, fn) -> None:
+        """Run a block copy on the copy thread; the next `execute` waits for it before touching the cache."""
+        if self._copier is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._copier = ThreadPoolExecutor(1, thread_name_prefix="kvflow-copy")
+        self._pending.append(self._copier.submit(fn))
+
+    def wait_copies(self) -> None:
+        for fut in self._pending:
+            fut.result()
+        self._pending.clear()
 
     def read_block(self, block_id: int) -> list[torch.Tensor]:
         return [t[block_id].to("cpu", copy=True) for t in self.kv_tensors()]
@@ -189,6 +203,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         """Run one step: apply the block ops, compute the scheduled tokens, sample where asked."""
+        self.wait_copies()                # the previous step's background copies land before anything else
         self._update_states(sched)
         apply_block_ops(self, sched.block_ops)
         scheduled = sched.scheduled

@@ -1,5 +1,6 @@
 """The `kvflow` command line: `kvflow serve`, `kvflow generate PROMPT`, `kvflow chat`, `kvflow bench serve`,
-`kvflow eval perplexity --file F`, `kvflow env` (this machine's CPU capabilities and versions).
+`kvflow tune` (a fixed token budget by a stress test), `kvflow predict train|eval` (the output-length
+predictor), `kvflow eval perplexity --file F`, `kvflow env` (this machine's CPU capabilities and versions).
 
 Only the generated text goes to stdout; logs and errors go to stderr. A bad argument value prints
 `kvflow: error: <message>` and exits 2, as argparse does for a malformed command line.
@@ -274,6 +275,17 @@ def make_parser() -> argparse.ArgumentParser:
     add_cli_args(p)
     p.set_defaults(func=cmd_bench_serve, verbose=False)
 
+    p = sub.add_parser("tune", help="find a fixed token budget by a stress test (Sarathi-Serve's way)",
+                       description="Run decodes beside chunked prefills at each candidate budget and print "
+                                   "TPOT and prefill throughput per budget, and the budget to serve with.")
+    from kvflow.bench.tune import add_cli_args as add_tune_args
+    add_tune_args(p)
+    add_engine_args(p)
+    p.set_defaults(func=cmd_tune)
+
+    from kvflow.predict.train import add_parser as add_predict_parser
+    add_predict_parser(sub)
+
     p = sub.add_parser("eval", help="evaluate the model: `kvflow eval perplexity --file F`")
     evals = p.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
     p = evals.add_parser("perplexity", help="perplexity of the model on a text file",
@@ -295,6 +307,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_env, verbose=False)
     return parser
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from kvflow.bench.tune import run
+    return run(args, engine_kwargs(args))
 
 
 def setup_logging(verbose: bool) -> None:

@@ -237,14 +237,18 @@ class KVCacheManager:
     def is_swapped(self, req_id: str) -> bool:
         return req_id in self.swapped
 
-    def swap_in(self, req: Request, num_new_tokens: int) -> bool:
-        """Bring a swapped request's blocks back, with room for num_new_tokens more (False if short)."""
+    def swap_in(self, req: Request, num_new_tokens: int, background: bool = False) -> bool:
+        """Bring a swapped request's blocks back, with room for num_new_tokens more (False if short).
+        `background`: the copy runs beside the next step (the request must not compute before the step after)."""
         need = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size)
         if need > self.pool.num_free:
             return False
         host = self.swapped.pop(req.request_id)
         dev = self._allocate(need)
-        self._op(self.swap.load_op([h.block_id for h in host], [d.block_id for d in dev[:len(host)]]))
+        op = self.swap.load_op([h.block_id for h in host], [d.block_id for d in dev[:len(host)]])
+        if background:
+            op.kind = "swap_in_async"
+        self._op(op)
         self.swap.release(host)
         self.tables[req.request_id] = dev
         self._replaced(req.request_id)

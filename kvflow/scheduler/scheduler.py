@@ -54,7 +54,8 @@ class Scheduler:
                  preemption_mode: str = "auto", cost: PreemptionCost | None = None,
                  clock: Callable[[], float] = time.monotonic, policy: SchedulingPolicy | str = "fcfs",
                  predictor: LengthPredictor | None = None, tpot_slo_ms: float | None = None,
-                 enable_chunked_prefill: bool = True, kv_reservation: str = "on-demand"):
+                 enable_chunked_prefill: bool = True, kv_reservation: str = "on-demand",
+                 async_recovery: bool = False):
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, got {preemption_mode!r}")
         if kv_reservation not in KV_RESERVATIONS:
@@ -68,6 +69,8 @@ class Scheduler:
         self.preemption_mode = preemption_mode
         self.enable_chunked_prefill = enable_chunked_prefill
         self.static_reservation = kv_reservation == "static"
+        self.async_recovery = async_recovery
+        self._recovering: set[str] = set()        # swapped back in beside the current step: compute next step
         self.cost = cost or PreemptionCost(block_bytes=1)
         self.clock = clock
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
@@ -228,7 +231,14 @@ class Scheduler:
     def _prefix(self, req: Request) -> tuple[list[Block], list[int]] | None:
         """What a waiting request starts from: (cached blocks, disk-tier keys ready to load); None while it
         must wait (its disk-tier blocks are being read, or its fork source has not computed the prompt)."""
+        if req.request_id in self._recovering:
+            return [], []
         if self.kv.is_swapped(req.request_id):
+            if self.async_recovery and self.kv.swap_in(
+                    req, min(req.num_tokens_with_spec - req.num_computed_tokens, self.max_num_batched_tokens), True):
+                self._recovering.add(req.request_id)
+                req.status = RequestStatus.WAITING_FOR_KV
+                return None
             return [], []
         if req.fork_from is not None:
             src = self.requests.get(req.fork_from)
@@ -251,6 +261,11 @@ class Scheduler:
     def _admit(self, req: Request, budget: int, computed: list[Block], keys: list[int]) -> bool:
         """Give a waiting request its blocks: swapped back in, forked from its source, or from the prefix
         cache and the disk tier plus new ones. False when the blocks are short."""
+        if req.request_id in self._recovering:       # its blocks came back beside the last step
+            if not self.kv.allocate_slots(req, min(req.num_tokens_with_spec - req.num_computed_tokens, budget)):
+                return False
+            self._recovering.discard(req.request_id)
+            return True
         if self.kv.is_swapped(req.request_id):
             return self.kv.swap_in(req, min(req.num_tokens_with_spec - req.num_computed_tokens, budget))
         if req.fork_from is not None:
@@ -365,6 +380,7 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.kv.forget(req)
+        self._recovering.discard(req.request_id)
         self.policy.on_finish(req)
         if status == RequestStatus.FINISHED_STOPPED and self.predictor is not None:
             self._observe_length(req)
