@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 
 from kvflow.models.registry import SUPPORTED_MODEL_TYPES
+from kvflow.scheduler.fair import parse_client_weights
 from kvflow.scheduler.policy import POLICY_MODULES
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -273,23 +274,6 @@ class SchedulerOptions:
         if self.length_predictor is not None and not isinstance(self.length_predictor, str):
             raise ValueError(f"length_predictor must be a file path or 'online', got {self.length_predictor!r}")
         parse_client_weights(self.client_weights)
-
-
-def parse_client_weights(spec: str | None) -> dict[str, float]:
-    """'alice=2,bob=1' -> {"alice": 2.0, "bob": 1.0}; ValueError naming client_weights."""
-    weights: dict[str, float] = {}
-    for part in (spec or "").split(","):
-        if not part.strip():
-            continue
-        name, sep, value = part.rpartition("=")
-        try:
-            w = float(value)
-        except ValueError:
-            w = -1.0
-        if not sep or not name.strip() or not 0 < w < float("inf"):
-            raise ValueError(f"client_weights must look like 'alice=2,bob=1' with positive weights, got {spec!r}")
-        weights[name.strip()] = w
-    return weights
 
 
 @dataclass

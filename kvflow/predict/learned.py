@@ -138,14 +138,16 @@ class LearnedPredictor(LengthPredictor):
 # ---- training ---------------------------------------------------------------------------------------
 
 def fit(X_embed: np.ndarray | None, X_hidden: np.ndarray | None, lengths, prompt_lens=None, *,
-        edges: tuple[float, ...] = EDGES, hidden_units: int = 64, epochs: int = 300, lr: float = 3e-3,
+        edges: tuple[float, ...] = EDGES, hidden_units: int = 64, epochs: int = 100, lr: float = 1e-3,
         weight_decay: float = 1e-2, label_smoothing: float = 0.05, seed: int = 0,
         identity: dict | None = None, meta: dict | None = None,
         extras: dict[str, np.ndarray] | None = None) -> LearnedPredictor:
     """Train the two heads (either input may be None to skip its head) by full-batch AdamW on the cross-
     entropy of the output-length buckets. Lengths cut at max_tokens are given as max_tokens: the bucket
     that holds max_tokens stands for "at least this long". With `prompt_lens`, both heads also read
-    log(1 + prompt length). Deterministic for a given seed; seconds for a few thousand requests."""
+    log(1 + prompt length). Deterministic for a given seed; seconds for a few thousand requests.
+    The defaults (few, small steps: an early stop) won a 5-fold cross-validation on 300 SmolLM2 training
+    requests (tau 0.61 against 0.52-0.55 for 300 epochs at lr 3e-3: more steps overfit so few samples)."""
     import torch
 
     lengths = np.asarray(lengths)

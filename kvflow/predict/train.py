@@ -201,7 +201,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--num-test", type=int, default=None, help="held-out prompts (default: a third of --num-prompts)")
     t.add_argument("--max-tokens", type=int, default=512, help="output cap; longer answers are censored (default: 512)")
     t.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default: 0.7)")
-    t.add_argument("--epochs", type=int, default=300, help="training epochs of each head (default: 300)")
+    t.add_argument("--epochs", type=int, default=100,
+                   help="training epochs (full-batch steps) of each head (default: 100)")
     t.add_argument("--data", default=None, metavar="CACHE.npz",
                    help="reuse the collected features from this file if it exists, else save them there")
     add_engine_args(t)
@@ -258,13 +259,13 @@ def _train(args) -> int:
     if cached is None:
         train_items = make_items(args.num_prompts, seed, "train")
         train, test, oracle = _collect_with_test(llm, train_items, num_test, args.max_tokens, args.temperature, seed)
+        t_collect = time.perf_counter() - t0
         if args.data:
             np.savez(args.data, identity=np.array(str(sorted(identity.items()))), settings=np.array(_settings(args)),
                      **{f"{part}_{k}": v for part, d in (("train", train), ("test", test)) for k, v in d.items()},
-                     oracle=oracle)
+                     oracle=oracle, collect_s=np.array(t_collect))
     else:
-        train, test, oracle = cached
-    t_collect = time.perf_counter() - t0
+        train, test, oracle, t_collect = cached          # the time it took to generate them, back then
     print(describe(train, "train"), file=sys.stderr)
     t1 = time.perf_counter()
     meta = {"model_path": llm.engine.model_path, "dtype": llm.engine.resolved.dtype, "max_tokens": args.max_tokens,
@@ -289,8 +290,8 @@ def _settings(args) -> str:
 
 
 def _load_data(path: str, identity: dict, args):
-    """(train, test, oracle) collected before and cached at `path`, if it is there (made with these
-    settings); else None."""
+    """(train, test, oracle, seconds it took) collected before and cached at `path`, if it is there (made
+    with these settings); else None."""
     import os
     if not os.path.exists(path):
         return None
@@ -298,7 +299,7 @@ def _load_data(path: str, identity: dict, args):
         if str(z["identity"]) != str(sorted(identity.items())) or str(z["settings"]) != _settings(args):
             raise ValueError(f"{path} holds data collected for another model or other settings")
         parts = [{k.split("_", 1)[1]: z[k] for k in z.files if k.startswith(p + "_")} for p in ("train", "test")]
-        return parts[0], parts[1], z["oracle"]
+        return parts[0], parts[1], z["oracle"], float(z["collect_s"]) if "collect_s" in z.files else math.nan
 
 
 def _eval(args) -> int:

@@ -9,13 +9,29 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from kvflow.config import parse_client_weights
 from kvflow.request import Request
 from kvflow.scheduler.policy import RankedPolicy, register_policy
 
 PROMPT_WEIGHT = 1.0
 OUTPUT_WEIGHT = 2.0
-MARGIN = 512.0
+MARGIN = 64.0
+
+
+def parse_client_weights(spec: str | None) -> dict[str, float]:
+    """'alice=2,bob=1' -> {"alice": 2.0, "bob": 1.0}; ValueError naming client_weights."""
+    weights: dict[str, float] = {}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        name, sep, value = part.rpartition("=")
+        try:
+            w = float(value)
+        except ValueError:
+            w = -1.0
+        if not sep or not name.strip() or not 0 < w < float("inf"):
+            raise ValueError(f"client_weights must look like 'alice=2,bob=1' with positive weights, got {spec!r}")
+        weights[name.strip()] = w
+    return weights
 
 
 @register_policy("fair")
