@@ -3,8 +3,9 @@ others. Each client (the OpenAI `user` field; requests without one share the cli
 the service it received: prompt tokens computed count PROMPT_WEIGHT each and generated tokens OUTPUT_WEIGHT,
 divided by the client's share (`client_weights`, default 1). The waiting request of the client with the
 smallest counter goes first. A client that comes back after having nothing queued has its counter lifted
-to the smallest counter among the clients with requests in the system, so that idling banks no credit.
-A waiting request takes the seat of a running one whose client is ahead by more than MARGIN tokens."""
+to the smallest counter among the clients with requests in the system, less MARGIN: idling banks no
+credit beyond one margin, and that margin lets its request take the next batch seat at once. A waiting
+request takes the seat of a running one whose client is ahead by more than MARGIN tokens."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -49,7 +50,7 @@ class Fair(RankedPolicy):
         if self.live[c] == 0:
             active = [self.counters[k] for k, n in self.live.items() if n > 0]
             if active:
-                self.counters[c] = max(self.counters[c], min(active))
+                self.counters[c] = max(self.counters[c], min(active) - self.margin)
         self.live[c] += 1
 
     def on_computed(self, req: Request, num_prompt_tokens: int, num_output_tokens: int, now: float) -> None:
