@@ -121,6 +121,7 @@ def start(name: str, workload: str, args, log_path: str):
             # the same KV tokens: vLLM's CPU attention needs blocks of a multiple of 32 tokens
             extra += ["--num-gpu-blocks-override", str(args.prefix_kv_blocks // 2), "--block-size", "32"]
         proc = peer.start_server(port, scheduling_policy=vllm_policy, max_num_seqs=args.max_num_seqs,
+                                 max_model_len=1024 if workload == "prefixes" else 2048,   # fits the small cache
                                  extra_args=extra, log_path=log_path)
         url = f"http://127.0.0.1:{port}"
         peer.wait_ready(url, proc, timeout_s=args.startup_timeout)
@@ -232,7 +233,7 @@ def table(rows: list[dict], workload: str) -> str:
     for r in rows:
         s = r["summary"]
         hit = "-" if r["prefix_hit_rate"] is None else f"{100 * r['prefix_hit_rate']:.0f}%"
-        lines.append(f"| {r['config']} | {s['completed']}/{s['completed'] + s['failed']} | "
+        lines.append(f"| {r['config']} | {s['completed']:.0f}/{s['completed'] + s['failed']:.0f} | "
                      f"{s['output_throughput']:.1f} | {s.get('goodput', 0):.2f} | "
                      + " | ".join(f"{s[c + '_ms']:.0f}" for c in cols) + f" | {hit} | {r['jain']:.3f} |")
     return "\n".join(lines)

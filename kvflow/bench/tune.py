@@ -6,7 +6,8 @@ Every step then holds the decodes plus at most one budget of prefill, so the ste
 per output token (TPOT). Measured per budget: TPOT median and p99 over the steps that had a prefill chunk,
 and the prefill throughput (prompt tokens per second of those steps). The budget printed is the largest whose
 TPOT p99 meets `--tpot-slo-ms`; without a target, the smallest whose prefill throughput is within 10% of
-the best (larger budgets only lengthen the decodes' steps). The result is a flag for `kvflow serve`.
+the best (larger budgets only lengthen the decodes' steps). The result is a flag for `kvflow serve`. With a
+target, a last row runs the same stress with the online SLO-aware budget (`--tpot-slo-ms` on the server).
 (`--tpot-slo-ms` is the engine flag's: here it is the target the fixed budgets are checked against.)
 A TPOT target can instead be followed online: `kvflow serve --tpot-slo-ms T`.
 """
@@ -35,6 +36,7 @@ def _measure(llm, budget: int, decodes: int, prompts: int, prompt_len: int, seed
     from kvflow.sampling.params import SamplingParams
     engine, sched = llm.engine, llm.engine.core.scheduler
     sched.max_num_batched_tokens = budget
+    llm.reset_prefix_cache()                 # every budget computes its prompts in full
     rng = random.Random(seed)
     vocab = min(engine.model_config.vocab_size, 10000)
     long_out = SamplingParams(max_tokens=100000, ignore_eos=True, temperature=0)
@@ -90,12 +92,19 @@ def run(args: argparse.Namespace, engine_kw: dict) -> int:
     _measure(llm, budgets[0], min(args.decodes, 2), 1, min(args.prompt_len, 128), seed=1)   # warm-up
     rows = [_measure(llm, b, args.decodes, args.prompts, args.prompt_len, seed=0) for b in budgets]
     pick = choose(rows, args.tpot_slo_ms)
+    online = None
+    if args.tpot_slo_ms is not None:        # the same stress with the online SLO-aware budget, for comparison
+        sched = llm.engine.core.scheduler
+        sched.tpot_slo_s = args.tpot_slo_ms / 1000
+        online = _measure(llm, max(budgets), args.decodes, args.prompts, args.prompt_len, seed=0)
+        online["budget"] = f"online {args.tpot_slo_ms:g} ms"
+        sched.tpot_slo_s = None
     if args.json:
-        print(json.dumps({"rows": rows, "budget": pick and pick["budget"]}))
+        print(json.dumps({"rows": rows, "online": online, "budget": pick and pick["budget"]}))
         return 0
-    print(f"{'budget':>8} {'steps':>6} {'TPOT median ms':>15} {'TPOT p99 ms':>12} {'prefill tok/s':>14}")
-    for r in rows:
-        print(f"{r['budget']:>8} {r['steps']:>6} {r['tpot_median_ms']:>15.1f} {r['tpot_p99_ms']:>12.1f} "
+    print(f"{'budget':>16} {'steps':>6} {'TPOT median ms':>15} {'TPOT p99 ms':>12} {'prefill tok/s':>14}")
+    for r in rows + ([online] if online else []):
+        print(f"{r['budget']:>16} {r['steps']:>6} {r['tpot_median_ms']:>15.1f} {r['tpot_p99_ms']:>12.1f} "
               f"{r['prefill_tok_s']:>14.0f}")
     if pick is None:
         print(f"no budget meets TPOT p99 <= {args.tpot_slo_ms:g} ms with {args.decodes} decodes: use fewer "

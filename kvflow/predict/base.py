@@ -16,11 +16,12 @@ This module imports neither torch nor the model stack.
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from kvflow.registry import Registry
 
 # bucket edges, in output tokens: bucket i holds lengths in [EDGES[i], EDGES[i + 1])
 EDGES: tuple[float, ...] = (1, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, math.inf)
@@ -96,25 +97,15 @@ class LengthPredictor:
 
 
 # predictor name -> the module that registers it; a learned predictor is opened from its file instead
-PREDICTOR_MODULES: dict[str, str] = {"online": "kvflow.predict.online"}
-_PREDICTORS: dict[str, type[LengthPredictor]] = {}
-
-
-def register_predictor(name: str):
-    def wrap(cls):
-        cls.name = name
-        _PREDICTORS[name] = cls
-        return cls
-    return wrap
+PREDICTORS = Registry("length_predictor", {"online": "kvflow.predict.online"})
+register_predictor = PREDICTORS.register
 
 
 def make_predictor(spec: str | None, model_identity: dict | None = None) -> LengthPredictor:
     """`None` or "online": the online predictor (no training); a path: a learned predictor's file, checked
     against the model it was trained for (`model_identity`). ValueError / FileNotFoundError naming it."""
-    if spec is None or spec in PREDICTOR_MODULES:
-        name = spec or "online"
-        importlib.import_module(PREDICTOR_MODULES[name])
-        return _PREDICTORS[name]()
+    if spec is None or spec in PREDICTORS:
+        return PREDICTORS.get(spec or "online")()
     from kvflow.predict.learned import LearnedPredictor
     return LearnedPredictor.load(spec, model_identity)
 

@@ -15,42 +15,32 @@ POLICY_MODULES (so that the config can offer it without importing it). No torch.
 """
 from __future__ import annotations
 
-import importlib
 from collections import deque
 from typing import TYPE_CHECKING
 
+from kvflow.registry import Registry
 from kvflow.request import Request
 
 if TYPE_CHECKING:
     from kvflow.scheduler.scheduler import Scheduler
 
 # policy name -> the module that registers it
-POLICY_MODULES: dict[str, str] = {
+POLICIES = Registry("scheduling_policy", {
     "fcfs": "kvflow.scheduler.policy",
     "priority": "kvflow.scheduler.priority",
     "sjf": "kvflow.scheduler.sjf",
     "mlfq": "kvflow.scheduler.mlfq",
     "cache-aware": "kvflow.scheduler.cache_aware",
     "fair": "kvflow.scheduler.fair",
-}
-_POLICIES: dict[str, type[SchedulingPolicy]] = {}
-
-
-def register_policy(name: str):
-    def wrap(cls):
-        cls.name = name
-        _POLICIES[name] = cls
-        return cls
-    return wrap
+})
+POLICY_MODULES = POLICIES.modules
+register_policy = POLICIES.register
 
 
 def make_policy(name: str, **options) -> SchedulingPolicy:
     """The policy `name`, built with the options it takes (others are ignored: e.g. `client_weights` is
     the fair policy's)."""
-    if name not in POLICY_MODULES:
-        raise ValueError(f"scheduling_policy must be one of {', '.join(POLICY_MODULES)}, got {name!r}")
-    importlib.import_module(POLICY_MODULES[name])
-    cls = _POLICIES[name]
+    cls = POLICIES.get(name)
     return cls(**{k: v for k, v in options.items() if k in cls.OPTIONS})
 
 
