@@ -371,6 +371,9 @@ def resolve(config: EngineConfig, reader=None) -> ResolvedConfig:
     model_len = max_model_len(m.max_model_len, arch)
     block_bytes = arch.kv_bytes_per_token(dtype, c.kv_cache_dtype) * c.block_size
     num_swap = c.num_swap_blocks if c.num_swap_blocks is not None else c.swap_space_bytes // block_bytes
+    if config.scheduler.length_predictor is not None:   # a missing, corrupt or other model's file: refused here,
+        from kvflow.predict.base import make_predictor, model_identity   # before an engine process starts
+        make_predictor(config.scheduler.length_predictor, model_identity(path, arch))
     return ResolvedConfig(config, path, arch, dtype, model_len, num_kv_blocks(config, block_bytes, model_len),
                           block_bytes, num_swap)
 

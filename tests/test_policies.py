@@ -299,3 +299,14 @@ def test_greedy_outputs_do_not_depend_on_the_policy_or_preset(tiny_model_dir):
         llm.generate(prompts[:1], greedy, priority=[1])
     with pytest.raises(ValueError, match="priority has 2 entries"):
         llm.generate(prompts[:1], greedy, priority=[1, 2])
+
+
+def test_a_bad_predictor_file_is_refused_before_the_engine_starts(tiny_model_dir, tmp_path):
+    from kvflow.config import resolve
+    model = tiny_model_dir("llama_gqa")
+    with pytest.raises(FileNotFoundError, match="length predictor file not found"):
+        resolve(EngineConfig.from_kwargs(model=model, length_predictor=str(tmp_path / "none.npz")))
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not an npz")
+    with pytest.raises(ValueError, match="not a kvflow length predictor file"):
+        resolve(EngineConfig.from_kwargs(model=model, length_predictor=str(junk)))
