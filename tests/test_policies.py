@@ -226,6 +226,14 @@ def test_step_time_model_and_the_slo_budget():
     budget = m.prefill_budget(4, 400, 0.03, 2048, 16)
     assert 420 <= budget <= 440                         # (0.03 - 0.0084) / 5e-5 = 432
     assert m.prefill_budget(4, 400, 0.001, 2048, 16) == 16   # never below the minimum chunk
+    # a chunk deep into its prompt attends to more tokens: fewer fit (the model learned no such cost here,
+    # so the budget is unchanged; with one it shrinks)
+    assert m.prefill_budget(4, 400, 0.03, 2048, 16, prefill_start=2000) <= budget
+    noisy = StepTimeModel()
+    noisy.xtx, noisy.xty, noisy.num_steps = m.xtx.copy(), m.xty.copy(), m.num_steps
+    for i in range(200):                               # measured times scatter +-30% around the model
+        noisy.observe(4, 256, 400, (0.004 + 0.004 + 0.0128 + 0.0004) * (1.3 if i % 2 else 0.7))
+    assert noisy.ratio_var > 0.05 and noisy.prefill_budget(4, 400, 0.03, 2048, 16) < 0.8 * budget
     h = Harness(budget=512, max_seqs=8, num_blocks=128)
     h.sched.tpot_slo_s = 0.01
     h.sched.step_time = m

@@ -198,20 +198,23 @@ class Scheduler:
             return self.max_num_batched_tokens
         self.running.sort(key=lambda r: r.num_tokens_with_spec - r.num_computed_tokens > 1)   # stable
         context = sum(r.num_tokens for r in decodes)
+        start = next((r.num_computed_tokens for r in self.running if r.num_tokens - r.num_computed_tokens > 1), 0)
         prefill = self.step_time.prefill_budget(len(decodes), context, self.tpot_slo_s,
-                                                self.max_num_batched_tokens, self.kv.block_size)
+                                                self.max_num_batched_tokens, self.kv.block_size, start)
         return min(len(decodes) + prefill, self.max_num_batched_tokens)
 
     def record_step(self, sched: SchedulerOutput, seconds: float) -> None:
         """How long the runner took for this step (the step-time model learns from it)."""
         rows = prefill = context = 0
+        pairs = 0.0
         for s in sched.scheduled:
             if s.num_new_tokens == 1:
                 rows += 1
                 context += s.num_computed_tokens + 1
             else:
                 prefill += s.num_new_tokens
-        self.step_time.observe(rows, prefill, context, seconds)
+                pairs += s.num_new_tokens * (s.num_computed_tokens + s.num_new_tokens / 2)
+        self.step_time.observe(rows, prefill, context, seconds, pairs)
 
     def _add_to_step(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
         rid, start = req.request_id, req.num_computed_tokens
