@@ -96,8 +96,6 @@ def collect(llm, items: list[PromptItem], max_tokens: int, temperature: float, s
     least that), which puts it in the bucket that holds max_tokens."""
     from kvflow.sampling.params import SamplingParams
     core = llm.engine.core
-    if with_features and not hasattr(core, "features_log"):
-        raise RuntimeError("this kvflow's engine core does not record features (no EngineCore.features_log)")
     seeds = [seed] * len(items) if isinstance(seed, int) else list(seed)
     params = [SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=s) for s in seeds]
     batch_size = batch_size or max(len(items), 1)

@@ -85,7 +85,8 @@ class SchedulingPolicy:
 
 class RankedPolicy(SchedulingPolicy):
     """A policy defined by a rank (lower is served first): waiting and running requests are kept sorted by
-    it, and a waiting request takes the seat of a running one whose rank is worse by more than `margin`."""
+    it, and a waiting request takes the seat of a running one whose rank is worse by more than `margin`
+    (a policy whose rank is a tuple overrides `outranks`)."""
     preemptive = True
     stop_at_blocked = False
     margin = 0.0                   # hysteresis, so that two requests of nearly equal rank do not swap seats
@@ -102,10 +103,7 @@ class RankedPolicy(SchedulingPolicy):
         running.sort(key=lambda r: self.rank(r, now))
 
     def outranks(self, waiting: Request, running: Request, now: float) -> bool:
-        a, b = self.rank(waiting, now), self.rank(running, now)
-        if isinstance(a, tuple):
-            return a < b
-        return a < b - self.margin
+        return self.rank(waiting, now) < self.rank(running, now) - self.margin
 
     def pick_victim(self, candidates: list[Request]) -> Request:
         now = self.scheduler._now
