@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from kvflow.models.registry import SUPPORTED_MODEL_TYPES
 from kvflow.scheduler.fair import parse_client_weights
 from kvflow.scheduler.policy import POLICY_MODULES
+from kvflow.structured.backend import GRAMMAR_BACKENDS
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_KV_CACHE_BYTES = 1 << 30
@@ -285,8 +286,24 @@ class ParallelOptions:
         _check_positive(self, "num_threads", optional=True)
 
 
+@dataclass
+class StructuredOptions:
+    structured_outputs_backend: str = opt("llguidance", "the grammar engine of structured output",
+                                          tuple(GRAMMAR_BACKENDS.modules))
+    jump_forward: bool = opt(False, "structured output: append the tokens a grammar forces without sampling "
+                                    "them (SGLang's jump-forward decoding)")
+    grammar_compile_timeout_s: float = opt(10.0, "a schema or grammar that takes longer to compile is refused")
+
+    def __post_init__(self):
+        if self.structured_outputs_backend not in GRAMMAR_BACKENDS:
+            GRAMMAR_BACKENDS.get(self.structured_outputs_backend)        # the ValueError naming the field
+        t = self.grammar_compile_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+            raise ValueError(f"grammar_compile_timeout_s must be a positive number of seconds, got {t!r}")
+
+
 SECTIONS = {"model": ModelOptions, "cache": CacheOptions, "scheduler": SchedulerOptions,
-            "parallel": ParallelOptions}
+            "parallel": ParallelOptions, "structured": StructuredOptions}
 
 
 @dataclass
@@ -295,6 +312,7 @@ class EngineConfig:
     cache: CacheOptions = field(default_factory=CacheOptions)
     scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
     parallel: ParallelOptions = field(default_factory=ParallelOptions)
+    structured: StructuredOptions = field(default_factory=StructuredOptions)
 
     preset: str | None = None          # the survey runtime whose options were applied (kvflow/presets.py)
 

@@ -58,6 +58,9 @@ class ScheduledRequest:
     blocks_replaced: bool = False     # ... or, when True, its whole table (after fork, swap-in, recompute, CoW)
     sample: bool = False              # the step reaches the end of its known tokens: sample from the last
     num_spec_tokens: int = 0          # the last num_spec_tokens of token_ids are proposals to verify
+    # structured output: the tokens its grammar allows next, when it samples under one (int32 little-endian
+    # words, bit i of word i // 32 = token i; kvflow/structured); the sampler masks the others
+    token_bitmask: bytes | None = None
 
     @property
     def num_new_tokens(self) -> int:

@@ -25,6 +25,8 @@ from kvflow.request import Request, RequestStatus
 from kvflow.sampling.params import SamplingParams
 from kvflow.scheduler.policy import make_policy
 from kvflow.scheduler.scheduler import PreemptionCost, Scheduler
+from kvflow.structured.backend import grammar_compiler
+from kvflow.structured.manager import StructuredOutputManager
 
 logger = logging.getLogger("kvflow")
 
@@ -32,8 +34,9 @@ LOADING_WAIT_S = 5e-4        # a step with nothing to run but KV being read from
 
 
 class EngineCore:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler):
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, structured: StructuredOutputManager | None = None):
         self.runner, self.scheduler, self.kv = runner, scheduler, scheduler.kv
+        self.structured = structured
         self._features_log: dict | None = None
         self._sync_feature_collection()
 
@@ -94,7 +97,7 @@ class EngineCore:
                               async_recovery=sc.async_recovery)
         logger.info("loaded %s (%s, %s) in %.1fs; KV cache: %d blocks of %d tokens", rc.model_path,
                     rc.arch.model_type, rc.dtype, time.perf_counter() - t0, rc.num_kv_blocks, bs)
-        return cls(runner, scheduler)
+        return cls(runner, scheduler, structured_manager(rc, reader))
 
     def add_request(self, r: EngineCoreRequest) -> None:
         features = {}
@@ -102,27 +105,39 @@ class EngineCore:
             features["embed"] = self.runner.embed_features(r.prompt_token_ids)
         if self._features_log is not None:
             self._features_log[r.request_id] = dict(features)
-        self.scheduler.add_request(Request(r.request_id, list(r.prompt_token_ids), r.params, set(r.stop_ids),
-                                           r.max_tokens, r.arrival_time, fork_from=r.fork_from,
-                                           priority=r.priority, client=r.client), features)
+        req = Request(r.request_id, list(r.prompt_token_ids), r.params, set(r.stop_ids), r.max_tokens,
+                      r.arrival_time, fork_from=r.fork_from, priority=r.priority, client=r.client)
+        if r.params.structured_outputs is None:
+            self.scheduler.add_request(req, features)
+        elif self.structured is None:
+            raise ValueError("structured_outputs: this engine core has no grammar engine")
+        else:                                  # it waits for its grammar outside the scheduler
+            self.structured.add(req, features, time.monotonic())
 
     def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        if self.structured is not None:
+            self.structured.remove(request_ids)
         self.scheduler.finish_requests(request_ids, status)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.structured and len(self.structured))
 
     def step(self) -> list[EngineCoreOutput]:
+        failed = self._admit_compiled() if self.structured is not None and len(self.structured) else []
         sched = self.scheduler.schedule()
+        if self.structured is not None and self.structured.matchers:
+            for rid in self.structured.fill_bitmasks(sched):
+                failed.append(self._end_constrained(rid, "its grammar engine hit a limit"))
         if not sched.scheduled:
             self.runner.execute(sched)         # block ops and finished ids still apply
-            if self.scheduler.num_loading:     # KV on its way from a tier: let the reader work
+            if self.scheduler.num_loading or (self.structured is not None and len(self.structured)):
+                time.sleep(LOADING_WAIT_S)     # KV on its way from a tier, or a grammar compiling
                 time.sleep(LOADING_WAIT_S)
             elif self.scheduler.waiting and not self.scheduler.running:   # would spin forever: fail loudly
                 req = self.scheduler.waiting[0]
                 raise RuntimeError(f"cannot schedule request {req.request_id!r} ({req.num_tokens} tokens) with "
                                    f"{self.kv.pool.num_free} of {self.kv.num_blocks} KV blocks free")
-            return []
+            return failed
         t0 = time.perf_counter()
         result = self.runner.execute(sched)
         seconds = time.perf_counter() - t0
@@ -133,7 +148,61 @@ class EngineCore:
         if self._features_log is not None:
             for rid, hidden in result.prompt_hidden.items():
                 self._features_log.setdefault(rid, {})["hidden"] = np.asarray(hidden, dtype=np.float32)
-        return self.scheduler.update_from_output(sched, result)
+        outputs = self.scheduler.update_from_output(sched, result)
+        if self.structured is not None and self.structured.matchers:
+            self._advance_constrained(outputs)
+        return failed + outputs
+
+    # ---- structured output (kvflow/structured) ---------------------------------------------------------------
+
+    def _admit_compiled(self) -> list[EngineCoreOutput]:
+        """Requests whose grammar compiled go to the scheduler; those whose compile failed end (aborted)."""
+        ready, failed = self.structured.take_ready(time.monotonic())
+        for req, features in ready:
+            self.scheduler.add_request(req, features)
+        outputs = []
+        for req, why in failed:
+            logger.warning("request %s: %s", req.request_id, why)
+            outputs.append(EngineCoreOutput(req.request_id, [], finish_reason=RequestStatus.FINISHED_ABORTED.value,
+                                            stop_reason=why))
+        return outputs
+
+    def _end_constrained(self, request_id: str, why: str) -> EngineCoreOutput:
+        logger.warning("request %s ends: %s", request_id, why)
+        self.structured.remove([request_id])
+        self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
+        return EngineCoreOutput(request_id, [], finish_reason=RequestStatus.FINISHED_ABORTED.value, stop_reason=why)
+
+    def _advance_constrained(self, outputs: list[EngineCoreOutput]) -> None:
+        """Matchers follow the new tokens; a finished grammar ends its request; forced tokens are appended
+        (jump-forward) to the step's output, for requests that ask no logprobs (forced tokens have none)."""
+        sm, sched = self.structured, self.scheduler
+        problems = sm.advance(outputs)
+        for out in outputs:
+            rid = out.request_id
+            if rid in problems:
+                logger.warning("request %s ends: %s", rid, problems[rid])
+                sm.remove([rid])
+                sched.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
+                out.finish_reason = RequestStatus.FINISHED_ABORTED.value
+                continue
+            if out.finish_reason is not None or rid not in sm.matchers:
+                continue
+            req = sched.requests[rid]
+            if req.params.logprobs is not None:    # forced tokens would have no logprobs: sample them
+                continue
+            forced, status, ending = sm.jump_forward(rid, req.max_tokens - req.num_output_tokens), None, False
+            if sm.is_terminated(rid):              # only the end may follow: append it, no step needed
+                forced, ending = forced + [sm.end_token(req.stop_ids)], True
+            if forced:
+                appended, status = sched.append_forced(rid, forced)
+                out.new_token_ids = out.new_token_ids + appended
+                if status is None and ending:      # ignore_eos: the grammar still ends it
+                    status = RequestStatus.FINISHED_STOPPED
+                    sched.finish_requests([rid], status)
+            if status is not None:
+                sm.remove([rid])
+                out.finish_reason, out.stop_reason = status.value, req.stop_reason
 
     def warm_up(self) -> None:
         """Run one small request through every stage, so that the first user request does not pay
@@ -164,7 +233,8 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         kv, sched = self.kv, self.scheduler
-        return EngineStats(len(sched.running), len(sched.waiting), 1.0 - kv.pool.num_free / kv.num_blocks,
+        compiling = len(self.structured) if self.structured is not None else 0
+        return EngineStats(len(sched.running), len(sched.waiting) + compiling, 1.0 - kv.pool.num_free / kv.num_blocks,
                            kv.num_queries, kv.num_hits, sched.num_preemptions, sched.num_swapped_out,
                            kv.num_cow_copies, kv.num_disk_hits, sched.policy.queue_lengths(), sched.predictor_error,
                            sched.token_budget)
@@ -172,3 +242,14 @@ class EngineCore:
     def check_blocks(self) -> None:
         """Assert that every KV block is free, cached, or held by a live request (tests call this)."""
         self.scheduler.check()
+
+
+def structured_manager(rc: ResolvedConfig, reader=None) -> StructuredOutputManager:
+    """The engine core's structured-output manager; its grammar engine (and the tokenizer it indexes) is
+    built on the compile thread when the first request asks for structured output."""
+    def load_tokenizer():
+        from kvflow.tokenizer import Tokenizer
+        return Tokenizer.from_gguf(reader) if reader is not None else Tokenizer.from_hf_folder(rc.model_path)
+    so = rc.config.structured
+    compiler = grammar_compiler(so, load_tokenizer, rc.arch.vocab_size, rc.arch.eos_token_ids)
+    return StructuredOutputManager(compiler, rc.arch.vocab_size, so.jump_forward)

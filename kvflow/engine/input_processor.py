@@ -20,8 +20,13 @@ def child_request_ids(request_id: str, n: int) -> list[str]:
 
 class InputProcessor:
     def __init__(self, rc: ResolvedConfig, tokenizer: Tokenizer):
+        from kvflow.structured.backend import grammar_compiler
         self.rc = rc
         self.eos_token_ids = set(tokenizer.eos_token_ids) | set(rc.arch.eos_token_ids)
+        # structured output is compiled here first (cached by the spec's hash), so that a bad or too slow
+        # schema is a ValueError before the request is submitted; the core compiles its own copy
+        self.grammars = grammar_compiler(rc.config.structured, lambda: tokenizer, rc.arch.vocab_size,
+                                         self.eos_token_ids)
 
     def process(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                 arrival_time: float, priority: int = 0, user: str | None = None) -> list[EngineCoreRequest]:
@@ -61,6 +66,8 @@ class InputProcessor:
         vocab = self.rc.arch.vocab_size
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt_token_ids must be integers in [0, {vocab})")
+        if params.structured_outputs is not None:
+            self.grammars.check(params.structured_outputs)
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise ValueError(f"logit_bias has token id {max(params.logit_bias)}, outside the vocabulary [0, {vocab})")
         max_len = self.rc.max_model_len

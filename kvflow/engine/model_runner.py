@@ -227,7 +227,8 @@ class ModelRunner:
         states = [self.requests[scheduled[i].req_id] for i in inp.sampling_rows]
         sb = SamplingBatch.build([r.params for r in states], [r.prompt_token_ids for r in states],
                                  [r.token_ids[r.prompt_len:] for r in states], [r.generator for r in states],
-                                 [r.stop_ids for r in states], logits.shape[-1], device=logits.device)
+                                 [r.stop_ids for r in states], logits.shape[-1], device=logits.device,
+                                 bitmasks=[scheduled[i].token_bitmask for i in inp.sampling_rows])
         sampled = self.sampler(logits, sb)
         if sampled.logprobs is not None:
             out.logprobs = [None] * len(scheduled)

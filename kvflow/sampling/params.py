@@ -9,6 +9,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from kvflow.structured.params import StructuredOutputsParams
+
 MAX_LOGPROBS = 20       # largest top-N a request may ask for
 GREEDY_EPS = 1e-5       # temperatures below this are treated as greedy (argmax)
 INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1   # every int crosses to the engine core as a msgpack int64
@@ -43,6 +45,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None   # token id -> bias in [-100, 100] added to its logit
     prompt_logprobs: int | None = None  # top-N per prompt token (plus the prompt token itself); None = off
+    structured_outputs: StructuredOutputsParams | None = None   # constrain the output (kvflow/structured)
 
     def __post_init__(self) -> None:
         self.n = self._int("n", self.n, lo=1)
@@ -75,6 +78,8 @@ class SamplingParams:
         self.logit_bias = self._logit_bias(self.logit_bias)
         if self.prompt_logprobs is not None:
             self.prompt_logprobs = self._int("prompt_logprobs", self.prompt_logprobs, lo=0, hi=MAX_LOGPROBS)
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
 
     # ------------------------------------------------------------------ helpers
     @property

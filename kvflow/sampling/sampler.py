@@ -3,13 +3,14 @@
 The model runner builds one `SamplingBatch` per step (`SamplingBatch.build`) and calls
 `Sampler()(logits, batch)`. Every stage is a tensor op over the whole batch; stages no
 row needs are skipped (their tensors are None). Order, as in vLLM:
-raw logprobs -> logit_bias -> min_tokens stop masking -> repetition / frequency / presence penalties
+grammar mask (structured output) -> raw logprobs -> logit_bias -> min_tokens stop masking -> repetition / frequency / presence penalties
 -> greedy argmax | (temperature -> top-k -> top-p -> softmax -> min-p -> exponential race).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -37,13 +38,15 @@ class SamplingBatch:
     bias_values: Tensor | None = None        # [K] fp32  }
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # seeded random rows
     num_logprobs: list[int | None] | None = None  # per row; None when no row asks
+    grammar_rows: Tensor | None = None       # [G] int64 } rows sampled under a grammar, and the tokens it
+    grammar_bitmask: Tensor | None = None    # [G, ceil(V/32)] int32 } allows (bit i of word i // 32 = token i)
     max_num_logprobs: int = 0
 
     @classmethod
     def build(cls, params: list[SamplingParams], prompt_ids: list[list[int]],
               output_ids: list[list[int]], generators: list[torch.Generator | None],
               stop_ids: list[set[int]], vocab_size: int,
-              device: torch.device | str = "cpu") -> "SamplingBatch":
+              device: torch.device | str = "cpu", bitmasks: list[bytes | None] | None = None) -> "SamplingBatch":
         B = len(params)
         for name, seq in (("prompt_ids", prompt_ids), ("output_ids", output_ids),
                           ("generators", generators), ("stop_ids", stop_ids)):
@@ -82,9 +85,16 @@ class SamplingBatch:
                 b.seen_mask = (prompt > 0) | (counts > 0)
                 b.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], **f32)
 
+        grammar = [i for i, m in enumerate(bitmasks or ()) if m is not None]
+        if grammar:
+            words = np.frombuffer(b"".join(bitmasks[i] for i in grammar), dtype="<i4").reshape(len(grammar), -1)
+            b.grammar_rows = torch.tensor(grammar, dtype=torch.int64, device=device)
+            b.grammar_bitmask = torch.from_numpy(words.astype(np.int32)).to(device)
+
+        # min_tokens holds back the stop ids; not under a grammar, which alone says when the output may end
         rows, cols = [], []
         for i, (p, out, ids) in enumerate(zip(params, output_ids, stop_ids)):
-            if len(out) < p.min_tokens:
+            if len(out) < p.min_tokens and not (bitmasks and bitmasks[i] is not None):
                 valid = [t for t in ids if 0 <= t < vocab_size]
                 rows += [i] * len(valid)
                 cols += valid
@@ -137,6 +147,8 @@ class Sampler:
         if logits.shape[1] != batch.vocab_size:
             raise ValueError(f"logits vocab size {logits.shape[1]} != batch.vocab_size {batch.vocab_size}")
         logits = logits.to(torch.float32, copy=True)
+        if batch.grammar_rows is not None:
+            apply_token_bitmask(logits, batch.grammar_rows, batch.grammar_bitmask)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.num_logprobs is not None else None
 
         if batch.bias_rows is not None:
@@ -172,6 +184,19 @@ class Sampler:
             q[i].exponential_(generator=gen)
         q.clamp_(min=torch.finfo(q.dtype).tiny)
         return probs.div_(q).argmax(dim=-1)
+
+
+_BITS = None
+
+
+def apply_token_bitmask(logits: Tensor, rows: Tensor, bitmask: Tensor) -> None:
+    """logits[rows[g], t] = -inf for every token t whose bit is clear in bitmask[g], for all rows at once."""
+    global _BITS
+    if _BITS is None or _BITS.device != bitmask.device:
+        _BITS = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    V = logits.shape[1]
+    allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).view(bitmask.shape[0], -1)[:, :V].bool()
+    logits[rows] = logits[rows].masked_fill_(~allowed, float("-inf"))
 
 
 def apply_penalties(logits: Tensor, batch: SamplingBatch) -> Tensor:

@@ -343,14 +343,7 @@ class Scheduler:
             prompt_logprobs = result.prompt_logprobs.get(s.req_id)
             if prompt_logprobs:
                 req.num_prompt_logprobs += len(prompt_logprobs)
-            new_tokens, status = [], None
-            for token in sampled:
-                req.append_token(token)
-                new_tokens.append(token)
-                status = self._check_stop(req, token)
-                if status is not None:
-                    break
-            self.kv.cache_full_blocks(req)
+            new_tokens, status = self._append(req, sampled)
             num_prompt = max(min(s.num_computed_tokens + s.num_new_tokens, len(req.prompt_token_ids))
                              - s.num_computed_tokens, 0)
             self.policy.on_computed(req, num_prompt, len(new_tokens), now)
@@ -365,6 +358,27 @@ class Scheduler:
                 num_cached_tokens=req.num_cached_tokens, first_scheduled_time=req.first_scheduled_time,
                 num_preemptions=req.num_preemptions, prompt_logprobs=prompt_logprobs or None))
         return outputs
+
+    def _append(self, req: Request, tokens: list[int]) -> tuple[list[int], RequestStatus | None]:
+        """Append tokens up to the first that ends the request; (the tokens appended, how it ended or None)."""
+        new_tokens, status = [], None
+        for token in tokens:
+            req.append_token(token)
+            new_tokens.append(token)
+            status = self._check_stop(req, token)
+            if status is not None:
+                break
+        self.kv.cache_full_blocks(req)
+        return new_tokens, status
+
+    def append_forced(self, request_id: str, tokens: list[int]) -> tuple[list[int], RequestStatus | None]:
+        """Append tokens that were not sampled (a grammar forced them: jump-forward); the next step computes
+        them with the request's other new tokens. Same stop rules as sampled tokens."""
+        req = self.requests[request_id]
+        new_tokens, status = self._append(req, tokens)
+        if status is not None:
+            self._finish(req, status)
+        return new_tokens, status
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         n = len(req.output_token_ids)
