@@ -3,8 +3,8 @@
 The model runner builds one `SamplingBatch` per step (`SamplingBatch.build`) and calls
 `Sampler()(logits, batch)`. Every stage is a tensor op over the whole batch; stages no
 row needs are skipped (their tensors are None). Order, as in vLLM:
-grammar mask (structured output) -> raw logprobs -> logit_bias -> min_tokens stop masking -> repetition / frequency / presence penalties
--> greedy argmax | (temperature -> top-k -> top-p -> softmax -> min-p -> exponential race).
+grammar mask (structured output) -> raw logprobs -> logit_bias -> min_tokens stop masking
+-> repetition / frequency / presence penalties -> greedy argmax | (temperature -> top-k -> top-p -> softmax -> min-p -> exponential race).
 """
 from __future__ import annotations
 
@@ -38,8 +38,7 @@ class SamplingBatch:
     bias_values: Tensor | None = None        # [K] fp32  }
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # seeded random rows
     num_logprobs: list[int | None] | None = None  # per row; None when no row asks
-    grammar_rows: Tensor | None = None       # [G] int64 } rows sampled under a grammar, and the tokens it
-    grammar_bitmask: Tensor | None = None    # [G, ceil(V/32)] int32 } allows (bit i of word i // 32 = token i)
+    grammar_blocked: Tensor | None = None    # [B, V] bool: tokens a row's grammar does not allow next
     max_num_logprobs: int = 0
 
     @classmethod
@@ -85,11 +84,8 @@ class SamplingBatch:
                 b.seen_mask = (prompt > 0) | (counts > 0)
                 b.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], **f32)
 
-        grammar = [i for i, m in enumerate(bitmasks or ()) if m is not None]
-        if grammar:
-            words = np.frombuffer(b"".join(bitmasks[i] for i in grammar), dtype="<i4").reshape(len(grammar), -1)
-            b.grammar_rows = torch.tensor(grammar, dtype=torch.int64, device=device)
-            b.grammar_bitmask = torch.from_numpy(words.astype(np.int32)).to(device)
+        if bitmasks is not None and any(m is not None for m in bitmasks):
+            b.grammar_blocked = torch.from_numpy(blocked_tokens(bitmasks, vocab_size)).to(device)
 
         # min_tokens holds back the stop ids; not under a grammar, which alone says when the output may end
         rows, cols = [], []
@@ -147,8 +143,8 @@ class Sampler:
         if logits.shape[1] != batch.vocab_size:
             raise ValueError(f"logits vocab size {logits.shape[1]} != batch.vocab_size {batch.vocab_size}")
         logits = logits.to(torch.float32, copy=True)
-        if batch.grammar_rows is not None:
-            apply_token_bitmask(logits, batch.grammar_rows, batch.grammar_bitmask)
+        if batch.grammar_blocked is not None:
+            logits.masked_fill_(batch.grammar_blocked, float("-inf"))
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.num_logprobs is not None else None
 
         if batch.bias_rows is not None:
@@ -186,17 +182,15 @@ class Sampler:
         return probs.div_(q).argmax(dim=-1)
 
 
-_BITS = None
-
-
-def apply_token_bitmask(logits: Tensor, rows: Tensor, bitmask: Tensor) -> None:
-    """logits[rows[g], t] = -inf for every token t whose bit is clear in bitmask[g], for all rows at once."""
-    global _BITS
-    if _BITS is None or _BITS.device != bitmask.device:
-        _BITS = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    V = logits.shape[1]
-    allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).view(bitmask.shape[0], -1)[:, :V].bool()
-    logits[rows] = logits[rows].masked_fill_(~allowed, float("-inf"))
+def blocked_tokens(bitmasks: list[bytes | None], vocab_size: int) -> np.ndarray:
+    """[B, V] bool from per-row token bitmasks (int32 little-endian words, bit i of word i // 32 = token i
+    allowed; None = no constraint): True where the token is not allowed. One numpy unpack for the batch."""
+    words = (vocab_size + 31) // 32
+    packed = np.full((len(bitmasks), 4 * words), 0xFF, dtype=np.uint8)
+    for i, m in enumerate(bitmasks):
+        if m is not None:
+            packed[i] = np.frombuffer(m, dtype=np.uint8, count=4 * words)
+    return np.unpackbits(packed, axis=1, bitorder="little")[:, :vocab_size] == 0
 
 
 def apply_penalties(logits: Tensor, batch: SamplingBatch) -> Tensor:
