@@ -25,7 +25,7 @@ from kvflow.request import Request, RequestStatus
 from kvflow.sampling.params import SamplingParams
 from kvflow.scheduler.policy import make_policy
 from kvflow.scheduler.scheduler import PreemptionCost, Scheduler
-from kvflow.structured.backend import grammar_compiler
+from kvflow.structured.backend import GrammarCompiler, grammar_compiler
 from kvflow.structured.manager import StructuredOutputManager
 
 logger = logging.getLogger("kvflow")
@@ -59,8 +59,9 @@ class EngineCore:
         self.runner.collect_hidden = "hidden" in wanted
 
     @classmethod
-    def build(cls, rc: ResolvedConfig, reader=None) -> EngineCore:
-        """Load the weights, allocate the KV cache and its tiers, and measure the swap tier's bandwidth."""
+    def build(cls, rc: ResolvedConfig, reader=None, grammars: GrammarCompiler | None = None) -> EngineCore:
+        """Load the weights, allocate the KV cache and its tiers, and measure the swap tier's bandwidth.
+        `grammars`: the frontend's grammar compiler, shared when the core runs in its process."""
         from kvflow.models.loader import load_model
         cfg = rc.config
         if cfg.parallel.num_threads:
@@ -97,7 +98,7 @@ class EngineCore:
                               async_recovery=sc.async_recovery)
         logger.info("loaded %s (%s, %s) in %.1fs; KV cache: %d blocks of %d tokens", rc.model_path,
                     rc.arch.model_type, rc.dtype, time.perf_counter() - t0, rc.num_kv_blocks, bs)
-        return cls(runner, scheduler, structured_manager(rc, reader))
+        return cls(runner, scheduler, structured_manager(rc, reader, grammars))
 
     def add_request(self, r: EngineCoreRequest) -> None:
         features = {}
@@ -244,12 +245,16 @@ class EngineCore:
         self.scheduler.check()
 
 
-def structured_manager(rc: ResolvedConfig, reader=None) -> StructuredOutputManager:
+def structured_manager(rc: ResolvedConfig, reader=None, compiler: GrammarCompiler | None = None
+                       ) -> StructuredOutputManager:
     """The engine core's structured-output manager; its grammar engine (and the tokenizer it indexes) is
     built on the compile thread when the first request asks for structured output."""
+    so = rc.config.structured
+    if compiler is not None:
+        return StructuredOutputManager(compiler, rc.arch.vocab_size, so.jump_forward)
+
     def load_tokenizer():
         from kvflow.tokenizer import Tokenizer
         return Tokenizer.from_gguf(reader) if reader is not None else Tokenizer.from_hf_folder(rc.model_path)
-    so = rc.config.structured
     compiler = grammar_compiler(so, load_tokenizer, rc.arch.vocab_size, rc.arch.eos_token_ids)
     return StructuredOutputManager(compiler, rc.arch.vocab_size, so.jump_forward)

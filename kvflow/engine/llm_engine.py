@@ -23,7 +23,7 @@ class LLMEngine:
         self.model_path, self.model_config, self.max_model_len = rc.model_path, rc.arch, rc.max_model_len
         self.input_processor = InputProcessor(rc, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.core = EngineCore.build(rc, reader)     # the parsed GGUF goes with this call
+        self.core = EngineCore.build(rc, reader, self.input_processor.grammars)   # the parsed GGUF goes with it
         self.client = InprocClient(self.core)
         if config.cache.kv_store_dir:                 # persist the prefix cache even if nobody calls shutdown()
             atexit.register(_shutdown_at_exit, weakref.ref(self))
