@@ -6,6 +6,7 @@ configured the way Hugging Face renders them.
 """
 import json
 import os
+import re
 from datetime import datetime
 from functools import lru_cache
 
@@ -245,11 +246,26 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template failed to render: {e}") from e
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> tuple[str, list[int]]:
         """The rendered chat prompt and its token ids (the template writes the BOS itself when the model
         wants one, so no special tokens are added on top)."""
-        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
         return text, self.encode(text, add_special_tokens=False)
+
+    def template_uses(self, name: str) -> bool:
+        """Whether the chat template reads `name`: a variable it is given (`tools`), or a message field
+        it looks up (`tool_calls`). Tells the server whether to render tools itself."""
+        return bool(self.chat_template) and _template_uses(self.chat_template, name)
+
+
+@lru_cache(maxsize=64)
+def _template_uses(source: str, name: str) -> bool:
+    from jinja2 import meta
+    env = _compile_template(source).environment
+    if name in meta.find_undeclared_variables(env.parse(source)):
+        return True
+    return re.search(rf"(\.{name}\b|\[\s*['\"]{name}['\"]\s*\])", source) is not None
 
 
 def _check_messages(messages) -> None:

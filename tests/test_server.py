@@ -282,7 +282,7 @@ BAD = [
     (CHAT, {"messages": [{"content": "hi"}]}, 400, "role"),
     (CHAT, {"messages": MSG, "max_completion_tokens": -1}, 400, "max_tokens"),
     (CHAT, {"messages": MSG, "top_logprobs": 2}, 400, "top_logprobs"),
-    (CHAT, {"messages": MSG, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (CHAT, {"messages": MSG, "response_format": {"type": "json_schema"}}, 400, "response_format.json_schema"),
     (CHAT, {"messages": MSG, "model": "nope"}, 404, "does not exist"),
     ("/tokenize", {}, 400, "prompt"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens"),

@@ -36,14 +36,12 @@ def client(app_server):
 # ---- item 8: honoured or refused, never silently dropped ------------------------------------------------
 
 REFUSED = [
-    ({"messages": USER + [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
-     "messages[1].tool_calls"),
-    ({"messages": USER + [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages[1].role"),
+    ({"messages": USER + [{"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]}]},
+     "messages[1].tool_calls[0].function.name"),
     ({"messages": USER + [{"role": "function", "name": "f", "content": "42"}]}, "messages[1].role"),
     ({"messages": [{"role": "assistant", "content": "", "function_call": {"name": "f", "arguments": "{}"}}]},
      "messages[0].function_call"),
-    ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"messages": USER, "tools": [{"type": "function", "function": {"name": ""}}]}, "tools[0].function.name"),
     ({"messages": USER, "tool_choice": "required"}, "tool_choice"),
     ({"messages": USER, "functions": [{"name": "f"}]}, "functions"),
     ({"messages": USER, "function_call": {"name": "f"}}, "function_call"),
@@ -57,13 +55,13 @@ REFUSED = [
 def test_fields_that_change_the_answer_are_refused(app_server, body, param):
     err = assert_error(post(app_server, CHAT, {**body, "max_tokens": 2}), 400)
     assert err["param"] == param, err
-    if "tool" in param or "function" in param:
-        assert "tool calling is not supported yet" in err["message"]
+    if param.endswith(("function_call", "functions", "].role")):
+        assert "legacy function-calling" in err["message"]
 
 
-def test_tool_messages_are_refused_by_tokenize_too(app_server):
-    body = {"messages": USER + [{"role": "tool", "content": "42"}]}
-    assert_error(post(app_server, "/tokenize", body), 400, "tool calling is not supported yet")
+def test_legacy_function_messages_are_refused_by_tokenize_too(app_server):
+    body = {"messages": USER + [{"role": "function", "name": "f", "content": "42"}]}
+    assert_error(post(app_server, "/tokenize", body), 400, "legacy function-calling")
 
 
 IGNORED = {"parallel_tool_calls": True, "reasoning_effort": "low", "store": True, "metadata": {"k": "v"},
@@ -84,9 +82,9 @@ def test_ignored_fields_warn_once_per_field(caplog, monkeypatch):
         for _ in range(3):
             P.ChatCompletionRequest(**body).sampling_params()
     warned = [r.getMessage() for r in caplog.records if "accepted and ignored" in r.getMessage()]
-    for field in ("parallel_tool_calls", "reasoning_effort", "prediction", "store", "some_future_field"):
+    for field in ("reasoning_effort", "prediction", "store", "some_future_field"):
         assert sum(f"`{field}`" in m for m in warned) == 1, warned
-    assert not any("`modalities`" in m or "`tool_choice`" in m for m in warned)   # honoured: text, no tools
+    assert not any(f"`{f}`" in m for m in warned for f in ("modalities", "tool_choice", "parallel_tool_calls"))
 
 
 def test_message_name_reaches_the_template():

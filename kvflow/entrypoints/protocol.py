@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import logging
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kvflow.entrypoints import protocol_structured as S
+from kvflow.entrypoints import tools as T
 from kvflow.sampling.params import SamplingParams
+from kvflow.structured.params import StructuredOutputsParams
 
 logger = logging.getLogger("kvflow")
 
 MAX_N = 128
-TOOLS_UNSUPPORTED = "tool calling is not supported yet"
+FUNCTIONS_UNSUPPORTED = "the legacy function-calling fields are not supported: use tools and tool_calls"
 _warned: set[str] = set()
 
 
@@ -106,9 +111,33 @@ class _SamplingRequest(_Body):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # output constraints (protocol_structured.py): OpenAI's response_format, vLLM's extra fields
+    response_format: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_whitespace_pattern: Any = None
+
+    def constraint(self) -> S.Constraint | None:
+        """The output constraint the request sets, if any; `structured_param` names its field."""
+        try:
+            c = S.constraint(self.response_format, self.structured_outputs,
+                             {f: getattr(self, f) for f in S.GUIDED}, self.guided_whitespace_pattern)
+        except S.StructuredError as e:
+            raise ProtocolError(str(e), param=e.param) from None
+        self._structured_param = c.param if c is not None else None
+        return c
+
+    @property
+    def structured_param(self) -> str | None:
+        """The field that set the output constraint (to name in the engine's refusal of it)."""
+        return getattr(self, "_structured_param", None)
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                         prompt_logprobs: int | None = None) -> SamplingParams:
+                         prompt_logprobs: int | None = None,
+                         structured: StructuredOutputsParams | None = None) -> SamplingParams:
         self.warn_unknown()
         if self.n > MAX_N:
             raise ProtocolError(f"n must be <= {MAX_N}, got {self.n}", param="n")
@@ -118,7 +147,8 @@ class _SamplingRequest(_Body):
                   seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
                   max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
                   skip_special_tokens=self.skip_special_tokens, logit_bias=self.logit_bias,
-                  include_stop_str_in_output=self.include_stop_str_in_output, prompt_logprobs=prompt_logprobs)
+                  include_stop_str_in_output=self.include_stop_str_in_output, prompt_logprobs=prompt_logprobs,
+                  structured_outputs=structured)
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
             if getattr(self, name) is not None:
                 kw[name] = getattr(self, name)
@@ -146,8 +176,10 @@ class CompletionRequest(_SamplingRequest):
         if self.suffix:
             raise ProtocolError("suffix is not supported", param="suffix")
         # echo with logprobs also scores the prompt (the first prompt token has none)
+        c = self.constraint()
         return self._sampling_params(self.max_tokens, self.logprobs,
-                                     self.logprobs if self.echo and self.logprobs is not None else None)
+                                     self.logprobs if self.echo and self.logprobs is not None else None,
+                                     c.params if c is not None else None)
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s): strings or token-id lists (a batch gives choices prompt_index * n + i)."""
@@ -166,22 +198,22 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One chat message. Tool-call history (an assistant's `tool_calls` or `function_call`, a `tool` or
-    `function` message) is refused, not dropped: without the tool definitions (refused too) the chat
-    template cannot render it faithfully, and dropping it would change the conversation."""
+    """One chat message. Tool-call history (an assistant's `tool_calls`, a `tool` message with its
+    `tool_call_id`) is rendered (tools.py); the legacy `function_call` and `function` messages are refused,
+    not dropped: dropping them would change the conversation."""
     model_config = ConfigDict(extra="ignore")
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list | None = None
+    tool_call_id: str | None = None
     function_call: dict | None = None
 
     def as_template_message(self, param: str = "messages") -> dict:
-        if self.role in ("tool", "function"):
-            raise ProtocolError(f"`{self.role}` messages: {TOOLS_UNSUPPORTED}", param=f"{param}.role")
-        for field in ("tool_calls", "function_call"):
-            if getattr(self, field):
-                raise ProtocolError(f"{field} in a message: {TOOLS_UNSUPPORTED}", param=f"{param}.{field}")
+        if self.role == "function":
+            raise ProtocolError(f"`function` messages: {FUNCTIONS_UNSUPPORTED}", param=f"{param}.role")
+        if self.function_call:
+            raise ProtocolError(f"function_call in a message: {FUNCTIONS_UNSUPPORTED}", param=f"{param}.function_call")
         content = self.content
         if isinstance(content, list):
             if any(p.type != "text" for p in content):
@@ -190,6 +222,16 @@ class ChatMessage(BaseModel):
         message = {"role": self.role, "content": content or ""}
         if self.name is not None:
             message["name"] = self.name          # for the templates that render it
+        if self.tool_calls:
+            if self.role != "assistant":
+                raise ProtocolError("only assistant messages carry tool_calls", param=f"{param}.tool_calls")
+            try:
+                message["tool_calls"] = [T.history_call(c, f"{param}.tool_calls[{k}]")
+                                         for k, c in enumerate(self.tool_calls)]
+            except T.ToolsError as e:
+                raise ProtocolError(str(e), param=e.param) from None
+        if self.role == "tool" and self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -200,7 +242,6 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
 # Chat fields kvflow cannot honour, decided per field (issue 19, item 8). Harmless to ignore, as vLLM
 # does: the answer is still the one the client asked for (a hint it cannot use, bookkeeping).
 CHAT_IGNORED = {
-    "parallel_tool_calls": "it only matters with tools, which are refused",
     "reasoning_effort": "the model has no reasoning budget to set",
     "prediction": "predicted outputs only make a completion faster, never different",
     "store": "kvflow stores no completions", "metadata": "kvflow stores no completions",
@@ -210,7 +251,7 @@ CHAT_IGNORED = {
 CHAT_REFUSED = {
     "web_search_options": "web search is not supported",
     "audio": "audio output is not supported",
-    "functions": TOOLS_UNSUPPORTED,
+    "functions": FUNCTIONS_UNSUPPORTED,
 }
 
 
@@ -221,28 +262,42 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
-    response_format: dict | None = None
-    tools: list | None = None
-    tool_choice: str | dict | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     function_call: str | dict | None = None
     modalities: list[str] | None = None
 
+    def tool_setup(self) -> tuple[list[T.Tool], T.ToolChoice]:
+        """The checked tools and tool choice (tools.py); no tools means tool_choice none."""
+        try:
+            tools = T.parse_tools(self.tools) if self.tools is not None else []
+            return tools, T.parse_tool_choice(self.tool_choice, tools, self.parallel_tool_calls)
+        except T.ToolsError as e:
+            raise ProtocolError(str(e), param=e.param) from None
+
     def sampling_params(self) -> SamplingParams:
         self.check_fields()
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise ProtocolError("response_format other than text is not supported yet", param="response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise ProtocolError("top_logprobs needs logprobs set to true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        c = self.constraint()
+        structured = c.params if c is not None else None
+        tools, choice = self.tool_setup()
+        forced = T.forced_schema(choice, tools)
+        if forced is not None:
+            if c is not None:
+                raise ProtocolError(f"tool_choice {choice.mode} generates the tool call under its own schema: "
+                                    f"it cannot be combined with {c.param}", param="tool_choice")
+            structured = StructuredOutputsParams(json=forced)
+            self._structured_param = "tools"
+        return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None,
+                                     structured=structured)
 
     def check_fields(self) -> None:
         """Refuse the fields that ask for what kvflow does not do; warn once about those it ignores."""
-        if self.tools:
-            raise ProtocolError(f"tools: {TOOLS_UNSUPPORTED}", param="tools")
-        for field in ("tool_choice", "function_call"):      # "none" and "auto" ask for no tool call
-            if getattr(self, field) not in (None, "none", "auto"):
-                raise ProtocolError(f"{field}: {TOOLS_UNSUPPORTED}", param=field)
+        if self.function_call not in (None, "none", "auto"):     # "none" and "auto" ask for no call
+            raise ProtocolError(f"function_call: {FUNCTIONS_UNSUPPORTED}", param="function_call")
         if self.modalities is not None and set(self.modalities) - {"text"}:
             raise ProtocolError("only the text modality is supported", param="modalities")
         extra = self.model_extra or {}
@@ -255,80 +310,6 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def template_messages(self) -> list[dict]:
         return template_messages(self.messages)
-
-
-class ResponseInputItem(BaseModel):
-    """An input item of the Responses API; only messages (type "message", or none) are supported."""
-    model_config = ConfigDict(extra="ignore")
-    type: str = "message"
-    role: str | None = None
-    content: str | list[ContentPart] | None = None
-
-
-RESPONSES_IGNORED = {
-    "store": "kvflow stores no responses (a later previous_response_id cannot find them)",
-    "reasoning": "the model has no reasoning budget to set", "truncation": "a prompt that does not fit is refused",
-    "parallel_tool_calls": "it only matters with tools, which are refused",
-    "max_tool_calls": "it only matters with tools, which are refused",
-    "metadata": "kvflow stores no responses", "service_tier": "kvflow has one tier",
-}
-RESPONSES_REFUSED = {
-    "previous_response_id": "kvflow stores no responses: send the whole conversation as input",
-    "conversation": "kvflow stores no conversations: send the whole conversation as input",
-    "background": "background responses are not supported", "prompt": "prompt templates are not supported",
-    "include": "no extra output can be included", "top_logprobs": "logprobs are not supported here yet",
-}
-
-
-class ResponsesRequest(_SamplingRequest):
-    """POST /v1/responses: text in (a string, or messages with text content), text out, with vLLM's
-    extra sampling fields; one output (n = 1)."""
-    input: str | list[ResponseInputItem]
-    instructions: str | None = None
-    max_output_tokens: int | None = None
-    tools: list | None = None
-    tool_choice: str | dict | None = None
-    text: dict | None = None
-
-    def sampling_params(self) -> SamplingParams:
-        if self.tools:
-            raise ProtocolError(f"tools: {TOOLS_UNSUPPORTED}", param="tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ProtocolError(f"tool_choice: {TOOLS_UNSUPPORTED}", param="tool_choice")
-        if ((self.text or {}).get("format") or {}).get("type", "text") != "text":
-            raise ProtocolError("a text format other than text is not supported yet", param="text.format")
-        if self.n != 1:
-            raise ProtocolError("a response has one output: n must be 1", param="n")
-        extra = self.model_extra or {}
-        for field, why in RESPONSES_REFUSED.items():
-            if extra.pop(field, None) not in (None, False, []):
-                raise ProtocolError(f"{field}: {why}", param=field)
-        for field, why in RESPONSES_IGNORED.items():
-            if extra.pop(field, None) not in (None, False):     # false asks for nothing
-                ignored(field, why)
-        return self._sampling_params(self.max_output_tokens, None)
-
-    def template_messages(self) -> list[dict]:
-        """The chat messages: `instructions` as a system message, then the input."""
-        messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
-        if isinstance(self.input, str):
-            return messages + [{"role": "user", "content": self.input}]
-        for i, item in enumerate(self.input):
-            param = f"input[{i}]"
-            if item.type != "message" or item.role not in ("user", "assistant", "system", "developer"):
-                raise ProtocolError(f"only message input items (roles user, assistant, system, developer) are "
-                                    f"supported, not {item.type} {item.role or ''}".rstrip(), param=param)
-            content = item.content
-            if isinstance(content, list):
-                if any(p.type not in ("input_text", "output_text", "text") for p in content):
-                    raise ProtocolError("only text content (input_text, output_text) is supported",
-                                        param=f"{param}.content")
-                content = "".join(p.text or "" for p in content)
-            role = "system" if item.role == "developer" else item.role     # as OpenAI reads it
-            messages.append({"role": role, "content": content or ""})
-        if not messages:
-            raise ProtocolError("input must not be empty", param="input")
-        return messages
 
 
 class TokenizeRequest(_Body):

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from kvflow.engine.async_llm import EngineDeadError
 from kvflow.entrypoints import protocol as P
+from kvflow.entrypoints.tool_parser import ToolCallParser, ToolCallStreamer, final_view
 from kvflow.outputs import CompletionOutput, Logprob, RequestOutput
 
 logger = logging.getLogger("kvflow")
@@ -199,7 +200,10 @@ class _Context:
                 fin = finish_reason(comp)
                 if not delta_text and fin is None:
                     continue
-                choices.append(self.choice_delta(k, comp, delta_text, fin, out))
+                choice = self.choice_delta(k, comp, delta_text, fin, out)
+                if choice is None:            # nothing to send yet (text held back): its tokens go later
+                    continue
+                choices.append(choice)
                 self.sent_chars[k] = len(comp.text)
                 self.sent_tokens[k] = len(comp.token_ids)
                 self.done[k] = comp.finish_reason is not None
@@ -252,10 +256,23 @@ class CompletionContext(_Context):
 class ChatContext(_Context):
     prefix, chunk_object = "chatcmpl", "chat.completion.chunk"
 
-    def __init__(self, req: P.ChatCompletionRequest, model: str, n: int, num_prompt_tokens: int, tokenizer):
+    def __init__(self, req: P.ChatCompletionRequest, model: str, n: int, num_prompt_tokens: int, tokenizer,
+                 tools=(), choice=None):
         super().__init__(req, model, n, n, tokenizer)
         self.prompt_tokens = num_prompt_tokens
         self.top_n = (req.top_logprobs or 0) if req.logprobs else None
+        # tool calls are read from the output unless tool_choice is none (tool_parser.py)
+        self.tool_mode = choice.mode if choice is not None and tools and choice.mode != "none" else None
+        self.parsers = [ToolCallParser(self.tool_mode, {t.name for t in tools}, choice.name)
+                        for _ in range(n)] if self.tool_mode else []
+        self.streamers = [ToolCallStreamer(p) for p in self.parsers]
+
+    def tool_finish(self, fin: str | None, called: bool) -> str | None:
+        """OpenAI's finish_reason for a choice that called tools: "tool_calls" (auto, required), except
+        "stop" for a named function (as OpenAI answers); a cut-short output keeps "length"."""
+        if not called or fin != "stop" or self.tool_mode == "named":
+            return fin
+        return "tool_calls"
 
     async def first_chunks(self) -> AsyncIterator[dict]:
         yield self.chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -264,16 +281,37 @@ class ChatContext(_Context):
     def _logprobs(self, k: int, comp) -> dict | None:
         return None if self.top_n is None else chat_logprobs(comp, self.sent_tokens[k], self.top_n, self.tok)
 
-    def choice_delta(self, k: int, comp, delta_text: str, fin, out: RequestOutput | None = None) -> dict:
+    def choice_delta(self, k: int, comp, delta_text: str, fin, out: RequestOutput | None = None) -> dict | None:
         delta = {"content": delta_text} if delta_text else {}
+        if self.tool_mode:
+            content, calls = self.streamers[k].update(comp.text, final=fin is not None)
+            delta = {"content": content} if content else {}
+            if calls:
+                delta["tool_calls"] = calls
+            if not delta and fin is None:
+                return None
+            fin = self.tool_finish(fin, self.streamers[k].called)
         return {"index": k, "delta": delta, "logprobs": self._logprobs(k, comp), "finish_reason": fin,
                 "stop_reason": comp.stop_reason if fin else None}
+
+    def message(self, comp) -> tuple[dict, str | None]:
+        """The whole answer's message and finish_reason, with its tool calls parsed out."""
+        fin = finish_reason(comp)
+        if not self.tool_mode:
+            return {"role": "assistant", "content": comp.text}, fin
+        view = final_view(self.parsers[comp.index], comp.text)
+        if not view.calls:
+            return {"role": "assistant", "content": view.content}, fin
+        calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                 for c in view.calls]
+        return {"role": "assistant", "content": view.content or None, "tool_calls": calls}, self.tool_finish(fin, True)
 
     def response(self, final: RequestOutput) -> dict:
         choices = []
         for comp in final.outputs:
-            choices.append({"index": comp.index, "message": {"role": "assistant", "content": comp.text},
-                            "logprobs": self._logprobs(comp.index, comp), "finish_reason": finish_reason(comp),
+            message, fin = self.message(comp)
+            choices.append({"index": comp.index, "message": message,
+                            "logprobs": self._logprobs(comp.index, comp), "finish_reason": fin,
                             "stop_reason": comp.stop_reason})
             self.sent_tokens[comp.index] = len(comp.token_ids)
         self.cached_tokens = max(final.num_cached_tokens, 0)

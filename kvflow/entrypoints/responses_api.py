@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-from kvflow.entrypoints import protocol as P
+from kvflow.entrypoints import protocol_responses as PR
 from kvflow.entrypoints.responses import created, error_body, new_id
 from kvflow.outputs import RequestOutput
 
@@ -20,7 +20,7 @@ from kvflow.outputs import RequestOutput
 class ResponseContext:
     """One response: its id, the request's settings echoed back, and what its stream has sent."""
 
-    def __init__(self, req: P.ResponsesRequest, model: str, num_prompt_tokens: int):
+    def __init__(self, req: PR.ResponsesRequest, model: str, num_prompt_tokens: int):
         self.req, self.model, self.prompt_tokens = req, model, num_prompt_tokens
         self.id, self.msg_id, self.created = new_id("resp"), new_id("msg"), created()
         self.seq = 0

@@ -18,7 +18,8 @@ async def completions(req: P.CompletionRequest, raw: Request, serving: ServingDe
     inputs = []
     for p in req.prompts():
         inputs.append((p, await serving.encode(p)) if isinstance(p, str) else (None, list(p)))
-    gens = serving.submit(inputs, params, "cmpl", req.priority, req.user)   # validates the token ids that echo decodes below
+    await serving.compile_constraint(params, req.structured_param)
+    gens = serving.submit(inputs, params, "cmpl", req.priority, req.user, req.structured_param)   # validates the token ids that echo decodes below
     ctx = CompletionContext(req, serving.model_name, params.n, inputs, tok)
     if req.stream:
         return sse(ctx.stream(merge(gens)), serving, ctx.id)

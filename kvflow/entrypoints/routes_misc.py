@@ -9,6 +9,7 @@ from fastapi.responses import PlainTextResponse, Response
 from kvflow import __version__
 from kvflow.platform import capabilities
 from kvflow.entrypoints import protocol as P
+from kvflow.entrypoints import tools as T
 from kvflow.entrypoints.responses import created, error_response
 from kvflow.entrypoints.serving import ServingDep
 
@@ -65,7 +66,8 @@ async def tokenize(req: P.TokenizeRequest, serving: ServingDep):
     if (req.prompt is None) == (req.messages is None):
         raise P.ProtocolError("give exactly one of prompt or messages", param="prompt")
     if req.messages is not None:
-        _, ids = await serving.encode_chat(P.template_messages(req.messages), req.add_generation_prompt)
+        messages, _ = T.render(P.template_messages(req.messages), [], T.ToolChoice("none"), serving.tok)
+        _, ids = await serving.encode_chat(messages, req.add_generation_prompt)
     else:
         ids = await serving.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     return {"tokens": ids, "count": len(ids), "max_model_len": serving.engine.max_model_len}

@@ -8,6 +8,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from kvflow.entrypoints import protocol as P
+from kvflow.entrypoints import protocol_responses as PR
 from kvflow.entrypoints.responses import sse
 from kvflow.entrypoints.responses_api import ResponseContext
 from kvflow.entrypoints.serving import ServingDep, final_outputs, merge, until_disconnected
@@ -16,12 +17,13 @@ router = APIRouter()
 
 
 @router.post("/responses", responses=P.STREAM_RESPONSES)
-async def create_response(req: P.ResponsesRequest, raw: Request, serving: ServingDep):
+async def create_response(req: PR.ResponsesRequest, raw: Request, serving: ServingDep):
     serving.check_model(req.model)
     params = req.sampling_params()
     text, ids = await serving.encode_chat(req.template_messages(), True)
     ctx = ResponseContext(req, serving.model_name, len(ids))
-    gens = serving.submit([(text, ids)], params, "resp", req.priority, req.user)
+    await serving.compile_constraint(params, req.structured_param)
+    gens = serving.submit([(text, ids)], params, "resp", req.priority, req.user, req.structured_param)
     if req.stream:
         return sse(ctx.stream(merge(gens)), serving, ctx.id, frame=ctx.frame, done=None,
                    error_event=ctx.error_event)

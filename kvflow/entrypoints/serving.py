@@ -6,6 +6,7 @@ away).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -65,11 +66,13 @@ class Serving:
         self.check_chars(len(text), param)
         return await self._run(len(text), self.tok.encode, text, **kw)
 
-    async def encode_chat(self, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[int]]:
-        """The rendered chat prompt and its token ids, refused first if the messages cannot fit."""
-        num_chars = sum(len(m.get("content") or "") for m in messages)
+    async def encode_chat(self, messages: list[dict], add_generation_prompt: bool,
+                          tools: list[dict] | None = None) -> tuple[str, list[int]]:
+        """The rendered chat prompt (with `tools` for a template that renders them) and its token ids,
+        refused first if the messages cannot fit."""
+        num_chars = sum(len(m.get("content") or "") for m in messages) + len(json.dumps(tools) if tools else "")
         self.check_chars(num_chars, "messages")
-        return await self._run(num_chars, self.tok.encode_chat, messages, add_generation_prompt)
+        return await self._run(num_chars, self.tok.encode_chat, messages, add_generation_prompt, tools)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.model_names:
@@ -97,10 +100,23 @@ class Serving:
                                  f"over the server's limit of {self.max_wait_s:g}s",
                                  retry_after=max(1, math.ceil(wait - self.max_wait_s)))
 
+    async def compile_constraint(self, params, param: str | None) -> None:
+        """Compile the request's output constraint on a worker thread, so that the event loop never waits on
+        a compile (up to --grammar-compile-timeout-s); the engine's own check then finds it in its cache. A
+        bad or too slow spec is a 400 naming `param`, the request field that set it."""
+        spec = params.structured_outputs
+        if spec is None:
+            return
+        try:
+            await asyncio.to_thread(self.engine.input_processor.grammars.check, spec)
+        except ValueError as e:
+            raise P.ProtocolError(str(e), param=param or "structured_outputs") from None
+
     def submit(self, inputs: list[tuple[str | None, list[int]]], params, prefix: str, priority: int = 0,
-               user: str | None = None) -> list[AsyncIterator[RequestOutput]]:
+               user: str | None = None, structured_param: str | None = None) -> list[AsyncIterator[RequestOutput]]:
         """Add one request per (text, token ids) input, all or none; their output iterators. A bad
-        request is refused (400) before a busy server refuses it (503)."""
+        request is refused (400) before a busy server refuses it (503); the engine's refusal of an output
+        constraint names `structured_param`, the request field that set it."""
         for _, token_ids in inputs:
             self.check_length(len(token_ids), params.max_tokens)
         self.check_wait(len(inputs) * params.n)
@@ -108,6 +124,12 @@ class Serving:
         try:
             for text, token_ids in inputs:
                 ids.append(self.engine.add_request(text, token_ids, params, new_id(prefix), priority, user))
+        except ValueError as e:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            if structured_param is not None and str(e).startswith("structured_outputs"):
+                raise P.ProtocolError(str(e), param=structured_param) from None
+            raise
         except BaseException:
             for rid in ids:
                 self.engine.abort_request(rid)
