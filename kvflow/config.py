@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from kvflow.models.registry import SUPPORTED_MODEL_TYPES
 from kvflow.scheduler.fair import parse_client_weights
 from kvflow.scheduler.policy import POLICY_MODULES
+from kvflow.spec.config import SpeculativeConfig
 from kvflow.structured.backend import GRAMMAR_BACKENDS
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -302,8 +303,23 @@ class StructuredOptions:
             raise ValueError(f"grammar_compile_timeout_s must be a positive number of seconds, got {t!r}")
 
 
+@dataclass
+class SpeculativeOptions:
+    speculative_config: str | None = opt(None, "speculative decoding, as vLLM's JSON: {\"method\": "
+                                                      "\"ngram\", \"num_speculative_tokens\": k, "
+                                                      "...} (kvflow/spec/config.py)", metavar="JSON")
+
+    def __post_init__(self):
+        parsed = SpeculativeConfig.parse(self.speculative_config)       # a dict (LLM) is kept as its JSON
+        self.speculative_config = json.dumps(dataclasses.asdict(parsed)) if parsed is not None else None
+
+    @property
+    def parsed(self) -> SpeculativeConfig | None:
+        return SpeculativeConfig.parse(self.speculative_config)
+
+
 SECTIONS = {"model": ModelOptions, "cache": CacheOptions, "scheduler": SchedulerOptions,
-            "parallel": ParallelOptions, "structured": StructuredOptions}
+            "parallel": ParallelOptions, "structured": StructuredOptions, "speculative": SpeculativeOptions}
 
 
 @dataclass
@@ -313,6 +329,7 @@ class EngineConfig:
     scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
     parallel: ParallelOptions = field(default_factory=ParallelOptions)
     structured: StructuredOptions = field(default_factory=StructuredOptions)
+    speculative: SpeculativeOptions = field(default_factory=SpeculativeOptions)
 
     preset: str | None = None          # the survey runtime whose options were applied (kvflow/presets.py)
 

@@ -60,7 +60,8 @@ class ScheduledRequest:
     num_spec_tokens: int = 0          # the last num_spec_tokens of token_ids are proposals to verify
     # structured output: the tokens its grammar allows next, when it samples under one (int32 little-endian
     # words, bit i of word i // 32 = token i; kvflow/structured); the sampler masks the others
-    token_bitmask: bytes | None = None
+    token_bitmask: bytes | None = None   # (k + 1 rows of it when it verifies k drafts)
+    num_draft_tokens: int = 0         # speculative decoding: draft up to this many tokens after this step
 
     @property
     def num_new_tokens(self) -> int:
@@ -96,3 +97,5 @@ class RunnerOutput:
     # the final hidden state of the last prompt token, for requests whose prefill completed this step
     # (only when the runner is asked to collect it: a length predictor reads it)
     prompt_hidden: dict[str, list[float]] = field(default_factory=dict)
+    # speculative decoding: the drafts proposed after this step's tokens, to verify in the next step
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)

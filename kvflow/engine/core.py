@@ -95,7 +95,10 @@ class EngineCore:
                               cost, policy=make_policy(sc.scheduling_policy, client_weights=sc.client_weights),
                               predictor=predictor, tpot_slo_ms=sc.tpot_slo_ms,
                               enable_chunked_prefill=sc.enable_chunked_prefill, kv_reservation=sc.kv_reservation,
-                              async_recovery=sc.async_recovery)
+                              async_recovery=sc.async_recovery, speculative=cfg.speculative.parsed)
+        if cfg.speculative.parsed is not None:
+            from kvflow.spec.base import make_proposer
+            runner.proposer = make_proposer(cfg.speculative.parsed, runner)
         logger.info("loaded %s (%s, %s) in %.1fs; KV cache: %d blocks of %d tokens", rc.model_path,
                     rc.arch.model_type, rc.dtype, time.perf_counter() - t0, rc.num_kv_blocks, bs)
         return cls(runner, scheduler, structured_manager(rc, reader, grammars))
@@ -190,12 +193,15 @@ class EngineCore:
             if out.finish_reason is not None or rid not in sm.matchers:
                 continue
             req = sched.requests[rid]
+            if req.spec_token_ids:                 # drafts the grammar refuses are never verified
+                del req.spec_token_ids[sm.valid_drafts(rid, req.spec_token_ids):]
             if req.params.logprobs is not None:    # forced tokens would have no logprobs: sample them
                 continue
             forced, status, ending = sm.jump_forward(rid, req.max_tokens - req.num_output_tokens), None, False
             if sm.is_terminated(rid):              # only the end may follow: append it, no step needed
                 forced, ending = forced + [sm.end_token(req.stop_ids)], True
             if forced:
+                req.spec_token_ids = []            # drafted after the sampled token, not after the forced ones
                 appended, status = sched.append_forced(rid, forced)
                 out.new_token_ids = out.new_token_ids + appended
                 if status is None and ending:      # ignore_eos: the grammar still ends it
@@ -238,7 +244,8 @@ class EngineCore:
         return EngineStats(len(sched.running), len(sched.waiting) + compiling, 1.0 - kv.pool.num_free / kv.num_blocks,
                            kv.num_queries, kv.num_hits, sched.num_preemptions, sched.num_swapped_out,
                            kv.num_cow_copies, kv.num_disk_hits, sched.policy.queue_lengths(), sched.predictor_error,
-                           sched.token_budget)
+                           sched.token_budget, *((sched.spec.num_proposed, sched.spec.num_accepted,
+                                                  sched.spec.num_verifications) if sched.spec else ()))
 
     def check_blocks(self) -> None:
         """Assert that every KV block is free, cached, or held by a live request (tests call this)."""

@@ -46,8 +46,8 @@ class StepInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     attn: AttentionMetadata
-    logits_indices: torch.Tensor      # rows of the hidden states that sample
-    sampling_rows: list[int]          # index in SchedulerOutput.scheduled of each logits row
+    logits_indices: torch.Tensor      # rows of the hidden states that sample (k + 1 per request verifying k drafts)
+    sampling_rows: list[int]          # index in SchedulerOutput.scheduled of each request that samples
     # rows that want prompt logprobs: (scheduled index, first flat row, number of rows, first position)
     prompt_logprob_rows: list[tuple[int, int, int, int]] = field(default_factory=list)
 
@@ -77,6 +77,7 @@ class ModelRunner:
         self.swap_tensors: list[torch.Tensor] = []
         self.kv_store = None              # DiskKVStore, when the disk tier is on
         self.collect_hidden = False       # return the last prompt token's hidden state (a length predictor's)
+        self.proposer = None              # speculative decoding's draft method (kvflow/spec), when on
         self._copier = None               # a thread for block copies that overlap a step (async swap-in)
         self._pending: list = []
 
@@ -139,9 +140,6 @@ class ModelRunner:
             self.requests[new.req_id] = RunnerRequest(new.prompt_token_ids, list(new.prompt_token_ids), new.params, set(new.stop_ids), gen)
         for s in sched.scheduled:
             state = self.requests[s.req_id]
-            if s.num_spec_tokens:
-                raise ValueError(f"request {s.req_id!r}: verifying proposed tokens needs a speculative sampler, "
-                                 "which this runner does not have")
             if s.blocks_replaced:
                 state.block_ids = np.asarray(s.block_ids, dtype=np.int64)
             elif s.block_ids:
@@ -177,8 +175,8 @@ class ModelRunner:
                 mask = torch.arange(ctx_len).unsqueeze(0) <= torch.arange(start, ctx_len).unsqueeze(1)
                 prefills.append(PrefillSeq(flat_start, n, ctx_len, torch.from_numpy(table[:-(-ctx_len // bs)]).to(dev),
                                            mask.to(dev)))
-            if s.sample:
-                logits_indices.append(len(ids) - 1)
+            if s.sample:                 # the last position, and the k before it when it verifies k drafts
+                logits_indices.extend(range(len(ids) - 1 - s.num_spec_tokens, len(ids)))
                 sampling.append(i)
             if state.params.prompt_logprobs is not None and state.num_prompt_logprobs < state.prompt_len:
                 # positions whose next token is a prompt token not yet covered
@@ -224,27 +222,83 @@ class ModelRunner:
         if self.collect_hidden:
             self._collect_hidden(sched, inp, sample_hidden, out)
         logits = self.model.compute_logits(sample_hidden)   # the sampler works in fp32
-        states = [self.requests[scheduled[i].req_id] for i in inp.sampling_rows]
-        sb = SamplingBatch.build([r.params for r in states], [r.prompt_token_ids for r in states],
-                                 [r.token_ids[r.prompt_len:] for r in states], [r.generator for r in states],
-                                 [r.stop_ids for r in states], logits.shape[-1], device=logits.device,
-                                 bitmasks=[scheduled[i].token_bitmask for i in inp.sampling_rows])
+        if any(scheduled[i].num_spec_tokens for i in inp.sampling_rows):
+            self._sample_and_verify(scheduled, inp.sampling_rows, logits, out)
+        else:
+            self._sample(scheduled, inp.sampling_rows, logits, out)
+        if self.proposer is not None:
+            self._propose(scheduled, out)
+        return out
+
+    def _batch(self, rows: list[tuple[RunnerRequest, list[int], bytes | None]], logits) -> SamplingBatch:
+        """A sampling batch, one row per (request state, its output tokens at that row, grammar mask)."""
+        return SamplingBatch.build([r.params for r, _, _ in rows], [r.prompt_token_ids for r, _, _ in rows],
+                                   [o for _, o, _ in rows], [r.generator for r, _, _ in rows],
+                                   [r.stop_ids for r, _, _ in rows], logits.shape[-1], device=logits.device,
+                                   bitmasks=[m for _, _, m in rows])
+
+    def _sample(self, scheduled, sampling_rows: list[int], logits, out: RunnerOutput) -> None:
+        states = [self.requests[scheduled[i].req_id] for i in sampling_rows]
+        sb = self._batch([(r, r.token_ids[r.prompt_len:], scheduled[i].token_bitmask)
+                          for r, i in zip(states, sampling_rows)], logits)
         sampled = self.sampler(logits, sb)
         if sampled.logprobs is not None:
             out.logprobs = [None] * len(scheduled)
-        for j, i in enumerate(inp.sampling_rows):
+        for j, i in enumerate(sampling_rows):
             out.sampled_token_ids[i] = [sampled.token_ids[j]]
             if sampled.logprobs is not None and states[j].params.logprobs is not None:
                 out.logprobs[i] = [(sampled.logprobs[j], sampled.ranks[j])]
-        return out
+
+    def _sample_and_verify(self, scheduled, sampling_rows: list[int], logits, out: RunnerOutput) -> None:
+        """A step with drafts to verify: every sampling request's rows go through the rejection sampler
+        (kvflow/spec/rejection.py); a request without drafts is a group of one row, sampled as usual."""
+        from kvflow.spec.rejection import verify
+        rows, groups = [], []
+        for i in sampling_rows:
+            s = scheduled[i]
+            r, k = self.requests[s.req_id], s.num_spec_tokens
+            drafts = s.token_ids[len(s.token_ids) - k:] if k else []
+            n_out = s.num_computed_tokens + s.num_new_tokens - k - r.prompt_len   # outputs before the drafts
+            words = len(s.token_bitmask) // (k + 1) if s.token_bitmask is not None else 0
+            groups.append((len(rows), drafts, r.generator))
+            for j in range(k + 1):
+                mask = s.token_bitmask[j * words:(j + 1) * words] if words else None
+                rows.append((r, r.token_ids[r.prompt_len:r.prompt_len + n_out + j], mask))
+        tokens, token_rows, sampled = verify(logits, self._batch(rows, logits), groups)
+        if sampled.logprobs is not None:
+            out.logprobs = [None] * len(scheduled)
+        for g, i in enumerate(sampling_rows):
+            out.sampled_token_ids[i] = tokens[g]
+            if sampled.logprobs is not None and self.requests[scheduled[i].req_id].params.logprobs is not None:
+                out.logprobs[i] = [(sampled.logprobs[r], sampled.ranks[r]) for r in token_rows[g]]
+
+    def _propose(self, scheduled, out: RunnerOutput) -> None:
+        """Drafts for the next step, for the requests the scheduler asked (after the tokens just emitted)."""
+        from kvflow.spec.base import DraftRequest
+        asks, idx = [], []
+        for i, s in enumerate(scheduled):
+            if not s.num_draft_tokens or not out.sampled_token_ids[i]:
+                continue
+            r = self.requests[s.req_id]
+            if out.sampled_token_ids[i][-1] in r.stop_ids:
+                continue
+            known = r.token_ids[:s.num_computed_tokens + s.num_new_tokens - s.num_spec_tokens]
+            asks.append(DraftRequest(s.req_id, known + out.sampled_token_ids[i], s.num_draft_tokens))
+            idx.append(i)
+        if asks:
+            for a, drafts in zip(asks, self.proposer.propose(asks)):
+                if drafts:
+                    out.draft_token_ids[a.req_id] = drafts
 
     def _collect_hidden(self, sched: SchedulerOutput, inp: StepInputs, hidden: torch.Tensor,
                         out: RunnerOutput) -> None:
         """The final hidden state of the last prompt token, for each request whose prompt ends this step."""
-        for j, i in enumerate(inp.sampling_rows):
+        row = -1
+        for i in inp.sampling_rows:
             s = sched.scheduled[i]
+            row += 1 + s.num_spec_tokens         # its last position's row
             if s.num_computed_tokens + s.num_new_tokens == self.requests[s.req_id].prompt_len:
-                out.prompt_hidden[s.req_id] = hidden[j].float().tolist()
+                out.prompt_hidden[s.req_id] = hidden[row].float().tolist()
 
     @torch.inference_mode()
     def embed_features(self, token_ids: list[int]) -> np.ndarray:

@@ -67,6 +67,9 @@ class EngineStats:
     queue_lengths: dict = dataclasses.field(default_factory=dict)   # the policy's queues (MLFQ levels): length
     predictor_error: float | None = None  # the length predictor's running mean |log2(predicted / true)|
     token_budget: int = 0                # the last step's token budget (it follows --tpot-slo-ms when set)
+    spec_drafts: int = 0                 # speculative decoding, cumulative: draft tokens verified,
+    spec_accepted: int = 0               # ... of them accepted,
+    spec_verifications: int = 0          # ... in this many verifications
 
 
 WIRE_TYPES = {cls.__name__: cls for cls in (

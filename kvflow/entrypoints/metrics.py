@@ -59,6 +59,11 @@ class ServerMetrics:
                                      "|log2(predicted / true length)| over requests that ended by themselves")
         self.token_budget = gauge("step_token_budget", "The last step's token budget (it follows "
                                   "--tpot-slo-ms when set)")
+        self.spec_drafts = counter("spec_decode_num_draft_tokens", "Speculative decoding: draft tokens verified")
+        self.spec_accepted = counter("spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens "
+                                     "accepted")
+        self.spec_verifications = counter("spec_decode_num_verifications", "Speculative decoding: verifications "
+                                          "(accepted / verifications = mean accepted length)")
         self._last = EngineStats()
 
     def record_stats(self, s: EngineStats) -> None:
@@ -77,6 +82,9 @@ class ServerMetrics:
         if s.predictor_error is not None:
             self.predictor_error.set(s.predictor_error)
         self.token_budget.set(s.token_budget)
+        self.spec_drafts.inc(max(0, s.spec_drafts - self._last.spec_drafts))
+        self.spec_accepted.inc(max(0, s.spec_accepted - self._last.spec_accepted))
+        self.spec_verifications.inc(max(0, s.spec_verifications - self._last.spec_verifications))
         self._last = s
 
     def record_output(self, out: RequestOutput) -> None:

@@ -138,6 +138,20 @@ class Sampler:
     """Stateless; call as `Sampler()(logits, batch)`. Does not modify `logits`."""
 
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
+        logits, raw_logprobs = self.process(logits, batch)
+        greedy_ids = None if batch.all_random else logits.argmax(dim=-1)
+        if batch.all_greedy:
+            token_ids = greedy_ids
+        else:
+            token_ids = race(self.probs(logits, batch), batch.generators)
+            if greedy_ids is not None:
+                token_ids = torch.where(batch.temperature < GREEDY_EPS, greedy_ids, token_ids)
+        return make_output(token_ids, raw_logprobs, batch)
+
+    @staticmethod
+    def process(logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor | None]:
+        """(fp32 logits after the grammar mask, bias, min_tokens masking and penalties; the raw logprobs
+        (after the grammar mask only) when a row asks for logprobs)."""
         if logits.dim() != 2 or logits.shape[0] != batch.temperature.shape[0]:
             raise ValueError(f"logits must be [B={batch.temperature.shape[0]}, V], got {tuple(logits.shape)}")
         if logits.shape[1] != batch.vocab_size:
@@ -151,19 +165,12 @@ class Sampler:
             logits.index_put_((batch.bias_rows, batch.bias_cols), batch.bias_values, accumulate=True)
         if batch.suppress_rows is not None:
             logits[batch.suppress_rows, batch.suppress_cols] = float("-inf")
-        logits = apply_penalties(logits, batch)
-
-        greedy_ids = None if batch.all_random else logits.argmax(dim=-1)
-        if batch.all_greedy:
-            token_ids = greedy_ids
-        else:
-            token_ids = self._sample(logits, batch)
-            if greedy_ids is not None:
-                token_ids = torch.where(batch.temperature < GREEDY_EPS, greedy_ids, token_ids)
-        return _make_output(token_ids, raw_logprobs, batch)
+        return apply_penalties(logits, batch), raw_logprobs
 
     @staticmethod
-    def _sample(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    def probs(logits: Tensor, batch: SamplingBatch) -> Tensor:
+        """The distribution each row samples from, from processed logits (modified in place): temperature
+        (greedy rows at 1), top-k, top-p, softmax, min-p (not renormalised: the race needs no sum of 1)."""
         temp = batch.temperature
         temp = torch.where(temp < GREEDY_EPS, torch.ones_like(temp), temp)
         logits.div_(temp.unsqueeze(1))
@@ -172,14 +179,19 @@ class Sampler:
         if batch.min_p is not None:
             threshold = batch.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
             probs.masked_fill_(probs < threshold, 0.0)   # the max always survives
-        # Exponential race: argmax(p / E), E ~ Exp(1), picks index i with probability p_i.
-        q = torch.empty_like(probs)
-        if len(batch.generators) < probs.shape[0]:
-            q.exponential_()
-        for i, gen in batch.generators.items():
-            q[i].exponential_(generator=gen)
-        q.clamp_(min=torch.finfo(q.dtype).tiny)
-        return probs.div_(q).argmax(dim=-1)
+        return probs
+
+
+def race(probs: Tensor, generators: dict[int, torch.Generator]) -> Tensor:
+    """Exponential race: argmax(p / E), E ~ Exp(1), picks index i with probability p_i / sum(p) per row; row
+    i draws from generators[i] when it has one. Modifies `probs`."""
+    q = torch.empty_like(probs)
+    if len(generators) < probs.shape[0]:
+        q.exponential_()
+    for i, gen in generators.items():
+        q[i].exponential_(generator=gen)
+    q.clamp_(min=torch.finfo(q.dtype).tiny)
+    return probs.div_(q).argmax(dim=-1)
 
 
 def blocked_tokens(bitmasks: list[bytes | None], vocab_size: int) -> np.ndarray:
@@ -227,7 +239,7 @@ def apply_top_k_top_p(logits: Tensor, top_k: Tensor | None, top_p: Tensor | None
     return logits.scatter_(1, order, sorted_logits)
 
 
-def _make_output(token_ids: Tensor, raw_logprobs: Tensor | None, batch: SamplingBatch) -> SamplerOutput:
+def make_output(token_ids: Tensor, raw_logprobs: Tensor | None, batch: SamplingBatch) -> SamplerOutput:
     ids = token_ids.tolist()
     if raw_logprobs is None:
         return SamplerOutput(token_ids=ids)

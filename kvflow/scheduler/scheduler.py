@@ -42,6 +42,8 @@ from kvflow.predict.base import LengthPredictor, make_predictor
 from kvflow.request import Request, RequestStatus
 from kvflow.scheduler.costs import PreemptionCost, StepTimeModel
 from kvflow.scheduler.policy import SchedulingPolicy, make_policy
+from kvflow.spec.adaptive import SpecController
+from kvflow.spec.config import SpeculativeConfig
 from kvflow.step import NewRequestData, RunnerOutput, ScheduledRequest, SchedulerOutput
 
 __all__ = ["PreemptionCost", "Scheduler"]
@@ -55,7 +57,7 @@ class Scheduler:
                  clock: Callable[[], float] = time.monotonic, policy: SchedulingPolicy | str = "fcfs",
                  predictor: LengthPredictor | None = None, tpot_slo_ms: float | None = None,
                  enable_chunked_prefill: bool = True, kv_reservation: str = "on-demand",
-                 async_recovery: bool = False):
+                 async_recovery: bool = False, speculative: SpeculativeConfig | None = None):
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, got {preemption_mode!r}")
         if kv_reservation not in KV_RESERVATIONS:
@@ -78,6 +80,7 @@ class Scheduler:
         self.predictor = predictor or (make_predictor(None) if self.policy.needs_prediction else None)
         self.tpot_slo_s = tpot_slo_ms / 1000 if tpot_slo_ms else None
         self.step_time = StepTimeModel()
+        self.spec = SpecController(speculative, self.step_time) if speculative is not None else None
         self.requests: dict[str, Request] = {}     # every live request, by id
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -129,10 +132,13 @@ class Scheduler:
         if self.policy.preemptive:
             self._displace(now)
         budget = self.token_budget = self._token_budget()
+        self._context = sum(r.num_tokens for r in self.running) if self.spec else 0   # speculation's cost rule
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.spec_token_ids and req.num_tokens_with_spec - req.num_computed_tokens > budget:
+                del req.spec_token_ids[max(budget - (req.num_tokens - req.num_computed_tokens), 0):]   # never split
             num_new = min(req.num_tokens_with_spec - req.num_computed_tokens, budget)
             if num_new < req.num_tokens_with_spec - req.num_computed_tokens and not self.enable_chunked_prefill:
                 i += 1                 # its whole remaining prompt does not fit this step: wait for one it fits
@@ -228,8 +234,9 @@ class Scheduler:
             out.new_requests.append(NewRequestData(rid, req.prompt_token_ids, req.params, sorted(req.stop_ids)))
         block_ids, replaced = self.kv.block_update(rid)
         sample = end == req.num_tokens_with_spec
+        draft = self.spec.draft_len(rid, len(self.running), self._context) if self.spec and sample else 0
         out.scheduled.append(ScheduledRequest(rid, start, tokens, block_ids, replaced, sample,
-                                              len(req.spec_token_ids) if sample else 0))
+                                              len(req.spec_token_ids) if sample else 0, num_draft_tokens=draft))
 
     def _prefix(self, req: Request) -> tuple[list[Block], list[int]] | None:
         """What a waiting request starts from: (cached blocks, disk-tier keys ready to load); None while it
@@ -340,6 +347,8 @@ class Scheduler:
                 req.num_computed_tokens -= s.num_spec_tokens - max(len(sampled) - 1, 0)
                 req.spec_token_ids = []
                 self.kv.trim(req)
+                if self.spec is not None:
+                    self.spec.observe(req.request_id, s.num_spec_tokens, max(len(sampled) - 1, 0))
             prompt_logprobs = result.prompt_logprobs.get(s.req_id)
             if prompt_logprobs:
                 req.num_prompt_logprobs += len(prompt_logprobs)
@@ -351,6 +360,9 @@ class Scheduler:
                 continue
             if status is not None:
                 self._finish(req, status)
+            elif s.req_id in result.draft_token_ids:    # to verify in its next step, within its limits
+                room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens) - 1
+                req.spec_token_ids = result.draft_token_ids[s.req_id][:max(room, 0)]
             outputs.append(EngineCoreOutput(
                 request_id=req.request_id, new_token_ids=new_tokens,
                 new_logprobs=logprobs[:len(new_tokens)] if logprobs is not None and new_tokens else None,
@@ -398,6 +410,8 @@ class Scheduler:
             self.waiting.remove(req)
         self.kv.forget(req)
         self._recovering.discard(req.request_id)
+        if self.spec is not None:
+            self.spec.forget(req.request_id)
         self.policy.on_finish(req)
         if status == RequestStatus.FINISHED_STOPPED and self.predictor is not None:
             self._observe_length(req)

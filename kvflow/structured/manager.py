@@ -84,12 +84,30 @@ class StructuredOutputManager:
             m = self.matchers.get(s.req_id)
             if m is None or not s.sample:
                 continue
-            m.fill_bitmask(self._row)
-            if m.error is not None:
+            rows = []                              # k + 1 masks when it verifies k drafts
+            drafts = s.token_ids[len(s.token_ids) - s.num_spec_tokens:] if s.num_spec_tokens else []
+            for j in range(len(drafts) + 1):
+                m.fill_bitmask(self._row)
+                rows.append(self._row.tobytes())
+                if j < len(drafts) and not m.accept([drafts[j]]):
+                    break                          # (drafts were checked: cannot happen)
+            m.rollback(len(rows) - 1)
+            if m.error is not None or len(rows) != len(drafts) + 1:
                 failed.append(s.req_id)
                 continue
-            s.token_bitmask = self._row.tobytes()
+            s.token_bitmask = b"".join(rows)
         return failed
+
+    def valid_drafts(self, request_id: str, drafts: list[int]) -> int:
+        """How many of the drafts, from the first, the grammar allows after the request's tokens."""
+        m = self.matchers.get(request_id)
+        if m is None:
+            return len(drafts)
+        n = 0
+        while n < len(drafts) and m.accept([drafts[n]]):
+            n += 1
+        m.rollback(n)
+        return n
 
     def advance(self, outputs) -> dict[str, str]:
         """Each constrained request's matcher accepts its new tokens. Returns {request id: why} for the

@@ -1,0 +1,8 @@
+"""Speculative decoding (survey §2.2): a proposer drafts tokens, the target verifies them in one pass.
+
+config.py     `SpeculativeConfig` (vLLM's speculative_config dict), validated without torch
+base.py       `Proposer`, the interface a draft method implements, and its registry
+ngram.py      prompt lookup: the last n tokens matched earlier in the prompt and output
+rejection.py  verification: rejection sampling that keeps the target's distribution exactly
+adaptive.py   how many tokens each request drafts, from its measured acceptance and the step-time model
+"""

@@ -1,0 +1,90 @@
+"""How many tokens each request drafts (the survey's adaptive speculation, measured).
+
+Per request: the acceptance rate a (each draft position accepted with probability a until the first
+rejection; a running mean over its verifications). It drafts the longest k' <= k whose last draft is still
+accepted with probability a**k' >= MIN_TAIL, and none for PAUSE_STEPS steps once a falls below MIN_RATE
+(then it tries again). Per batch: speculation steps aside when the step-time model (kvflow/scheduler/costs.py,
+learned from the measured steps) predicts that verifying B * (k + 1) tokens costs more per emitted token
+than B plain decodes. No torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from kvflow.spec.config import SpeculativeConfig
+
+MIN_TAIL = 0.25          # draft while the last draft's chance of acceptance is at least this
+MIN_RATE = 0.2           # below this acceptance rate a request stops drafting for a while
+MIN_VERIFICATIONS = 4    # ... judged after this many verifications
+PAUSE_STEPS = 16
+EMA = 0.3
+
+
+@dataclass
+class _Acceptance:
+    rate: float = 0.5
+    verifications: int = 0
+    pause: int = 0
+
+
+class SpecController:
+    def __init__(self, config: SpeculativeConfig, step_time=None):
+        self.k, self.adaptive, self.step_time = config.num_speculative_tokens, config.adaptive, step_time
+        self.stats: dict[str, _Acceptance] = {}
+        self.num_proposed = self.num_accepted = self.num_verifications = 0
+        self.rate = 0.5                   # all requests' acceptance rate (the batch rule's)
+
+    def draft_len(self, request_id: str, batch_size: int, context: int) -> int:
+        """How many tokens `request_id` drafts after this step (0: none)."""
+        if not self.adaptive:
+            return self.k
+        if not self.batch_pays(batch_size, context):
+            return 0
+        a = self.stats.get(request_id)
+        if a is None:
+            return self.k
+        if a.pause > 0:
+            a.pause -= 1
+            if a.pause == 0:
+                a.rate, a.verifications = 0.5, 0
+            return 0
+        if a.rate >= 1.0:
+            return self.k
+        if a.rate <= 0.0:
+            return 1
+        return max(1, min(self.k, int(math.log(MIN_TAIL) / math.log(a.rate))))
+
+    def observe(self, request_id: str, proposed: int, accepted: int) -> None:
+        """A verification of `proposed` drafts accepted `accepted` of them."""
+        self.num_verifications += 1
+        self.num_proposed += proposed
+        self.num_accepted += accepted
+        tries = accepted + (accepted < proposed)        # positions tried until the first rejection
+        sample = accepted / tries
+        a = self.stats.setdefault(request_id, _Acceptance())
+        a.rate += EMA * (sample - a.rate)
+        a.verifications += 1
+        self.rate += 0.05 * (sample - self.rate)
+        if a.verifications >= MIN_VERIFICATIONS and a.rate < MIN_RATE:
+            a.pause = PAUSE_STEPS
+
+    def batch_pays(self, batch_size: int, context: int) -> bool:
+        """Whether verifying drafts for a batch this size is predicted to emit tokens faster than decoding."""
+        model = self.step_time
+        if model is None or not model.ready or batch_size <= 1:
+            return True
+        k, a = self.k, min(self.rate, 0.999)
+        expected = 1 + sum(a ** i for i in range(1, k + 1))          # tokens a verification emits
+        avg_ctx = context / batch_size
+        plain = model.predict(batch_size, 0, context) / batch_size
+        spec = model.predict(0, batch_size * (k + 1), 0, prefill_start=int(avg_ctx)) / (batch_size * expected)
+        return spec < plain
+
+    def forget(self, request_id: str) -> None:
+        self.stats.pop(request_id, None)
+
+    @property
+    def mean_accepted(self) -> float:
+        """Accepted drafts per verification."""
+        return self.num_accepted / self.num_verifications if self.num_verifications else 0.0

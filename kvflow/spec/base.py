@@ -1,0 +1,37 @@
+"""`Proposer`: what a draft method implements. The model runner calls it at the end of a step, for the
+requests the scheduler asked to draft (`ScheduledRequest.num_draft_tokens`), and returns the drafts in
+`RunnerOutput.draft_token_ids`; the scheduler puts them in the request's next step, to be verified.
+
+A proposer here drafts deterministically (its most likely token), so the draft distribution is a point
+mass and rejection sampling needs only the target's probabilities (kvflow/spec/rejection.py)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from kvflow.spec.config import PROPOSERS, SpeculativeConfig
+
+
+@dataclass
+class DraftRequest:
+    req_id: str
+    token_ids: list[int]        # every token of the request so far (prompt, outputs, the one just sampled)
+    num_tokens: int             # how many to draft at most
+
+
+class Proposer(ABC):
+    name = ""
+
+    def __init__(self, config: SpeculativeConfig, runner):
+        self.config, self.runner = config, runner
+
+    @abstractmethod
+    def propose(self, requests: list[DraftRequest]) -> list[list[int]]:
+        """Drafts (possibly empty) for each request, in order."""
+
+    def forget(self, req_id: str) -> None:
+        """A request ended (proposers with per-request state drop it)."""
+
+
+def make_proposer(config: SpeculativeConfig, runner) -> Proposer:
+    return PROPOSERS.get(config.method)(config, runner)
