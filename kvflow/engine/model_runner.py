@@ -3,8 +3,8 @@
 ids, block table, sampling parameters and seeded generator, prompt-logprob progress) and forgets a request
 when the scheduler lists it as finished.
 
-Single-token rows (decodes) are laid out first so attention can batch them in one call; then each
-multi-token row (prompt chunk). Logits are computed only for rows that sample this step, and for the
+Single-token rows (decodes) are laid out first so attention can batch them in one call, and with them the
+tokens of a request verifying drafts, one row each; then each multi-token row (prompt chunk). Logits are computed only for rows that sample this step, and for the
 prompt positions of requests that asked for prompt logprobs (in slices, so a long chunk never holds
 [tokens, vocab] logits at once).
 """
@@ -150,7 +150,10 @@ class ModelRunner:
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
         bs, dev = self.block_size, self.device
         scheduled = sched.scheduled
-        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
+        # one-token rows first; a request verifying k drafts (its last token and the drafts) is k + 1 of them,
+        # each attending up to its own position: the step's K/V are written before attention reads the cache
+        as_decodes = [s.num_new_tokens == 1 + s.num_spec_tokens for s in scheduled]
+        order = sorted(range(len(scheduled)), key=lambda i: not as_decodes[i])
         ids: list[int] = []
         positions: list[np.ndarray] = []
         slots: list[np.ndarray] = []
@@ -166,9 +169,9 @@ class ModelRunner:
             ids.extend(s.token_ids)
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
-            if n == 1:
-                decode_tables.append(table)
-                decode_lens.append(ctx_len)
+            if as_decodes[i]:
+                decode_tables += [table] * n
+                decode_lens += range(start + 1, ctx_len + 1)
             elif start == 0:
                 prefills.append(PrefillSeq(flat_start, n, ctx_len, None, None))
             else:                      # part of its context is cached: attend to it through the blocks

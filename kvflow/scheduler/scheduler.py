@@ -214,9 +214,9 @@ class Scheduler:
         rows = prefill = context = 0
         pairs = 0.0
         for s in sched.scheduled:
-            if s.num_new_tokens == 1:
-                rows += 1
-                context += s.num_computed_tokens + 1
+            if s.num_new_tokens == 1 + s.num_spec_tokens:    # decode rows (k + 1 of them verifying k drafts)
+                rows += s.num_new_tokens
+                context += s.num_new_tokens * (s.num_computed_tokens + 1)
             else:
                 prefill += s.num_new_tokens
                 pairs += s.num_new_tokens * (s.num_computed_tokens + s.num_new_tokens / 2)

@@ -4,8 +4,8 @@ Per request: the acceptance rate a (each draft position accepted with probabilit
 rejection; a running mean over its verifications). It drafts the longest k' <= k whose last draft is still
 accepted with probability a**k' >= MIN_TAIL, and none for PAUSE_STEPS steps once a falls below MIN_RATE
 (then it tries again). Per batch: speculation steps aside when the step-time model (kvflow/scheduler/costs.py,
-learned from the measured steps) predicts that verifying B * (k + 1) tokens costs more per emitted token
-than B plain decodes. No torch.
+learned from the measured steps) predicts that verifying B * (k + 1) tokens (as many decode rows) costs more
+per emitted token than B plain decodes. No torch.
 """
 from __future__ import annotations
 
@@ -76,9 +76,8 @@ class SpecController:
             return True
         k, a = self.k, min(self.rate, 0.999)
         expected = 1 + sum(a ** i for i in range(1, k + 1))          # tokens a verification emits
-        avg_ctx = context / batch_size
-        plain = model.predict(batch_size, 0, context) / batch_size
-        spec = model.predict(0, batch_size * (k + 1), 0, prefill_start=int(avg_ctx)) / (batch_size * expected)
+        plain = model.predict(batch_size, 0, context) / batch_size      # a verification is k + 1 decode rows
+        spec = model.predict(batch_size * (k + 1), 0, context * (k + 1)) / (batch_size * expected)
         return spec < plain
 
     def forget(self, request_id: str) -> None:
