@@ -22,13 +22,13 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from kvflow.entrypoints.protocol_structured import StructuredError
+
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
-class ToolsError(ValueError):
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param
+class ToolsError(StructuredError):
+    """A tools field the API refuses (400 naming `param`)."""
 
 
 @dataclass
