@@ -5,11 +5,12 @@ imports without the model stack.
 """
 import importlib
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "BeamSearchParams"]
 __version__ = "0.1.0"
 
 _HOMES = {"LLM": "kvflow.entrypoints.llm", "SamplingParams": "kvflow.sampling.params",
-          "RequestOutput": "kvflow.outputs", "CompletionOutput": "kvflow.outputs", "Logprob": "kvflow.outputs"}
+          "RequestOutput": "kvflow.outputs", "CompletionOutput": "kvflow.outputs", "Logprob": "kvflow.outputs",
+          "BeamSearchParams": "kvflow.engine.beam_search"}
 
 
 def __getattr__(name: str):

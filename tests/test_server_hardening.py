@@ -32,7 +32,8 @@ MAX_BODY = 64 * 1024
 class InProcessServer:
     """build_app + uvicorn on a background thread's event loop, over a real AsyncLLM (and core process)."""
 
-    def __init__(self, model_dir: str, max_num_seqs: int = 1, max_queue_len: int = 2, **app_kw):
+    def __init__(self, model_dir: str, max_num_seqs: int = 1, max_queue_len: int = 2, engine_kw: dict | None = None,
+                 **app_kw):
         import uvicorn
 
         from kvflow.config import EngineConfig
@@ -45,7 +46,8 @@ class InProcessServer:
         ready = threading.Event()
 
         async def main():
-            self.engine = AsyncLLM(EngineConfig.from_kwargs(model=model_dir, max_num_seqs=max_num_seqs),
+            self.engine = AsyncLLM(EngineConfig.from_kwargs(model=model_dir, max_num_seqs=max_num_seqs,
+                                                            **(engine_kw or {})),
                                    max_queue_len=max_queue_len)
             metrics = ServerMetrics(TINY)
             self.engine.on_output, self.engine.on_stats = metrics.record_output, metrics.record_stats

@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 from kvflow.config import EngineConfig
+from kvflow.engine.beam_search import BeamSearchOutput, BeamSearchParams
 from kvflow.engine.core_client import EngineDeadError, EngineRestartingError, MPClient
 from kvflow.engine.input_processor import InputProcessor, open_model
 from kvflow.engine.output_processor import OutputProcessor
@@ -94,6 +95,7 @@ class AsyncLLM:
         self.max_queue_len = max_queue_len
         self.on_output, self.on_stats = on_output, on_stats
         self.streams: dict[str, _Stream] = {}
+        self.beam_streams: dict = {}     # engine-core request id -> its beam search's BeamStream (beam_search_async)
         self.stats = EngineStats()
         # the mean time a finished request held its batch slots (first scheduled to finished), a moving
         # mean; None until a request has finished
@@ -186,6 +188,20 @@ class AsyncLLM:
         async for out in self.outputs(self.add_request(prompt, prompt_token_ids, params, request_id, priority, user)):
             yield out
 
+    async def beam_search(self, prompt_token_ids: list[int], params: BeamSearchParams,
+                          request_id: str | None = None, priority: int = 0, user: str | None = None,
+                          skip_special_tokens: bool = True) -> BeamSearchOutput:
+        """Beam search of one prompt: its beams are requests of the core, driven from this loop as their
+        outputs arrive (kvflow/engine/beam_search_async.py). Cancelling it aborts every beam."""
+        from kvflow.engine.beam_search_async import beam_search
+        return await beam_search(self, prompt_token_ids, params, request_id, priority, user, skip_special_tokens)
+
+    def _end_beams(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.beam_streams.pop(rid, None)
+        if request_ids and self.errored is None:
+            self.client.abort_requests(request_ids)
+
     def abort_request(self, request_id: str) -> None:
         self.streams.pop(request_id, None)
         child_ids = self.output_processor.abort(request_id)
@@ -203,7 +219,8 @@ class AsyncLLM:
 
     def _num_waiting(self, num_seqs: int) -> int:
         """Sequences that would wait for a batch slot once `num_seqs` more are added (negative: free slots)."""
-        return len(self.output_processor.children) + num_seqs - self.config.scheduler.max_num_seqs
+        return (len(self.output_processor.children) + len(self.beam_streams) + num_seqs
+                - self.config.scheduler.max_num_seqs)
 
     def _measure(self, out: RequestOutput) -> None:
         m = out.metrics
@@ -294,7 +311,16 @@ class AsyncLLM:
             msg = await self.client.get_message()
             kind = msg[0]
             if kind == "outputs":
-                results, stopped = self.output_processor.process(msg[1], time.monotonic())
+                outputs = msg[1]
+                if self.beam_streams:          # a beam search's requests go to its driver, raw
+                    outputs = []
+                    for out in msg[1]:
+                        beam = self.beam_streams.get(out.request_id)
+                        if beam is None:
+                            outputs.append(out)
+                        else:
+                            beam.put(out)
+                results, stopped = self.output_processor.process(outputs, time.monotonic())
                 self.client.stop_requests(stopped)
                 for out in results:
                     stream = self.streams.get(out.request_id)
@@ -308,6 +334,9 @@ class AsyncLLM:
                 if self.on_stats is not None:
                     self.on_stats(self.stats)
             elif kind == "error":            # the core refused a request the frontend accepted
+                if msg[1] in self.beam_streams:
+                    self.beam_streams[msg[1]].fail(RuntimeError(msg[2]))
+                    continue
                 self.output_processor.abort(msg[1])
                 stream = self.streams.get(msg[1])
                 if stream is not None:
@@ -324,3 +353,5 @@ class AsyncLLM:
     def _fail_all(self, error: BaseException) -> None:
         for stream in self.streams.values():
             stream.fail(error)
+        for beam in self.beam_streams.values():
+            beam.fail(error)

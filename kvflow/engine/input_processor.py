@@ -32,14 +32,7 @@ class InputProcessor:
                 arrival_time: float, priority: int = 0, user: str | None = None) -> list[EngineCoreRequest]:
         """`priority`: lower runs first under the priority policy; `user`: the client, for the fair policy."""
         self.check(prompt_token_ids, params)
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise ValueError(f"priority must be an integer, got {priority!r}")
-        policy = self.rc.config.scheduler.scheduling_policy
-        if priority != 0 and policy != "priority":     # honoured or refused, never silently dropped (as vLLM)
-            raise ValueError(f"priority {priority} is only honoured with scheduling_policy='priority' "
-                             f"(this engine runs {policy!r})")
-        if user is not None and not isinstance(user, str):
-            raise ValueError(f"user must be a string, got {type(user).__name__}")
+        self.check_hints(priority, user)
         max_len = self.rc.max_model_len
         max_tokens = max_len - len(prompt_token_ids)
         if params.max_tokens is not None:
@@ -57,6 +50,17 @@ class InputProcessor:
                                           arrival_time, fork_from=child_ids[0] if i else None,
                                           priority=priority, client=user))
         return reqs
+
+    def check_hints(self, priority: int, user: str | None) -> None:
+        """The scheduling hints: `priority` (honoured only under the priority policy) and `user`."""
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        policy = self.rc.config.scheduler.scheduling_policy
+        if priority != 0 and policy != "priority":     # honoured or refused, never silently dropped (as vLLM)
+            raise ValueError(f"priority {priority} is only honoured with scheduling_policy='priority' "
+                             f"(this engine runs {policy!r})")
+        if user is not None and not isinstance(user, str):
+            raise ValueError(f"user must be a string, got {type(user).__name__}")
 
     def check(self, ids: list[int], params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):

@@ -5,6 +5,7 @@ import itertools
 from collections.abc import Sequence
 
 from kvflow.config import EngineConfig
+from kvflow.engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, run_beam_search
 from kvflow.engine.llm_engine import LLMEngine
 from kvflow.outputs import RequestOutput
 from kvflow.sampling.params import SamplingParams
@@ -82,6 +83,30 @@ class LLM:
                 self.engine.abort_request(rid)
             raise
         return self._run(ids, use_tqdm)
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType],
+                    params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """Beam search (kvflow/engine/beam_search.py) over strings or {"prompt_token_ids": [...]} dicts; one
+        BeamSearchOutput per prompt, in input order, its sequences best first. Every live beam is a request
+        of this engine; a beam that branches off another shares its KV blocks (copy-on-write)."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        engine = self.engine
+        if engine.has_unfinished_requests():       # the search steps the core itself: no other request's outputs
+            raise RuntimeError("beam_search needs the engine to itself: other requests are still running")
+        inputs = [self._tokenize(p)[1] for p in prompts]
+        check = SamplingParams(max_tokens=params.max_tokens, temperature=0.0)
+        eos = engine.input_processor.eos_token_ids
+        searches = []
+        for ids in inputs:
+            engine.input_processor.check(ids, check)
+            max_tokens = min(params.max_tokens, engine.max_model_len - len(ids))
+            searches.append(BeamSearch(ids, params, eos, max_tokens, lambda: f"beam-{next(self._counter)}"))
+        run_beam_search(engine.client, searches)
+        tok = engine.tokenizer
+        return [s.result(lambda t: tok.decode(t, skip_special_tokens=True)) for s in searches]
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

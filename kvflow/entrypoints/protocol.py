@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvflow.entrypoints import protocol_structured as S
 from kvflow.entrypoints import tools as T
+from kvflow.engine.beam_search import BeamSearchParams
 from kvflow.sampling.params import SamplingParams
 from kvflow.structured.params import StructuredOutputsParams
 
@@ -169,8 +170,49 @@ class CompletionRequest(_SamplingRequest):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+    # vLLM's beam search: n is the beam width (kvflow/engine/beam_search.py); HF's early_stopping
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+
+    def beam_search_params(self, max_model_len: int) -> BeamSearchParams:
+        """use_beam_search: the beam width is n; every field beam search cannot honour is refused, naming it."""
+        self.warn_unknown()
+        if self.n > MAX_N:
+            raise ProtocolError(f"n must be <= {MAX_N}, got {self.n}", param="n")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ProtocolError("best_of must equal n (the beam width) with use_beam_search", param="best_of")
+        if self.constraint() is not None:
+            raise ProtocolError("use_beam_search cannot be combined with an output constraint",
+                                param=self.structured_param)
+        unset = {"stream": not self.stream, "stream_options": self.stream_options is None, "echo": not self.echo,
+                 "logprobs": self.logprobs is None, "suffix": not self.suffix, "stop": not self.stop,
+                 "stop_token_ids": not self.stop_token_ids, "logit_bias": not self.logit_bias,
+                 "presence_penalty": self.presence_penalty == 0, "frequency_penalty": self.frequency_penalty == 0,
+                 "repetition_penalty": self.repetition_penalty in (None, 1), "top_p": self.top_p in (None, 1),
+                 "top_k": self.top_k in (None, 0, -1), "min_p": self.min_p in (None, 0),
+                 "min_tokens": self.min_tokens == 0}
+        for name, ok in unset.items():
+            if not ok:
+                raise ProtocolError(f"{name} is not supported with use_beam_search", param=name)
+        if self.temperature not in (None, 0):
+            raise ProtocolError(f"temperature must be 0 or unset with use_beam_search (beam search is "
+                                f"deterministic), got {self.temperature}", param="temperature")
+        try:
+            max_tokens = max_model_len if self.max_tokens is None else self.max_tokens
+            return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens,
+                                    ignore_eos=self.ignore_eos, length_penalty=self.length_penalty,
+                                    include_stop_str_in_output=self.include_stop_str_in_output,
+                                    early_stopping=self.early_stopping)
+        except ValueError as e:
+            name = str(e).split(" ", 1)[0]
+            raise ProtocolError(str(e), param={"beam_width": "n"}.get(name, name)) from None
 
     def sampling_params(self) -> SamplingParams:
+        for name, unset in (("length_penalty", self.length_penalty == 1.0), ("early_stopping",
+                                                                             self.early_stopping is False)):
+            if not unset:
+                raise ProtocolError(f"{name} only applies with use_beam_search: true", param=name)
         if self.best_of is not None and self.best_of != self.n:
             raise ProtocolError("best_of is not supported (only best_of == n)", param="best_of")
         if self.suffix:
@@ -301,6 +343,8 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.modalities is not None and set(self.modalities) - {"text"}:
             raise ProtocolError("only the text modality is supported", param="modalities")
         extra = self.model_extra or {}
+        if extra.pop("use_beam_search", None):
+            raise ProtocolError("use_beam_search is supported by /v1/completions only", param="use_beam_search")
         for field, why in CHAT_REFUSED.items():
             if extra.pop(field, None) not in (None, []):        # {} still asks for web search
                 raise ProtocolError(f"{field}: {why}", param=field)

@@ -5,7 +5,7 @@ from fastapi import APIRouter, Request
 
 from kvflow.entrypoints import protocol as P
 from kvflow.entrypoints.responses import CompletionContext, sse
-from kvflow.entrypoints.serving import ServingDep, final_outputs, merge, until_disconnected
+from kvflow.entrypoints.serving import ServingDep, beam_search, final_outputs, merge, until_disconnected
 
 router = APIRouter()
 
@@ -13,6 +13,8 @@ router = APIRouter()
 @router.post("/completions", responses=P.STREAM_RESPONSES)
 async def completions(req: P.CompletionRequest, raw: Request, serving: ServingDep):
     serving.check_model(req.model)
+    if req.use_beam_search:
+        return await _beam_search(req, raw, serving)
     params = req.sampling_params()
     tok = serving.tok
     inputs = []
@@ -25,3 +27,13 @@ async def completions(req: P.CompletionRequest, raw: Request, serving: ServingDe
         return sse(ctx.stream(merge(gens)), serving, ctx.id)
     finals = await until_disconnected(raw, final_outputs(gens))
     return ctx.response(finals)
+
+
+async def _beam_search(req: P.CompletionRequest, raw: Request, serving):
+    """use_beam_search: n beams per prompt, returned as n choices per prompt, best first; not streamed."""
+    params = req.beam_search_params(serving.engine.max_model_len)
+    inputs = []
+    for p in req.prompts():
+        inputs.append((p, await serving.encode(p)) if isinstance(p, str) else (None, list(p)))
+    finals = await until_disconnected(raw, beam_search(serving, inputs, params, req))
+    return CompletionContext(req, serving.model_name, params.beam_width, inputs, serving.tok).response(finals)

@@ -15,10 +15,12 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from kvflow.engine.async_llm import AsyncLLM, QueueFullError
+from kvflow.engine.beam_search import BeamSearchParams
 from kvflow.entrypoints import protocol as P
 from kvflow.entrypoints.metrics import ServerMetrics
 from kvflow.entrypoints.responses import new_id
-from kvflow.outputs import RequestOutput
+from kvflow.outputs import CompletionOutput, RequestOutput
+from kvflow.sampling.params import SamplingParams
 
 logger = logging.getLogger("kvflow")
 
@@ -204,3 +206,32 @@ async def until_disconnected(raw: Request, coro):
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+async def beam_search(serving: Serving, inputs: list[tuple[str | None, list[int]]], params: BeamSearchParams,
+                      req) -> list[RequestOutput]:
+    """Beam search of every input at once (AsyncLLM.beam_search), each as a RequestOutput whose outputs are
+    its hypotheses, best first. A bad input is refused (400) before any search starts; when one search
+    fails or the caller is cancelled, the others are cancelled (their beams aborted)."""
+    for _, token_ids in inputs:
+        serving.check_length(len(token_ids), req.max_tokens)
+        serving.engine.input_processor.check(token_ids, SamplingParams(max_tokens=params.max_tokens, temperature=0))
+    try:
+        params.num_candidates(len(serving.engine.input_processor.eos_token_ids))
+    except ValueError as e:
+        raise P.ProtocolError(str(e).replace("beam_width", "n (the beam width)", 1), param="n") from None
+    serving.check_wait(len(inputs) * params.beam_width)
+    tasks = [asyncio.ensure_future(serving.engine.beam_search(ids, params, new_id("cmpl"), req.priority, req.user,
+                                                              req.skip_special_tokens)) for _, ids in inputs]
+    try:
+        results = await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finals = []
+    for (text, ids), result in zip(inputs, results):
+        outs = [CompletionOutput(j, s.text, s.output_token_ids, s.cum_logprob, None, s.finish_reason)
+                for j, s in enumerate(result.sequences)]
+        finals.append(RequestOutput(new_id("cmpl"), text, ids, outs, True))
+    return finals
