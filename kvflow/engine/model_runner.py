@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from kvflow.attention.metadata import AttentionMetadata, PrefillSeq
-from kvflow.config import ModelConfig
+from kvflow.models.arch import ModelConfig
 from kvflow.engine.block_ops import apply_block_ops
 from kvflow.models.llama import expose_submodules
 from kvflow.sampling.params import SamplingParams

@@ -13,7 +13,7 @@ from torch import nn
 
 from kvflow.attention.backend import AttentionBackend
 from kvflow.attention.metadata import AttentionMetadata
-from kvflow.config import ModelConfig
+from kvflow.models.arch import ModelConfig
 from kvflow.kernels import kernel_ops
 from kvflow.layers.norm import RMSNorm
 from kvflow.layers.rotary import RotaryEmbedding

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from kvflow.config import ModelConfig
+from kvflow.models.arch import ModelConfig
 from kvflow.models.registry import model_class
 
 if TYPE_CHECKING:

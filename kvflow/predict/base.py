@@ -113,6 +113,6 @@ def make_predictor(spec: str | None, model_identity: dict | None = None) -> Leng
 
 def model_identity(model_path: str, arch) -> dict:
     """What a learned predictor file records of the model it was trained on, and is checked against:
-    the model file's name and the architecture's shape (`arch`: a kvflow.config.ModelConfig)."""
+    the model file's name and the architecture's shape (`arch`: a kvflow.models.arch.ModelConfig)."""
     return {"model": os.path.basename(os.path.normpath(model_path)), "model_type": arch.model_type,
             "hidden_size": arch.hidden_size, "num_layers": arch.num_layers, "vocab_size": arch.vocab_size}
