@@ -140,17 +140,22 @@ class AsyncLLM:
 
     # ---- requests ----------------------------------------------------------------------------------------
 
+    def check_admission(self, num_seqs: int) -> None:
+        """Refuse new work while the core restarts or is gone (EngineRestartingError, EngineDeadError), or when
+        `num_seqs` more sequences would overflow the waiting queue (QueueFullError)."""
+        if self.restarting:
+            raise EngineRestartingError(f"the engine core is restarting after it failed ({self.errored})")
+        if self.errored is not None:
+            raise EngineDeadError(self.errored)
+        if self._num_waiting(num_seqs) > self.max_queue_len:
+            raise QueueFullError(f"the server is busy: {self.max_queue_len} requests are already waiting")
+
     def add_request(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                     request_id: str | None = None, priority: int = 0, user: str | None = None) -> str:
         """Validate and submit a request; returns its id. Raises ValueError for a bad request,
         QueueFullError when the waiting queue is full, EngineDeadError if the core is gone. The caller
         must then consume `outputs(request_id)` (or `abort_request` it)."""
-        if self.restarting:
-            raise EngineRestartingError(f"the engine core is restarting after it failed ({self.errored})")
-        if self.errored is not None:
-            raise EngineDeadError(self.errored)
-        if self._num_waiting(params.n) > self.max_queue_len:
-            raise QueueFullError(f"the server is busy: {self.max_queue_len} requests are already waiting")
+        self.check_admission(params.n)
         request_id = request_id or uuid.uuid4().hex
         reqs = self.input_processor.process(request_id, prompt_token_ids, params, time.monotonic(), priority, user)
         self.output_processor.add_request(request_id, prompt, reqs)

@@ -7,7 +7,6 @@ import asyncio
 import uuid
 
 from kvflow.engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
-from kvflow.engine.core_client import EngineDeadError, EngineRestartingError
 from kvflow.engine.wire import EngineCoreOutput
 from kvflow.sampling.params import SamplingParams
 
@@ -41,15 +40,9 @@ async def beam_search(engine, prompt_token_ids: list[int], params: BeamSearchPar
                       priority: int = 0, user: str | None = None, skip_special_tokens: bool = True
                       ) -> BeamSearchOutput:
     """Raises ValueError for a bad request, QueueFullError / EngineDeadError as AsyncLLM.add_request does."""
-    from kvflow.engine.async_llm import QueueFullError
     if not isinstance(params, BeamSearchParams):
         raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
-    if engine.restarting:
-        raise EngineRestartingError(f"the engine core is restarting after it failed ({engine.errored})")
-    if engine.errored is not None:
-        raise EngineDeadError(engine.errored)
-    if engine._num_waiting(params.beam_width) > engine.max_queue_len:
-        raise QueueFullError(f"the server is busy: {engine.max_queue_len} requests are already waiting")
+    engine.check_admission(params.beam_width)
     ip = engine.input_processor
     ip.check(prompt_token_ids, SamplingParams(max_tokens=params.max_tokens, temperature=0.0))
     ip.check_hints(priority, user)
