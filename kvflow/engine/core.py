@@ -136,7 +136,6 @@ class EngineCore:
             self.runner.execute(sched)         # block ops and finished ids still apply
             if self.scheduler.num_loading or (self.structured is not None and len(self.structured)):
                 time.sleep(LOADING_WAIT_S)     # KV on its way from a tier, or a grammar compiling
-                time.sleep(LOADING_WAIT_S)
             elif self.scheduler.waiting and not self.scheduler.running:   # would spin forever: fail loudly
                 req = self.scheduler.waiting[0]
                 raise RuntimeError(f"cannot schedule request {req.request_id!r} ({req.num_tokens} tokens) with "
@@ -171,10 +170,14 @@ class EngineCore:
                                             stop_reason=why))
         return outputs
 
-    def _end_constrained(self, request_id: str, why: str) -> EngineCoreOutput:
+    def _abort_constrained(self, request_id: str, why: str) -> None:
+        """A constrained request whose grammar cannot go on ends, aborted (its neighbours step on)."""
         logger.warning("request %s ends: %s", request_id, why)
         self.structured.remove([request_id])
         self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
+
+    def _end_constrained(self, request_id: str, why: str) -> EngineCoreOutput:
+        self._abort_constrained(request_id, why)
         return EngineCoreOutput(request_id, [], finish_reason=RequestStatus.FINISHED_ABORTED.value, stop_reason=why)
 
     def _advance_constrained(self, outputs: list[EngineCoreOutput]) -> None:
@@ -185,9 +188,7 @@ class EngineCore:
         for out in outputs:
             rid = out.request_id
             if rid in problems:
-                logger.warning("request %s ends: %s", rid, problems[rid])
-                sm.remove([rid])
-                sched.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
+                self._abort_constrained(rid, problems[rid])
                 out.finish_reason = RequestStatus.FINISHED_ABORTED.value
                 continue
             if out.finish_reason is not None or rid not in sm.matchers:
@@ -257,11 +258,10 @@ def structured_manager(rc: ResolvedConfig, reader=None, compiler: GrammarCompile
     """The engine core's structured-output manager; its grammar engine (and the tokenizer it indexes) is
     built on the compile thread when the first request asks for structured output."""
     so = rc.config.structured
-    if compiler is not None:
-        return StructuredOutputManager(compiler, rc.arch.vocab_size, so.jump_forward)
 
     def load_tokenizer():
         from kvflow.tokenizer import Tokenizer
         return Tokenizer.from_gguf(reader) if reader is not None else Tokenizer.from_hf_folder(rc.model_path)
-    compiler = grammar_compiler(so, load_tokenizer, rc.arch.vocab_size, rc.arch.eos_token_ids)
+    if compiler is None:
+        compiler = grammar_compiler(so, load_tokenizer, rc.arch.vocab_size, rc.arch.eos_token_ids)
     return StructuredOutputManager(compiler, rc.arch.vocab_size, so.jump_forward)

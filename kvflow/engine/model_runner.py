@@ -4,9 +4,9 @@ ids, block table, sampling parameters and seeded generator, prompt-logprob progr
 when the scheduler lists it as finished.
 
 Single-token rows (decodes) are laid out first so attention can batch them in one call, and with them the
-tokens of a request verifying drafts, one row each; then each multi-token row (prompt chunk). Logits are computed only for rows that sample this step, and for the
-prompt positions of requests that asked for prompt logprobs (in slices, so a long chunk never holds
-[tokens, vocab] logits at once).
+tokens of a request verifying drafts, one row each; then each multi-token row (prompt chunk). Logits are
+computed only for rows that sample this step, and for the prompt positions of requests that asked for
+prompt logprobs (in slices, so a long chunk never holds [tokens, vocab] logits at once).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from kvflow.attention.metadata import AttentionMetadata, PrefillSeq
-from kvflow.models.arch import ModelConfig
 from kvflow.engine.block_ops import apply_block_ops
+from kvflow.models.arch import ModelConfig
 from kvflow.models.llama import expose_submodules
 from kvflow.sampling.params import SamplingParams
 from kvflow.sampling.sampler import Sampler, SamplingBatch
@@ -278,7 +278,7 @@ class ModelRunner:
     def _propose(self, scheduled, out: RunnerOutput) -> None:
         """Drafts for the next step, for the requests the scheduler asked (after the tokens just emitted)."""
         from kvflow.spec.base import DraftRequest
-        asks, idx = [], []
+        asks = []
         for i, s in enumerate(scheduled):
             if not s.num_draft_tokens or not out.sampled_token_ids[i]:
                 continue
@@ -287,7 +287,6 @@ class ModelRunner:
                 continue
             known = r.token_ids[:s.num_computed_tokens + s.num_new_tokens - s.num_spec_tokens]
             asks.append(DraftRequest(s.req_id, known + out.sampled_token_ids[i], s.num_draft_tokens))
-            idx.append(i)
         if asks:
             for a, drafts in zip(asks, self.proposer.propose(asks)):
                 if drafts:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from kvflow.sampling.params import GREEDY_EPS, SamplingParams
+from kvflow.structured.backend import bitmask_words
 
 
 @dataclass
@@ -197,7 +198,7 @@ def race(probs: Tensor, generators: dict[int, torch.Generator]) -> Tensor:
 def blocked_tokens(bitmasks: list[bytes | None], vocab_size: int) -> np.ndarray:
     """[B, V] bool from per-row token bitmasks (int32 little-endian words, bit i of word i // 32 = token i
     allowed; None = no constraint): True where the token is not allowed. One numpy unpack for the batch."""
-    words = (vocab_size + 31) // 32
+    words = bitmask_words(vocab_size)
     packed = np.full((len(bitmasks), 4 * words), 0xFF, dtype=np.uint8)
     for i, m in enumerate(bitmasks):
         if m is not None:

@@ -132,7 +132,8 @@ class Scheduler:
         if self.policy.preemptive:
             self._displace(now)
         budget = self.token_budget = self._token_budget()
-        self._context = sum(r.num_tokens for r in self.running) if self.spec else 0   # speculation's cost rule
+        if self.spec is not None:          # the batch rule of speculation reads the running requests' tokens
+            self.spec.begin_step(sum(r.num_tokens for r in self.running))
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
@@ -234,7 +235,7 @@ class Scheduler:
             out.new_requests.append(NewRequestData(rid, req.prompt_token_ids, req.params, sorted(req.stop_ids)))
         block_ids, replaced = self.kv.block_update(rid)
         sample = end == req.num_tokens_with_spec
-        draft = self.spec.draft_len(rid, len(self.running), self._context) if self.spec and sample else 0
+        draft = self.spec.draft_len(rid, len(self.running)) if self.spec and sample else 0
         out.scheduled.append(ScheduledRequest(rid, start, tokens, block_ids, replaced, sample,
                                               len(req.spec_token_ids) if sample else 0, num_draft_tokens=draft))
 

@@ -34,12 +34,22 @@ class SpecController:
         self.stats: dict[str, _Acceptance] = {}
         self.num_proposed = self.num_accepted = self.num_verifications = 0
         self.rate = 0.5                   # all requests' acceptance rate (the batch rule's)
+        self._context = 0                 # this step's: the running requests' tokens
+        self._pays: dict[int, bool] = {}  # this step's batch rule, by batch size
 
-    def draft_len(self, request_id: str, batch_size: int, context: int) -> int:
+    def begin_step(self, context: int) -> None:
+        """A new step: the running requests hold `context` tokens (the batch rule is computed anew)."""
+        self._context = context
+        self._pays.clear()
+
+    def draft_len(self, request_id: str, batch_size: int) -> int:
         """How many tokens `request_id` drafts after this step (0: none)."""
         if not self.adaptive:
             return self.k
-        if not self.batch_pays(batch_size, context):
+        pays = self._pays.get(batch_size)
+        if pays is None:
+            pays = self._pays[batch_size] = self.batch_pays(batch_size, self._context)
+        if not pays:
             return 0
         a = self.stats.get(request_id)
         if a is None:

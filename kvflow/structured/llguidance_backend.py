@@ -14,7 +14,7 @@ import llguidance as llg
 import numpy as np
 from llguidance.gbnf_to_lark import gbnf_to_lark
 
-from kvflow.structured.backend import GRAMMAR_BACKENDS, GrammarBackend, GrammarMatcher
+from kvflow.structured.backend import GRAMMAR_BACKENDS, GrammarBackend, GrammarMatcher, bitmask_words
 from kvflow.structured.params import StructuredOutputsParams
 
 # JSON layout when the request leaves whitespace open: the separators a model writes by itself, and no
@@ -102,7 +102,7 @@ class LLGuidanceBackend(GrammarBackend):
         m = llg.LLMatcher(self.lltok, text, log_level=0)
         if m.is_error():
             raise ValueError(f"structured_outputs.{spec.kind} is invalid: {m.get_error().strip()}")
-        row = np.empty((self.vocab_size + 31) // 32, dtype=np.int32)
+        row = np.empty(bitmask_words(self.vocab_size), dtype=np.int32)
         m.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)      # the first mask: a lexer limit shows here
         if m.is_error():
             raise ValueError(f"structured_outputs.{spec.kind} cannot be used: {m.get_error().strip()}")

@@ -38,11 +38,10 @@ class _Compiling:
 class StructuredOutputManager:
     def __init__(self, compiler: GrammarCompiler, vocab_size: int, jump_forward: bool = True):
         self.compiler, self.vocab_size, self.enable_jump_forward = compiler, vocab_size, jump_forward
-        self.words = bitmask_words(vocab_size)
         self.matchers: dict[str, GrammarMatcher] = {}
         self.compiling: list[_Compiling] = []
         self.num_jump_forward_tokens = 0
-        self._row = np.empty(self.words, dtype=np.int32)
+        self._row = np.empty(bitmask_words(vocab_size), dtype=np.int32)
 
     def add(self, request, features: dict | None, now: float) -> None:
         spec = request.params.structured_outputs
