@@ -1,6 +1,7 @@
 """Configuration, in sections, resolved once.
 
-`EngineConfig` is what a user asks for, in four sections (model, cache, scheduler, parallel); every field
+`EngineConfig` is what a user asks for, in sections (model, cache, scheduler,
+parallel, structured, speculative, cluster); every field
 carries its help text and choices, and the command line is generated from them (entrypoints/cli_args.py),
 so a new option is one field. `resolve(config)` turns it, once, into a `ResolvedConfig`: the model's path
 and architecture (`ModelConfig`), the compute dtype, the context length and the number of KV blocks. The
@@ -18,6 +19,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from kvflow.cluster.router import ROUTERS
 from kvflow.models.arch import ModelConfig
 from kvflow.scheduler.fair import parse_client_weights
 from kvflow.scheduler.policy import POLICY_MODULES
@@ -240,8 +242,42 @@ class SpeculativeOptions:
         return SpeculativeConfig.parse(self.speculative_config)
 
 
+@dataclass
+class ClusterOptions:
+    replicas: int = opt(1, "engine replicas; more than one runs each as a Ray actor behind the router")
+    router: str = opt("least-load", "how a request chooses its replica (kvflow/cluster/routers)",
+                      tuple(ROUTERS.modules))
+    ray_address: str | None = opt(None, "the Ray cluster to join (auto, or HOST:PORT); default: a local one")
+    replica_cpus: float | None = opt(None, "CPU cores per replica, declared to Ray; its torch and kernel threads "
+                                           "follow it (default: this machine's cores / replicas)")
+    replica_gpus: float = opt(0.0, "GPUs per replica, declared to Ray")
+    migration_threshold: int = opt(0, "move a running request with its KV blocks from the busiest replica to the "
+                                      "idlest when their requests in flight differ by this many (0: never)")
+    max_replica_restarts: int = opt(3, "Ray restarts a replica that died at most this many times")
+
+    def __post_init__(self):
+        _check_positive(self, "replicas")
+        _check_positive(self, "migration_threshold", allow_zero=True)
+        _check_positive(self, "max_replica_restarts", allow_zero=True)
+        if self.router not in ROUTERS:
+            ROUTERS.get(self.router)                       # the ValueError naming the field
+        for name, v in (("replica_cpus", self.replica_cpus), ("replica_gpus", self.replica_gpus)):
+            if v is None and name == "replica_cpus":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf") or \
+                    (v == 0 and name == "replica_cpus"):
+                raise ValueError(f"{name} must be a {'positive' if name == 'replica_cpus' else 'non-negative'} "
+                                 f"number, got {v!r}")
+
+    @property
+    def distributed(self) -> bool:
+        """The engine cores run as Ray actors: several replicas, or one on a named Ray cluster."""
+        return self.replicas > 1 or self.ray_address is not None
+
+
 SECTIONS = {"model": ModelOptions, "cache": CacheOptions, "scheduler": SchedulerOptions,
-            "parallel": ParallelOptions, "structured": StructuredOptions, "speculative": SpeculativeOptions}
+            "parallel": ParallelOptions, "structured": StructuredOptions, "speculative": SpeculativeOptions,
+            "cluster": ClusterOptions}
 
 
 @dataclass
@@ -252,6 +288,7 @@ class EngineConfig:
     parallel: ParallelOptions = field(default_factory=ParallelOptions)
     structured: StructuredOptions = field(default_factory=StructuredOptions)
     speculative: SpeculativeOptions = field(default_factory=SpeculativeOptions)
+    cluster: ClusterOptions = field(default_factory=ClusterOptions)
 
     preset: str | None = None          # the survey runtime whose options were applied (kvflow/presets.py)
 

@@ -31,8 +31,8 @@ LLMEngine.__init__ = _tracking_init
 def _check_blocks_after_test():
     yield
     for engine in list(_ENGINES):
-        engine.check_blocks()
-        if not engine.has_unfinished_requests():
+        engine.check_blocks()                  # on every replica of a cluster engine
+        if engine.core is not None and not engine.has_unfinished_requests():
             leaked = [b.block_id for b in engine.kv.pool.blocks if b.ref_count]
             assert not leaked, f"blocks still referenced after all requests ended: {leaked[:10]}"
 
@@ -156,3 +156,16 @@ def disable_cpu_kernels(monkeypatch) -> None:
 def random_prompts(lengths, vocab=400, seed=0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+# ---- one local Ray cluster per test session (kvflow/cluster) ------------------------------------------
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """Start Ray once for the whole session, on 127.0.0.1; its GCS address (servers in tests join it)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
+                 logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

@@ -76,6 +76,14 @@ class _Stream:
         return out
 
 
+def make_client(rc):
+    """The engine-core client for this config: replicas as Ray actors (kvflow/cluster), or one core process."""
+    if rc.config.cluster.distributed:
+        from kvflow.cluster.client import ClusterClient
+        return ClusterClient(rc)
+    return MPClient(rc)
+
+
 class AsyncLLM:
     def __init__(self, config: EngineConfig, max_queue_len: int = 256,
                  on_output: Callable[[RequestOutput], None] | None = None,
@@ -107,11 +115,19 @@ class AsyncLLM:
         self.model_path, self.model_config, self.max_model_len = rc.model_path, rc.arch, rc.max_model_len
         self.input_processor = InputProcessor(rc, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.client = MPClient(rc)
+        self.num_replicas = config.cluster.replicas
+        self.client = make_client(rc)
 
     @property
     def proc(self):
-        return self.client.proc
+        return getattr(self.client, "proc", None)
+
+    @property
+    def replica_stats(self) -> list[dict]:
+        """One dict per replica (its health, pid, cores, requests routed to it and its EngineStats) when the
+        engine runs replicas as Ray actors; empty for the single engine-core process."""
+        stats = getattr(self.client, "replica_stats", None)
+        return stats() if stats is not None else []
 
     async def start(self, timeout: float = 600.0) -> None:
         """Wait until the engine core has loaded the model, then start serving its outputs."""
@@ -220,12 +236,16 @@ class AsyncLLM:
         running requests have gone and the KV cache. None until a request has finished (no measure)."""
         if self.service_s is None:
             return None
-        return max(0, self._num_waiting(num_seqs)) * self.service_s / self.config.scheduler.max_num_seqs
+        return max(0, self._num_waiting(num_seqs)) * self.service_s / self._capacity
 
     def _num_waiting(self, num_seqs: int) -> int:
         """Sequences that would wait for a batch slot once `num_seqs` more are added (negative: free slots)."""
-        return (len(self.output_processor.children) + len(self.beam_streams) + num_seqs
-                - self.config.scheduler.max_num_seqs)
+        return len(self.output_processor.children) + len(self.beam_streams) + num_seqs - self._capacity
+
+    @property
+    def _capacity(self) -> int:
+        """Batch slots of the whole engine: max_num_seqs on every replica."""
+        return self.config.scheduler.max_num_seqs * self.num_replicas
 
     def _measure(self, out: RequestOutput) -> None:
         m = out.metrics
@@ -284,7 +304,7 @@ class AsyncLLM:
                        recent + 1, self.max_engine_restarts, self.restart_window_s)
         self.client.close()
         await asyncio.sleep(delay)
-        self.client = MPClient(self.resolved)
+        self.client = make_client(self.resolved)
         try:
             await self.client.wait_ready(self._start_timeout)
         except EngineDeadError as e:
@@ -292,7 +312,7 @@ class AsyncLLM:
             return False
         self.num_restarts += 1
         self.errored, self.restarting = None, False
-        logger.warning("engine core restarted: pid %d", self.proc.pid)
+        logger.warning("engine core restarted%s", f": pid {self.proc.pid}" if self.proc is not None else "")
         return True
 
     def _release_all(self, error: BaseException) -> None:
@@ -353,7 +373,7 @@ class AsyncLLM:
     async def _watch_process(self) -> str:
         while self.client.is_alive:
             await asyncio.sleep(DEATH_POLL_S)
-        return f"engine core process exited with code {self.proc.returncode}"
+        return self.client.death_reason()
 
     def _fail_all(self, error: BaseException) -> None:
         for stream in self.streams.values():

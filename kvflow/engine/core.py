@@ -111,6 +111,10 @@ class EngineCore:
             self._features_log[r.request_id] = dict(features)
         req = Request(r.request_id, list(r.prompt_token_ids), r.params, set(r.stop_ids), r.max_tokens,
                       r.arrival_time, fork_from=r.fork_from, priority=r.priority, client=r.client)
+        if r.output_token_ids:                 # resumed: its outputs so far are computed again, not sent again
+            req.output_token_ids = list(r.output_token_ids)
+            req.all_token_ids += r.output_token_ids
+            req.num_prompt_logprobs = len(req.prompt_token_ids)
         if r.params.structured_outputs is None:
             self.scheduler.add_request(req, features)
         elif self.structured is None:

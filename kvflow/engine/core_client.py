@@ -4,7 +4,7 @@
   MPClient       the core in its own process (kvflow.engine.core_process), over ZMQ with msgpack
                  (kvflow.engine.wire); outputs arrive on an asyncio socket (AsyncLLM, behind the server)
 
-A Ray client (the core as a Ray actor) is a third implementation of the same interface.
+ClusterClient (kvflow/cluster/client.py) is a third: many cores as Ray actors, behind a router.
 """
 from __future__ import annotations
 
@@ -116,6 +116,9 @@ class MPClient(EngineCoreClient):
     @property
     def is_alive(self) -> bool:
         return self.proc.poll() is None
+
+    def death_reason(self) -> str:
+        return f"engine core process exited with code {self.proc.returncode}"
 
     async def wait_ready(self, timeout: float) -> dict:
         """Wait until the core has loaded the model; its "ready" info."""

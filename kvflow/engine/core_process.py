@@ -32,15 +32,15 @@ def build_core(rc: ResolvedConfig) -> EngineCore:
     return EngineCore.build(rc, read_gguf(rc.model_path) if is_gguf(rc.model_path) else None)
 
 
-def handle(core: EngineCore, msg: list, out: zmq.Socket) -> bool:
-    """Apply one frontend message; False on shutdown."""
+def handle(core: EngineCore, msg: list, emit) -> bool:
+    """Apply one frontend message (`emit(message)` answers it); False on shutdown."""
     kind = msg[0]
     if kind == "add":
         try:
             core.add_request(msg[1])
         except Exception as e:            # the frontend validated it: this is a bug, not bad input
             logger.exception("add_request failed")
-            out.send(encode(["error", msg[1].request_id, str(e)]))
+            emit(["error", msg[1].request_id, str(e)])
     elif kind == "abort":
         core.abort_requests(msg[1], RequestStatus(msg[2]))
     elif kind == "reset_prefix_cache":
@@ -59,7 +59,7 @@ def serve_core(core: EngineCore, inp: zmq.Socket, out: zmq.Socket, parent_pid: i
         timeout = 0 if core.has_unfinished() else IDLE_POLL_MS
         changed = False
         while poller.poll(timeout):
-            if not handle(core, decode(inp.recv()), out):
+            if not handle(core, decode(inp.recv()), lambda m: out.send(encode(m))):
                 return
             changed, timeout = True, 0
         if core.has_unfinished():

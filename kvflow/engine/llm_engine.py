@@ -1,5 +1,5 @@
 """LLMEngine: the synchronous engine behind `LLM`, built from an input processor, an output processor and
-an engine-core client (the core in this process)."""
+an engine-core client: the core in this process, or replicas as Ray actors (`replicas=N`, kvflow/cluster)."""
 from __future__ import annotations
 
 import atexit
@@ -23,8 +23,14 @@ class LLMEngine:
         self.model_path, self.model_config, self.max_model_len = rc.model_path, rc.arch, rc.max_model_len
         self.input_processor = InputProcessor(rc, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.core = EngineCore.build(rc, reader, self.input_processor.grammars)   # the parsed GGUF goes with it
-        self.client = InprocClient(self.core)
+        if config.cluster.distributed:                # replicas as Ray actors (kvflow/cluster)
+            from kvflow.cluster.client import ClusterClient
+            self.core = None
+            self.client = ClusterClient(rc)
+            self.client.wait_ready_sync(600.0)
+        else:
+            self.core = EngineCore.build(rc, reader, self.input_processor.grammars)   # the parsed GGUF goes with it
+            self.client = InprocClient(self.core)
         if config.cache.kv_store_dir:                 # persist the prefix cache even if nobody calls shutdown()
             atexit.register(_shutdown_at_exit, weakref.ref(self))
 
@@ -54,7 +60,13 @@ class LLMEngine:
         self.client.reset_prefix_cache()
 
     def check_blocks(self) -> None:
-        self.core.check_blocks()
+        """Assert the block invariant (every block free, cached, or held by a live request), on every replica."""
+        if self.core is not None:
+            self.core.check_blocks()
+            return
+        for r in self.client.check_blocks():
+            assert r["ok"], r["error"]
+            assert r["requests"] or not r["blocks_in_use"], f"blocks held with no request in flight: {r}"
 
     def shutdown(self) -> None:
         """Write the prefix cache to the disk tier (when kv_store_dir is set) and wait for the writes."""

@@ -35,6 +35,9 @@ class EngineCoreRequest:
     fork_from: str | None = None       # share this request's prompt blocks (the samples of n > 1)
     priority: int = 0                  # lower runs first, under the `priority` policy
     client: str | None = None          # the OpenAI `user` field: the `fair` policy's unit
+    # output tokens it already has, produced elsewhere (another replica that died, or that it moved from):
+    # computed again with the prompt, or found in the prefix cache, and never sent again
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclass

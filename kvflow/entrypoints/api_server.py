@@ -164,7 +164,8 @@ async def serve(engine_config, host: str = "127.0.0.1", port: int = 8000, api_ke
     # no-op so that the engine process is stopped below and the exit is clean.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    print(f"kvflow: serving {name} on http://{host}:{port} (engine core pid {engine.proc.pid})", flush=True)
+    where = f"engine core pid {engine.proc.pid}" if engine.proc is not None else f"{engine.num_replicas} replicas on Ray"
+    print(f"kvflow: serving {name} on http://{host}:{port} ({where})", flush=True)
     cutter = asyncio.create_task(cut_at_deadline(server, app.state.serving, drain_timeout))
     stopper = asyncio.create_task(exit_when_engine_gives_up(server, engine))
     try:

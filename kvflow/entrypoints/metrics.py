@@ -65,6 +65,16 @@ class ServerMetrics:
         self.spec_verifications = counter("spec_decode_num_verifications", "Speculative decoding: verifications "
                                           "(accepted / verifications = mean accepted length)")
         self._last = EngineStats()
+        by_replica = labels + ["replica"]      # many replicas (kvflow/cluster): each one's own gauges
+        self.replica_gauges = {f: Gauge(f"kvflow:replica_{name}", doc, by_replica, registry=r) for f, name, doc in (
+            ("healthy", "healthy", "1 while the replica serves, 0 while it is down or restarting"),
+            ("num_running", "num_requests_running", "Requests in the replica's running batch"),
+            ("num_waiting", "num_requests_waiting", "Requests waiting in the replica"),
+            ("num_assigned", "num_requests_assigned", "Requests the router sent to the replica, not finished"),
+            ("kv_cache_usage", "kv_cache_usage_perc", "Fraction of the replica's KV blocks held by requests"),
+            ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the replica's prefix cache"),
+            ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in its prefix cache"),
+            ("restarts", "restarts", "Times the replica was restarted after it died"))}
 
     def record_stats(self, s: EngineStats) -> None:
         self.running.set(s.num_running)
@@ -105,6 +115,12 @@ class ServerMetrics:
         self.e2e_by_priority.labels(**prio).observe(e2e)
         if max(num_tokens) > 1:
             self.tpot.observe((e2e - ttft) / (max(num_tokens) - 1))
+
+    def record_replicas(self, replicas: list[dict]) -> None:
+        """Per-replica gauges (label `replica`) from AsyncLLM.replica_stats; the unlabelled ones are totals."""
+        for d in replicas:
+            for f, g in self.replica_gauges.items():
+                g.labels(replica=str(d["index"]), **self._labels).set(float(d.get(f) or 0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

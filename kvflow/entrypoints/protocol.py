@@ -384,6 +384,7 @@ class ErrorResponse(BaseModel):
 
 class HealthResponse(BaseModel):
     status: str
+    replicas: list[dict] | None = None      # with many replicas: each one's index, health, pid, restarts
 
 
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)}

@@ -18,13 +18,16 @@ keyed_router = APIRouter()    # at the root, behind the API key
 v1_router = APIRouter()       # under /v1
 
 
-@router.get("/health", response_model=P.HealthResponse, responses={503: {"model": P.ErrorResponse}})
+@router.get("/health", response_model=P.HealthResponse, response_model_exclude_none=True,
+            responses={503: {"model": P.ErrorResponse}})
 async def health(serving: ServingDep):
     """200 {"status": "ok"} while the engine runs; 503 with an error body while its core restarts (the
     message starts "restarting", with Retry-After) or once it is gone."""
     engine = serving.engine
     if engine.is_healthy:
-        return {"status": "ok"}
+        replicas = [{"index": d["index"], "healthy": d["healthy"], "pid": d["pid"], "restarts": d["restarts"],
+                     "num_assigned": d["num_assigned"]} for d in engine.replica_stats]
+        return {"status": "ok", "replicas": replicas} if replicas else {"status": "ok"}
     if engine.fatal is None:          # it died: restarting (or about to, within a poll interval)
         why = f" ({engine.errored})" if engine.errored else ""
         return error_response(f"restarting: the engine core failed{why} and a new one is starting", 503,
@@ -39,6 +42,7 @@ async def version():
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def prometheus(serving: ServingDep):
+    serving.metrics.record_replicas(serving.engine.replica_stats)
     return Response(serving.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

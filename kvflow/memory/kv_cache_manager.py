@@ -159,6 +159,20 @@ class KVCacheManager:
         self.num_cached_blocks[req.request_id] = first + len(keys)
         self.num_disk_hits += len(keys) * self.block_size
 
+    def adopt_blocks(self, hashes: list[int], limit: int) -> list[tuple[int, int]]:
+        """Blocks for KV computed elsewhere (a request that moves here from another replica): each hash not
+        cached yet, at most `limit` of them, gets a block registered in the prefix cache, unreferenced (so
+        evictable, most recently used). Returns (position in `hashes`, block id) pairs: the caller writes the
+        data into those blocks before the next step reads them."""
+        if not self.enable_prefix_caching:
+            return []
+        todo = [i for i, h in enumerate(hashes) if self.pool.lookup(h) is None][:max(0, limit)]
+        blocks = self._allocate(len(todo))
+        for block, i in zip(blocks, todo):
+            self.pool.cache(block, hashes[i])
+        self.pool.release(blocks[::-1])
+        return [(i, b.block_id) for i, b in zip(todo, blocks)]
+
     def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
         """Prefix-cache statistics, counted once per admitted request."""
         self.num_queries += num_tokens

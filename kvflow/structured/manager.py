@@ -61,8 +61,12 @@ class StructuredOutputManager:
             elif c.future.exception() is not None:
                 failed.append((c.request, str(c.future.exception())))
             else:
-                self.matchers[c.request.request_id] = self.compiler.backend.matcher(c.future.result())
-                ready.append((c.request, c.features))
+                m = self.matchers[c.request.request_id] = self.compiler.backend.matcher(c.future.result())
+                if c.request.output_token_ids and not m.accept(list(c.request.output_token_ids)):
+                    del self.matchers[c.request.request_id]   # resumed elsewhere with tokens its grammar refuses
+                    failed.append((c.request, "its grammar refuses the output it resumes from"))
+                else:
+                    ready.append((c.request, c.features))
             self.compiling.pop(0)
         return ready, failed
 

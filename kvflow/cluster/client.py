@@ -1,0 +1,356 @@
+"""ClusterClient: the engine-core client of many replicas (Ray actors, kvflow/cluster/replica.py).
+
+It speaks the same interface as the single-core clients (kvflow/engine/core_client.py), so AsyncLLM and
+LLMEngine run unchanged on top of it, and adds what many replicas need:
+  routing     each new request goes where the router (kvflow/cluster/router.py) says; the samples of an
+              n > 1 request and the beams of a beam search follow the request they fork from
+  tracking    for every request in flight: its replica and every token it produced, so that
+  faults      when a replica dies (its actor killed, its process gone, its core failed), each of its
+              requests resumes on another replica from the tokens already sent (prompt and outputs computed
+              again): the client sees neither an error nor repeated text. Ray restarts the actor; the router
+              takes it back once it answers `ready` again
+  migration   `migrate(id, dst)` moves a running request with its KV blocks (kv_transfer.py); with
+              `migration_threshold` set, the youngest request of the busiest replica moves to the idlest
+              when their loads differ by that many requests
+Everything runs on one thread (the caller's loop); Ray does the waiting: one long `poll` per replica is
+always in flight, and every other call answers through the same wait set (`_collect`).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import deque
+
+from kvflow.cluster.fleet import Replica, aggregate, block_hashes, start_replicas
+from kvflow.cluster.router import ReplicaLoad, RouteRequest, make_router
+from kvflow.config import ResolvedConfig
+from kvflow.engine.core_client import EngineCoreClient, EngineDeadError
+from kvflow.engine.wire import EngineCoreOutput, EngineCoreRequest
+from kvflow.request import RequestStatus
+
+logger = logging.getLogger("kvflow")
+
+POLL_S = 0.5
+
+
+@dataclasses.dataclass
+class _Tracked:
+    req: EngineCoreRequest
+    replica: int
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    migrating: bool = False
+
+
+class ClusterClient(EngineCoreClient):
+    def __init__(self, rc: ResolvedConfig):
+        import ray
+        self._ray = ray
+        self.rc, self.opts = rc, rc.config.cluster
+        self.replicas: list[Replica] = start_replicas(rc)
+        self.router = make_router(self.opts.router, len(self.replicas))
+        self.requests: dict[str, _Tracked] = {}
+        self.parked: list[EngineCoreRequest] = []      # no healthy replica: they wait for one
+        self.pending: dict = {}                        # ObjectRef -> (kind, replica index, incarnation, data)
+        self.buffer: deque = deque()                   # messages for the caller, in the engine-core format
+        self.num_resumed = self.num_migrations = self.num_failed_migrations = 0
+        self.routes: deque = deque(maxlen=64)          # (time, request id, replica): the router's recent choices
+        self.dead: str | None = None
+
+    # ---- start ------------------------------------------------------------------------------------------
+
+    def _ready(self, r: Replica, info: dict) -> None:
+        r.up(info)
+        self.router.on_replica_up(r.index)
+        self._poll(r)
+        parked, self.parked = self.parked, []
+        for req in parked:
+            self._place(req)
+
+    async def wait_ready(self, timeout: float) -> dict:
+        """Wait until every replica has loaded the model."""
+        refs = [r.actor.ready.remote() for r in self.replicas]
+        try:
+            infos = await asyncio.wait_for(asyncio.gather(*refs), timeout)
+        except Exception as e:
+            raise EngineDeadError(f"the replicas did not start: {e}") from None
+        return self._started(infos)
+
+    def wait_ready_sync(self, timeout: float) -> dict:
+        try:
+            infos = self._ray.get([r.actor.ready.remote() for r in self.replicas], timeout=timeout)
+        except Exception as e:
+            raise EngineDeadError(f"the replicas did not start: {e}") from None
+        return self._started(infos)
+
+    def _started(self, infos: list[dict]) -> dict:
+        for r, info in zip(self.replicas, infos):
+            self._ready(r, info)
+        logger.info("%d replicas ready: %s", len(infos), ", ".join(
+            f"#{i['index']} pid {i['pid']} cores {i['cores']} ({i['load_s']:.1f}s)" for i in infos))
+        return {"num_kv_blocks": sum(i["num_kv_blocks"] for i in infos), "replicas": infos}
+
+    # ---- requests -----------------------------------------------------------------------------------------
+
+    def add_request(self, req: EngineCoreRequest) -> None:
+        self._place(req)
+
+    def _place(self, req: EngineCoreRequest) -> None:
+        parent = self.requests.get(req.fork_from) if req.fork_from else None
+        if parent is not None and self.replicas[parent.replica].healthy:
+            index = parent.replica
+        else:
+            healthy = [r for r in self.replicas if r.healthy]
+            if not healthy:
+                self.parked.append(req)
+                self.requests.pop(req.request_id, None)
+                return
+            if req.fork_from is not None:          # its parent is gone: it computes its own prompt
+                req = dataclasses.replace(req, fork_from=None)
+            index = self.router.route(self._route_request(req), self.loads())
+        tracked = self.requests.get(req.request_id)
+        if tracked is None:
+            tracked = self.requests[req.request_id] = _Tracked(req, index, list(req.output_token_ids))
+        tracked.replica = index
+        self.replicas[index].assigned.add(req.request_id)
+        self.routes.append((time.time(), req.request_id, index))
+        self.replicas[index].submit(["add", req])
+
+    def _route_request(self, req: EngineCoreRequest) -> RouteRequest:
+        return RouteRequest(req.request_id, block_hashes(req.prompt_token_ids, self.rc.config.cache.block_size),
+                            len(req.prompt_token_ids), req.max_tokens, req.client)
+
+    def loads(self) -> list[ReplicaLoad]:
+        return [r.load(self.requests) for r in self.replicas]
+
+    def abort_requests(self, request_ids, status=RequestStatus.FINISHED_ABORTED) -> None:
+        by_replica: dict[int, list[str]] = {}
+        for rid in request_ids:
+            t = self._forget(rid)
+            if t is not None:
+                by_replica.setdefault(t.replica, []).append(rid)
+        self.parked = [p for p in self.parked if p.request_id not in set(request_ids)]
+        for index, ids in by_replica.items():
+            if self.replicas[index].healthy:
+                self.replicas[index].submit(["abort", ids, status.value])
+
+    def _forget(self, rid: str) -> _Tracked | None:
+        t = self.requests.pop(rid, None)
+        if t is not None:
+            self.replicas[t.replica].assigned.discard(rid)
+            self.router.on_finished(rid, t.replica)
+        return t
+
+    def reset_prefix_cache(self) -> None:
+        for r in self.replicas:
+            if r.healthy:
+                r.submit(["reset_prefix_cache"])
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or bool(self.parked)
+
+    @property
+    def is_alive(self) -> bool:
+        return self.dead is None
+
+    def death_reason(self) -> str:
+        return self.dead or "the replicas are gone"
+
+    # ---- migration ----------------------------------------------------------------------------------------
+
+    def migrate(self, request_id: str, dst: int) -> bool:
+        """Start moving a request, with its KV blocks, to replica `dst`; False when it cannot move (unknown,
+        already moving, already there, `dst` down, or it asked for logprobs, which a move would lose)."""
+        t = self.requests.get(request_id)
+        if t is None or t.migrating or t.replica == dst or not self.replicas[dst].healthy:
+            return False
+        p = t.req.params
+        if p.logprobs is not None or p.prompt_logprobs is not None:
+            return False
+        src = self.replicas[t.replica]
+        meta_ref, arrays_ref = src.actor.export_request.options(num_returns=2).remote(
+            src.incarnation, src.next_seq(), request_id)
+        t.migrating = True
+        self.pending[meta_ref] = ("export", src.index, src.incarnation, (request_id, dst, arrays_ref))
+        return True
+
+    def _exported(self, request_id: str, dst: int, meta: dict | None, arrays_ref) -> None:
+        t = self.requests.get(request_id)
+        if t is not None:
+            t.migrating = False
+        if meta is None or t is None:          # it finished, was aborted, or its replica died meanwhile
+            self.num_failed_migrations += 1
+            return
+        missing = meta["output_token_ids"][len(t.tokens):]
+        if missing:                            # produced there, not yet seen here: sent now, once
+            t.tokens += missing
+            self.buffer.append(["outputs", [EngineCoreOutput(request_id, list(missing))], aggregate(self.replicas)])
+        self.replicas[t.replica].assigned.discard(request_id)
+        self.router.on_finished(request_id, t.replica)
+        if not self.replicas[dst].healthy:
+            self._resume(t)
+            return
+        t.replica = dst
+        d = self.replicas[dst]
+        d.assigned.add(request_id)
+        req = dataclasses.replace(t.req, output_token_ids=list(t.tokens), fork_from=None)
+        d.actor.import_request.remote(d.incarnation, d.next_seq(), req, meta, arrays_ref)
+        self.num_migrations += 1
+
+    def _rebalance(self) -> None:
+        threshold = self.opts.migration_threshold
+        if not threshold or any(t.migrating for t in self.requests.values()):
+            return
+        healthy = [r for r in self.replicas if r.healthy]
+        if len(healthy) < 2:
+            return
+        busy = max(healthy, key=lambda r: len(r.assigned))
+        idle = min(healthy, key=lambda r: len(r.assigned))
+        if len(busy.assigned) - len(idle.assigned) < threshold:
+            return
+        for rid in reversed(list(busy.assigned)):        # the youngest first: the least KV to move
+            if self.migrate(rid, idle.index):
+                return
+
+    # ---- faults -------------------------------------------------------------------------------------------
+
+    def _replica_down(self, r: Replica, why: str) -> None:
+        if not r.healthy:
+            return
+        logger.warning("replica %d is down (%s); its %d requests resume elsewhere", r.index, why, len(r.assigned))
+        r.down()
+        self.router.on_replica_down(r.index)
+        for rid in list(r.assigned):
+            self._resume(self.requests[rid])
+        r.assigned.clear()
+        ref = r.actor.ready.remote()                   # Ray restarts it; it answers once it is up again
+        self.pending[ref] = ("ready", r.index, None, None)
+
+    def _resume(self, t: _Tracked) -> None:
+        """A request whose replica died goes elsewhere with the tokens it already produced."""
+        self.replicas[t.replica].assigned.discard(t.req.request_id)
+        self.router.on_finished(t.req.request_id, t.replica)
+        t.migrating = False
+        self.num_resumed += 1
+        t.req = dataclasses.replace(t.req, output_token_ids=list(t.tokens))
+        self._place(t.req)
+
+    # ---- the wait set -------------------------------------------------------------------------------------
+
+    def _poll(self, r: Replica) -> None:
+        self.pending[r.actor.poll.remote(POLL_S)] = ("poll", r.index, r.incarnation, None)
+
+    def _wait(self, refs: list, timeout: float) -> list:
+        if not refs:
+            time.sleep(min(timeout, 0.05))
+            return []
+        ready, rest = self._ray.wait(refs, num_returns=1, timeout=timeout)
+        if ready and rest:
+            more, _ = self._ray.wait(rest, num_returns=len(rest), timeout=0)
+            ready += more
+        return ready
+
+    def _collect(self, ready: list) -> None:
+        from ray.exceptions import ActorDiedError, RayError
+        for ref in ready:
+            kind, index, incarnation, data = self.pending.pop(ref)
+            r = self.replicas[index]
+            try:
+                value = self._ray.get(ref)
+            except ActorDiedError as e:
+                if kind == "ready":                    # no restart left
+                    r.gone = True
+                    logger.error("replica %d is gone for good: %s", index, str(e).splitlines()[0])
+                    if all(x.gone for x in self.replicas):
+                        self.dead = "every replica died and none can be restarted"
+                        self.buffer.append(["dead", self.dead])
+                    continue
+                value, error = None, e
+            except RayError as e:
+                value, error = None, e
+            else:
+                error = None
+            if kind == "ready":
+                if error is not None:                  # still restarting: ask again
+                    self.pending[r.actor.ready.remote()] = ("ready", index, None, None)
+                else:
+                    r.restarts += 1
+                    logger.warning("replica %d is back (pid %d)", index, value["pid"])
+                    self._ready(r, value)
+                continue
+            if incarnation != r.incarnation:           # an answer from an earlier life
+                continue
+            if error is not None:
+                if kind == "export":
+                    self._exported(data[0], data[1], None, None)
+                self._replica_down(r, str(error).splitlines()[0])
+            elif kind == "poll":
+                for msg in value:
+                    self._message(r, msg)
+                self._poll(r)
+            elif kind == "export":
+                self._exported(data[0], data[1], value, data[2])
+        if self.opts.migration_threshold:
+            self._rebalance()
+
+    def _message(self, r: Replica, msg: list) -> None:
+        if msg[0] == "outputs":
+            outs = []
+            for o in msg[1]:
+                t = self.requests.get(o.request_id)
+                if t is None or t.replica != r.index:  # moved away, resumed elsewhere, or aborted
+                    continue
+                t.tokens += o.new_token_ids
+                if o.finish_reason is not None:
+                    self._forget(o.request_id)
+                outs.append(o)
+            r.stats = msg[2]
+            self.buffer.append(["outputs", outs, aggregate(self.replicas)])
+        elif msg[0] == "error":
+            t = self.requests.get(msg[1])
+            if t is not None and t.replica == r.index:
+                self._forget(msg[1])
+                self.buffer.append(msg)
+
+    # ---- what AsyncLLM and LLMEngine call -----------------------------------------------------------------
+
+    async def get_message(self) -> list:
+        while not self.buffer:
+            ready = await asyncio.to_thread(self._wait, list(self.pending), POLL_S)
+            self._collect(ready)
+        return self.buffer.popleft()
+
+    def step(self) -> list[EngineCoreOutput]:
+        """LLMEngine's step: the outputs that arrived from any replica (waits for at least one message)."""
+        while not self.buffer and self.has_unfinished():
+            self._collect(self._wait(list(self.pending), POLL_S))
+        outs = []
+        while self.buffer:
+            msg = self.buffer.popleft()
+            if msg[0] == "outputs":
+                outs += msg[1]
+            elif msg[0] == "error":
+                raise RuntimeError(f"request {msg[1]}: {msg[2]}")
+            elif msg[0] == "dead":
+                raise EngineDeadError(msg[1])
+        return outs
+
+    def replica_stats(self) -> list[dict]:
+        return [r.describe(self.requests) for r in self.replicas]
+
+    def check_blocks(self) -> list[dict]:
+        """The block invariant on every healthy replica (tests)."""
+        healthy = [r for r in self.replicas if r.healthy]
+        return self._ray.get([r.actor.check_blocks.remote() for r in healthy])
+
+    def kill(self) -> None:
+        for r in self.replicas:
+            self._ray.kill(r.actor, no_restart=True)
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        self.kill()
+        self.dead = self.dead or "shut down"
+
+    def close(self) -> None:
+        pass

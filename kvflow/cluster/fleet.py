@@ -1,0 +1,122 @@
+"""The replicas as the cluster client sees them: Ray started or joined, one actor per replica with its
+resources declared, and each replica's state on the client's side (health, the life of the actor it talks
+to, the sequence of its calls, the load it reported, the requests routed to it)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+from kvflow.cluster.router import ReplicaLoad
+from kvflow.config import ResolvedConfig
+from kvflow.engine.wire import EngineStats
+from kvflow.memory.kv_cache_manager import hash_block
+
+logger = logging.getLogger("kvflow")
+
+
+def block_hashes(token_ids: list[int], block_size: int) -> list[int]:
+    """The chained hashes of the full blocks of `token_ids`: the engine's own prefix-cache keys."""
+    hashes: list[int] = []
+    for i in range(len(token_ids) // block_size):
+        hashes.append(hash_block(hashes[-1] if hashes else None, token_ids[i * block_size:(i + 1) * block_size]))
+    return hashes
+
+
+def connect_ray(address: str | None, num_cpus: float):
+    """Join the Ray cluster at `address` (auto or HOST:PORT), or start a local one with `num_cpus` CPUs;
+    nothing when this process is already connected (a test session's cluster, a Ray job)."""
+    import ray
+    if ray.is_initialized():
+        return ray
+    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, configure_logging=False)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=max(num_cpus, os.cpu_count() or 1), **kwargs)
+    return ray
+
+
+def replica_cpus(requested: float | None, replicas: int) -> float:
+    """CPU cores per replica: as asked, else this machine's cores shared evenly (at least one)."""
+    if requested:
+        return requested
+    return float(max(1, (os.cpu_count() or 1) // replicas))
+
+
+def start_replicas(rc: ResolvedConfig) -> list["Replica"]:
+    from kvflow.cluster.replica import EngineReplica
+    opts = rc.config.cluster
+    cpus = replica_cpus(opts.replica_cpus, opts.replicas)
+    ray = connect_ray(opts.ray_address, cpus * opts.replicas)
+    actor = ray.remote(EngineReplica).options(
+        num_cpus=cpus, num_gpus=opts.replica_gpus, max_restarts=opts.max_replica_restarts, max_task_retries=0,
+        max_concurrency=8)
+    level = logging.getLevelName(logging.getLogger("kvflow").getEffectiveLevel())
+    config = rc.to_json()
+    logger.info("starting %d replicas (%g CPUs%s each) with router %s", opts.replicas, cpus,
+                f", {opts.replica_gpus:g} GPUs" if opts.replica_gpus else "", opts.router)
+    return [Replica(i, actor.remote(config, i, cpus, level)) for i in range(opts.replicas)]
+
+
+@dataclasses.dataclass
+class Replica:
+    index: int
+    actor: object
+    healthy: bool = False
+    gone: bool = False                  # dead with no restart left
+    incarnation: str | None = None      # the life of the actor the client talks to
+    seq: int = 0
+    stats: EngineStats = dataclasses.field(default_factory=EngineStats)
+    assigned: set = dataclasses.field(default_factory=set)   # request ids routed here, not finished
+    info: dict = dataclasses.field(default_factory=dict)
+    restarts: int = 0
+
+    def up(self, info: dict) -> None:
+        self.info, self.incarnation, self.seq, self.healthy = info, info["incarnation"], 0, True
+        self.stats = EngineStats()
+
+    def down(self) -> None:
+        self.healthy, self.incarnation = False, None
+        self.stats = EngineStats()
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq - 1
+
+    def submit(self, *messages: list) -> None:
+        self.actor.submit.remote(self.incarnation, self.next_seq(), list(messages))
+
+    def load(self, requests: dict) -> ReplicaLoad:
+        s = self.stats
+        outstanding = 0.0
+        for rid in self.assigned:
+            t = requests.get(rid)
+            if t is not None:
+                outstanding += (0 if t.tokens else len(t.req.prompt_token_ids)) + t.req.max_tokens - len(t.tokens)
+        return ReplicaLoad(self.index, self.healthy, s.num_running, s.num_waiting, s.kv_cache_usage,
+                           len(self.assigned), outstanding, self.info.get("num_kv_blocks", 0))
+
+    def describe(self, requests: dict) -> dict:
+        d = {"index": self.index, "healthy": self.healthy, "gone": self.gone, "restarts": self.restarts,
+             "pid": self.info.get("pid"), "cores": self.info.get("cores"), "num_assigned": len(self.assigned)}
+        d.update(dataclasses.asdict(self.stats))
+        return d
+
+
+def aggregate(replicas: list[Replica]) -> EngineStats:
+    """The fleet's stats: counts summed, KV usage averaged over healthy replicas, queues merged."""
+    total = EngineStats()
+    healthy = [r for r in replicas if r.healthy]
+    for r in healthy:
+        s = r.stats
+        for f in ("num_running", "num_waiting", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions",
+                  "num_swapped_out", "num_cow_copies", "disk_hit_tokens", "spec_drafts", "spec_accepted",
+                  "spec_verifications"):
+            setattr(total, f, getattr(total, f) + getattr(s, f))
+        for k, v in s.queue_lengths.items():
+            total.queue_lengths[k] = total.queue_lengths.get(k, 0) + v
+        total.token_budget = max(total.token_budget, s.token_budget)
+    if healthy:
+        total.kv_cache_usage = sum(r.stats.kv_cache_usage for r in healthy) / len(healthy)
+    return total

@@ -1,0 +1,82 @@
+"""The router: which replica serves a new request. One interface, one registry; each policy is a file in
+kvflow/cluster/routers/. No torch, no Ray: the cluster client (kvflow/cluster/client.py) calls it on its
+event loop, the simulator calls it unchanged, and its tests feed it made-up loads.
+
+What a policy sees:
+  RouteRequest   the request: its id, the chained hashes of its prompt's full blocks (the engine's own
+                 `hash_block` chain, kvflow/memory/kv_cache_manager.py), lengths, the OpenAI `user`
+  ReplicaLoad    per replica: health, the load it last reported (running, waiting, KV usage) and what the
+                 client knows fresher than that (requests routed there and not finished, their predicted
+                 tokens still to compute)
+and it returns the index of a healthy replica. The client tells it when a request finished and when a
+replica went down or came back, so that a policy with state (a prefix index, sessions) follows the fleet.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from kvflow.registry import Registry
+
+
+@dataclass
+class RouteRequest:
+    request_id: str
+    block_hashes: list[int]              # chained hashes of the prompt's full blocks, in order
+    num_prompt_tokens: int
+    max_tokens: int
+    user: str | None = None              # the OpenAI `user` field (session affinity)
+    predicted_output_tokens: float | None = None   # the length predictor's estimate, when one is configured
+
+
+@dataclass
+class ReplicaLoad:
+    index: int
+    healthy: bool = True
+    num_running: int = 0                 # as last reported by the replica (EngineStats)
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0          # fraction of its KV blocks held by requests
+    num_assigned: int = 0                # requests routed here and not finished (the client's own count)
+    outstanding_tokens: float = 0.0      # prompt tokens to prefill plus predicted output tokens still to go
+    num_kv_blocks: int = 0               # its KV cache size in blocks (a prefix index's capacity model)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def load(self) -> float:
+        """The default scalar load: requests in flight, with KV pressure as a tie-breaker."""
+        return max(self.num_assigned, self.num_running + self.num_waiting) + self.kv_cache_usage
+
+
+class Router(ABC):
+    name: str = ""
+
+    def __init__(self, num_replicas: int, **options):
+        self.num_replicas = num_replicas
+
+    @abstractmethod
+    def route(self, req: RouteRequest, loads: list[ReplicaLoad]) -> int:
+        """The index of the replica that should serve `req`, among those with `healthy` set (the client
+        never calls it with none healthy)."""
+
+    def on_finished(self, request_id: str, replica: int) -> None:
+        """A request routed to `replica` finished (or was aborted, or moved away)."""
+
+    def on_replica_down(self, replica: int) -> None:
+        """The replica died or was drained: what it cached is gone."""
+
+    def on_replica_up(self, replica: int) -> None:
+        """The replica is (again) healthy, with an empty cache."""
+
+
+ROUTERS = Registry("router", {
+    "round-robin": "kvflow.cluster.routers.round_robin",
+    "least-load": "kvflow.cluster.routers.least_load",
+    "power-of-two": "kvflow.cluster.routers.power_of_two",
+    "cache-aware": "kvflow.cluster.routers.cache_aware",
+    "predicted-load": "kvflow.cluster.routers.predicted_load",
+    "session": "kvflow.cluster.routers.session",
+})
+
+
+def make_router(name: str, num_replicas: int, **options) -> Router:
+    return ROUTERS.get(name)(num_replicas, **options)
