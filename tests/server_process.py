@@ -45,7 +45,8 @@ class Server:
                 self.stop()
                 raise RuntimeError(f"server did not start:\n{self.output()}")
             time.sleep(0.2)
-        self.core_pid = int(re.search(r"engine core pid (\d+)", self.output()).group(1))
+        found = re.search(r"engine core pid (\d+)", self.output())   # none with replicas on Ray (their
+        self.core_pid = int(found.group(1)) if found else None         # actors end with the server)
 
     def output(self) -> str:
         self.log.flush()
@@ -86,6 +87,6 @@ class Server:
                 self.proc.wait()
         try:
             os.kill(self.core_pid, signal.SIGKILL)   # never leave the engine core behind
-        except (AttributeError, ProcessLookupError):
+        except (AttributeError, ProcessLookupError, TypeError):
             pass
         self.log.close()

@@ -55,6 +55,7 @@ class ClusterClient(EngineCoreClient):
         self.pending: dict = {}                        # ObjectRef -> (kind, replica index, incarnation, data)
         self.buffer: deque = deque()                   # messages for the caller, in the engine-core format
         self.num_resumed = self.num_migrations = self.num_failed_migrations = 0
+        self.num_routed, self.route_seconds = 0, 0.0     # the router's own cost (hashing the prompt included)
         self.routes: deque = deque(maxlen=64)          # (time, request id, replica): the router's recent choices
         self.dead: str | None = None
 
@@ -108,12 +109,15 @@ class ClusterClient(EngineCoreClient):
                 return
             if req.fork_from is not None:          # its parent is gone: it computes its own prompt
                 req = dataclasses.replace(req, fork_from=None)
+            t0 = time.perf_counter()
             index = self.router.route(self._route_request(req), self.loads())
+            self.route_seconds += time.perf_counter() - t0
+            self.num_routed += 1
         tracked = self.requests.get(req.request_id)
         if tracked is None:
             tracked = self.requests[req.request_id] = _Tracked(req, index, list(req.output_token_ids))
         tracked.replica = index
-        self.replicas[index].assigned.add(req.request_id)
+        self.replicas[index].assign(req.request_id)
         self.routes.append((time.time(), req.request_id, index))
         self.replicas[index].submit(["add", req])
 
@@ -122,7 +126,12 @@ class ClusterClient(EngineCoreClient):
                             len(req.prompt_token_ids), req.max_tokens, req.client)
 
     def loads(self) -> list[ReplicaLoad]:
-        return [r.load(self.requests) for r in self.replicas]
+        """Every replica's load, in replica order; a stalled one is not routable while another is."""
+        now = time.monotonic()
+        live = [r.healthy and not r.stalled(now) for r in self.replicas]
+        if not any(live):
+            live = [r.healthy for r in self.replicas]
+        return [r.load(self.requests, ok) for r, ok in zip(self.replicas, live)]
 
     def abort_requests(self, request_ids, status=RequestStatus.FINISHED_ABORTED) -> None:
         by_replica: dict[int, list[str]] = {}
@@ -193,7 +202,7 @@ class ClusterClient(EngineCoreClient):
             return
         t.replica = dst
         d = self.replicas[dst]
-        d.assigned.add(request_id)
+        d.assign(request_id)
         req = dataclasses.replace(t.req, output_token_ids=list(t.tokens), fork_from=None)
         d.actor.import_request.remote(d.incarnation, d.next_seq(), req, meta, arrays_ref)
         self.num_migrations += 1
@@ -305,7 +314,7 @@ class ClusterClient(EngineCoreClient):
                 if o.finish_reason is not None:
                     self._forget(o.request_id)
                 outs.append(o)
-            r.stats = msg[2]
+            r.stats, r.last_output = msg[2], time.monotonic()
             self.buffer.append(["outputs", outs, aggregate(self.replicas)])
         elif msg[0] == "error":
             t = self.requests.get(msg[1])
@@ -338,6 +347,13 @@ class ClusterClient(EngineCoreClient):
 
     def replica_stats(self) -> list[dict]:
         return [r.describe(self.requests) for r in self.replicas]
+
+    def router_stats(self) -> dict:
+        """The router's decisions and their cost, and what the fleet did: resumes and migrations."""
+        return {"policy": self.opts.router, "decisions": self.num_routed, "seconds": self.route_seconds,
+                "mean_us": 1e6 * self.route_seconds / max(1, self.num_routed), "resumed": self.num_resumed,
+                "migrations": self.num_migrations, "failed_migrations": self.num_failed_migrations,
+                "recent": [{"time": t, "request_id": rid, "replica": i} for t, rid, i in list(self.routes)[-16:]]}
 
     def check_blocks(self) -> list[dict]:
         """The block invariant on every healthy replica (tests)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 
 from kvflow.cluster.router import ReplicaLoad
 from kvflow.config import ResolvedConfig
@@ -13,6 +14,8 @@ from kvflow.engine.wire import EngineStats
 from kvflow.memory.kv_cache_manager import hash_block
 
 logger = logging.getLogger("kvflow")
+
+STALL_S = 30.0              # a replica with requests that reports no step for this long is drained from routing
 
 
 def block_hashes(token_ids: list[int], block_size: int) -> list[int]:
@@ -24,8 +27,9 @@ def block_hashes(token_ids: list[int], block_size: int) -> list[int]:
 
 
 def connect_ray(address: str | None, num_cpus: float):
-    """Join the Ray cluster at `address` (auto or HOST:PORT), or start a local one with `num_cpus` CPUs;
-    nothing when this process is already connected (a test session's cluster, a Ray job)."""
+    """Join the Ray cluster at `address` (auto or HOST:PORT), or start a local one with `num_cpus` CPUs,
+    bound to 127.0.0.1 (a multi-machine cluster is started with `ray start` and joined by address); nothing
+    when this process is already connected (a test session's cluster, a Ray job)."""
     import ray
     if ray.is_initialized():
         return ray
@@ -33,7 +37,7 @@ def connect_ray(address: str | None, num_cpus: float):
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=max(num_cpus, os.cpu_count() or 1), **kwargs)
+        ray.init(num_cpus=max(num_cpus, os.cpu_count() or 1), _node_ip_address="127.0.0.1", **kwargs)
     return ray
 
 
@@ -71,10 +75,21 @@ class Replica:
     assigned: set = dataclasses.field(default_factory=set)   # request ids routed here, not finished
     info: dict = dataclasses.field(default_factory=dict)
     restarts: int = 0
+    last_output: float = 0.0            # when it last reported a step (time.monotonic)
+
+    def assign(self, request_id: str) -> None:
+        if not self.assigned:              # idle until now: its stall clock starts here
+            self.last_output = time.monotonic()
+        self.assigned.add(request_id)
+
+    def stalled(self, now: float) -> bool:
+        """Requests are routed here but it has reported no step for STALL_S: drained from routing until it
+        steps again (a replica that is slow, or stuck)."""
+        return bool(self.assigned) and now - self.last_output > STALL_S
 
     def up(self, info: dict) -> None:
         self.info, self.incarnation, self.seq, self.healthy = info, info["incarnation"], 0, True
-        self.stats = EngineStats()
+        self.stats, self.last_output = EngineStats(), time.monotonic()
 
     def down(self) -> None:
         self.healthy, self.incarnation = False, None
@@ -87,18 +102,19 @@ class Replica:
     def submit(self, *messages: list) -> None:
         self.actor.submit.remote(self.incarnation, self.next_seq(), list(messages))
 
-    def load(self, requests: dict) -> ReplicaLoad:
+    def load(self, requests: dict, routable: bool) -> ReplicaLoad:
         s = self.stats
         outstanding = 0.0
         for rid in self.assigned:
             t = requests.get(rid)
             if t is not None:
                 outstanding += (0 if t.tokens else len(t.req.prompt_token_ids)) + t.req.max_tokens - len(t.tokens)
-        return ReplicaLoad(self.index, self.healthy, s.num_running, s.num_waiting, s.kv_cache_usage,
+        return ReplicaLoad(self.index, routable, s.num_running, s.num_waiting, s.kv_cache_usage,
                            len(self.assigned), outstanding, self.info.get("num_kv_blocks", 0))
 
     def describe(self, requests: dict) -> dict:
         d = {"index": self.index, "healthy": self.healthy, "gone": self.gone, "restarts": self.restarts,
+             "stalled": self.healthy and self.stalled(time.monotonic()),
              "pid": self.info.get("pid"), "cores": self.info.get("cores"), "num_assigned": len(self.assigned)}
         d.update(dataclasses.asdict(self.stats))
         return d

@@ -129,6 +129,12 @@ class AsyncLLM:
         stats = getattr(self.client, "replica_stats", None)
         return stats() if stats is not None else []
 
+    @property
+    def router_stats(self) -> dict | None:
+        """The router's decisions, their mean cost, resumes and migrations (many replicas only)."""
+        stats = getattr(self.client, "router_stats", None)
+        return stats() if stats is not None else None
+
     async def start(self, timeout: float = 600.0) -> None:
         """Wait until the engine core has loaded the model, then start serving its outputs."""
         self._start_timeout = timeout

@@ -75,6 +75,11 @@ class ServerMetrics:
             ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the replica's prefix cache"),
             ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in its prefix cache"),
             ("restarts", "restarts", "Times the replica was restarted after it died"))}
+        self.router_gauges = {f: gauge(name, doc) for f, name, doc in (
+            ("decisions", "router_decisions", "Requests the router placed (many replicas)"),
+            ("seconds", "router_seconds", "Time the router spent placing them, prompt hashing included"),
+            ("resumed", "router_resumed_requests", "Requests resumed on another replica after theirs died"),
+            ("migrations", "router_migrations", "Running requests moved to another replica with their KV"))}
 
     def record_stats(self, s: EngineStats) -> None:
         self.running.set(s.num_running)
@@ -116,8 +121,12 @@ class ServerMetrics:
         if max(num_tokens) > 1:
             self.tpot.observe((e2e - ttft) / (max(num_tokens) - 1))
 
-    def record_replicas(self, replicas: list[dict]) -> None:
-        """Per-replica gauges (label `replica`) from AsyncLLM.replica_stats; the unlabelled ones are totals."""
+    def record_replicas(self, replicas: list[dict], router: dict | None = None) -> None:
+        """Per-replica gauges (label `replica`) from AsyncLLM.replica_stats, the unlabelled ones being totals;
+        the router's counts from AsyncLLM.router_stats."""
+        for f, g in self.router_gauges.items():
+            if router is not None:
+                g.set(router[f])
         for d in replicas:
             for f, g in self.replica_gauges.items():
                 g.labels(replica=str(d["index"]), **self._labels).set(float(d.get(f) or 0))

@@ -42,7 +42,7 @@ async def version():
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def prometheus(serving: ServingDep):
-    serving.metrics.record_replicas(serving.engine.replica_stats)
+    serving.metrics.record_replicas(serving.engine.replica_stats, serving.engine.router_stats)
     return Response(serving.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
