@@ -1,4 +1,4 @@
-"""The survey's single-replica runtimes as presets (survey tables 2 and 3; DESIGN.md's runtime table).
+"""The survey's runtimes as presets (survey tables 2 and 3; DESIGN.md's runtime table).
 
 A preset is a set of engine options: batching, prioritisation, memory and preemption, persistence, the way
 the survey describes that system. `EngineConfig.from_kwargs(preset=NAME, **explicit)` (and so `LLM(preset=...)`
@@ -12,7 +12,13 @@ sets is logged when it is applied (`describe`).
 | sarathi   | continuous + chunked prefill, token budget | FCFS                | paged with swap tier, by cost                     | none                  |
 | sglang    | continuous + chunked prefill, token budget | longest prefix      | paged, always recompute                           | prefix cache, LRU     |
 | fastserve | continuous, fixed batch size               | MLFQ (skip-join)    | paged with swap tier, always offload              | none                  |
+| preble    | continuous + chunked prefill, token budget | by cache hit        | paged, always recompute                           | prefix cache, LRU     |
 | kvflow    | continuous + chunked prefill, token budget | FCFS                | paged with swap tier, by cost                     | prefix cache, LRU     |
+
+preble also routes (with `replicas=N`): cache-aware, max prefix hit unless that replica is overloaded, then
+min load, hot prefixes replicated to a second replica (kvflow/cluster/routers/cache_aware.py). Its local
+queue is ordered by prefix-cache hit (the `cache-aware` policy), which stands in for Preble's priority by
+cache hit; kvflow has no separate MLFQ-by-hit policy.
 
 "fixed batch size": no chunked prefill, a prompt is computed whole in one step. Sarathi-Serve's budget is
 512 tokens (its paper's setting for strict TPOT; `kvflow tune` finds one for this machine). kvflow's own row is
@@ -35,6 +41,9 @@ PRESETS: dict[str, dict] = {
                    preemption_mode="recompute", enable_prefix_caching=True),
     "fastserve": dict(enable_chunked_prefill=False, scheduling_policy="mlfq", kv_reservation="on-demand",
                       preemption_mode="swap", async_recovery=True, enable_prefix_caching=False),
+    # many replicas: the router places requests (kvflow/cluster); `replicas` is the user's choice
+    "preble": dict(router="cache-aware", enable_chunked_prefill=True, scheduling_policy="cache-aware",
+                   kv_reservation="on-demand", preemption_mode="recompute", enable_prefix_caching=True),
     "kvflow": dict(),
 }
 

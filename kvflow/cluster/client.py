@@ -23,7 +23,7 @@ import logging
 import time
 from collections import deque
 
-from kvflow.cluster.fleet import Replica, aggregate, block_hashes, start_replicas
+from kvflow.cluster.fleet import Replica, aggregate, block_hashes, frontend_predictor, start_replicas
 from kvflow.cluster.router import ReplicaLoad, RouteRequest, make_router
 from kvflow.config import ResolvedConfig
 from kvflow.engine.core_client import EngineCoreClient, EngineDeadError
@@ -41,6 +41,7 @@ class _Tracked:
     replica: int
     tokens: list[int] = dataclasses.field(default_factory=list)
     migrating: bool = False
+    predicted: float | None = None       # output tokens the frontend's length predictor expects
 
 
 class ClusterClient(EngineCoreClient):
@@ -50,6 +51,7 @@ class ClusterClient(EngineCoreClient):
         self.rc, self.opts = rc, rc.config.cluster
         self.replicas: list[Replica] = start_replicas(rc)
         self.router = make_router(self.opts.router, len(self.replicas))
+        self.predictor = frontend_predictor(rc)
         self.requests: dict[str, _Tracked] = {}
         self.parked: list[EngineCoreRequest] = []      # no healthy replica: they wait for one
         self.pending: dict = {}                        # ObjectRef -> (kind, replica index, incarnation, data)
@@ -110,20 +112,24 @@ class ClusterClient(EngineCoreClient):
             if req.fork_from is not None:          # its parent is gone: it computes its own prompt
                 req = dataclasses.replace(req, fork_from=None)
             t0 = time.perf_counter()
-            index = self.router.route(self._route_request(req), self.loads())
+            route = self._route_request(req)
+            index = self.router.route(route, self.loads())
             self.route_seconds += time.perf_counter() - t0
             self.num_routed += 1
         tracked = self.requests.get(req.request_id)
         if tracked is None:
             tracked = self.requests[req.request_id] = _Tracked(req, index, list(req.output_token_ids))
+            tracked.predicted = route.predicted_output_tokens if parent is None else parent.predicted
         tracked.replica = index
         self.replicas[index].assign(req.request_id)
         self.routes.append((time.time(), req.request_id, index))
         self.replicas[index].submit(["add", req])
 
     def _route_request(self, req: EngineCoreRequest) -> RouteRequest:
+        n = len(req.prompt_token_ids)
+        predicted = self.predictor.predict(n, req.client, {}).mean(cap=req.max_tokens)
         return RouteRequest(req.request_id, block_hashes(req.prompt_token_ids, self.rc.config.cache.block_size),
-                            len(req.prompt_token_ids), req.max_tokens, req.client)
+                            n, req.max_tokens, req.client, predicted)
 
     def loads(self) -> list[ReplicaLoad]:
         """Every replica's load, in replica order; a stalled one is not routable while another is."""
@@ -313,6 +319,8 @@ class ClusterClient(EngineCoreClient):
                 t.tokens += o.new_token_ids
                 if o.finish_reason is not None:
                     self._forget(o.request_id)
+                    if o.finish_reason == RequestStatus.FINISHED_STOPPED.value:   # its true length: learn it
+                        self.predictor.observe(len(t.req.prompt_token_ids), t.req.client, len(t.tokens))
                 outs.append(o)
             r.stats, r.last_output = msg[2], time.monotonic()
             self.buffer.append(["outputs", outs, aggregate(self.replicas)])

@@ -48,6 +48,15 @@ def replica_cpus(requested: float | None, replicas: int) -> float:
     return float(max(1, (os.cpu_count() or 1) // replicas))
 
 
+def frontend_predictor(rc: ResolvedConfig):
+    """The output-length predictor the router reads (predicted-load): the configured one when it needs no
+    model features (those are computed inside an engine core), else the online one, which learns from the
+    lengths of finished requests."""
+    from kvflow.predict.base import make_predictor, model_identity
+    predictor = make_predictor(rc.config.scheduler.length_predictor, model_identity(rc.model_path, rc.arch))
+    return predictor if not predictor.features else make_predictor(None)
+
+
 def start_replicas(rc: ResolvedConfig) -> list["Replica"]:
     from kvflow.cluster.replica import EngineReplica
     opts = rc.config.cluster
@@ -108,7 +117,8 @@ class Replica:
         for rid in self.assigned:
             t = requests.get(rid)
             if t is not None:
-                outstanding += (0 if t.tokens else len(t.req.prompt_token_ids)) + t.req.max_tokens - len(t.tokens)
+                expected = t.predicted if t.predicted is not None else t.req.max_tokens
+                outstanding += (0 if t.tokens else len(t.req.prompt_token_ids)) + max(1.0, expected - len(t.tokens))
         return ReplicaLoad(self.index, routable, s.num_running, s.num_waiting, s.kv_cache_usage,
                            len(self.assigned), outstanding, self.info.get("num_kv_blocks", 0))
 
