@@ -146,3 +146,26 @@ def test_replica_options_are_checked():
                        (dict(migration_threshold=-1), "migration_threshold")):
         with pytest.raises(ValueError, match=field):
             EngineConfig.from_kwargs(**bad)
+
+
+def test_rebalancing_moves_requests_from_the_busiest_replica(cluster, single):
+    """All requests routed to replica 0, a threshold of 2: requests move to replica 1 with their KV blocks,
+    and every output is still the greedy one."""
+    from kvflow.cluster.router import Router
+
+    class Always0(Router):
+        def route(self, req, loads):
+            return 0
+    prompts = _prompts([33, 48, 20, 65, 41, 29], seed=11)
+    want = _token_ids(single.generate(prompts, GREEDY))
+    client = cluster.engine.client
+    old_router, old_threshold = client.router, client.opts.migration_threshold
+    client.router, client.opts.migration_threshold = Always0(2), 2
+    before = client.num_migrations
+    try:
+        outs, finished = _run(cluster, prompts)
+    finally:
+        client.router, client.opts.migration_threshold = old_router, old_threshold
+    assert client.num_migrations - before >= 2
+    assert _token_ids(outs) == want
+    assert sorted(finished.values()) == [1] * len(prompts)
