@@ -12,8 +12,14 @@ token ids, decoded with the model's tokenizer, re-encoded and trimmed or topped 
   - 20% long context: a shared system prompt of ~300 tokens (the same text in every such request, so
     servers with prefix caching can reuse it), 1-4 prior user/assistant turns of 20-80 words each,
     and a follow-up question, 32-128 output tokens.
+`multitenant` (sample_multitenant): several tenants, each with its own long system prompt (300-600
+tokens), and multi-turn sessions: turn k of a session is its tenant's system prompt, the session's k-1
+earlier turns (user messages and fixed synthetic answers) and a new user message; every request carries
+the session id as the OpenAI `user` field and asks for a fixed number of output tokens. A session's turns
+come in order, spread over the run and interleaved with other sessions'.
+
 `chat_output_len` replaces every output length with one fixed value. For `/v1/chat/completions` the
-requests carry the messages and `prompt_len` counts the tokens of the chat template's rendering;
+chat and multitenant requests carry the messages and `prompt_len` counts the tokens of the chat template's rendering;
 for `/v1/completions` the conversation is rendered as plain "Role: text" lines ending in
 "Assistant:".
 """
@@ -30,6 +36,7 @@ class RequestSpec:
     prompt_len: int
     output_len: int
     messages: list[dict] | None = None
+    user: str | None = None              # sent as the OpenAI `user` field when set (multitenant: the session)
 
 
 def range_bounds(length: int, ratio: float) -> tuple[int, int]:
@@ -154,3 +161,71 @@ def sample_chat(tok, num_prompts: int, seed: int = 0, output_len: int | None = N
         else:
             specs.append(RequestSpec(text, len(tok.encode(text)), output_len or n_out))
     return specs
+
+
+# ---- multi-tenant sessions ---------------------------------------------------------------------------
+
+_TENANTS = ("Northwind Bank", "Brightside Health", "Atlas Logistics", "Juniper Schools", "Harbor Insurance",
+            "Cedar Travel", "Orbit Telecom", "Maple Grocers", "Summit Legal", "Riverbend City Council",
+            "Pioneer Energy", "Lumen Software")
+_ROLES = ("customer support assistant", "help-desk agent", "internal knowledge assistant", "front-desk assistant",
+          "policy assistant", "booking assistant")
+
+
+def _tenant_system_prompt(tok, tenant: int, n_tokens: int) -> str:
+    """Tenant `tenant`'s system prompt: a tenant-specific head, then policy notes, about `n_tokens` tokens
+    (whole sentences; deterministic for the tenant and length, independent of the workload's seed)."""
+    rng = random.Random(7919 * (tenant + 1) + n_tokens)
+    name = _TENANTS[tenant % len(_TENANTS)] + (f" {tenant // len(_TENANTS) + 1}" if tenant >= len(_TENANTS) else "")
+    text = (f"You are the {rng.choice(_ROLES)} of {name}. Answer in a friendly, concise way, follow the "
+            f"policies below exactly, never invent account details, and hand over to a person when asked. "
+            f"Policies and notes of {name} follow.")
+    while len(tok.encode(text, add_special_tokens=False)) < n_tokens:
+        text += " " + _sentences(rng, 12)
+    return text
+
+
+def sample_multitenant(tok, num_sessions: int, turns: int = 4, tenants: int = 6, output_len: int = 32,
+                       seed: int = 0, chat: bool = True, system_len: tuple[int, int] = (300, 600),
+                       user_words: tuple[int, int] = (15, 45), answer_words: tuple[int, int] = (30, 90),
+                       ) -> list[RequestSpec]:
+    """Multi-tenant multi-turn sessions, every request tagged with its session (`RequestSpec.user`).
+
+    `tenants` system prompts of `system_len` tokens (uniform); each of `num_sessions` sessions belongs to a
+    tenant (tenants dealt in turn, then shuffled) and has `turns` turns. Turn k's prompt is the tenant's
+    system prompt, the session's k-1 earlier turns (user message, then a fixed synthetic assistant answer
+    of `answer_words` words) and a new user message (a question plus `user_words` words); every request
+    asks for `output_len` tokens. So a session's turn k+1 starts with the whole of its turn k's prompt,
+    and every session of a tenant starts with the tenant's system prompt.
+
+    Order: each session starts at a point u ~ U(0, 0.5) of the run and its turns follow at a stride
+    ~ U(0.8, 1) * (1 - u) / turns; the requests are sorted by that key, so a session's turns come in
+    order, spread over the run, interleaved with other sessions'. Deterministic for `seed`."""
+    if num_sessions < 1 or turns < 1 or tenants < 1 or output_len < 1:
+        raise ValueError(f"num_sessions, turns, tenants and output_len must be >= 1, got "
+                         f"{num_sessions}, {turns}, {tenants}, {output_len}")
+    rng = random.Random(seed)
+    systems = [_tenant_system_prompt(tok, t, rng.randint(*system_len)) for t in range(tenants)]
+    owners = [s % tenants for s in range(num_sessions)]
+    rng.shuffle(owners)
+    keyed = []
+    for s, tenant in enumerate(owners):
+        user = f"t{tenant}-s{s}"
+        start = rng.uniform(0.0, 0.5)
+        stride = rng.uniform(0.8, 1.0) * (1.0 - start) / turns
+        messages = [{"role": "system", "content": systems[tenant]}]
+        for k in range(turns):
+            question = rng.choice(_QUESTIONS).format(t=rng.choice(_TOPICS))
+            messages.append({"role": "user",
+                             "content": question + " " + _sentences(rng, rng.randint(*user_words))})
+            turn = list(messages)
+            text = render_plain(turn)
+            if chat:
+                n_in = len(tok.encode_chat(turn)[1]) if tok.chat_template else len(tok.encode(text))
+                spec = RequestSpec(text, n_in, output_len, turn, user=user)
+            else:
+                spec = RequestSpec(text, len(tok.encode(text)), output_len, user=user)
+            keyed.append((start + k * stride, s, k, spec))
+            messages.append({"role": "assistant", "content": _sentences(rng, rng.randint(*answer_words))})
+    keyed.sort(key=lambda x: x[:3])
+    return [spec for *_, spec in keyed]

@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
-from kvflow.bench.datasets import RequestSpec, sample_chat, sample_random
+from kvflow.bench.datasets import RequestSpec, sample_chat, sample_multitenant, sample_random
 from kvflow.bench.metrics import RequestResult, compute_metrics, format_summary, plot_result, save_result
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
-DATASETS = ("random", "chat")
+DATASETS = ("random", "chat", "multitenant")
 SLO_KEYS = ("ttft", "tpot", "e2el")
 # End-of-sequence tokens llama.cpp treats as end-of-generation by their text; banned with the model's EOS.
 _EOG_TEXTS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>", "</s>")
@@ -49,6 +49,9 @@ class BenchConfig:
     random_output_len: int = 64
     random_range_ratio: float = 0.0
     chat_output_len: int | None = None
+    multitenant_tenants: int = 6        # --dataset-name multitenant: system prompts,
+    multitenant_turns: int = 4          # ... turns per session (sessions: num_prompts / turns, rounded up),
+    multitenant_output_len: int = 32    # ... output tokens of every request
     tokenizer: str | None = None        # None: the default model's GGUF
     seed: int = 0
     request_rate: float = math.inf
@@ -71,6 +74,10 @@ class BenchConfig:
             (0 <= self.random_range_ratio < 1, "--random-range-ratio", "must be in [0, 1)", self.random_range_ratio),
             (self.chat_output_len is None or self.chat_output_len >= 1, "--chat-output-len", "must be >= 1",
              self.chat_output_len),
+            (self.multitenant_tenants >= 1, "--multitenant-tenants", "must be >= 1", self.multitenant_tenants),
+            (self.multitenant_turns >= 1, "--multitenant-turns", "must be >= 1", self.multitenant_turns),
+            (self.multitenant_output_len >= 1, "--multitenant-output-len", "must be >= 1",
+             self.multitenant_output_len),
             (self.request_rate > 0, "--request-rate", "must be > 0 (or inf)", self.request_rate),
             (0 < self.burstiness < math.inf, "--burstiness", "must be a positive number", self.burstiness),
             (self.max_concurrency is None or self.max_concurrency >= 1, "--max-concurrency", "must be >= 1",
@@ -133,6 +140,8 @@ def request_body(spec: RequestSpec, cfg: BenchConfig, model: str, logit_bias: di
         body["messages"] = spec.messages or [{"role": "user", "content": spec.prompt}]
     else:
         body["prompt"] = spec.prompt
+    if spec.user is not None:
+        body["user"] = spec.user
     if cfg.ignore_eos:
         body["ignore_eos"] = True
         if logit_bias:
@@ -220,6 +229,11 @@ def load_tokenizer(path: str | None):
 
 
 def build_dataset(cfg: BenchConfig, tok) -> list[RequestSpec]:
+    if cfg.dataset_name == "multitenant":
+        sessions = -(-cfg.num_prompts // cfg.multitenant_turns)
+        return sample_multitenant(tok, sessions, cfg.multitenant_turns, cfg.multitenant_tenants,
+                                  cfg.multitenant_output_len, cfg.seed,
+                                  chat=cfg.endpoint == "/v1/chat/completions")[:cfg.num_prompts]
     if cfg.dataset_name == "chat":
         return sample_chat(tok, cfg.num_prompts, cfg.seed, cfg.chat_output_len,
                            chat=cfg.endpoint == "/v1/chat/completions")
@@ -286,6 +300,11 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random-range-ratio", type=float, default=0.0,
                    help="lengths drawn uniformly from [L*(1-r), L*(1+r)]")
     g.add_argument("--chat-output-len", type=int, default=None, help="fixed output length for --dataset-name chat")
+    g.add_argument("--multitenant-tenants", type=int, default=6, help="--dataset-name multitenant: system prompts")
+    g.add_argument("--multitenant-turns", type=int, default=4,
+                   help="--dataset-name multitenant: turns per session (num-prompts / turns sessions)")
+    g.add_argument("--multitenant-output-len", type=int, default=32,
+                   help="--dataset-name multitenant: output tokens of every request")
     g.add_argument("--tokenizer", default=None, help="tokenizer path (default: the default model's GGUF)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("load")
@@ -314,7 +333,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         base_url=args.base_url, endpoint=args.endpoint, model=args.model, api_key=args.api_key,
         dataset_name=args.dataset_name, num_prompts=args.num_prompts, random_input_len=args.random_input_len,
         random_output_len=args.random_output_len, random_range_ratio=args.random_range_ratio,
-        chat_output_len=args.chat_output_len, tokenizer=args.tokenizer, seed=args.seed,
+        chat_output_len=args.chat_output_len, multitenant_tenants=args.multitenant_tenants,
+        multitenant_turns=args.multitenant_turns, multitenant_output_len=args.multitenant_output_len,
+        tokenizer=args.tokenizer, seed=args.seed,
         request_rate=args.request_rate, burstiness=args.burstiness, max_concurrency=args.max_concurrency,
         temperature=args.temperature, ignore_eos=args.ignore_eos, extra_body=extra,
         goodput=parse_goodput(args.goodput), warmup=args.warmup, timeout=args.timeout)
