@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import shlex
 import signal
@@ -50,7 +49,7 @@ import httpx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kvflow.bench.datasets import sample_multitenant  # noqa: E402
-from kvflow.bench.metrics import save_result  # noqa: E402
+from kvflow.bench.metrics import machine_header, save_result  # noqa: E402
 from kvflow.bench.serve import BenchConfig, load_tokenizer, run_benchmark  # noqa: E402
 from kvflow.platform import capabilities, describe  # noqa: E402
 
@@ -388,9 +387,7 @@ def main() -> int:
                                chat=args.endpoint == "/v1/chat/completions")
     prompt_tokens = sum(s.prompt_len for s in specs)
 
-    print(f"machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-          f"python {platform.python_version()}, load average {os.getloadavg()[0]:.2f} at start")
-    print(f"cpu: {describe(with_torch=False)}")
+    print(machine_header())
     print(f"model: {os.path.basename(model)}; {args.replicas} replicas x {args.replica_cpus:g} CPU")
     print(f"workload: multitenant on {args.endpoint}{' (--quick)' if args.quick else ''}: {args.tenants} tenants, "
           f"{args.num_sessions} sessions x {args.turns} turns = {len(specs)} requests, {prompt_tokens} prompt "

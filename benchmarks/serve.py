@@ -26,7 +26,6 @@ import asyncio
 import json
 import math
 import os
-import platform
 import shlex
 import socket
 import subprocess
@@ -35,9 +34,9 @@ import time
 
 import httpx
 
-from kvflow.bench.metrics import plot_result, save_result
+from kvflow.bench.metrics import machine_header, plot_result, save_result
 from kvflow.bench.serve import BenchConfig, build_dataset, load_tokenizer, run_benchmark
-from kvflow.platform import capabilities, describe
+from kvflow.platform import capabilities
 
 SYSTEMS = ("kvflow", "llamacpp")
 EXTRA_BODY = {"kvflow": {}, "llamacpp": {"repeat_penalty": 1.0}}
@@ -172,9 +171,7 @@ def main() -> int:
     longest = max(s.prompt_len + s.output_len for s in specs)
     n_ctx = max(2048, -(-(longest + 64) // 512) * 512)
 
-    print(f"machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-          f"python {platform.python_version()}, load average {os.getloadavg()[0]:.2f} at start")
-    print(f"cpu: {describe(with_torch=False)}")
+    print(machine_header())
     print(f"model: {os.path.basename(model)}")
     print(f"workload: {args.dataset_name} on {args.endpoint}{' (--quick)' if args.quick else ''}: "
           f"{len(specs)} requests, {sum(s.prompt_len for s in specs)} prompt tokens, "

@@ -81,6 +81,17 @@ def format_summary(m: dict) -> str:
     return "\n".join(lines)
 
 
+def machine_header() -> str:
+    """The two lines every serving benchmark prints first: cores, Python and load, then the CPU's flags."""
+    import os
+    import platform
+
+    from kvflow.platform import describe
+    return (f"machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+            f"python {platform.python_version()}, load average {os.getloadavg()[0]:.2f} at start\n"
+            f"cpu: {describe(with_torch=False)}")
+
+
 def save_result(result: dict, path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
