@@ -98,8 +98,21 @@ def test_forced_avx2_variant_is_bit_identical_and_passes_the_kernel_tests(tmp_pa
         assert mine.keys() == theirs.keys()
         for key in mine:
             assert torch.equal(mine[key], theirs[key]), key
-    # the kernels' own tests (tolerances against the PyTorch reference), on the AVX2 build
+    # every kernel's own tests (tolerances against the PyTorch reference) on the AVX2 build: the weight
+    # tiles, and the norms, rotary, KV write, decode attention and activation compiled for AVX2+FMA
     proc = _child("avx2", "import sys, pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', "
-                  "'tests/test_cpu_kernels.py', '-k', 'int4 or int8']))")
+                  "'tests/test_cpu_kernels.py']))")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-1000:]
+
+
+@needs_kernels
+@pytest.mark.skipif(not cpu_info().is_x86, reason="the generic build is x86's fallback without AVX2")
+def test_generic_build_passes_the_kernel_tests_without_weight_tiles():
+    """The plain C++ build (no AVX2, no AVX-512) that other x86 processors get: no weight tiles (PyTorch's
+    int4 path instead), every other kernel within its tolerances."""
+    proc = _child("generic", "import sys, pytest, kvflow.kernels as k; assert k.load_ops().weight_tiles() == "
+                  "'none'; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_cpu_kernels.py', "
+                  "'-k', 'not int4 and not int8']))")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout, proc.stdout[-1000:]
