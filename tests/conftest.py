@@ -164,8 +164,9 @@ def random_prompts(lengths, vocab=400, seed=0) -> list[list[int]]:
 def ray_address():
     """Start Ray once for the whole session, on 127.0.0.1; its GCS address (servers in tests join it)."""
     ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():            # 4 logical CPUs: the two replicas of a test, and a restart's
+        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
                  logging_level="WARNING")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

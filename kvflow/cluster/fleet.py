@@ -30,6 +30,7 @@ def connect_ray(address: str | None, num_cpus: float):
     """Join the Ray cluster at `address` (auto or HOST:PORT), or start a local one with `num_cpus` CPUs,
     bound to 127.0.0.1 (a multi-machine cluster is started with `ray start` and joined by address); nothing
     when this process is already connected (a test session's cluster, a Ray job)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")     # nothing leaves the machine
     import ray
     if ray.is_initialized():
         return ray
