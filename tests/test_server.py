@@ -110,6 +110,8 @@ def test_chat_streaming_equals_whole(client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == msg.content
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    # the same prompt a second time: its full blocks come from the prefix cache, and the stream says so
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (whole.usage.prompt_tokens - 1) // 16 * 16
 
 
 def test_n_seed_and_vllm_extras(client):

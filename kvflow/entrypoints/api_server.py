@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kvflow import __version__
 from kvflow.engine.async_llm import AsyncLLM, EngineDeadError, EngineRestartingError, QueueFullError
 from kvflow.entrypoints import protocol as P
-from kvflow.entrypoints import routes_chat, routes_completions, routes_misc, routes_responses
+from kvflow.entrypoints import routes_chat, routes_completions, routes_misc, routes_responses, routes_web
 from kvflow.entrypoints.metrics import ServerMetrics
 from kvflow.entrypoints.responses import error_response
 from kvflow.entrypoints.serving import ClientDisconnected, Serving
@@ -64,6 +64,8 @@ def build_app(engine: AsyncLLM, model_name: str, metrics: ServerMetrics, api_key
         v1.include_router(router)
     app.include_router(routes_misc.router)
     app.include_router(routes_misc.keyed_router, dependencies=[Depends(check_api_key)])
+    app.include_router(routes_web.router)        # the web page (GET /, /ui/*) and its GET /stats, keyed
+    app.include_router(routes_web.keyed_router, dependencies=[Depends(check_api_key)])
     app.include_router(v1)
     return app
 
@@ -166,6 +168,7 @@ async def serve(engine_config, host: str = "127.0.0.1", port: int = 8000, api_ke
         signal.signal(sig, lambda *_: None)
     where = f"engine core pid {engine.proc.pid}" if engine.proc is not None else f"{engine.num_replicas} replicas on Ray"
     print(f"kvflow: serving {name} on http://{host}:{port} ({where})", flush=True)
+    print(f"kvflow: web page (chat playground, engine dashboard) at {routes_web.page_url(host, port)}", flush=True)
     cutter = asyncio.create_task(cut_at_deadline(server, app.state.serving, drain_timeout))
     stopper = asyncio.create_task(exit_when_engine_gives_up(server, engine))
     try:

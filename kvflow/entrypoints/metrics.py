@@ -4,6 +4,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from kvflow.engine.wire import EngineStats
+from kvflow.entrypoints.request_log import RequestLog
 from kvflow.outputs import RequestOutput
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -80,6 +81,7 @@ class ServerMetrics:
             ("seconds", "router_seconds", "Time the router spent placing them, prompt hashing included"),
             ("resumed", "router_resumed_requests", "Requests resumed on another replica after theirs died"),
             ("migrations", "router_migrations", "Running requests moved to another replica with their KV"))}
+        self.recent = RequestLog()      # the web page's timeline, latency charts and token rates (GET /stats)
 
     def record_stats(self, s: EngineStats) -> None:
         self.running.set(s.num_running)
@@ -104,6 +106,7 @@ class ServerMetrics:
 
     def record_output(self, out: RequestOutput) -> None:
         """A finished request: token counters and its latencies."""
+        self.recent.record(out)
         self.prompt_tokens.inc(len(out.prompt_token_ids))
         num_tokens = [len(c.token_ids) for c in out.outputs]
         self.generation_tokens.inc(sum(num_tokens))

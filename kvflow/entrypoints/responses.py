@@ -190,7 +190,10 @@ class _Context:
         continuous = self.req.stream_options is not None and self.req.stream_options.continuous_usage_stats
         async for chunk in self.first_chunks():
             yield chunk
+        cached: dict[int, int] = {}             # per prompt: its prefix-cache hit (final usage)
         async for i, out in outputs:
+            cached[i] = max(out.num_cached_tokens, 0)
+            self.cached_tokens = sum(cached.values())
             choices = []
             for comp in out.outputs:
                 k = i * self.n + comp.index
