@@ -81,7 +81,8 @@ def _plain(x):
 async def stats(serving: ServingDep):
     """The dashboard's numbers, read-only: the engine's latest EngineStats (with the prefix-cache hit
     rate), its health, token rates, TTFT / TPOT of the last minutes and the last requests' timeline
-    (times in seconds relative to now), and `replicas` (one entry per replica when there are many)."""
+    (times in seconds relative to now), and with many replicas `replicas` (one entry each) and `router`
+    (its policy, decisions, mean cost, resumes, migrations and its last choices)."""
     engine = serving.engine
     s = engine.stats
     health = "ok" if engine.is_healthy else "restarting" if engine.fatal is None else "dead"
@@ -92,5 +93,6 @@ async def stats(serving: ServingDep):
                    s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0},
         **serving.metrics.recent.snapshot(),
         "replicas": _plain(list(getattr(engine, "replica_stats", None) or [])),
+        "router": _plain(getattr(engine, "router_stats", None)),   # its policy, cost, recent choices
     }
     return JSONResponse(body, headers={"Cache-Control": "no-store"})

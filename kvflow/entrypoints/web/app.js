@@ -316,13 +316,24 @@ function updateStats(s) {
   $("replicas-box").hidden = replicas.length === 0;
   if (replicas.length) {
     const cols = [["index", "Replica", String], ["healthy", "Healthy", (v) => (v ? "yes" : "no")],
-                  ["num_running", "Running", String], ["num_waiting", "Waiting", String],
-                  ["kv_cache_usage", "KV used", pct], ["num_preemptions", "Preemptions", String]];
+                  ["num_assigned", "Routed here", String], ["num_running", "Running", String],
+                  ["num_waiting", "Waiting", String], ["kv_cache_usage", "KV used", pct],
+                  ["prefix_cache_hits", "Prefix hits", (v) => String(v)],
+                  ["num_preemptions", "Preemptions", String], ["restarts", "Restarts", String]];
     const head = document.createElement("tr");
     for (const [, title] of cols) { const th = document.createElement("th"); th.textContent = title; head.append(th); }
     $("replicas").tHead.replaceChildren(head);
     fillTable($("replicas").tBodies[0], replicas.map((r) =>
       cols.map(([key, , f]) => (r[key] === undefined || r[key] === null ? "–" : f(r[key])))));
+  }
+  const router = s.router;
+  $("router-box").hidden = !router;
+  if (router) {
+    $("router-summary").textContent = router.policy + ": " + router.decisions + " decisions, " +
+      router.mean_us.toFixed(0) + " µs each; " + router.resumed + " resumed after a replica died, " +
+      router.migrations + " migrated";
+    fillTable($("router").tBodies[0], router.recent.slice().reverse().map((c) =>
+      [c.request_id, "replica " + c.replica, (s.time - c.time).toFixed(1) + " s ago"]));
   }
 
   const reqs = (s.requests || []).slice(-15).reverse();
