@@ -3,15 +3,22 @@ beside llama.cpp's prompt-lookup decoding, in one run on the default model (gree
 
   - copying: edit a given piece of code or text (rename, fix, reformat): the answer repeats most of the
     input, which is where n-gram (prompt lookup) drafts are accepted;
-  - open chat: questions whose answers share little with the prompt: drafts are rarely found, and the
+  - open chat: questions whose answers share little with the prompt: n-gram drafts are rarely found, and the
     adaptive rule must keep speculation from costing time.
 
-kvflow is measured one request at a time (batch 1) and with the batch sent at once (batch 8), without
-speculation and with the n-gram proposer; llama.cpp (llama-cpp-python, `LlamaPromptLookupDecoding`) one
-request at a time. Reported: generated tok/s, speed-up, drafts accepted / proposed, the mean accepted length
-per verification, and how many outputs are token-for-token identical to the run without speculation.
+Proposers (--methods): `ngram` (prompt lookup); `draft_model` with the default model's own GGUF file kept in
+its Q4_1 blocks (`quantization: "gguf"`) as the draft of the same file dequantized to bf16: self-speculation
+with a quantized copy (same tokenizer, about 3.4x cheaper batch-1 decode); `layer_skip` (the target's first
+--layers layers, default a quarter, and its head).
 
-    .venv/bin/python benchmarks/spec_decode.py [--max-tokens 192] [--k 4] [--peers llamacpp|none]
+kvflow is measured one request at a time (batch 1) and with the batch sent at once (batch 8), without
+speculation and with each proposer; llama.cpp (llama-cpp-python, `LlamaPromptLookupDecoding`) one request
+at a time. Reported: generated tok/s, speed-up, drafts accepted / proposed, the mean accepted length per
+verification, and how many outputs are token-for-token identical to the run without speculation (bf16: a
+verification's k + 1 rows may round differently from a one-row decode, so near-ties can flip).
+
+    .venv/bin/python benchmarks/spec_decode.py [--max-tokens 192] [--k 4] [--methods ngram,draft_model,layer_skip]
+        [--batches 1,8] [--prompts N] [--rounds 3] [--peers llamacpp|none]
 """
 from __future__ import annotations
 
@@ -68,29 +75,38 @@ def chat_prompts(llm: LLM, asks: list[str]) -> list[str]:
     return [tok.apply_chat_template([{"role": "user", "content": a}], add_generation_prompt=True) for a in asks]
 
 
-def run(llm: LLM, prompts: list[str], max_tokens: int, batch: bool) -> dict:
+def run(llm: LLM, prompts: list[str], max_tokens: int, batch: int) -> dict:
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     t0 = time.perf_counter()
-    if batch:
-        outs = llm.generate(prompts, params, use_tqdm=False)
-    else:
-        outs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+    outs = []
+    for i in range(0, len(prompts), batch):
+        outs += llm.generate(prompts[i:i + batch], params, use_tqdm=False)
     wall = time.perf_counter() - t0
     n = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"wall_s": wall, "tokens": n, "tok_s": n / wall, "ids": [o.outputs[0].token_ids for o in outs]}
 
 
-def kvflow_runs(model: str, workloads: dict, max_tokens: int, k: int, rounds: int) -> dict:
-    """Both engines loaded side by side, their rounds interleaved (drift on a shared machine hits both);
-    the best round of each is kept."""
-    llms = {name: LLM(model=model, num_threads=2, speculative_config=cfg)
-            for name, cfg in (("off", None), ("ngram", {"method": "ngram", "num_speculative_tokens": k}))}
+def spec_config(method: str, model: str, k: int, layers: int | None) -> dict:
+    if method == "draft_model":          # self-speculation with a quantized copy: the same GGUF, its Q4_1 kept
+        return {"method": "draft_model", "model": model, "quantization": "gguf", "num_speculative_tokens": k}
+    if method == "layer_skip":
+        return {"method": "layer_skip", "num_layers": layers, "num_speculative_tokens": k}
+    return {"method": method, "num_speculative_tokens": k}
+
+
+def kvflow_runs(model: str, workloads: dict, max_tokens: int, k: int, rounds: int, methods: list[str],
+                batches: list[int], layers: int | None) -> dict:
+    """Every engine loaded side by side, their rounds interleaved (drift on a shared machine hits all of them);
+    the best round of each is kept. Batch b: the prompts sent b at a time."""
+    llms = {"off": LLM(model=model, num_threads=2)}
+    for m in methods:
+        llms[m] = LLM(model=model, num_threads=2, speculative_config=spec_config(m, model, k, layers))
     res = {}
     for wname, asks in workloads.items():
         prompts = chat_prompts(llms["off"], asks)
         for llm in llms.values():
-            run(llm, prompts[:2], 16, True)                       # warm
-        for batch in (False, True):
+            run(llm, prompts[:2], 16, 2)                          # warm
+        for batch in batches:
             runs = {name: [] for name in llms}
             for _ in range(rounds):
                 for name, llm in llms.items():
@@ -133,28 +149,39 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=192)
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens (and llama.cpp's num_pred_tokens)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--methods", default="ngram", help="comma-separated: ngram, draft_model, layer_skip")
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (prompts sent at once)")
+    ap.add_argument("--prompts", type=int, default=0, help="the first N prompts of each workload (0: all 8)")
+    ap.add_argument("--layers", type=int, default=None, help="layer_skip's num_layers (default: a quarter)")
     ap.add_argument("--peers", default="llamacpp")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "spec_decode.json"))
     args = ap.parse_args(argv)
     from kvflow.config import default_model_path
     from kvflow.platform import cpu_info
     model = default_model_path()
-    workloads = {"copying": copying_tasks(), "open chat": CHAT}
-    print(f"machine: {cpu_info().summary()}; Python {platform.python_version()}")
-    kv = kvflow_runs(model, workloads, args.max_tokens, args.k, args.rounds)
+    methods = [m for m in args.methods.split(",") if m]
+    batches = [int(b) for b in args.batches.split(",")]
+    n = args.prompts or None
+    workloads = {"copying": copying_tasks()[:n], "open chat": CHAT[:n]}
+    print(f"machine: {cpu_info().summary()}; Python {platform.python_version()}; load average "
+          f"{open('/proc/loadavg').read().split()[:3]}")
+    kv = kvflow_runs(model, workloads, args.max_tokens, args.k, args.rounds, methods, batches, args.layers)
     rows, out = [], {"machine": cpu_info().summary(), "k": args.k, "max_tokens": args.max_tokens, "kvflow": {}}
     for w in workloads:
-        for batch in (False, True):
-            off, on = kv[("off", w, batch)], kv[("ngram", w, batch)]
-            same = sum(a == b for a, b in zip(off["ids"], on["ids"]))
-            acc = on["accepted"] / on["drafts"] if on["drafts"] else 0.0
-            mean_len = on["accepted"] / on["verifications"] if on["verifications"] else 0.0
-            label = f"kvflow {w}, batch {'8' if batch else '1'}"
-            rows.append(f"| {label} | {off['tok_s']:.1f} | {on['tok_s']:.1f} | {on['tok_s'] / off['tok_s']:.2f}x | "
-                        f"{on['accepted']}/{on['drafts']} ({100 * acc:.0f}%) | {mean_len:.2f} | "
-                        f"{same}/{len(off['ids'])} |")
-            out["kvflow"][label] = {"off_tok_s": off["tok_s"], "ngram_tok_s": on["tok_s"], "accepted": on["accepted"],
-                                    "drafts": on["drafts"], "verifications": on["verifications"], "identical": same}
+        for batch in batches:
+            off = kv[("off", w, batch)]
+            label = f"kvflow {w}, batch {batch}"
+            out["kvflow"][label] = {"off_tok_s": off["tok_s"]}
+            for m in methods:
+                on = kv[(m, w, batch)]
+                same = sum(a == b for a, b in zip(off["ids"], on["ids"]))
+                acc = on["accepted"] / on["drafts"] if on["drafts"] else 0.0
+                mean_len = on["accepted"] / on["verifications"] if on["verifications"] else 0.0
+                rows.append(f"| {label} | {m} | {off['tok_s']:.1f} | {on['tok_s']:.1f} | "
+                            f"{on['tok_s'] / off['tok_s']:.2f}x | {on['accepted']}/{on['drafts']} ({100 * acc:.0f}%) | "
+                            f"{mean_len:.2f} | {same}/{len(off['ids'])} |")
+                out["kvflow"][label][m] = {"tok_s": on["tok_s"], "accepted": on["accepted"], "drafts": on["drafts"],
+                                           "verifications": on["verifications"], "identical": same}
     if "llamacpp" in args.peers:
         lc = llamacpp_runs(model, workloads, args.max_tokens, args.k)
         out["llamacpp"] = {}
@@ -162,12 +189,14 @@ def main(argv=None) -> int:
             off, on = lc[("off", w)], lc[("prompt lookup", w)]
             same = sum(a == b for a, b in zip(off["texts"], on["texts"]))
             label = f"llama.cpp {lc['version']} {w}, batch 1"
-            rows.append(f"| {label} | {off['tok_s']:.1f} | {on['tok_s']:.1f} | {on['tok_s'] / off['tok_s']:.2f}x | "
-                        f"n/a | n/a | {same}/{len(off['texts'])} |")
+            rows.append(f"| {label} | prompt lookup | {off['tok_s']:.1f} | {on['tok_s']:.1f} | "
+                        f"{on['tok_s'] / off['tok_s']:.2f}x | n/a | n/a | {same}/{len(off['texts'])} |")
             out["llamacpp"][label] = {"off_tok_s": off["tok_s"], "lookup_tok_s": on["tok_s"], "identical": same}
-    print(f"\n| run | no speculation tok/s | n-gram k={args.k} tok/s | speed-up | drafts accepted | "
-          f"accepted per verification | identical outputs |\n|---|---|---|---|---|---|---|")
+    out["load_average"] = open("/proc/loadavg").read().split()[:3]
+    print(f"\n| run | proposer (k={args.k}) | no speculation tok/s | with it tok/s | speed-up | drafts accepted | "
+          f"accepted per verification | identical outputs |\n|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
+    print(f"load average after: {out['load_average']}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)

@@ -99,3 +99,5 @@ class RunnerOutput:
     prompt_hidden: dict[str, list[float]] = field(default_factory=dict)
     # speculative decoding: the drafts proposed after this step's tokens, to verify in the next step
     draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    draft_seconds: float = 0.0        # ... the proposer's time this step (inside the step's time)
+    draft_tokens: int = 0             # ... and the draft tokens it was asked for

@@ -99,6 +99,7 @@ class EngineCore:
         if cfg.speculative.parsed is not None:
             from kvflow.spec.base import make_proposer
             runner.proposer = make_proposer(cfg.speculative.parsed, runner)
+            runner.proposer.token_budget = sc.max_num_batched_tokens
         logger.info("loaded %s (%s, %s) in %.1fs; KV cache: %d blocks of %d tokens", rc.model_path,
                     rc.arch.model_type, rc.dtype, time.perf_counter() - t0, rc.num_kv_blocks, bs)
         return cls(runner, scheduler, structured_manager(rc, reader, grammars))
@@ -148,6 +149,9 @@ class EngineCore:
         t0 = time.perf_counter()
         result = self.runner.execute(sched)
         seconds = time.perf_counter() - t0
+        if self.scheduler.spec is not None and result.draft_tokens:     # the proposer's part of the step
+            self.scheduler.spec.observe_draft(result.draft_seconds, result.draft_tokens)
+            seconds -= result.draft_seconds
         self.scheduler.record_step(sched, seconds)
         num_tokens, cost = sched.num_scheduled_tokens, self.scheduler.cost
         if num_tokens >= 4 * len(sched) and num_tokens >= 64:   # mostly prefill: refine the estimate

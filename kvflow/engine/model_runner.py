@@ -52,25 +52,45 @@ class StepInputs:
     prompt_logprob_rows: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
+@dataclass
+class Segment:
+    """One request's tokens in a forward pass: token_ids at positions start.., their K/V written (and the
+    context read) through the request's block table."""
+    token_ids: list[int]
+    start: int
+    table: np.ndarray
+    as_decodes: bool = False     # one decode row per token (each attends up to its own position); these come first
+    num_logits: int = 0          # the rows of its last num_logits tokens are wanted for logits
+
+
+def attach_kv_cache(model, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: str,
+                    kv_cache_dtype: str = "auto") -> tuple[list, list, list, list]:
+    """A paged KV cache for `model`, bound to its attention layers: (k caches, v caches, k scales, v scales),
+    one tensor per layer, indexed by block id on dim 0."""
+    shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    cache_dtype = torch.int8 if kv_cache_dtype == "int8" else dtype
+    # zero-initialised: padded reads of unused slots must be finite (they are masked out)
+    k_caches = [torch.zeros(shape, dtype=cache_dtype, device=device) for _ in range(cfg.num_layers)]
+    v_caches = [torch.zeros(shape, dtype=cache_dtype, device=device) for _ in range(cfg.num_layers)]
+    # int8: one scale per (slot, kv head) for K and for V, in the compute dtype (attention/cpu.py)
+    k_scales: list[torch.Tensor] = []
+    v_scales: list[torch.Tensor] = []
+    if kv_cache_dtype == "int8":
+        k_scales = [torch.zeros(shape[:3], dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        v_scales = [torch.zeros(shape[:3], dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+    for i, (layer, k, v) in enumerate(zip(model.layers, k_caches, v_caches)):
+        layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
+        if k_scales:
+            layer.self_attn.k_scale, layer.self_attn.v_scale = k_scales[i], v_scales[i]
+    return k_caches, v_caches, k_scales, v_scales
+
+
 class ModelRunner:
     def __init__(self, model, cfg: ModelConfig, dtype: torch.dtype, device: str,
                  num_blocks: int, block_size: int, kv_cache_dtype: str = "auto"):
-        self.model, self.cfg, self.device, self.block_size = model, cfg, device, block_size
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        cache_dtype = torch.int8 if kv_cache_dtype == "int8" else dtype
-        # zero-initialised: padded reads of unused slots must be finite (they are masked out)
-        self.k_caches = [torch.zeros(shape, dtype=cache_dtype, device=device) for _ in range(cfg.num_layers)]
-        self.v_caches = [torch.zeros(shape, dtype=cache_dtype, device=device) for _ in range(cfg.num_layers)]
-        # int8: one scale per (slot, kv head) for K and for V, in the compute dtype (attention/cpu.py)
-        self.k_scales: list[torch.Tensor] = []
-        self.v_scales: list[torch.Tensor] = []
-        if kv_cache_dtype == "int8":
-            self.k_scales = [torch.zeros(shape[:3], dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-            self.v_scales = [torch.zeros(shape[:3], dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        for i, (layer, k, v) in enumerate(zip(model.layers, self.k_caches, self.v_caches)):
-            layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
-            if self.k_scales:
-                layer.self_attn.k_scale, layer.self_attn.v_scale = self.k_scales[i], self.v_scales[i]
+        self.model, self.cfg, self.device, self.block_size, self.dtype = model, cfg, device, block_size, dtype
+        self.k_caches, self.v_caches, self.k_scales, self.v_scales = attach_kv_cache(
+            model, cfg, num_blocks, block_size, dtype, device, kv_cache_dtype)
         expose_submodules(model)
         self.sampler = Sampler()
         self.requests: dict[str, RunnerRequest] = {}
@@ -133,6 +153,8 @@ class ModelRunner:
     def _update_states(self, sched: SchedulerOutput) -> None:
         for rid in sched.finished_req_ids:
             self.requests.pop(rid, None)
+            if self.proposer is not None:
+                self.proposer.forget(rid)
         for new in sched.new_requests:
             gen = None
             if new.params.seed is not None:      # its own stream, on the runner's device
@@ -148,44 +170,60 @@ class ModelRunner:
             state.token_ids.extend(s.token_ids)
 
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
-        bs, dev = self.block_size, self.device
         scheduled = sched.scheduled
         # one-token rows first; a request verifying k drafts (its last token and the drafts) is k + 1 of them,
         # each attending up to its own position: the step's K/V are written before attention reads the cache
         as_decodes = [s.num_new_tokens == 1 + s.num_spec_tokens for s in scheduled]
         order = sorted(range(len(scheduled)), key=lambda i: not as_decodes[i])
-        ids: list[int] = []
-        positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
-        decode_tables, decode_lens, prefills, logits_indices, sampling, prompt_rows = [], [], [], [], [], []
+        segments, sampling = [], []
         for i in order:
             s = scheduled[i]
-            state = self.requests[s.req_id]
-            start, n = s.num_computed_tokens, s.num_new_tokens
-            ctx_len = start + n
-            table = state.block_ids
-            pos = np.arange(start, ctx_len, dtype=np.int64)
-            flat_start = len(ids)
-            ids.extend(s.token_ids)
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            if as_decodes[i]:
-                decode_tables += [table] * n
-                decode_lens += range(start + 1, ctx_len + 1)
-            elif start == 0:
-                prefills.append(PrefillSeq(flat_start, n, ctx_len, None, None))
-            else:                      # part of its context is cached: attend to it through the blocks
-                mask = torch.arange(ctx_len).unsqueeze(0) <= torch.arange(start, ctx_len).unsqueeze(1)
-                prefills.append(PrefillSeq(flat_start, n, ctx_len, torch.from_numpy(table[:-(-ctx_len // bs)]).to(dev),
-                                           mask.to(dev)))
-            if s.sample:                 # the last position, and the k before it when it verifies k drafts
-                logits_indices.extend(range(len(ids) - 1 - s.num_spec_tokens, len(ids)))
+            # the last position samples, and the k before it when it verifies k drafts
+            segments.append(Segment(s.token_ids, s.num_computed_tokens, self.requests[s.req_id].block_ids,
+                                    as_decodes[i], 1 + s.num_spec_tokens if s.sample else 0))
+            if s.sample:
                 sampling.append(i)
+        ids, positions, attn, logits_indices, flat_starts = self.build_inputs(segments)
+        prompt_rows = []
+        for i, flat_start in zip(order, flat_starts):
+            s, state = scheduled[i], self.requests[scheduled[i].req_id]
             if state.params.prompt_logprobs is not None and state.num_prompt_logprobs < state.prompt_len:
                 # positions whose next token is a prompt token not yet covered
+                start, ctx_len = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
                 lo, hi = max(start, state.num_prompt_logprobs - 1), min(ctx_len, state.prompt_len - 1)
                 if hi > lo:
                     prompt_rows.append((i, flat_start + lo - start, hi - lo, lo))
+        return StepInputs(ids, positions, attn, logits_indices, sampling, prompt_rows)
+
+    def build_inputs(self, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
+                                                              torch.Tensor, list[int]]:
+        """The flat batch of `segments` (decode segments first): (input ids, positions, attention metadata,
+        the rows wanted for logits, each segment's first row). The target's step and a draft's share it."""
+        bs, dev = self.block_size, self.device
+        ids: list[int] = []
+        positions: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
+        decode_tables, decode_lens, prefills, logits_indices, flat_starts = [], [], [], [], []
+        for seg in segments:
+            start, n = seg.start, len(seg.token_ids)
+            ctx_len, table = start + n, seg.table
+            pos = np.arange(start, ctx_len, dtype=np.int64)
+            flat_starts.append(len(ids))
+            ids.extend(seg.token_ids)
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            if seg.as_decodes:
+                assert not prefills, "decode segments come first"
+                decode_tables += [table] * n
+                decode_lens += range(start + 1, ctx_len + 1)
+            elif start == 0:
+                prefills.append(PrefillSeq(flat_starts[-1], n, ctx_len, None, None))
+            else:                      # part of its context is cached: attend to it through the blocks
+                mask = torch.arange(ctx_len).unsqueeze(0) <= torch.arange(start, ctx_len).unsqueeze(1)
+                prefills.append(PrefillSeq(flat_starts[-1], n, ctx_len,
+                                           torch.from_numpy(table[:-(-ctx_len // bs)]).to(dev), mask.to(dev)))
+            if seg.num_logits:
+                logits_indices.extend(range(len(ids) - seg.num_logits, len(ids)))
         nd = len(decode_tables)
         decode_bt = decode_lens_t = None
         if nd:
@@ -198,8 +236,8 @@ class ModelRunner:
         attn = AttentionMetadata(
             slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
             num_decodes=nd, decode_block_tables=decode_bt, decode_context_lens=decode_lens_t, prefills=prefills)
-        return StepInputs(torch.tensor(ids, device=dev), torch.from_numpy(np.concatenate(positions)).to(dev), attn,
-                          torch.tensor(logits_indices, dtype=torch.int64, device=dev), sampling, prompt_rows)
+        return (torch.tensor(ids, device=dev), torch.from_numpy(np.concatenate(positions)).to(dev), attn,
+                torch.tensor(logits_indices, dtype=torch.int64, device=dev), flat_starts)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
@@ -288,7 +326,10 @@ class ModelRunner:
             known = r.token_ids[:s.num_computed_tokens + s.num_new_tokens - s.num_spec_tokens]
             asks.append(DraftRequest(s.req_id, known + out.sampled_token_ids[i], s.num_draft_tokens))
         if asks:
-            for a, drafts in zip(asks, self.proposer.propose(asks)):
+            t0 = time.perf_counter()
+            proposed = self.proposer.propose(asks)
+            out.draft_seconds, out.draft_tokens = time.perf_counter() - t0, sum(a.num_tokens for a in asks)
+            for a, drafts in zip(asks, proposed):
                 if drafts:
                     out.draft_token_ids[a.req_id] = drafts
 

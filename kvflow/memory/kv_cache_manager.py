@@ -194,14 +194,17 @@ class KVCacheManager:
 
     # ---- allocation -------------------------------------------------------------------------------------------
 
-    def allocate_slots(self, req: Request, num_new_tokens: int, computed: list[Block] = ()) -> bool:
-        """Make room for num_new_tokens more tokens (after `computed` prefix hits). False when blocks are short.
+    def allocate_slots(self, req: Request, num_new_tokens: int, computed: list[Block] = (),
+                       lookahead: int = 0) -> bool:
+        """Make room for num_new_tokens more tokens (after `computed` prefix hits), and `lookahead` slots past
+        them (where a draft model writes the KV of its drafts: vLLM's num_lookahead_tokens). False when blocks
+        are short.
 
         Copy-on-write: if the block the new tokens start in is shared (a forked sample's prompt tail), the
         request gets its own copy of it first."""
         rid = req.request_id
         table = self.tables.setdefault(rid, [])
-        total = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
+        total = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens + lookahead
         num_needed = -(-total // self.block_size) - len(table) - len(computed)
         num_revived = sum(1 for b in computed if b.ref_count == 0)   # cached blocks taken off the free queue
         i = req.num_computed_tokens // self.block_size
@@ -254,10 +257,11 @@ class KVCacheManager:
     def swap_in(self, req: Request, num_new_tokens: int, background: bool = False) -> bool:
         """Bring a swapped request's blocks back, with room for num_new_tokens more (False if short).
         `background`: the copy runs beside the next step (the request must not compute before the step after)."""
-        need = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size)
+        host = self.swapped[req.request_id]          # (it may hold lookahead blocks past the computed tokens)
+        need = max(-(-(req.num_computed_tokens + num_new_tokens) // self.block_size), len(host))
         if need > self.pool.num_free:
             return False
-        host = self.swapped.pop(req.request_id)
+        del self.swapped[req.request_id]
         dev = self._allocate(need)
         op = self.swap.load_op([h.block_id for h in host], [d.block_id for d in dev[:len(host)]])
         if background:

@@ -233,9 +233,11 @@ class Scheduler:
         if rid in self._unsent:
             self._unsent.discard(rid)
             out.new_requests.append(NewRequestData(rid, req.prompt_token_ids, req.params, sorted(req.stop_ids)))
-        block_ids, replaced = self.kv.block_update(rid)
         sample = end == req.num_tokens_with_spec
         draft = self.spec.draft_len(rid, len(self.running)) if self.spec and sample else 0
+        if draft and self.spec.lookahead and not self.kv.allocate_slots(req, num_new, lookahead=draft):
+            draft = 0                  # no free block for the drafts' KV: no drafts (never a preemption for them)
+        block_ids, replaced = self.kv.block_update(rid)
         out.scheduled.append(ScheduledRequest(rid, start, tokens, block_ids, replaced, sample,
                                               len(req.spec_token_ids) if sample else 0, num_draft_tokens=draft))
 

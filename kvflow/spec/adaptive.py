@@ -31,9 +31,12 @@ class _Acceptance:
 class SpecController:
     def __init__(self, config: SpeculativeConfig, step_time=None):
         self.k, self.adaptive, self.step_time = config.num_speculative_tokens, config.adaptive, step_time
+        self.lookahead = config.lookahead     # the proposer writes KV at the drafted positions: allocate slots
         self.stats: dict[str, _Acceptance] = {}
         self.num_proposed = self.num_accepted = self.num_verifications = 0
         self.rate = 0.5                   # all requests' acceptance rate (the batch rule's)
+        self.draft_s_per_token = 0.0      # the proposer's measured seconds per draft token asked (EMA)
+        self._drafts_seen = False
         self._context = 0                 # this step's: the running requests' tokens
         self._pays: dict[int, bool] = {}  # this step's batch rule, by batch size
 
@@ -79,15 +82,27 @@ class SpecController:
         if a.verifications >= MIN_VERIFICATIONS and a.rate < MIN_RATE:
             a.pause = PAUSE_STEPS
 
+    def observe_draft(self, seconds: float, tokens: int) -> None:
+        """The proposer took `seconds` to draft `tokens` (a draft model's forwards; next to nothing for
+        ngram): the batch rule adds that cost to a verification's."""
+        if tokens > 0:
+            sample = seconds / tokens
+            self.draft_s_per_token += (sample - self.draft_s_per_token) * (1.0 if not self._drafts_seen else 0.2)
+            self._drafts_seen = True
+
     def batch_pays(self, batch_size: int, context: int) -> bool:
-        """Whether verifying drafts for a batch this size is predicted to emit tokens faster than decoding."""
+        """Whether verifying drafts for a batch this size is predicted to emit tokens faster than decoding:
+        the verification's k + 1 decode rows per request, plus the proposer's time for k drafts each (as
+        measured per draft token, at whatever batch sizes it drafted: a batched draft costs less per token,
+        so this errs toward stepping aside)."""
         model = self.step_time
         if model is None or not model.ready or batch_size <= 1:
             return True
         k, a = self.k, min(self.rate, 0.999)
         expected = 1 + sum(a ** i for i in range(1, k + 1))          # tokens a verification emits
         plain = model.predict(batch_size, 0, context) / batch_size      # a verification is k + 1 decode rows
-        spec = model.predict(batch_size * (k + 1), 0, context * (k + 1)) / (batch_size * expected)
+        verify = model.predict(batch_size * (k + 1), 0, context * (k + 1))
+        spec = (verify + batch_size * k * self.draft_s_per_token) / (batch_size * expected)
         return spec < plain
 
     def forget(self, request_id: str) -> None:

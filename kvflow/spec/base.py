@@ -21,6 +21,7 @@ class DraftRequest:
 
 class Proposer(ABC):
     name = ""
+    token_budget = 2048     # tokens a proposer's own model may compute per step (the engine sets its step budget)
 
     def __init__(self, config: SpeculativeConfig, runner):
         self.config, self.runner = config, runner
