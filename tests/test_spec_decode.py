@@ -193,3 +193,21 @@ def test_bad_configs(cfg, field):
 def test_config_from_the_command_line_json():
     c = SpeculativeConfig.parse(json.dumps(NGRAM))
     assert c.method == "ngram" and c.num_speculative_tokens == 4
+
+
+def test_a_request_whose_drafts_keep_failing_pauses_longer_each_time():
+    from kvflow.spec.adaptive import MIN_VERIFICATIONS, PAUSE_STEPS, SpecController
+    from kvflow.spec.config import SpeculativeConfig
+    ctl = SpecController(SpeculativeConfig("ngram", 4))
+    pauses = []
+    for _ in range(3):
+        while ctl.draft_len("r", 1) > 0:           # drafts, every one rejected, until it pauses
+            ctl.observe("r", 4, 0)
+        steps = 1
+        while ctl.draft_len("r", 1) == 0:
+            steps += 1
+        pauses.append(steps)
+    assert pauses == [PAUSE_STEPS, 2 * PAUSE_STEPS, 4 * PAUSE_STEPS]
+    for _ in range(MIN_VERIFICATIONS):             # drafts that are accepted again reset the back-off
+        ctl.observe("r", 4, 4)
+    assert ctl.stats["r"].strikes == 0

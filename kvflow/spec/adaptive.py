@@ -3,7 +3,7 @@
 Per request: the acceptance rate a (each draft position accepted with probability a until the first
 rejection; a running mean over its verifications). It drafts the longest k' <= k whose last draft is still
 accepted with probability a**k' >= MIN_TAIL, and none for PAUSE_STEPS steps once a falls below MIN_RATE
-(then it tries again). Per batch: speculation steps aside when the step-time model (kvflow/scheduler/costs.py,
+(then it tries again; a retry that fails again pauses twice as long). Per batch: speculation steps aside when the step-time model (kvflow/scheduler/costs.py,
 learned from the measured steps) predicts that verifying B * (k + 1) tokens (as many decode rows) costs more
 per emitted token than B plain decodes. No torch.
 """
@@ -17,7 +17,8 @@ from kvflow.spec.config import SpeculativeConfig
 MIN_TAIL = 0.25          # draft while the last draft's chance of acceptance is at least this
 MIN_RATE = 0.2           # below this acceptance rate a request stops drafting for a while
 MIN_VERIFICATIONS = 4    # ... judged after this many verifications
-PAUSE_STEPS = 16
+PAUSE_STEPS = 16         # ... for this many steps, doubled after each failed retry (up to 2**MAX_DOUBLINGS x)
+MAX_DOUBLINGS = 5
 EMA = 0.3
 
 
@@ -26,6 +27,7 @@ class _Acceptance:
     rate: float = 0.5
     verifications: int = 0
     pause: int = 0
+    strikes: int = 0          # pauses in a row without a good rate in between: each one twice as long
 
 
 class SpecController:
@@ -80,7 +82,10 @@ class SpecController:
         a.verifications += 1
         self.rate += 0.05 * (sample - self.rate)
         if a.verifications >= MIN_VERIFICATIONS and a.rate < MIN_RATE:
-            a.pause = PAUSE_STEPS
+            a.pause = PAUSE_STEPS << min(a.strikes, MAX_DOUBLINGS)
+            a.strikes += 1
+        elif a.verifications >= MIN_VERIFICATIONS:
+            a.strikes = 0
 
     def observe_draft(self, seconds: float, tokens: int) -> None:
         """The proposer took `seconds` to draft `tokens` (a draft model's forwards; next to nothing for
