@@ -211,3 +211,6 @@ def test_a_request_whose_drafts_keep_failing_pauses_longer_each_time():
     for _ in range(MIN_VERIFICATIONS):             # drafts that are accepted again reset the back-off
         ctl.observe("r", 4, 4)
     assert ctl.stats["r"].strikes == 0
+    ctl.rate = 0.01                                # a proposer that rarely agrees: new requests start paused
+    ctl.num_verifications = 100
+    assert ctl.draft_len("new", 1) == 0 and ctl.stats["new"].pause == PAUSE_STEPS - 1

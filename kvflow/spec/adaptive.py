@@ -3,7 +3,8 @@
 Per request: the acceptance rate a (each draft position accepted with probability a until the first
 rejection; a running mean over its verifications). It drafts the longest k' <= k whose last draft is still
 accepted with probability a**k' >= MIN_TAIL, and none for PAUSE_STEPS steps once a falls below MIN_RATE
-(then it tries again; a retry that fails again pauses twice as long). Per batch: speculation steps aside when the step-time model (kvflow/scheduler/costs.py,
+(then it retries, judged after 2 verifications; a retry that fails pauses twice as long). When the
+proposer's acceptance over all requests is below MIN_RATE, a new request starts paused. Per batch: speculation steps aside when the step-time model (kvflow/scheduler/costs.py,
 learned from the measured steps) predicts that verifying B * (k + 1) tokens (as many decode rows) costs more
 per emitted token than B plain decodes. No torch.
 """
@@ -19,6 +20,8 @@ MIN_RATE = 0.2           # below this acceptance rate a request stops drafting f
 MIN_VERIFICATIONS = 4    # ... judged after this many verifications
 PAUSE_STEPS = 16         # ... for this many steps, doubled after each failed retry (up to 2**MAX_DOUBLINGS x)
 MAX_DOUBLINGS = 5
+RETRY_VERIFICATIONS = 2  # a retry after a pause is judged after this many verifications,
+RETRY_RATE = 0.3         # ... starting from this acceptance rate
 EMA = 0.3
 
 
@@ -58,11 +61,14 @@ class SpecController:
             return 0
         a = self.stats.get(request_id)
         if a is None:
-            return self.k
+            if self.num_verifications < MIN_VERIFICATIONS * 4 or self.rate >= MIN_RATE:
+                return self.k
+            # the proposer rarely agrees with this model: a new request starts paused, retrying later
+            a = self.stats[request_id] = _Acceptance(pause=PAUSE_STEPS, strikes=1)
         if a.pause > 0:
             a.pause -= 1
-            if a.pause == 0:
-                a.rate, a.verifications = 0.5, 0
+            if a.pause == 0:                       # retry, judged sooner, from a doubtful prior
+                a.rate, a.verifications = RETRY_RATE, 0
             return 0
         if a.rate >= 1.0:
             return self.k
@@ -81,10 +87,11 @@ class SpecController:
         a.rate += EMA * (sample - a.rate)
         a.verifications += 1
         self.rate += 0.05 * (sample - self.rate)
-        if a.verifications >= MIN_VERIFICATIONS and a.rate < MIN_RATE:
+        judged = a.verifications >= (MIN_VERIFICATIONS if a.strikes == 0 else RETRY_VERIFICATIONS)
+        if judged and a.rate < MIN_RATE:
             a.pause = PAUSE_STEPS << min(a.strikes, MAX_DOUBLINGS)
             a.strikes += 1
-        elif a.verifications >= MIN_VERIFICATIONS:
+        elif judged:
             a.strikes = 0
 
     def observe_draft(self, seconds: float, tokens: int) -> None:
