@@ -56,6 +56,7 @@ def warmup_slice(reqs, n=4, max_tokens=16):
 def run_kvflow(model, reqs, dtype, quantization=None):
     from kvflow import LLM, SamplingParams
     llm = LLM(model=model, dtype=dtype, quantization=quantization)
+    print(f"  weights: {llm.engine.resolved.config.model.quantization or 'dequantized'}", flush=True)
 
     def once(rs):
         prompts = [{"prompt_token_ids": p} for p, _ in rs]
@@ -138,8 +139,9 @@ def main():
     ap.add_argument("--model", default=None, help="GGUF file (default: kvflow's default SmolLM2-135M-Instruct)")
     ap.add_argument("--kvflow-dtypes", "--kvflow-dtype", "--dtype", default="auto",
                     help="comma list, one kvflow row each (auto = bfloat16)")
-    ap.add_argument("--kvflow-quantizations", default="none",
-                    help="comma list of none,int8,int4,gguf: one kvflow row per dtype and quantization")
+    ap.add_argument("--kvflow-quantizations", default="auto",
+                    help="comma list of auto (kvflow's default: the GGUF's blocks kept where its int kernels "
+                         "run), none (dequantized), int8, int4, gguf: one kvflow row per dtype and quantization")
     ap.add_argument("--hf-dtypes", "--hf-dtype", default="float32", help="comma list, one HF row each")
     ap.add_argument("--hf-batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
@@ -180,7 +182,7 @@ def main():
         if s == "kvflow":
             for q in args.kvflow_quantizations.split(","):
                 quant = None if q == "none" else q
-                jobs += [("kvflow", d + ("" if quant is None else f", {quant}"),
+                jobs += [("kvflow", d + (", dequantized" if quant is None else f", {quant}"),
                           lambda d=d, quant=quant: run_kvflow(model, reqs, d, quant))
                          for d in args.kvflow_dtypes.split(",")]
         elif s == "hf":

@@ -60,7 +60,7 @@ def test_tiny_model_matches_transformers(tiny_model_dir):
 
 
 def test_default_model_matches_transformers(hf_smollm2):
-    llm = LLM(dtype="float32", max_model_len=128, kv_cache_memory_bytes=32 << 20)
+    llm = LLM(dtype="float32", quantization=None, max_model_len=128, kv_cache_memory_bytes=32 << 20)
     res = perplexity(llm, license_text(), max_length=64, stride=32, num_tokens=256)
     ref, count = hf_perplexity(hf_smollm2, llm.get_tokenizer().encode(license_text())[:256], 64, 32)
     assert res.num_tokens == count == 255 and res.num_windows == 7

@@ -62,7 +62,7 @@ SMOL_TEXTS = ["The capital of France is", "def fibonacci(n):",
 
 
 def test_smollm2_gguf_matches_transformers(hf_smollm2):
-    llm = LLM(dtype="float32")
+    llm = LLM(dtype="float32", quantization=None)        # dequantized, as transformers loads it
     tok = llm.get_tokenizer()
     prompts = [tok.encode(t) for t in SMOL_TEXTS]
     ref = hf_greedy(hf_smollm2, prompts, 16)
@@ -77,7 +77,7 @@ def test_smollm2_hf_folder_matches_its_gguf(smollm2_hf_folder):
     """The same model saved as a Hugging Face folder: same tokens, same text, same chat prompt."""
     params = SamplingParams(temperature=0, max_tokens=12)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    gguf_llm = LLM(dtype="float32")
+    gguf_llm = LLM(dtype="float32", quantization=None)
     ref = gguf_llm.generate(SMOL_TEXTS, params, use_tqdm=False)
     ref_chat = gguf_llm.chat(messages, params, use_tqdm=False)[0]
     del gguf_llm

@@ -122,7 +122,7 @@ def test_prompt_logprobs_validation(bad):
 
 
 def test_default_model_matches_transformers(hf_smollm2):
-    llm = LLM(dtype="float32", max_num_batched_tokens=16)
+    llm = LLM(dtype="float32", quantization=None, max_num_batched_tokens=16)
     tok = llm.get_tokenizer()
     text = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France, and Berlin is the "
             "capital of Germany.")

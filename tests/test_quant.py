@@ -173,7 +173,7 @@ PPL_BOUND = {"int8": 0.02, "int4": 0.02, "gguf": 0.02}
 
 @pytest.fixture(scope="module")
 def reference_llm(default_model_path):
-    return LLM(default_model_path, dtype="float32", max_num_seqs=4, num_kv_blocks=64)
+    return LLM(default_model_path, dtype="float32", quantization=None, max_num_seqs=4, num_kv_blocks=64)
 
 
 @pytest.fixture(scope="module")
@@ -264,4 +264,20 @@ def test_cli_passes_quantization():
     p = argparse.ArgumentParser()
     add_engine_args(p)
     assert engine_kwargs(p.parse_args(["--quantization", "int4"]))["quantization"] == "int4"
-    assert engine_kwargs(p.parse_args([]))["quantization"] is None
+    assert engine_kwargs(p.parse_args([]))["quantization"] == "auto"
+    assert engine_kwargs(p.parse_args(["--quantization", "none"]))["quantization"] == "none"
+
+
+def test_auto_keeps_gguf_blocks_where_the_int_kernels_run(monkeypatch, default_model_path, tiny_model_dir):
+    from kvflow import platform
+    from kvflow.config import EngineConfig, resolve, resolve_quantization
+    for isa, want in (("avx512_vnni", "gguf"), ("avx2", "gguf"), ("generic", None)):
+        monkeypatch.setattr(platform.CPUInfo, "kernel_isa", property(lambda self, isa=isa: isa))
+        assert resolve_quantization("auto", default_model_path, "cpu") == want, isa
+    assert resolve_quantization("auto", default_model_path, "cuda") is None
+    assert resolve_quantization("auto", tiny_model_dir("llama_gqa"), "cpu") is None     # a HF folder
+    assert resolve_quantization("int8", default_model_path, "cpu") == "int8"
+    monkeypatch.setattr(platform.CPUInfo, "kernel_isa", property(lambda self: "avx2"))
+    assert resolve(EngineConfig.from_kwargs()).config.model.quantization == "gguf"
+    assert resolve(EngineConfig.from_kwargs(quantization="none")).config.model.quantization is None
+    assert resolve(EngineConfig.from_kwargs(quantization=None)).config.model.quantization is None
