@@ -1,4 +1,5 @@
-"""Batch-1 decode on the default model: kvflow bf16 (dequantized), int8, int4, gguf-kept, and llama.cpp.
+"""Batch-1 decode on the default model: kvflow dense (dequantized), int8, int4, gguf-kept (kvflow's default
+where its int kernels run), and llama.cpp; kvflow's compute dtype is its auto one (--dtype).
 
 One request, a short prompt, greedy, EOS ignored, `--tokens` generated tokens; the decode rate excludes
 the prompt (timed from the first generated token to the last). All systems are loaded in one process,
@@ -9,7 +10,7 @@ EOS, as kvflow's ignore_eos does not either.
 
 `--agreement` also generates greedily `--agree-prompts` prompts x `--agree-tokens` tokens with each system
 and reports the share of tokens generated before the first difference from kvflow float32 (the GGUF's
-weights dequantized exactly), and from kvflow bfloat16; and, more stable, the teacher-forced top-1
+weights dequantized exactly), and from kvflow dense in --dtype; and, more stable, the teacher-forced top-1
 agreement: how often fp32's greedy token is the system's own top token given fp32's prefix.
 
     .venv/bin/python benchmarks/decode.py                       # the table
@@ -36,8 +37,9 @@ AGREE_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a t
                  "My favourite recipe for pancakes:", "1, 1, 2, 3, 5, 8,", "The quick brown fox",
                  "Q: What is the boiling point of water?\nA:", "Dear hiring manager,", "The history of Rome"]
 
-KVFLOW_MODES = {"bf16": (None, "bfloat16"), "int8": ("int8", "bfloat16"), "int4": ("int4", "bfloat16"),
-                "gguf": ("gguf", "bfloat16")}
+# system name -> kvflow's weights (the compute dtype is --dtype, kvflow's auto by default: bf16 where the CPU
+# multiplies it natively, fp32 elsewhere); "bf16" is the old name of "dense"
+KVFLOW_MODES = {"dense": "none", "bf16": "none", "int8": "int8", "int4": "int4", "gguf": "gguf", "auto": "auto"}
 
 
 def weight_bytes(model) -> int:
@@ -129,7 +131,9 @@ def prefix_agreement(ref, got) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="a .gguf file (default: the default model)")
-    ap.add_argument("--systems", default="bf16,int8,int4,gguf,llamacpp")
+    ap.add_argument("--systems", default="dense,int8,int4,gguf,llamacpp",
+                    help="comma list of dense (dequantized), int8, int4, gguf, auto (kvflow's default), llamacpp")
+    ap.add_argument("--dtype", default="auto", help="kvflow's compute dtype (auto: bf16 where native, else fp32)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--context", type=int, default=0,
                     help="prompt length in tokens: license text in front of the prompt (default: the prompt alone)")
@@ -163,7 +167,7 @@ def main():
             rows.append({"system": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
                          "mode": "GGUF as stored", "weight_mb": os.path.getsize(model) / 1e6})
         else:
-            quant, dtype = KVFLOW_MODES[name]
+            quant, dtype = KVFLOW_MODES[name], args.dtype
             t0 = time.perf_counter()
             engines[name] = LLM(model, dtype=dtype, quantization=quant, max_num_seqs=max(8, args.agree_prompts),
                                 kv_cache_memory_bytes=64 << 20)
@@ -194,7 +198,8 @@ def main():
     for name, row in zip(systems, rows):
         row.update(ms_per_token=best[name] * 1e3, tok_s=1 / best[name])
     if args.agreement:
-        ref_llm = LLM(model, dtype="float32", max_num_seqs=args.agree_prompts, kv_cache_memory_bytes=64 << 20)
+        ref_llm = LLM(model, dtype="float32", quantization="none", max_num_seqs=args.agree_prompts,
+                      kv_cache_memory_bytes=64 << 20)
         agree_ids = [ref_llm.get_tokenizer().encode(p) for p in AGREE_PROMPTS[:args.agree_prompts]]
         tokens_of["fp32"] = kvflow_greedy(ref_llm, agree_ids, args.agree_tokens)
         del ref_llm
@@ -214,8 +219,9 @@ def main():
         if key in tokens_of:
             r["agree_fp32"] = prefix_agreement(tokens_of["fp32"], tokens_of[key])
             r["top1_fp32"] = top1[key]
-            if "bf16" in tokens_of:
-                r["agree_bf16"] = prefix_agreement(tokens_of["bf16"], tokens_of[key])
+            dense = tokens_of.get("dense", tokens_of.get("bf16"))
+            if dense is not None:
+                r["agree_bf16"] = prefix_agreement(dense, tokens_of[key])
     print("\n| system | weights | weight MB | ms/token | tok/s | vs llama.cpp |"
           + (" greedy agreement vs fp32 | vs bf16 | teacher-forced top-1 vs fp32 |" if agree_ids else ""))
     print("|---|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if agree_ids else ""))
