@@ -102,6 +102,35 @@ def chi2(a: np.ndarray, b: np.ndarray) -> float:
     return float((((ka * a - kb * b) ** 2) / (a + b)).sum())
 
 
+def assert_same_distribution(with_spec: np.ndarray, without: np.ndarray, positions) -> None:
+    """Per position, the tokens sampled with and without speculation ([samples, tokens]) come from the same
+    distribution: chi-square over the tokens seen 10 times or more (the rest pooled), 99.9% threshold."""
+    for pos in positions:
+        cats = sorted(set(without[:, pos]) | set(with_spec[:, pos]))
+        a = np.array([(without[:, pos] == c).sum() for c in cats])
+        b = np.array([(with_spec[:, pos] == c).sum() for c in cats])
+        common = (a + b) >= 10
+        a = np.append(a[common], a[~common].sum())
+        b = np.append(b[common], b[~common].sum())
+        df = len(a) - 1
+        assert chi2(a, b) < CHI2_999.get(df, 3 * df + 10), (pos, a, b)
+
+
+def assert_speculation_keeps_the_distribution(model: str, prompt: list, cfg: dict, positions) -> None:
+    """The first three tokens under temperature 1 and top-k 5, 400 seeded samples, without and with `cfg`:
+    the same distribution at `positions`; both accepted and rejected drafts must have happened."""
+    dists = []
+    for c in (None, cfg):
+        llm = LLM(model=model, dtype="float32", block_size=8, speculative_config=c, max_num_seqs=128)
+        out = llm.generate(prompt, SamplingParams(n=400, seed=0, temperature=1.0, top_k=5, max_tokens=3),
+                           use_tqdm=False)[0]
+        dists.append(np.array([o.token_ids for o in out.outputs]))
+        if c:
+            s = spec(llm)
+            assert s.num_accepted > 30 and s.num_proposed - s.num_accepted > 30   # both outcomes exercised
+    assert_same_distribution(dists[1], dists[0], positions)
+
+
 def test_rejection_sampler_keeps_the_target_distribution():
     """One draft against a fixed target p over 5 tokens, 20,000 times (one batch, one seeded generator): the
     first emitted token follows p, and after an accepted draft the bonus token follows the next row's p."""
@@ -129,24 +158,8 @@ def test_sampling_distribution_unchanged_by_speculation(model):
     greedy = base.generate([{"prompt_token_ids": start}], SamplingParams(temperature=0, max_tokens=120),
                            use_tqdm=False)[0].outputs[0].token_ids
     prompt = [{"prompt_token_ids": start + greedy}]
-    dists = []
-    for cfg in (None, {"method": "ngram", "num_speculative_tokens": 3, "adaptive": False}):
-        llm = LLM(model=model, dtype="float32", block_size=8, speculative_config=cfg, max_num_seqs=128)
-        out = llm.generate(prompt, SamplingParams(n=400, seed=0, temperature=1.0, top_k=5, max_tokens=3),
-                           use_tqdm=False)[0]
-        dists.append(np.array([c.token_ids for c in out.outputs]))
-        if cfg:
-            s = spec(llm)
-            assert s.num_accepted > 30 and s.num_proposed - s.num_accepted > 30   # both outcomes exercised
-    for pos in (1, 2):
-        cats = sorted(set(dists[0][:, pos]) | set(dists[1][:, pos]))
-        a = np.array([(dists[0][:, pos] == c).sum() for c in cats])
-        b = np.array([(dists[1][:, pos] == c).sum() for c in cats])
-        common = (a + b) >= 10
-        a = np.append(a[common], a[~common].sum())
-        b = np.append(b[common], b[~common].sum())
-        df = len(a) - 1
-        assert chi2(a, b) < CHI2_999.get(df, 3 * df + 10), (pos, a, b)
+    assert_speculation_keeps_the_distribution(
+        model, prompt, {"method": "ngram", "num_speculative_tokens": 3, "adaptive": False}, (1, 2))
 
 
 def test_drafts_checked_against_the_grammar(model):

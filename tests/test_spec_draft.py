@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import pytest
 
 from kvflow import LLM, SamplingParams
@@ -15,7 +14,7 @@ from kvflow.memory.kv_cache_manager import KVCacheManager
 from kvflow.request import Request
 from kvflow.spec.config import SpeculativeConfig
 from tests.conftest import random_prompts
-from tests.test_spec_decode import CHI2_999, chi2
+from tests.test_spec_decode import assert_speculation_keeps_the_distribution
 
 LENGTHS = (3, 9, 17, 33, 61)
 
@@ -127,24 +126,8 @@ def test_sampling_distribution_unchanged_by_a_draft_model(target):
     """The first three tokens under temperature 1 and top-k 5, over 400 seeds, with and without an int8 copy of
     the target as the draft: the same distribution (chi-square per position, 99.9% threshold, fixed seeds)."""
     prompt = [{"prompt_token_ids": list(range(5, 20))}]
-    dists = []
-    for cfg in (None, draft_model(target, k=3, quantization="int8", adaptive=False)):
-        llm = LLM(model=target, dtype="float32", block_size=8, speculative_config=cfg, max_num_seqs=128)
-        out = llm.generate(prompt, SamplingParams(n=400, seed=0, temperature=1.0, top_k=5, max_tokens=3),
-                           use_tqdm=False)[0]
-        dists.append(np.array([c.token_ids for c in out.outputs]))
-        if cfg:
-            s = spec(llm)
-            assert s.num_accepted > 30 and s.num_proposed - s.num_accepted > 30   # both outcomes exercised
-    for pos in (0, 1, 2):
-        cats = sorted(set(dists[0][:, pos]) | set(dists[1][:, pos]))
-        a = np.array([(dists[0][:, pos] == c).sum() for c in cats])
-        b = np.array([(dists[1][:, pos] == c).sum() for c in cats])
-        common = (a + b) >= 10
-        a = np.append(a[common], a[~common].sum())
-        b = np.append(b[common], b[~common].sum())
-        df = len(a) - 1
-        assert chi2(a, b) < CHI2_999.get(df, 3 * df + 10), (pos, a, b)
+    assert_speculation_keeps_the_distribution(
+        target, prompt, draft_model(target, k=3, quantization="int8", adaptive=False), (0, 1, 2))
 
 
 def test_lookahead_slots():
