@@ -364,7 +364,7 @@ class ClusterClient(EngineCoreClient):
                 "recent": [{"time": t, "request_id": rid, "replica": i} for t, rid, i in list(self.routes)[-16:]]}
 
     def check_blocks(self) -> list[dict]:
-        """The block invariant on every healthy replica (tests)."""
+        """The block invariant on every healthy replica (tests); none once shut down."""
         healthy = [r for r in self.replicas if r.healthy]
         return self._ray.get([r.actor.check_blocks.remote() for r in healthy])
 
@@ -374,6 +374,9 @@ class ClusterClient(EngineCoreClient):
 
     def shutdown(self, timeout: float = 60.0) -> None:
         self.kill()
+        for r in self.replicas:
+            r.down()
+            r.gone = True
         self.dead = self.dead or "shut down"
 
     def close(self) -> None:
