@@ -145,7 +145,9 @@ class ClusterClient(EngineCoreClient):
             t = self._forget(rid)
             if t is not None:
                 by_replica.setdefault(t.replica, []).append(rid)
-        self.parked = [p for p in self.parked if p.request_id not in set(request_ids)]
+        if self.parked:
+            gone = set(request_ids)
+            self.parked = [p for p in self.parked if p.request_id not in gone]
         for index, ids in by_replica.items():
             if self.replicas[index].healthy:
                 self.replicas[index].submit(["abort", ids, status.value])
@@ -153,9 +155,13 @@ class ClusterClient(EngineCoreClient):
     def _forget(self, rid: str) -> _Tracked | None:
         t = self.requests.pop(rid, None)
         if t is not None:
-            self.replicas[t.replica].assigned.discard(rid)
-            self.router.on_finished(rid, t.replica)
+            self._unassign(t)
         return t
+
+    def _unassign(self, t: _Tracked) -> None:
+        """The request no longer counts on its replica (it finished, moved or is being placed again)."""
+        self.replicas[t.replica].assigned.discard(t.req.request_id)
+        self.router.on_finished(t.req.request_id, t.replica)
 
     def reset_prefix_cache(self) -> None:
         for r in self.replicas:
@@ -201,11 +207,10 @@ class ClusterClient(EngineCoreClient):
         if missing:                            # produced there, not yet seen here: sent now, once
             t.tokens += missing
             self.buffer.append(["outputs", [EngineCoreOutput(request_id, list(missing))], aggregate(self.replicas)])
-        self.replicas[t.replica].assigned.discard(request_id)
-        self.router.on_finished(request_id, t.replica)
         if not self.replicas[dst].healthy:
             self._resume(t)
             return
+        self._unassign(t)
         t.replica = dst
         d = self.replicas[dst]
         d.assign(request_id)
@@ -236,16 +241,14 @@ class ClusterClient(EngineCoreClient):
         logger.warning("replica %d is down (%s); its %d requests resume elsewhere", r.index, why, len(r.assigned))
         r.down()
         self.router.on_replica_down(r.index)
-        for rid in list(r.assigned):
+        for rid in list(r.assigned):               # each is taken off r as it is placed again
             self._resume(self.requests[rid])
-        r.assigned.clear()
         ref = r.actor.ready.remote()                   # Ray restarts it; it answers once it is up again
         self.pending[ref] = ("ready", r.index, None, None)
 
     def _resume(self, t: _Tracked) -> None:
         """A request whose replica died goes elsewhere with the tokens it already produced."""
-        self.replicas[t.replica].assigned.discard(t.req.request_id)
-        self.router.on_finished(t.req.request_id, t.replica)
+        self._unassign(t)
         t.migrating = False
         self.num_resumed += 1
         t.req = dataclasses.replace(t.req, output_token_ids=list(t.tokens))

@@ -11,7 +11,7 @@ import time
 from kvflow.cluster.router import ReplicaLoad
 from kvflow.config import ResolvedConfig
 from kvflow.engine.wire import EngineStats
-from kvflow.memory.kv_cache_manager import hash_block
+from kvflow.memory.kv_cache_manager import extend_block_hashes
 
 logger = logging.getLogger("kvflow")
 
@@ -20,10 +20,7 @@ STALL_S = 30.0              # a replica with requests that reports no step for t
 
 def block_hashes(token_ids: list[int], block_size: int) -> list[int]:
     """The chained hashes of the full blocks of `token_ids`: the engine's own prefix-cache keys."""
-    hashes: list[int] = []
-    for i in range(len(token_ids) // block_size):
-        hashes.append(hash_block(hashes[-1] if hashes else None, token_ids[i * block_size:(i + 1) * block_size]))
-    return hashes
+    return extend_block_hashes([], token_ids, block_size)
 
 
 def connect_ray(address: str | None, num_cpus: float):

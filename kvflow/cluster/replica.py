@@ -68,8 +68,11 @@ class EngineReplica:
         logging.getLogger("kvflow").setLevel(log_level)
         import torch
 
+        from kvflow.cluster.kv_transfer import export_request, import_blocks
         from kvflow.config import ResolvedConfig
-        from kvflow.engine.core_process import build_core
+        from kvflow.engine.core_process import build_core, handle
+        # imported here, not at the top: the client imports this module, and the model stack stays out of it
+        self._handle, self._export, self._import = handle, export_request, import_blocks
         self.index = index
         self.cores = sorted(os.sched_getaffinity(0))
         if cpus:
@@ -157,23 +160,21 @@ class EngineReplica:
         return ready
 
     def _apply(self, kind: str, payload) -> None:
-        from kvflow.cluster.kv_transfer import export_request, import_blocks
-        from kvflow.engine.core_process import handle
-        core = self.core
+        core, handle = self.core, self._handle
         if kind == "messages":
             for msg in payload:
                 handle(core, msg, self._emit)
         elif kind == "export":
             request_id, done = payload
             try:
-                done.set_result(export_request(core, request_id))
+                done.set_result(self._export(core, request_id))
             except Exception as e:                 # the request stays where it was
                 logger.exception("export of %s failed", request_id)
                 done.set_exception(e)
         elif kind == "import":
             request, meta, arrays = payload
             try:
-                import_blocks(core, meta["hashes"], arrays, meta["dtypes"])
+                self._import(core, meta["hashes"], arrays, meta["dtypes"])
             except Exception:                     # computed again instead
                 logger.exception("import of %s's KV blocks failed", request.request_id)
             handle(core, ["add", request], self._emit)

@@ -26,6 +26,14 @@ def hash_block(parent_hash: int | None, token_ids: list[int]) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
+def extend_block_hashes(hashes: list[int], token_ids: list[int], block_size: int) -> list[int]:
+    """Extend `hashes`, the chained hashes of `token_ids`' first full blocks, to all its full blocks (in place;
+    returned). The prefix cache's keys; the router and the draft model's cache tracking use the same chain."""
+    for i in range(len(hashes), len(token_ids) // block_size):
+        hashes.append(hash_block(hashes[-1] if hashes else None, token_ids[i * block_size:(i + 1) * block_size]))
+    return hashes
+
+
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  num_swap_blocks: int = 0, disk: KVTier | None = None):
@@ -100,11 +108,7 @@ class KVCacheManager:
 
     def block_hashes(self, req: Request) -> list[int]:
         """Extend the request's chain of full-block hashes to cover its known tokens."""
-        bs, tokens = self.block_size, req.all_token_ids
-        hashes = self.hashes.setdefault(req.request_id, [])
-        for i in range(len(hashes), len(tokens) // bs):
-            hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs:(i + 1) * bs]))
-        return hashes
+        return extend_block_hashes(self.hashes.setdefault(req.request_id, []), req.all_token_ids, self.block_size)
 
     def _max_hit_blocks(self, req: Request) -> int:
         """At least one token is always left to compute, so that the step that finishes the prompt yields

@@ -33,6 +33,13 @@ class Proposer(ABC):
     def forget(self, req_id: str) -> None:
         """A request ended (proposers with per-request state drop it)."""
 
+    def room(self, request: DraftRequest, table) -> int:
+        """How many tokens a proposer that writes K/V may draft for `request`: its drafts go at positions
+        L .. L + k - 2 (L its tokens), within its block table's lookahead slots and the rotary table."""
+        L = len(request.token_ids)
+        return min(request.num_tokens, len(table) * self.runner.block_size - L + 1,
+                   self.runner.model.rotary.max_position - L + 1)
+
 
 def make_proposer(config: SpeculativeConfig, runner) -> Proposer:
     return PROPOSERS.get(config.method)(config, runner)

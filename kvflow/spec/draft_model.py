@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from kvflow.engine.model_runner import Segment, attach_kv_cache
-from kvflow.memory.kv_cache_manager import hash_block
+from kvflow.memory.kv_cache_manager import extend_block_hashes, hash_block
 from kvflow.models.llama import expose_submodules
 from kvflow.spec.base import DraftRequest, Proposer
 from kvflow.spec.config import PROPOSERS
@@ -59,7 +59,6 @@ class DraftModelProposer(Proposer):
         self.model, self.draft_cfg = load_draft(config, runner)
         self.kv = attach_kv_cache(self.model, self.draft_cfg, runner.k_caches[0].shape[0], runner.block_size,
                                   runner.dtype, runner.device)
-        self.max_position = runner.model.rotary.max_position
         self.contents: dict[int, tuple[int, tuple[int, ...]]] = {}   # block id -> (parent key, tokens held)
         self.chains: dict[str, list[int]] = {}                         # request -> its full blocks' chained hashes
 
@@ -78,10 +77,7 @@ class DraftModelProposer(Proposer):
         return hash_block(self._parent(chain, seq, j - 1), seq[(j - 1) * bs:j * bs])
 
     def _chain(self, req_id: str, tokens: list[int]) -> list[int]:
-        bs, chain = self.runner.block_size, self.chains.setdefault(req_id, [])
-        for i in range(len(chain), len(tokens) // bs):
-            chain.append(hash_block(chain[-1] if chain else None, tokens[i * bs:(i + 1) * bs]))
-        return chain
+        return extend_block_hashes(self.chains.setdefault(req_id, []), tokens, self.runner.block_size)
 
     def _valid(self, chain: list[int], tokens: list[int], table) -> int:
         """How many leading positions of `tokens` the draft cache holds through `table`."""
@@ -90,9 +86,8 @@ class DraftModelProposer(Proposer):
             entry = self.contents.get(int(table[j]))
             if entry is None or entry[0] != self._parent(chain, tokens, j):
                 break
-            want, held = tuple(tokens[j * bs:(j + 1) * bs]), entry[1]
-            m = len(want) if held[:len(want)] == want else \
-                next((i for i, (a, b) in enumerate(zip(held, want)) if a != b), min(len(held), len(want)))
+            want, held = tokens[j * bs:(j + 1) * bs], entry[1]     # the common prefix of the two
+            m = next((i for i, (a, b) in enumerate(zip(held, want)) if a != b), min(len(held), len(want)))
             valid += m
             if m < bs:
                 break
@@ -116,14 +111,12 @@ class DraftModelProposer(Proposer):
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[list[int]]:
-        bs, budget = self.runner.block_size, self.token_budget
+        budget = self.token_budget
         drafts: list[list[int]] = [[] for _ in requests]
         decodes, prefills = [], []          # (request index, segment, sequence, chain, table, draft length)
         for i, r in enumerate(requests):
             tokens, table = r.token_ids, self.runner.requests[r.req_id].block_ids
-            L = len(tokens)
-            # the drafts' K/V go at positions L .. L + k - 2: within the lookahead slots and the rotary table
-            k = min(r.num_tokens, len(table) * bs - L + 1, self.max_position - L + 1)
+            L, k = len(tokens), self.room(r, table)
             if k <= 0 or budget <= 0:
                 continue
             chain = self._chain(r.req_id, tokens)

@@ -30,7 +30,6 @@ class LayerSkipProposer(Proposer):
             raise ValueError(f"speculative_config.num_layers ({n}) must be at most the model's {total} layers")
         self.num_layers = n
         self.layers = list(runner.model.layers)[:n]
-        self.max_position = runner.model.rotary.max_position
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
         """The target's forward pass cut after its first num_layers layers, then its final norm."""
@@ -44,12 +43,12 @@ class LayerSkipProposer(Proposer):
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[list[int]]:
-        runner, bs = self.runner, self.runner.block_size
+        runner = self.runner
         drafts: list[list[int]] = [[] for _ in requests]
         live = []                                 # (request index, tokens, block table, draft length)
         for i, r in enumerate(requests):
-            table, L = runner.requests[r.req_id].block_ids, len(r.token_ids)
-            k = min(r.num_tokens, len(table) * bs - L + 1, self.max_position - L + 1)
+            table = runner.requests[r.req_id].block_ids
+            k = self.room(r, table)
             if k > 0:
                 live.append((i, list(r.token_ids), table, k))
         for j in range(max((w[3] for w in live), default=0)):
