@@ -19,8 +19,9 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from kvflow.cluster.router import ROUTERS
+from kvflow.cluster.options import ClusterOptions, DisaggOptions, ServerlessOptions
 from kvflow.models.arch import ModelConfig
+from kvflow.options import check_positive as _check_positive, opt
 from kvflow.scheduler.fair import parse_client_weights
 from kvflow.scheduler.policy import POLICY_MODULES
 from kvflow.spec.config import SpeculativeConfig
@@ -39,12 +40,6 @@ KV_RESERVATIONS = ("on-demand", "static")
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
                   "half": "float16", "float32": "float32", "bfloat16": "bfloat16"}
 DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def opt(default, help: str, choices=None, **cli):
-    """A config field with what the command line needs to offer it: help, choices, and CLI hints
-    (`flag`: another flag name, `gib`: given in GiB on the command line, `cli_default`)."""
-    return field(default=default, metadata={"help": help, "choices": choices, **cli})
 
 
 def default_model_path() -> str:
@@ -262,42 +257,9 @@ class SpeculativeOptions:
         return SpeculativeConfig.parse(self.speculative_config)
 
 
-@dataclass
-class ClusterOptions:
-    replicas: int = opt(1, "engine replicas; more than one runs each as a Ray actor behind the router")
-    router: str = opt("least-load", "how a request chooses its replica (kvflow/cluster/routers)",
-                      tuple(ROUTERS.modules))
-    ray_address: str | None = opt(None, "the Ray cluster to join (auto, or HOST:PORT); default: a local one")
-    replica_cpus: float | None = opt(None, "CPU cores per replica, declared to Ray; its torch and kernel threads "
-                                           "follow it (default: this machine's cores / replicas)")
-    replica_gpus: float = opt(0.0, "GPUs per replica, declared to Ray")
-    migration_threshold: int = opt(0, "move a running request with its KV blocks from the busiest replica to the "
-                                      "idlest when their requests in flight differ by this many (0: never)")
-    max_replica_restarts: int = opt(3, "Ray restarts a replica that died at most this many times")
-
-    def __post_init__(self):
-        _check_positive(self, "replicas")
-        _check_positive(self, "migration_threshold", allow_zero=True)
-        _check_positive(self, "max_replica_restarts", allow_zero=True)
-        if self.router not in ROUTERS:
-            ROUTERS.get(self.router)                       # the ValueError naming the field
-        for name, v in (("replica_cpus", self.replica_cpus), ("replica_gpus", self.replica_gpus)):
-            if v is None and name == "replica_cpus":
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf") or \
-                    (v == 0 and name == "replica_cpus"):
-                raise ValueError(f"{name} must be a {'positive' if name == 'replica_cpus' else 'non-negative'} "
-                                 f"number, got {v!r}")
-
-    @property
-    def distributed(self) -> bool:
-        """The engine cores run as Ray actors: several replicas, or one on a named Ray cluster."""
-        return self.replicas > 1 or self.ray_address is not None
-
-
 SECTIONS = {"model": ModelOptions, "cache": CacheOptions, "scheduler": SchedulerOptions,
             "parallel": ParallelOptions, "structured": StructuredOptions, "speculative": SpeculativeOptions,
-            "cluster": ClusterOptions}
+            "cluster": ClusterOptions, "disagg": DisaggOptions, "serverless": ServerlessOptions}
 
 
 @dataclass
@@ -309,8 +271,23 @@ class EngineConfig:
     structured: StructuredOptions = field(default_factory=StructuredOptions)
     speculative: SpeculativeOptions = field(default_factory=SpeculativeOptions)
     cluster: ClusterOptions = field(default_factory=ClusterOptions)
+    disagg: DisaggOptions = field(default_factory=DisaggOptions)
+    serverless: ServerlessOptions = field(default_factory=ServerlessOptions)
 
     preset: str | None = None          # the survey runtime whose options were applied (kvflow/presets.py)
+
+    def __post_init__(self):
+        shapes = [name for name, on in (("replicas > 1", self.cluster.replicas > 1),
+                                        ("prefill/decode workers", self.disagg.enabled),
+                                        ("serverless", self.serverless.serverless)) if on]
+        if len(shapes) > 1:
+            raise ValueError(f"choose one serving shape: {' and '.join(shapes)} were both asked for")
+
+    @property
+    def distributed(self) -> bool:
+        """The engine cores run as Ray actors: several replicas, prefill and decode workers, or one replica on
+        a named Ray cluster."""
+        return self.cluster.replicas > 1 or self.disagg.enabled or self.cluster.ray_address is not None
 
     @classmethod
     def from_kwargs(cls, preset: str | None = None, **kwargs) -> "EngineConfig":
@@ -338,15 +315,6 @@ class EngineConfig:
 def field_sections() -> dict[str, str]:
     """Flat field name -> the section that holds it."""
     return {f.name: name for name, sec in SECTIONS.items() for f in dataclasses.fields(sec)}
-
-
-def _check_positive(obj, name: str, optional: bool = False, allow_zero: bool = False) -> None:
-    value = getattr(obj, name)
-    if value is None and optional:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
-        kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be a {kind} integer, got {value!r}")
 
 
 # ---- resolved once -------------------------------------------------------------------------------------

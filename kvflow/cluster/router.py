@@ -75,6 +75,8 @@ ROUTERS = Registry("router", {
     "cache-aware": "kvflow.cluster.routers.cache_aware",
     "predicted-load": "kvflow.cluster.routers.predicted_load",
     "session": "kvflow.cluster.routers.session",
+    "min-queue": "kvflow.cluster.routers.min_queue",
+    "min-ttft": "kvflow.cluster.routers.min_ttft",
 })
 
 

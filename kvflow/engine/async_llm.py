@@ -78,7 +78,7 @@ class _Stream:
 
 def make_client(rc):
     """The engine-core client for this config: replicas as Ray actors (kvflow/cluster), or one core process."""
-    if rc.config.cluster.distributed:
+    if rc.config.distributed:
         from kvflow.cluster.client import ClusterClient
         return ClusterClient(rc)
     return MPClient(rc)

@@ -23,7 +23,7 @@ class LLMEngine:
         self.model_path, self.model_config, self.max_model_len = rc.model_path, rc.arch, rc.max_model_len
         self.input_processor = InputProcessor(rc, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
-        if config.cluster.distributed:                # replicas as Ray actors (kvflow/cluster)
+        if config.distributed:                # replicas as Ray actors (kvflow/cluster)
             from kvflow.cluster.client import ClusterClient
             self.core = None
             self.client = ClusterClient(rc)
