@@ -282,6 +282,9 @@ class EngineConfig:
                                         ("serverless", self.serverless.serverless)) if on]
         if len(shapes) > 1:
             raise ValueError(f"choose one serving shape: {' and '.join(shapes)} were both asked for")
+        if self.disagg.enabled and not self.cache.enable_prefix_caching:
+            raise ValueError("enable_prefix_caching must be on with prefill and decode workers: a decode worker "
+                             "takes the KV it is handed into its prefix cache")
 
     @property
     def distributed(self) -> bool:

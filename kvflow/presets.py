@@ -28,6 +28,8 @@ cache hit; kvflow has no separate MLFQ-by-hit policy.
 The P/D presets place prefills with `router` and decodes with `pd_policy` (DistServe: min queue / min load;
 TetriInfer: min load / power of two; SplitWise: min queue for both; Mooncake: min predicted TTFT for both),
 on one prefill and one decode worker unless `prefill_replicas` / `decode_replicas` say otherwise.
+A decode worker takes the KV it is handed into its prefix cache (under the blocks' chained hashes), so
+prefix caching stays on in the P/D presets even where the survey lists no persistence.
 deepflow is serverless (kvflow/serverless): replicas on Ray Serve, scaled with load and to zero, routed by
 max prefix hit unless overloaded (cache-aware).
 
@@ -58,13 +60,13 @@ PRESETS: dict[str, dict] = {
     # disaggregated prefill and decode (kvflow/disagg): one prefill and one decode worker unless told otherwise
     "distserve": dict(prefill_replicas=1, decode_replicas=1, kv_transfer="sync", router="min-queue",
                       pd_policy="least-load", enable_chunked_prefill=False, scheduling_policy="fcfs",
-                      kv_reservation="on-demand", enable_prefix_caching=False),
+                      kv_reservation="on-demand"),
     "tetriinfer": dict(prefill_replicas=1, decode_replicas=1, kv_transfer="sync", router="least-load",
                        pd_policy="power-of-two", enable_chunked_prefill=True, scheduling_policy="fcfs",
-                       kv_reservation="on-demand", enable_prefix_caching=False),
+                       kv_reservation="on-demand"),
     "splitwise": dict(prefill_replicas=1, decode_replicas=1, kv_transfer="async", router="min-queue",
                       pd_policy="min-queue", enable_chunked_prefill=True, scheduling_policy="fcfs",
-                      kv_reservation="on-demand", preemption_mode="recompute", enable_prefix_caching=False),
+                      kv_reservation="on-demand", preemption_mode="recompute"),
     "mooncake": dict(prefill_replicas=1, decode_replicas=1, kv_transfer="layerwise", router="min-ttft",
                      pd_policy="min-ttft", kv_pool=True, early_rejection=True, enable_chunked_prefill=True,
                      scheduling_policy="fcfs", kv_reservation="on-demand", enable_prefix_caching=True),

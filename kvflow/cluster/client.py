@@ -49,8 +49,8 @@ class ClusterClient(EngineCoreClient):
         import ray
         self._ray = ray
         self.rc, self.opts = rc, rc.config.cluster
-        self.replicas: list[Replica] = start_replicas(rc)
-        self.router = make_router(self.opts.router, len(self.replicas))
+        self.replicas: list[Replica] = self._start_replicas(rc)
+        self.router = make_router(self.opts.router, len(self.replicas), block_size=rc.config.cache.block_size)
         self.predictor = frontend_predictor(rc)
         self.requests: dict[str, _Tracked] = {}
         self.parked: list[EngineCoreRequest] = []      # no healthy replica: they wait for one
@@ -62,6 +62,9 @@ class ClusterClient(EngineCoreClient):
         self.dead: str | None = None
 
     # ---- start ------------------------------------------------------------------------------------------
+
+    def _start_replicas(self, rc: ResolvedConfig) -> list[Replica]:
+        return start_replicas(rc)
 
     def _ready(self, r: Replica, info: dict) -> None:
         r.up(info)
@@ -113,7 +116,7 @@ class ClusterClient(EngineCoreClient):
                 req = dataclasses.replace(req, fork_from=None)
             t0 = time.perf_counter()
             route = self._route_request(req)
-            index = self.router.route(route, self.loads())
+            index = self._route(route, req)
             self.route_seconds += time.perf_counter() - t0
             self.num_routed += 1
         tracked = self.requests.get(req.request_id)
@@ -123,6 +126,14 @@ class ClusterClient(EngineCoreClient):
         tracked.replica = index
         self.replicas[index].assign(req.request_id)
         self.routes.append((time.time(), req.request_id, index))
+        self._send(index, req)
+
+    def _route(self, route: RouteRequest, req: EngineCoreRequest) -> int:
+        """The replica a new (or resumed) request goes to."""
+        return self.router.route(route, self.loads())
+
+    def _send(self, index: int, req: EngineCoreRequest) -> None:
+        """Hand a placed request to its replica."""
         self.replicas[index].submit(["add", req])
 
     def _route_request(self, req: EngineCoreRequest) -> RouteRequest:
@@ -300,17 +311,27 @@ class ClusterClient(EngineCoreClient):
             if incarnation != r.incarnation:           # an answer from an earlier life
                 continue
             if error is not None:
-                if kind == "export":
-                    self._exported(data[0], data[1], None, None)
-                self._replica_down(r, str(error).splitlines()[0])
+                if not self._call_failed(kind, r, error, data):
+                    self._replica_down(r, str(error).splitlines()[0])
             elif kind == "poll":
                 for msg in value:
                     self._message(r, msg)
                 self._poll(r)
-            elif kind == "export":
-                self._exported(data[0], data[1], value, data[2])
+            else:
+                self._answered(kind, r, value, data)
         if self.opts.migration_threshold:
             self._rebalance()
+
+    def _call_failed(self, kind: str, r: Replica, error: Exception, data) -> bool:
+        """A call to replica `r` failed; True when that is handled here, False when it means `r` is down."""
+        if kind == "export":
+            self._exported(data[0], data[1], None, None)
+        return False
+
+    def _answered(self, kind: str, r: Replica, value, data) -> None:
+        """A call other than poll answered."""
+        if kind == "export":
+            self._exported(data[0], data[1], value, data[2])
 
     def _message(self, r: Replica, msg: list) -> None:
         if msg[0] == "outputs":

@@ -55,19 +55,22 @@ def frontend_predictor(rc: ResolvedConfig):
     return predictor if not predictor.features else make_predictor(None)
 
 
-def start_replicas(rc: ResolvedConfig) -> list["Replica"]:
+def start_replicas(rc: ResolvedConfig, actor_cls=None, count: int | None = None, **kwargs) -> list["Replica"]:
+    """`count` actors of `actor_cls` (default: the configured number of EngineReplica); `kwargs` go to each
+    actor's constructor."""
     from kvflow.cluster.replica import EngineReplica
     opts = rc.config.cluster
-    cpus = replica_cpus(opts.replica_cpus, opts.replicas)
-    ray = connect_ray(opts.ray_address, cpus * opts.replicas)
-    actor = ray.remote(EngineReplica).options(
+    count = count or opts.replicas
+    cpus = replica_cpus(opts.replica_cpus, count)
+    ray = connect_ray(opts.ray_address, cpus * count)
+    actor = ray.remote(actor_cls or EngineReplica).options(
         num_cpus=cpus, num_gpus=opts.replica_gpus, max_restarts=opts.max_replica_restarts, max_task_retries=0,
         max_concurrency=8)
     level = logging.getLevelName(logging.getLogger("kvflow").getEffectiveLevel())
     config = rc.to_json()
-    logger.info("starting %d replicas (%g CPUs%s each) with router %s", opts.replicas, cpus,
+    logger.info("starting %d replicas (%g CPUs%s each) with router %s", count, cpus,
                 f", {opts.replica_gpus:g} GPUs" if opts.replica_gpus else "", opts.router)
-    return [Replica(i, actor.remote(config, i, cpus, level)) for i in range(opts.replicas)]
+    return [Replica(i, actor.remote(config, i, cpus, level, **kwargs)) for i in range(count)]
 
 
 @dataclasses.dataclass

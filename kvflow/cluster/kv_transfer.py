@@ -27,7 +27,8 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def _from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a)).view(getattr(torch, dtype))
+    # arrays from Ray's object store are read-only views: copied once here (torch wants writable memory)
+    return torch.from_numpy(np.require(a, requirements=("C", "W"))).view(getattr(torch, dtype))
 
 
 def export_request(core, request_id: str) -> tuple[dict | None, list[np.ndarray]]:

@@ -83,6 +83,10 @@ class ServerlessOptions:
     target_ongoing_requests: float = opt(2.0, "serverless: requests in flight per replica the autoscaler aims for")
     scale_up_timeout_s: float = opt(60.0, "serverless: a request waits this long for a replica to start, then "
                                           "gets 503 with Retry-After")
+    keep_kv: bool = opt(True, "serverless: before a replica is scaled down, keep its prefix cache in host memory "
+                              "under a shared index, for the replicas that come later (DeepFlow)")
+    keep_kv_bytes: int = opt(1 << 30, "serverless: the host memory that keeps prefix caches across scale-downs",
+                             flag="--keep-kv-size", gib=True)
 
     def __post_init__(self):
         check_positive(self, "min_replicas", allow_zero=True)
@@ -93,3 +97,4 @@ class ServerlessOptions:
         check_positive(self, "warm_pool", allow_zero=True)
         check_number(self, "target_ongoing_requests")
         check_number(self, "scale_up_timeout_s")
+        check_positive(self, "keep_kv_bytes")

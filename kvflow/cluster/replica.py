@@ -163,7 +163,7 @@ class EngineReplica:
         core, handle = self.core, self._handle
         if kind == "messages":
             for msg in payload:
-                handle(core, msg, self._emit)
+                self._handle_message(msg)
         elif kind == "export":
             request_id, done = payload
             try:
@@ -188,6 +188,12 @@ class EngineReplica:
                 payload.set_result({"ok": False, "error": str(e), "blocks_in_use": -1,
                                     "requests": len(core.scheduler.requests)})
 
+    def _handle_message(self, msg: list) -> None:
+        self._handle(self.core, msg, self._emit)
+
+    def _after_step(self) -> None:
+        """Called on the core's thread after every turn of the loop (a prefill worker hands requests off)."""
+
     def _loop(self) -> None:
         core = self.core
         try:
@@ -199,6 +205,7 @@ class EngineReplica:
                     self._emit(["outputs", core.step(), core.stats()])
                 elif items:                        # e.g. the last request was aborted: report the idle state
                     self._emit(["outputs", [], core.stats()])
+                self._after_step()
         except BaseException as e:                 # a replica that cannot step is restarted by Ray
             logger.error("replica %d failed: %s\n%s", self.index, e, traceback.format_exc())
             os._exit(1)

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Callable
 
 from kvflow.config import EngineConfig
 from kvflow.engine.beam_search import BeamSearchOutput, BeamSearchParams
-from kvflow.engine.core_client import EngineDeadError, EngineRestartingError, MPClient
+from kvflow.engine.core_client import EngineDeadError, EngineRestartingError, make_client
 from kvflow.engine.input_processor import InputProcessor, open_model
 from kvflow.engine.output_processor import OutputProcessor
 from kvflow.engine.wire import EngineStats
@@ -76,14 +76,6 @@ class _Stream:
         return out
 
 
-def make_client(rc):
-    """The engine-core client for this config: replicas as Ray actors (kvflow/cluster), or one core process."""
-    if rc.config.distributed:
-        from kvflow.cluster.client import ClusterClient
-        return ClusterClient(rc)
-    return MPClient(rc)
-
-
 class AsyncLLM:
     def __init__(self, config: EngineConfig, max_queue_len: int = 256,
                  on_output: Callable[[RequestOutput], None] | None = None,
@@ -115,7 +107,8 @@ class AsyncLLM:
         self.model_path, self.model_config, self.max_model_len = rc.model_path, rc.arch, rc.max_model_len
         self.input_processor = InputProcessor(rc, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.num_replicas = config.cluster.replicas
+        self.num_replicas = (config.disagg.prefill_replicas + config.disagg.decode_replicas if config.disagg.enabled
+                             else config.cluster.replicas)
         self.client = make_client(rc)
 
     @property

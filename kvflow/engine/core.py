@@ -37,6 +37,9 @@ class EngineCore:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, structured: StructuredOutputManager | None = None):
         self.runner, self.scheduler, self.kv = runner, scheduler, scheduler.kv
         self.structured = structured
+        # a KV connector sees each step's schedule before the forward pass (a prefill worker sends the KV it
+        # computes to its decode worker: kvflow/disagg/connector.py)
+        self.kv_connector = None
         self._features_log: dict | None = None
         self._sync_feature_collection()
 
@@ -134,6 +137,8 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         failed = self._admit_compiled() if self.structured is not None and len(self.structured) else []
         sched = self.scheduler.schedule()
+        if self.kv_connector is not None:
+            self.kv_connector.start_step(sched)
         if self.structured is not None and self.structured.matchers:
             for rid in self.structured.fill_bitmasks(sched):
                 failed.append(self._end_constrained(rid, "its grammar engine hit a limit"))

@@ -174,3 +174,15 @@ class MPClient(EngineCoreClient):
         self._ctx.term()
         self._actx.term()
         self._dir.cleanup()
+
+
+def make_client(rc):
+    """The engine-core client for this config: prefill and decode workers (kvflow/disagg) or replicas
+    (kvflow/cluster) as Ray actors, or one core process."""
+    if rc.config.disagg.enabled:
+        from kvflow.disagg.client import DisaggClient
+        return DisaggClient(rc)
+    if rc.config.distributed:
+        from kvflow.cluster.client import ClusterClient
+        return ClusterClient(rc)
+    return MPClient(rc)

@@ -23,10 +23,10 @@ class LLMEngine:
         self.model_path, self.model_config, self.max_model_len = rc.model_path, rc.arch, rc.max_model_len
         self.input_processor = InputProcessor(rc, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
-        if config.distributed:                # replicas as Ray actors (kvflow/cluster)
-            from kvflow.cluster.client import ClusterClient
+        if config.distributed:                # replicas or prefill/decode workers as Ray actors
+            from kvflow.engine.core_client import make_client
             self.core = None
-            self.client = ClusterClient(rc)
+            self.client = make_client(rc)
             self.client.wait_ready_sync(600.0)
         else:
             self.core = EngineCore.build(rc, reader, self.input_processor.grammars)   # the parsed GGUF goes with it

@@ -5,7 +5,7 @@ AttentionMetadata; attention reads each request's context through the paged KV c
 AttentionBackend the model is given (kvflow/attention/backend.py; the loader picks it).
 q/k/v and gate/up projections are fused into one matmul each.
 """
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -112,13 +112,17 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, backend) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # called with a layer's index once its KV is written (layer-wise KV transfer, kvflow/disagg/connector.py)
+        self.layer_done: Callable[[int], None] | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T]. Returns the final hidden states [T, hidden]."""
         x, residual = self.embed_tokens(input_ids), None
         rope = self.rotary.cos_sin(positions)       # looked up once per step for every layer
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             x, residual = layer(rope, x, residual, meta)
+            if self.layer_done is not None:
+                self.layer_done(i)
         x, _ = self.norm(x, residual)
         return x
 

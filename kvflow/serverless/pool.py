@@ -1,0 +1,189 @@
+"""The engine processes behind serverless replicas, and the pre-warmed pool of them.
+
+`ServerlessWorker` is the cluster's EngineReplica (kvflow/cluster/replica.py: an EngineCore stepping on its
+own thread, reached with submit/poll), started with every phase of its cold start timed (cold_start.py) and
+two more calls: `export_cache` (its prefix cache as host arrays, for the KV keeper, run on the core's thread
+between steps) and `cached_prefix`.
+
+`WarmPool` (a named Ray actor) keeps `size` workers fully started: runtime imported, kernels built, weights
+read, KV cache allocated, warmed up. A Ray Serve replica that starts takes one (`claim`) and is serving as
+soon as it has attached; only when the pool is empty does it start its own worker from nothing (a true cold
+start). The pool refills in the background, a little after each claim (on a small machine the new process
+would otherwise compete with the first tokens of the replica that just claimed). The pool is also the
+serverless application's registry: replicas report their starts and stops here (metrics.py reads them).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+
+from kvflow.cluster.replica import EngineReplica, claim_cores
+
+logger = logging.getLogger("kvflow")
+
+REFILL_DELAY_S = 2.0
+
+
+class ServerlessWorker(EngineReplica):
+    def __init__(self, config_json: str, index: int, cpus: float | None = None, log_level: str = "WARNING",
+                 asked_at: float | None = None):
+        from kvflow.serverless.cold_start import start_core
+        logging.basicConfig(level=log_level, format=f"%(levelname)s kvflow.worker{index}: %(message)s")
+        logging.getLogger("kvflow").setLevel(log_level)
+        self.index = index
+        self.cores = sorted(os.sched_getaffinity(0))
+        if cpus:
+            self.cores = claim_cores(max(1, round(cpus)))
+            os.sched_setaffinity(0, self.cores)
+        self.core, self.breakdown = start_core(config_json, len(self.cores) if cpus else None, asked_at)
+        from kvflow.cluster.kv_transfer import export_request, import_blocks
+        from kvflow.engine.core_process import handle
+        self._handle, self._export, self._import = handle, export_request, import_blocks
+        self.load_s = sum(v for k, v in self.breakdown.items() if k != "process")
+        self.incarnation = uuid.uuid4().hex
+        self.inbox: queue.Queue = queue.Queue()
+        self._pending: list = []
+        self._next_seq = 0
+        self._n = 0
+        self.outbox: list = []
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._loop, name=f"worker{index}-core", daemon=True)
+        self.thread.start()
+
+    def ready(self) -> dict:
+        info = super().ready()
+        info["breakdown"] = dict(self.breakdown)
+        return info
+
+    def export_cache(self, max_blocks: int):
+        """(hashes, dtypes, arrays) of the prefix cache, read on the core's thread."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self.inbox.put((None, "export_cache", (max_blocks, done)))
+        return done.result()
+
+    def cached_prefix(self, hashes: list[int]) -> int:
+        from kvflow.serverless.kv_keeper import cached_prefix
+        return cached_prefix(self.core, hashes)
+
+    def _apply(self, kind: str, payload) -> None:
+        if kind != "export_cache":
+            return super()._apply(kind, payload)
+        from kvflow.serverless.kv_keeper import export_prefix_cache
+        max_blocks, done = payload
+        try:
+            done.set_result(export_prefix_cache(self.core, max_blocks))
+        except Exception as e:
+            logger.exception("export of the prefix cache failed")
+            done.set_exception(e)
+
+
+def worker_class(cpus: float):
+    import ray
+    return ray.remote(ServerlessWorker).options(num_cpus=cpus, max_restarts=0, max_task_retries=0,
+                                                max_concurrency=8)
+
+
+class WarmPool:
+    """A threaded Ray actor: the warm workers, and the application's record of replica starts and stops."""
+
+    def __init__(self, config_json: str, size: int, cpus: float, log_level: str = "WARNING"):
+        if size < 0:
+            raise ValueError(f"the warm pool's size must be >= 0, got {size}")
+        self.config_json, self.size, self.cpus, self.log_level = config_json, size, cpus, log_level
+        self.lock = threading.Lock()
+        self.ready: deque = deque()          # (actor, info), oldest first
+        self.starting = 0
+        self.made = 0
+        self.claims = self.misses = 0
+        self.starts: list[dict] = []         # one per replica start: kind, breakdown, times
+        self.live: dict[str, float] = {}     # replica id -> when it started
+        self.workers_: dict[str, object] = {}  # replica id -> its engine worker (tests check its blocks)
+        self.timeline: list[tuple[float, int]] = [(time.time(), 0)]
+        self.closed = False
+        self._refill(0.0)
+
+    # ---- the pool -------------------------------------------------------------------------------------------
+
+    def _refill(self, delay: float) -> None:
+        with self.lock:
+            need = self.size - len(self.ready) - self.starting
+            if need <= 0 or self.closed:
+                return
+            self.starting += need
+        for _ in range(need):
+            threading.Thread(target=self._start_one, args=(delay,), daemon=True).start()
+
+    def _start_one(self, delay: float) -> None:
+        import ray
+        time.sleep(delay)
+        actor, info = None, None
+        try:
+            with self.lock:
+                self.made += 1
+                index = 100 + self.made
+            actor = worker_class(self.cpus).remote(self.config_json, index, self.cpus, self.log_level, time.time())
+            info = ray.get(actor.ready.remote())
+        except Exception as e:
+            logger.error("a warm-pool worker failed to start: %s", e)
+            actor = None
+        with self.lock:
+            self.starting -= 1
+            if actor is not None and not self.closed:
+                self.ready.append((actor, info))
+                return
+        if actor is not None:
+            ray.kill(actor)
+
+    def claim(self):
+        """A started worker and its `ready` info, or None when the pool is empty; the pool then refills."""
+        with self.lock:
+            item = self.ready.popleft() if self.ready else None
+            if item is None:
+                self.misses += 1
+            else:
+                self.claims += 1
+        self._refill(REFILL_DELAY_S)
+        return item
+
+    def pool_state(self) -> dict:
+        with self.lock:
+            return {"size": self.size, "ready": len(self.ready), "starting": self.starting, "claims": self.claims,
+                    "misses": self.misses, "made": self.made,
+                    "ready_pids": [info["pid"] for _, info in self.ready]}
+
+    def close(self) -> None:
+        import ray
+        with self.lock:
+            self.closed = True
+            ready, self.ready = list(self.ready), deque()
+        for actor, _ in ready:
+            ray.kill(actor)
+
+    # ---- the registry -----------------------------------------------------------------------------------------
+
+    def replica_started(self, replica_id: str, record: dict, worker=None) -> None:
+        with self.lock:
+            self.starts.append(dict(record, replica=replica_id))
+            self.live[replica_id] = time.time()
+            self.workers_[replica_id] = worker[0] if worker else None
+            self.timeline.append((time.time(), len(self.live)))
+
+    def replica_stopped(self, replica_id: str) -> None:
+        with self.lock:
+            self.workers_.pop(replica_id, None)
+            if self.live.pop(replica_id, None) is not None:
+                self.timeline.append((time.time(), len(self.live)))
+
+    def workers(self) -> dict:
+        with self.lock:
+            return {k: [w] for k, w in self.workers_.items() if w is not None}
+
+    def registry(self) -> dict:
+        with self.lock:
+            return {"starts": list(self.starts), "live": sorted(self.live), "timeline": list(self.timeline)}

@@ -1,0 +1,138 @@
+"""`kvflow sim calibrate`: fit the linear cost model on this machine from measured steps of the real engine.
+
+The real EngineCore (the engine options given: model, dtype, threads, ...) runs a plan of batches: B
+requests of P random prompt tokens, each generating D tokens (ignore_eos), so that steps of every shape
+occur: whole and chunked prefills, mixed steps, decodes of 1..B rows at growing context. Every step's shape
+(kvflow.sim.cost_model.step_shape) and wall time (the whole EngineCore.step: scheduling, the forward pass,
+sampling and the update, which is what separates two steps of a served replica) is recorded; the five
+coefficients are fitted by non-negative least squares; the profile also records the engine's build time (a
+serverless cold start), the swap bandwidth the runner measured, the KV budget, and the fit's quality. The
+only module of kvflow.sim that imports torch (through the engine).
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+
+import numpy as np
+
+from kvflow.sim.cost_model import HardwareProfile
+
+logger = logging.getLogger("kvflow")
+
+# (requests, prompt tokens, output tokens): prefill-heavy, decode-heavy and mixed steps
+DEFAULT_PLAN = ((1, 32, 24), (1, 480, 8), (2, 1000, 4), (4, 128, 24), (8, 64, 32), (16, 200, 16), (32, 24, 24),
+                (6, 700, 6), (24, 120, 24))
+
+
+def features(shape) -> list[float]:
+    rows, prefill, context, pairs = shape
+    return [1.0, rows, prefill, context / 1e3, pairs / 1e6]
+
+
+def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with non-negative coefficients (active set: drop the most negative, refit)."""
+    active = list(range(x.shape[1]))
+    while True:
+        coef = np.zeros(x.shape[1])
+        coef[active] = np.linalg.lstsq(x[:, active], y, rcond=None)[0]
+        neg = [j for j in active if coef[j] < 0]
+        if not neg:
+            return coef
+        active.remove(min(neg, key=lambda j: coef[j]))
+
+
+def fit(samples: list[tuple[tuple, float]]) -> tuple[list[float], dict]:
+    """(coefficients, quality) from (shape, seconds) pairs, fitted on relative error (each step weighs the
+    same whether it takes 5 ms or 500)."""
+    if len(samples) < 10:
+        raise ValueError(f"samples: at least 10 measured steps are needed to fit, got {len(samples)}")
+    x = np.array([features(s) for s, _ in samples])
+    y = np.array([t for _, t in samples])
+    w = 1.0 / y
+    coef = nnls(x * w[:, None], y * w)
+    pred = x @ coef
+    rel = np.abs(pred - y) / y
+    r2 = 1.0 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30))
+    return [float(c) for c in coef], {"num_steps": len(samples), "r2": round(r2, 4),
+                                      "median_rel_error": round(float(np.median(rel)), 4),
+                                      "p90_rel_error": round(float(np.percentile(rel, 90)), 4)}
+
+
+def measure(engine_kwargs: dict, plan=DEFAULT_PLAN, repeats: int = 1, seed: int = 0):
+    """Build the real engine and run the plan; (samples, the resolved config, build seconds, swap B/s)."""
+    import torch
+
+    from kvflow.config import EngineConfig
+    from kvflow.engine.core import EngineCore
+    from kvflow.engine.input_processor import open_model
+    from kvflow.engine.wire import EngineCoreRequest
+    from kvflow.sampling.params import SamplingParams
+    from kvflow.sim.cost_model import step_shape
+    config = EngineConfig.from_kwargs(**{"enable_prefix_caching": False, **engine_kwargs})
+    t0 = time.perf_counter()
+    rc, reader, _ = open_model(config)
+    core = EngineCore.build(rc, reader)
+    core.warm_up()
+    build_s = time.perf_counter() - t0
+    rng = np.random.default_rng(seed)
+    samples: list[tuple[tuple, float]] = []
+    n = 0
+    last: list = []
+    orig = core.scheduler.schedule
+
+    def schedule():                    # the step's SchedulerOutput, to read its shape
+        out = orig()
+        last[:] = [out]
+        return out
+    core.scheduler.schedule = schedule
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for batch, prompt_len, out_len in plan:
+                prompt_len = min(prompt_len, rc.max_model_len - out_len - 1)
+                for _ in range(batch):
+                    ids = rng.integers(1, rc.arch.vocab_size, size=prompt_len).tolist()
+                    core.add_request(EngineCoreRequest(f"cal-{n}", ids, SamplingParams(
+                        max_tokens=out_len, ignore_eos=True, temperature=0.0), [], out_len, time.monotonic()))
+                    n += 1
+                while core.has_unfinished():
+                    last.clear()
+                    t = time.perf_counter()
+                    core.step()
+                    t = time.perf_counter() - t
+                    if last and last[0].scheduled:
+                        samples.append((step_shape(last[0]), t))
+    core.scheduler.schedule = orig
+    core.check_blocks()
+    swap = core.scheduler.cost.swap_bytes_per_s
+    core.shutdown()
+    return samples, rc, build_s, swap
+
+
+def model_spec(rc) -> dict:
+    a = rc.arch
+    per_layer = (a.hidden_size * a.num_heads * a.head_dim * 2 + a.hidden_size * a.num_kv_heads * a.head_dim * 2
+                 + 3 * a.hidden_size * a.intermediate_size)
+    params = a.num_layers * per_layer + a.vocab_size * a.hidden_size * (1 if a.tie_word_embeddings else 2)
+    return dict(name=rc.model_path.rsplit("/", 1)[-1], num_params=int(params), num_layers=a.num_layers,
+                hidden_size=a.hidden_size, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim,
+                max_model_len=rc.max_model_len)
+
+
+def calibrate(engine_kwargs: dict, name: str | None = None, plan=DEFAULT_PLAN, repeats: int = 1) -> HardwareProfile:
+    from kvflow.platform import cpu_info
+    samples, rc, build_s, swap = measure(engine_kwargs, plan, repeats)
+    coef, quality = fit(samples)
+    cpu = cpu_info().model or platform.processor() or platform.machine()
+    threads = rc.config.parallel.num_threads
+    device = rc.config.model.device
+    return HardwareProfile(
+        name=name or f"{device}-{rc.arch.model_type}-{rc.dtype}", kind="linear",
+        source=(f"calibrated on this machine: {cpu} ({device}, {threads or 'default'} threads), "
+                f"{time.strftime('%Y-%m-%d')}, model {rc.model_path.rsplit('/', 1)[-1]} {rc.dtype} "
+                f"quantization {rc.config.model.quantization}; {quality['num_steps']} measured EngineCore steps; "
+                f"P/D link = the measured swap bandwidth (one machine)"),
+        model=model_spec(rc), dtype=rc.dtype if rc.dtype in ("bfloat16", "float32") else "bfloat16",
+        params={"coef": coef}, kv_cache_bytes=int(rc.num_kv_blocks * rc.block_bytes), link_bytes_per_s=swap,
+        swap_bytes_per_s=swap, cold_start_s=round(build_s, 3), fit=quality)

@@ -1,0 +1,299 @@
+"""The discrete-event loop: arrivals, routing (kvflow's real router policies), replica steps, the prefill ->
+decode hand-off, and a simple serverless autoscaler.
+
+Shapes, as EngineConfig chooses them (a preset or flags):
+  replicas      `replicas` engines behind `router` (one: no router)
+  P/D           `prefill_replicas` + `decode_replicas`, each its own Scheduler + KVCacheManager. A request
+                is routed to a prefill worker by `router` and computes its prompt there (max_tokens 1: the
+                first token comes from the prefill worker, as in DistServe); its KV then moves to a decode
+                worker chosen by `pd_policy` (sync: after the prefill; async/layerwise: with the prefill worker).
+                Exposed transfer time (bytes / the profile's link bandwidth): sync, the whole prompt's KV;
+                async, the last prefill chunk's share; layerwise, one layer's share. On arrival the decode worker
+                adopts the blocks into its prefix cache (as kvflow/cluster/kv_transfer.import_blocks: at most
+                half its free blocks), so decode workers always run with the prefix cache on.
+  serverless    slots for up to `max_replicas`; every AUTOSCALE_S the autoscaler wants ceil(in flight /
+                target_ongoing_requests) replicas (within min/max). A start takes the profile's cold_start_s,
+                or WARM_FRACTION of it while a warm-pool process is free (the pool refills after cold_start_s).
+                Idle replicas stop after scale_down_idle_s; requests wait at the front door while none is
+                ready, and fail after scale_up_timeout_s. A deliberately simple model of Ray Serve's autoscaler.
+Same seed and inputs, same events in the same order: the result is deterministic.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+from kvflow.cluster.router import ReplicaLoad, RouteRequest, make_router
+from kvflow.config import EngineConfig
+from kvflow.memory.kv_cache_manager import extend_block_hashes
+from kvflow.sim.cost_model import HardwareProfile
+from kvflow.sim.replica import SimReplica, engine_spec
+from kvflow.sim.report import Record, Recorder
+
+AUTOSCALE_S = 1.0
+WARM_FRACTION = 0.25
+ARRIVE, STEP_END, KV_ARRIVE, TICK, READY, WARM = range(6)
+
+
+@dataclass
+class Pool:
+    """Replicas of one role, and the router that places requests on them."""
+    replicas: list[SimReplica | None]
+    router: object | None
+    ready: list[bool] = field(default_factory=list)
+
+    def choose(self, req: RouteRequest) -> int:
+        if len(self.replicas) == 1:
+            return 0
+        loads = [r.load for r in self.replicas if r is not None] if all(self.ready) else self._loads()
+        return self.router.route(req, loads)
+
+    def _loads(self):
+        out = []
+        for i, r in enumerate(self.replicas):
+            ld = r.load if r is not None else None
+            if ld is None or not self.ready[i]:
+                    ld = ReplicaLoad(i, healthy=False)
+            else:
+                ld.healthy = True
+            out.append(ld)
+        return out
+
+
+class Simulation:
+    def __init__(self, config: EngineConfig, profile: HardwareProfile, track_tables: bool = False,
+                 keep_itl: int = 20000, bin_s: float | None = None):
+        self.config, self.profile = config, profile
+        self.spec = engine_spec(config, profile)
+        self.cost = profile.cost_model()
+        self.track_tables = track_tables
+        self.now = 0.0
+        self._events: list = []
+        self._seq = 0
+        self.rec = Recorder(keep_itl, bin_s)
+        self.pd = config.disagg.enabled
+        self.serverless = config.serverless.serverless
+        self.front: list[Record] = []              # serverless: requests waiting for a ready replica
+        self._arrivals_done = False
+        bs = self.spec.block_size
+        router_opts = dict(block_size=bs, seed=config.model.seed)
+        if self.pd:
+            p, d = config.disagg.prefill_replicas, config.disagg.decode_replicas
+            self.prefill = self._pool(p, config.cluster.router, router_opts)
+            self.decode = self._pool(d, config.disagg.pd_policy, router_opts, prefix_caching=True, base=p)
+            per_block = self.cost.transfer_seconds(self.spec.block_bytes)
+            for r in self.prefill.replicas:
+                r.load.extra["transfer_s_per_block"] = per_block
+        elif self.serverless:
+            so = config.serverless
+            self.prefill = Pool([None] * so.max_replicas, make_router(config.cluster.router, so.max_replicas,
+                                                                     **router_opts), [False] * so.max_replicas)
+            self.decode = None
+            self.warm_free, self.starting = so.warm_pool, 0
+            for i in range(so.min_replicas):
+                self._start_replica(i, 0.0)
+            self._push(0.0, TICK)
+        else:
+            self.prefill = self._pool(config.cluster.replicas, config.cluster.router, router_opts)
+            self.decode = None
+
+    def _pool(self, n, router, opts, prefix_caching=None, base=0) -> Pool:
+        reps = [SimReplica(base + i, self.spec, self.cost, self.clock, prefix_caching, self.track_tables)
+                for i in range(n)]
+        for i, r in enumerate(reps):
+            r.load.index = i
+            r.role = "decode" if base else "prefill"
+            self.rec.replica_up(r.index, 0.0)
+        return Pool(reps, make_router(router, n, **opts) if n > 1 else None, [True] * n)
+
+    def clock(self) -> float:
+        return self.now
+
+    def _push(self, t: float, kind: int, a=None, b=None) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (t, self._seq, kind, a, b))
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+
+    def run(self, requests) -> Recorder:
+        it = iter(requests)
+        self._next_arrival(it)
+        while self._events:
+            t, _, kind, a, b = heapq.heappop(self._events)
+            self.now = t
+            if kind == ARRIVE:
+                self._next_arrival(it)
+                self._arrive(a)
+            elif kind == STEP_END:
+                self._step_end(a, b)
+            elif kind == KV_ARRIVE:
+                self._kv_arrive(a, b)
+            elif kind == TICK:
+                self._tick()
+            elif kind == READY:
+                self._ready(a)
+            else:
+                self.warm_free += 1
+        for r in self.replicas():
+            if not self.serverless:
+                self.rec.replica_down(r.index, self.now)
+        self.rec.finish(self.now)
+        return self.rec
+
+    def replicas(self) -> list[SimReplica]:
+        pools = [self.prefill] + ([self.decode] if self.decode else [])
+        return [r for p in pools for r in p.replicas if r is not None]
+
+    def _next_arrival(self, it) -> None:
+        req = next(it, None)
+        if req is not None:
+            self._push(req.arrival_s, ARRIVE, req)
+        else:
+            self._arrivals_done = True
+
+    def _arrive(self, sreq) -> None:
+        rec = self.rec.add(sreq, self.spec.max_model_len)
+        if rec.error:
+            return
+        if self.serverless and not any(self.prefill.ready):
+            self.front.append(rec)
+            return
+        self._route(rec)
+
+    def _route(self, rec: Record) -> None:
+        hashes = extend_block_hashes([], rec.prompt, self.spec.block_size)
+        route = RouteRequest(rec.rid, hashes, len(rec.prompt), rec.max_tokens, rec.user)
+        i = self.prefill.choose(route)
+        if self.pd and self.config.disagg.kv_transfer != "sync":
+            rec.decode = self.decode.choose(route)
+            self.decode.replicas[rec.decode].load.num_assigned += 1
+        rec.replica = i
+        r = self.prefill.replicas[i]
+        r.kv.hashes[rec.rid] = hashes       # the engine extends the same chain: no need to hash twice
+        r.add(rec.rid, rec.prompt, 1 if self.pd else rec.max_tokens, rec.arrival, rec.user)
+        r.load.outstanding_tokens += len(rec.prompt) + rec.max_tokens
+        self._kick(r)
+
+    def _kick(self, r: SimReplica) -> None:
+        if not r.busy:
+            r.busy = True                  # a step starts at this instant, after same-time events queued before
+            self._push(self.now, STEP_END, r, True)
+
+    def _step_end(self, r: SimReplica, start: bool | None = None) -> None:
+        if not start:
+            _, outputs = r.end_step()
+            self._outputs(r, outputs)
+        r.busy = False
+        if r.has_work():
+            seconds = r.begin_step()
+            if seconds is not None:
+                self.rec.busy(r.index, self.now, seconds, r.load.kv_cache_usage, len(r.scheduler.running))
+                self._push(self.now + seconds, STEP_END, r)
+                return
+        r.idle_since = self.now
+
+    def _outputs(self, r: SimReplica, outputs) -> None:
+        prefill_side = self.pd and r.role == "prefill"
+        for o in outputs:
+            rec = self.rec.records[o.request_id]
+            if o.new_token_ids:
+                self.rec.tokens(rec, self.now, len(o.new_token_ids), o.num_cached_tokens, o.num_preemptions)
+            if o.finish_reason is None:
+                continue
+            pool = self.prefill if (prefill_side or not self.pd) else self.decode
+            r.finished(0.0)
+            if pool.router is not None:
+                pool.router.on_finished(rec.rid, r.load.index)
+            if prefill_side and rec.max_tokens > 1:
+                self._hand_off(r, rec, o.new_token_ids)
+            else:
+                self.rec.done(rec, self.now)
+
+    # ---- prefill -> decode ----------------------------------------------------------------------------------
+
+    def _hand_off(self, r: SimReplica, rec: Record, first: list[int]) -> None:
+        mode = self.config.disagg.kv_transfer
+        full = self.cost.transfer_seconds(len(rec.prompt) * self.profile.kv_bytes_per_token)
+        if mode == "sync":
+            hashes = extend_block_hashes([], rec.prompt, self.spec.block_size)
+            rec.decode = self.decode.choose(RouteRequest(rec.rid, hashes, len(rec.prompt), rec.max_tokens, rec.user))
+            self.decode.replicas[rec.decode].load.num_assigned += 1
+            exposed = full
+        elif mode == "async":
+            chunk = r.runner.last_chunk.get(rec.rid, len(rec.prompt))
+            exposed = full * chunk / len(rec.prompt)
+        else:
+            exposed = full / self.profile.model["num_layers"]
+        rec.transfer_s = exposed
+        self._push(self.now + exposed, KV_ARRIVE, rec, list(first))
+
+    def _kv_arrive(self, rec: Record, first: list[int]) -> None:
+        d = self.decode.replicas[rec.decode]
+        d.load.num_assigned -= 1                 # add() counts it again
+        hashes = extend_block_hashes([], rec.prompt, self.spec.block_size)
+        d.kv.adopt_blocks(hashes, d.kv.pool.num_free // 2)
+        d.add(rec.rid, rec.prompt, rec.max_tokens, rec.arrival, rec.user, outputs=first)
+        d.load.outstanding_tokens += rec.max_tokens
+        self._kick(d)
+
+    # ---- serverless -------------------------------------------------------------------------------------------
+
+    def _start_replica(self, i: int, delay: float) -> None:
+        self.prefill.replicas[i] = SimReplica(i, self.spec, self.cost, self.clock, None, self.track_tables)
+        self.starting += 1
+        if delay <= 0:
+            self._ready(i)
+        else:
+            self._push(self.now + delay, READY, i)
+
+    def _ready(self, i: int) -> None:
+        self.starting -= 1
+        self.prefill.ready[i] = True
+        r = self.prefill.replicas[i]
+        r.started_s = r.idle_since = self.now
+        self.rec.replica_up(i, self.now)
+        if self.prefill.router is not None:
+            self.prefill.router.on_replica_up(i)
+        front, self.front = self.front, []
+        for rec in front:
+            self._route(rec)
+
+    def _tick(self) -> None:
+        so, pool = self.config.serverless, self.prefill
+        for rec in [x for x in self.front if self.now - x.arrival > so.scale_up_timeout_s]:
+            self.front.remove(rec)
+            self.rec.fail(rec, "no replica started within scale_up_timeout_s (503)")
+        in_flight = self.rec.in_flight
+        want = min(max(math.ceil(in_flight / so.target_ongoing_requests), so.min_replicas), so.max_replicas)
+        alive = sum(1 for r in pool.replicas if r is not None)
+        for i in range(len(pool.replicas)):
+            if alive >= want:
+                break
+            if pool.replicas[i] is None:
+                warm = self.warm_free > 0
+                if warm:
+                    self.warm_free -= 1
+                    self._push(self.now + self.profile.cold_start_s, WARM)   # the pool refills
+                self._start_replica(i, self.profile.cold_start_s * (WARM_FRACTION if warm else 1.0))
+                alive += 1
+        ready = sum(pool.ready)
+        for i, r in enumerate(pool.replicas):
+            if (ready > want and r is not None and pool.ready[i] and not r.busy and not r.has_work()
+                    and self.now - r.idle_since >= so.scale_down_idle_s):
+                r.check()
+                self.rec.replica_down(i, self.now)
+                pool.replicas[i], pool.ready[i] = None, False
+                pool.router.on_replica_down(i)
+                ready -= 1
+        if self._events or self.front or in_flight or not self._arrivals_done:
+            self._push(self.now + AUTOSCALE_S, TICK)
+        else:
+            for i, r in enumerate(pool.replicas):        # the end: everything still up goes down now
+                if r is not None and pool.ready[i]:
+                    self.rec.replica_down(i, self.now)
+
+
+def simulate(config: EngineConfig, profile: HardwareProfile, requests, **kw) -> tuple[Simulation, Recorder]:
+    sim = Simulation(config, profile, **kw)
+    return sim, sim.run(requests)

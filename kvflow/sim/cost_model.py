@@ -1,0 +1,194 @@
+"""Hardware profiles and the step-time models the simulator reads them with.
+
+A profile (JSON; kvflow/sim/profiles/*.json, or any path) says what hardware and model it describes, where
+its numbers come from (`source`: calibrated on this machine, or a roofline), and how long a step takes as a
+function of the step's shape: the features the scheduler's own step-time model uses (kvflow/scheduler/
+costs.py): decode rows, prefill tokens, the decodes' context (thousands of tokens) and the prefill chunks'
+attention (millions of token pairs). Two cost models, a registry:
+
+  linear    seconds = coef . [1, decode rows, prefill tokens, decode context / 1e3, prefill pairs / 1e6]
+            (fitted by `kvflow sim calibrate` from measured steps)
+  roofline  seconds = launch + max(flops / (peak x mfu), bytes / (bandwidth x efficiency)): the weights are
+            read once per step, the decodes read their KV, every token costs 2 x params flops and every
+            attention pair 4 x layers x heads x head_dim flops (GPU profiles: H100, H200, A100)
+
+A profile also carries the KV budget of one device, the link bandwidth of a P/D KV transfer, the host
+swap bandwidth and a replica's cold start (serverless). No torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+PROFILE_DIR = os.path.join(os.path.dirname(__file__), "profiles")
+
+# the default model, SmolLM2-135M-Instruct (kvflow's DEFAULT_MODEL_FILE); other models: put their spec in a profile
+SMOLLM2_135M = dict(name="SmolLM2-135M-Instruct", num_params=134_515_008, num_layers=30, hidden_size=576,
+                    num_heads=9, num_kv_heads=3, head_dim=64, max_model_len=8192)
+
+# peak dense bf16 matmul FLOP/s, memory bandwidth (B/s), device memory (B), inter-node link (B/s): datasheets
+GPU_SPECS = {
+    "h100": dict(peak_flops=989e12, mem_bytes_per_s=3.35e12, mem_bytes=80e9, link_bytes_per_s=50e9),
+    "h200": dict(peak_flops=989e12, mem_bytes_per_s=4.8e12, mem_bytes=141e9, link_bytes_per_s=50e9),
+    "a100": dict(peak_flops=312e12, mem_bytes_per_s=2.0e12, mem_bytes=80e9, link_bytes_per_s=25e9),
+}
+DTYPE_BYTES = {"bfloat16": 2, "float32": 4, "float16": 2}
+
+
+def kv_bytes_per_token(model: dict, dtype: str) -> int:
+    """K and V of one token in every layer (as ModelConfig.kv_bytes_per_token)."""
+    return 2 * model["num_layers"] * model["num_kv_heads"] * model["head_dim"] * DTYPE_BYTES[dtype]
+
+
+@dataclass
+class HardwareProfile:
+    name: str
+    kind: str                          # the cost model: a COST_MODELS name
+    source: str                        # where the numbers come from (calibration or roofline), in words
+    model: dict                        # the model's shape (see SMOLLM2_135M)
+    dtype: str = "bfloat16"
+    params: dict = field(default_factory=dict)   # the cost model's own numbers
+    kv_cache_bytes: int = 1 << 30      # KV budget of one replica (device)
+    link_bytes_per_s: float = 10e9     # prefill -> decode KV transfer
+    swap_bytes_per_s: float = 4e9      # device <-> host (swap tier)
+    cold_start_s: float = 5.0          # a serverless replica from nothing to serving
+    fit: dict = field(default_factory=dict)     # calibration quality (steps, R^2, median relative error)
+
+    def __post_init__(self):
+        if self.kind not in COST_MODELS:
+            raise ValueError(f"kind must be one of {', '.join(COST_MODELS)}, got {self.kind!r}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        for key in ("num_layers", "num_kv_heads", "head_dim", "num_params"):
+            if not isinstance(self.model.get(key), int) or self.model[key] <= 0:
+                raise ValueError(f"model.{key} must be a positive integer, got {self.model.get(key)!r}")
+        for key in ("kv_cache_bytes", "link_bytes_per_s", "swap_bytes_per_s"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)!r}")
+        if self.cold_start_s < 0:
+            raise ValueError(f"cold_start_s must be >= 0, got {self.cold_start_s!r}")
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.model, self.dtype)
+
+    def cost_model(self) -> "CostModel":
+        return COST_MODELS[self.kind](self)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    def save(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json() + "\n")
+
+
+def list_profiles() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(PROFILE_DIR) if f.endswith(".json"))
+
+
+def load_profile(name_or_path: str) -> HardwareProfile:
+    """A built-in profile by name (kvflow/sim/profiles) or a JSON file; ValueError naming `hardware`."""
+    path = name_or_path if os.path.isfile(name_or_path) else os.path.join(PROFILE_DIR, f"{name_or_path}.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"hardware must be a profile file or one of {', '.join(list_profiles())}, "
+                         f"got {name_or_path!r}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"hardware: {path} is not JSON ({e})") from None
+    try:
+        return HardwareProfile(**data)
+    except TypeError as e:
+        raise ValueError(f"hardware: {path} is not a hardware profile ({e})") from None
+
+
+class CostModel:
+    """Seconds of one step of a given shape, and of moving KV bytes between devices."""
+
+    def __init__(self, profile: HardwareProfile):
+        self.profile = profile
+
+    def step_seconds(self, decode_rows: int, prefill_tokens: int, decode_context: int, prefill_pairs: float) -> float:
+        raise NotImplementedError
+
+    def transfer_seconds(self, num_bytes: float) -> float:
+        return num_bytes / self.profile.link_bytes_per_s
+
+
+class LinearCost(CostModel):
+    def __init__(self, profile: HardwareProfile):
+        super().__init__(profile)
+        coef = profile.params.get("coef")
+        if not isinstance(coef, list) or len(coef) != 5 or any(not c >= 0 for c in coef):
+            raise ValueError(f"params.coef must be 5 non-negative numbers (seconds: per step, per decode row, per "
+                             f"prefill token, per 1e3 decode-context tokens, per 1e6 prefill pairs), got {coef!r}")
+        self.c0, self.c1, self.c2, self.c3, self.c4 = (float(c) for c in coef)
+
+    def step_seconds(self, decode_rows, prefill_tokens, decode_context, prefill_pairs):
+        return (self.c0 + self.c1 * decode_rows + self.c2 * prefill_tokens + self.c3 * decode_context / 1e3
+                + self.c4 * prefill_pairs / 1e6)
+
+
+class RooflineCost(CostModel):
+    def __init__(self, profile: HardwareProfile):
+        super().__init__(profile)
+        p, m = profile.params, profile.model
+        for key in ("peak_flops", "mem_bytes_per_s", "mfu", "bw_efficiency", "launch_s"):
+            if not isinstance(p.get(key), (int, float)) or p[key] < 0:
+                raise ValueError(f"params.{key} must be a non-negative number, got {p.get(key)!r}")
+        self.flops_per_token = 2.0 * m["num_params"]
+        self.flops_per_pair = 4.0 * m["num_layers"] * m.get("num_heads", m["num_kv_heads"]) * m["head_dim"]
+        self.flops_per_s = p["peak_flops"] * p["mfu"]
+        self.bytes_per_s = p["mem_bytes_per_s"] * p["bw_efficiency"]
+        self.weight_bytes = m["num_params"] * DTYPE_BYTES[profile.dtype]
+        self.kv_token_bytes = profile.kv_bytes_per_token
+        self.launch_s = p["launch_s"]
+
+    def step_seconds(self, decode_rows, prefill_tokens, decode_context, prefill_pairs):
+        flops = (decode_rows + prefill_tokens) * self.flops_per_token + (decode_context + prefill_pairs) * \
+            self.flops_per_pair
+        num_bytes = self.weight_bytes + decode_context * self.kv_token_bytes
+        return self.launch_s + max(flops / self.flops_per_s, num_bytes / self.bytes_per_s)
+
+
+COST_MODELS: dict[str, type[CostModel]] = {"linear": LinearCost, "roofline": RooflineCost}
+
+
+def step_shape(sched) -> tuple[int, int, int, float]:
+    """(decode rows, prefill tokens, decode context, prefill pairs) of a SchedulerOutput, counted exactly as
+    Scheduler.record_step counts them."""
+    rows = prefill = context = 0
+    pairs = 0.0
+    for s in sched.scheduled:
+        n = len(s.token_ids)
+        if n == 1 + s.num_spec_tokens:
+            rows += n
+            context += n * (s.num_computed_tokens + 1)
+        else:
+            prefill += n
+            pairs += n * (s.num_computed_tokens + n / 2)
+    return rows, prefill, context, pairs
+
+
+def roofline_profile(gpu: str, model: dict = SMOLLM2_135M, dtype: str = "bfloat16", mfu: float = 0.5,
+                     bw_efficiency: float = 0.8, launch_s: float | None = None) -> HardwareProfile:
+    """A GPU's profile from its roofline (datasheet numbers in GPU_SPECS, efficiencies assumed)."""
+    if gpu not in GPU_SPECS:
+        raise ValueError(f"gpu must be one of {', '.join(GPU_SPECS)}, got {gpu!r}")
+    spec = GPU_SPECS[gpu]
+    weight_bytes = model["num_params"] * DTYPE_BYTES[dtype]
+    launch = launch_s if launch_s is not None else 1e-3 + model["num_layers"] * 8 * 3e-6   # ~8 kernels/layer
+    return HardwareProfile(
+        name=f"{gpu}-{model['name']}-{dtype}", kind="roofline",
+        source=(f"roofline, not measured: {gpu.upper()} datasheet peak {spec['peak_flops'] / 1e12:.0f} TFLOP/s dense "
+                f"bf16 x mfu {mfu}, HBM {spec['mem_bytes_per_s'] / 1e12:.2f} TB/s x efficiency {bw_efficiency}, "
+                f"launch overhead {launch * 1e3:.2f} ms per step; KV budget 90% of memory left after the weights; "
+                f"P/D link {spec['link_bytes_per_s'] / 1e9:.0f} GB/s; cold start: weights at 2 GB/s + 10 s"),
+        model=dict(model), dtype=dtype,
+        params=dict(peak_flops=spec["peak_flops"], mem_bytes_per_s=spec["mem_bytes_per_s"], mfu=mfu,
+                    bw_efficiency=bw_efficiency, launch_s=launch),
+        kv_cache_bytes=int(0.9 * (spec["mem_bytes"] - weight_bytes)), link_bytes_per_s=spec["link_bytes_per_s"],
+        swap_bytes_per_s=25e9, cold_start_s=round(10.0 + weight_bytes / 2e9, 3))

@@ -1,0 +1,156 @@
+"""One simulated engine: kvflow's real KVCacheManager and Scheduler (its policy, preemption, prefix cache,
+swap tier), unchanged, on the simulation's clock, with the simulated runner in place of the model.
+
+`engine_spec(config, profile)` derives what an engine core would be built with from an EngineConfig and a
+hardware profile (the KV blocks the profile's memory holds, the swap blocks, the context length), as
+kvflow.config.resolve does from a model. A step is two halves, as EngineCore.step: `begin_step` schedules
+and asks the runner for the step's seconds; `end_step`, that long later, feeds the runner's output back
+(Scheduler.record_step, Scheduler.update_from_output) and returns the engine core's outputs.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvflow.cluster.router import ReplicaLoad
+from kvflow.config import EngineConfig
+from kvflow.memory.kv_cache_manager import KVCacheManager
+from kvflow.request import Request
+from kvflow.sampling.params import SamplingParams
+from kvflow.scheduler.costs import PreemptionCost
+from kvflow.scheduler.policy import make_policy
+from kvflow.scheduler.scheduler import Scheduler
+from kvflow.sim.cost_model import DTYPE_BYTES, CostModel, HardwareProfile
+from kvflow.sim.runner import SimRunner
+
+PARAMS = SamplingParams(max_tokens=1 << 30, ignore_eos=True)     # one object shared by every simulated request
+
+
+@dataclass
+class EngineSpec:
+    block_size: int
+    num_kv_blocks: int
+    num_swap_blocks: int
+    block_bytes: int
+    max_model_len: int
+    enable_prefix_caching: bool
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    preemption_mode: str
+    scheduling_policy: str
+    client_weights: str | None
+    tpot_slo_ms: float | None
+    enable_chunked_prefill: bool
+    kv_reservation: str
+    async_recovery: bool
+
+
+def engine_spec(config: EngineConfig, profile: HardwareProfile) -> EngineSpec:
+    c, sc, m = config.cache, config.scheduler, profile.model
+    if config.speculative.speculative_config is not None:
+        raise ValueError("speculative_config: speculative decoding is not simulated")
+    if c.kv_store_dir is not None:
+        raise ValueError("kv_store_dir: the disk tier is not simulated")
+    if sc.length_predictor not in (None, "online"):
+        raise ValueError("length_predictor: only the online predictor is simulated (a file needs the model)")
+    itemsize = DTYPE_BYTES[profile.dtype]
+    per_token = 2 * m["num_layers"] * m["num_kv_heads"] * (
+        m["head_dim"] + itemsize if c.kv_cache_dtype == "int8" else m["head_dim"] * itemsize)
+    block_bytes = per_token * c.block_size
+    model_len = config.model.max_model_len or m.get("max_model_len", 8192)
+    if c.num_kv_blocks is not None:
+        num_blocks = c.num_kv_blocks
+    else:
+        budget = c.kv_cache_memory_bytes or profile.kv_cache_bytes
+        num_blocks = min(budget // block_bytes, sc.max_num_seqs * -(-model_len // c.block_size))
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory_bytes={budget} is too small for one block of {c.block_size} tokens")
+    num_swap = c.num_swap_blocks if c.num_swap_blocks is not None else c.swap_space_bytes // block_bytes
+    return EngineSpec(c.block_size, num_blocks, num_swap, block_bytes, model_len, c.enable_prefix_caching,
+                      sc.max_num_seqs, sc.max_num_batched_tokens, sc.preemption_mode, sc.scheduling_policy,
+                      sc.client_weights, sc.tpot_slo_ms, sc.enable_chunked_prefill, sc.kv_reservation,
+                      sc.async_recovery)
+
+
+class SimReplica:
+    def __init__(self, index: int, spec: EngineSpec, cost: CostModel, clock: Callable[[], float],
+                 prefix_caching: bool | None = None, track_tables: bool = False):
+        self.index, self.spec = index, spec
+        caching = spec.enable_prefix_caching if prefix_caching is None else prefix_caching
+        self.kv = KVCacheManager(spec.num_kv_blocks, spec.block_size, caching, spec.num_swap_blocks)
+        prefill_rate = 1.0 / max(cost.step_seconds(0, 1024, 0, 1024 * 512) / 1024, 1e-9)
+        self.cost = PreemptionCost(spec.block_bytes, prefill_tokens_per_s=prefill_rate,
+                                   swap_bytes_per_s=cost.profile.swap_bytes_per_s)
+        self.scheduler = Scheduler(
+            self.kv, spec.max_num_seqs, spec.max_num_batched_tokens, spec.max_model_len, spec.preemption_mode,
+            self.cost, clock=clock, policy=make_policy(spec.scheduling_policy, client_weights=spec.client_weights),
+            tpot_slo_ms=spec.tpot_slo_ms, enable_chunked_prefill=spec.enable_chunked_prefill,
+            kv_reservation=spec.kv_reservation, async_recovery=spec.async_recovery)
+        self.runner = SimRunner(cost, track_tables)
+        self.load = ReplicaLoad(index, num_kv_blocks=spec.num_kv_blocks,
+                                extra={"prefill_tokens_per_s": prefill_rate, "queued_prefill_tokens": 0})
+        self.busy = False
+        self.role = "mixed"             # or prefill / decode (P/D)
+        self._step = None
+        self.started_s = 0.0          # when it became ready (serverless)
+        self.idle_since = 0.0
+
+    def add(self, rid: str, prompt: list[int], max_tokens: int, arrival: float, user: str | None = None,
+            outputs: list[int] | None = None) -> None:
+        req = Request(rid, prompt, PARAMS, set(), max_tokens, arrival, client=user)
+        if outputs:                    # moved here after its first token (P/D): its outputs so far are known
+            req.output_token_ids = list(outputs)
+            req.all_token_ids += outputs
+            req.num_prompt_logprobs = len(prompt)
+        self.scheduler.add_request(req)
+        self.load.num_assigned += 1
+        self.load.num_waiting += 1
+        self.load.extra["queued_prefill_tokens"] += len(prompt)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def begin_step(self) -> float | None:
+        """Schedule a step; its seconds, or None when nothing could be scheduled."""
+        sched = self.scheduler.schedule()
+        result, seconds = self.runner.execute(sched)      # finished ids and block ops apply even when empty
+        if not sched.scheduled:
+            if self.scheduler.waiting and not self.scheduler.running:
+                req = self.scheduler.waiting[0]
+                raise ValueError(f"cannot schedule request {req.request_id!r} ({req.num_tokens} tokens) with "
+                                 f"{self.kv.pool.num_free} of {self.kv.num_blocks} KV blocks free: num_kv_blocks "
+                                 f"is too small for this workload")
+            return None
+        self._step = (sched, result, seconds)
+        self.busy = True
+        return seconds
+
+    def end_step(self):
+        """Apply the finished step; (its SchedulerOutput, the engine core's outputs)."""
+        sched, result, seconds = self._step
+        self._step = None
+        self.busy = False
+        s = self.scheduler
+        s.record_step(sched, seconds)
+        num_tokens = sched.num_scheduled_tokens
+        if num_tokens >= 4 * len(sched) and num_tokens >= 64:   # as EngineCore: refine the prefill rate
+            self.cost.prefill_tokens_per_s += 0.2 * (num_tokens / seconds - self.cost.prefill_tokens_per_s)
+        outputs = s.update_from_output(sched, result)
+        ld = self.load
+        ld.num_running, ld.num_waiting = len(s.running), len(s.waiting)
+        ld.kv_cache_usage = 1.0 - self.kv.pool.num_free / self.kv.num_blocks
+        ld.outstanding_tokens = max(ld.outstanding_tokens - num_tokens, 0.0)
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in s.waiting)
+        ld.extra["queued_prefill_tokens"] = queued + sum(
+            r.num_tokens - r.num_computed_tokens for r in s.running if r.num_tokens - r.num_computed_tokens > 1)
+        ld.extra["prefill_tokens_per_s"] = self.cost.prefill_tokens_per_s
+        return sched, outputs
+
+    def finished(self, remaining_tokens: float) -> None:
+        """A request routed here ended (the cluster's count of requests in flight)."""
+        self.load.num_assigned -= 1
+        self.load.outstanding_tokens = max(self.load.outstanding_tokens - remaining_tokens, 0.0)
+
+    def check(self) -> None:
+        """The block invariant (as EngineCore.check_blocks): every block free, cached, or held by a live request."""
+        self.scheduler.check()
