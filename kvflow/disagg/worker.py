@@ -148,7 +148,7 @@ class PDWorker(EngineReplica):
                 self._publish(req)
             if plan.mode == "sync":
                 meta, arrays = self._export(self.core, rid)
-                ref = [ray.put(arrays)] if meta is not None else None
+                ref = [ray.put([] if self.sender.fail else arrays)] if meta is not None else None
             else:
                 meta = {"request_id": rid, "output_token_ids": list(req.output_token_ids),
                         "num_preemptions": req.num_preemptions}

@@ -42,8 +42,16 @@ class LLMEngine:
                     params: SamplingParams, priority: int = 0, user: str | None = None) -> None:
         reqs = self.input_processor.process(request_id, prompt_token_ids, params, time.monotonic(), priority, user)
         self.output_processor.add_request(request_id, prompt, reqs)
-        for req in reqs:
-            self.client.add_request(req)
+        sent = 0
+        try:
+            for req in reqs:
+                self.client.add_request(req)
+                sent += 1
+        except BaseException:                 # refused (early rejection): nothing of it is left behind
+            child_ids = self.output_processor.abort(request_id)
+            if sent:
+                self.client.abort_requests(child_ids)
+            raise
 
     def abort_request(self, request_id: str) -> None:
         self.client.abort_requests(self.output_processor.abort(request_id))

@@ -287,6 +287,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     from kvflow.predict.train import add_parser as add_predict_parser
     add_predict_parser(sub)
+    from kvflow.sim.cli import add_parser as add_sim_parser
+    add_sim_parser(sub)
 
     p = sub.add_parser("eval", help="evaluate the model: `kvflow eval perplexity --file F`")
     evals = p.add_subparsers(dest="eval_command", metavar="EVAL", required=True)

@@ -66,7 +66,10 @@ class ServerMetrics:
         self.spec_verifications = counter("spec_decode_num_verifications", "Speculative decoding: verifications "
                                           "(accepted / verifications = mean accepted length)")
         self._last = EngineStats()
-        by_replica = labels + ["replica"]      # many replicas (kvflow/cluster): each one's own gauges
+        # many replicas (kvflow/cluster) or prefill/decode workers (kvflow/disagg, `role` prefill or decode):
+        # each one's own gauges
+        by_replica = labels + ["replica", "role"]
+        self._roles: dict[str, str] = {}
         self.replica_gauges = {f: Gauge(f"kvflow:replica_{name}", doc, by_replica, registry=r) for f, name, doc in (
             ("healthy", "healthy", "1 while the replica serves, 0 while it is down or restarting"),
             ("num_running", "num_requests_running", "Requests in the replica's running batch"),
@@ -81,6 +84,11 @@ class ServerMetrics:
             ("seconds", "router_seconds", "Time the router spent placing them, prompt hashing included"),
             ("resumed", "router_resumed_requests", "Requests resumed on another replica after theirs died"),
             ("migrations", "router_migrations", "Running requests moved to another replica with their KV"))}
+        self.pd_gauges = {f: gauge(name, doc) for f, name, doc in (
+            ("handoffs", "pd_handoffs", "Requests handed from a prefill worker to a decode worker"),
+            ("rejected", "pd_rejected_requests", "Requests refused early: no decode worker had KV memory for them"),
+            ("fallbacks", "pd_transfer_fallbacks", "Handoffs whose KV did not arrive: computed on the decode worker"),
+            ("pull_bytes", "pd_kv_pulled_bytes", "KV bytes decode workers pulled (sync transfer)"))}
         self.recent = RequestLog()      # the web page's timeline, latency charts and token rates (GET /stats)
 
     def record_stats(self, s: EngineStats) -> None:
@@ -130,9 +138,18 @@ class ServerMetrics:
         for f, g in self.router_gauges.items():
             if router is not None:
                 g.set(router[f])
+        if router is not None and "disagg" in router:
+            for f, g in self.pd_gauges.items():
+                g.set(router["disagg"][f])
         for d in replicas:
+            index, role = str(d["index"]), d.get("role", "replica")
+            old = self._roles.get(index)
+            if old is not None and old != role:          # it switched roles: its old series goes
+                for g in self.replica_gauges.values():
+                    g.remove(*self._labels.values(), index, old)
+            self._roles[index] = role
             for f, g in self.replica_gauges.items():
-                g.labels(replica=str(d["index"]), **self._labels).set(float(d.get(f) or 0))
+                g.labels(replica=index, role=role, **self._labels).set(float(d.get(f) or 0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,7 +4,8 @@ The real EngineCore (the engine options given: model, dtype, threads, ...) runs 
 requests of P random prompt tokens, each generating D tokens (ignore_eos), so that steps of every shape
 occur: whole and chunked prefills, mixed steps, decodes of 1..B rows at growing context. Every step's shape
 (kvflow.sim.cost_model.step_shape) and wall time (the whole EngineCore.step: scheduling, the forward pass,
-sampling and the update, which is what separates two steps of a served replica) is recorded; the five
+sampling and the update, which is what separates two steps of a served replica) is recorded, after a first
+pass of the same plan that is not (first calls of a shape select kernels and grow buffers); the five
 coefficients are fitted by non-negative least squares; the profile also records the engine's build time (a
 serverless cold start), the swap bandwidth the runner measured, the KV budget, and the fit's quality. The
 only module of kvflow.sim that imports torch (through the engine).
@@ -60,22 +61,26 @@ def fit(samples: list[tuple[tuple, float]]) -> tuple[list[float], dict]:
                                       "p90_rel_error": round(float(np.percentile(rel, 90)), 4)}
 
 
-def measure(engine_kwargs: dict, plan=DEFAULT_PLAN, repeats: int = 1, seed: int = 0):
-    """Build the real engine and run the plan; (samples, the resolved config, build seconds, swap B/s)."""
-    import torch
-
+def build_core(engine_kwargs: dict):
+    """The real engine core, warmed up; (core, resolved config, seconds from nothing to serving)."""
     from kvflow.config import EngineConfig
     from kvflow.engine.core import EngineCore
     from kvflow.engine.input_processor import open_model
-    from kvflow.engine.wire import EngineCoreRequest
-    from kvflow.sampling.params import SamplingParams
-    from kvflow.sim.cost_model import step_shape
     config = EngineConfig.from_kwargs(**{"enable_prefix_caching": False, **engine_kwargs})
     t0 = time.perf_counter()
     rc, reader, _ = open_model(config)
     core = EngineCore.build(rc, reader)
     core.warm_up()
-    build_s = time.perf_counter() - t0
+    return core, rc, time.perf_counter() - t0
+
+
+def measure_core(core, rc, plan=DEFAULT_PLAN, repeats: int = 1, seed: int = 0) -> list[tuple[tuple, float]]:
+    """Run the plan on the core: (step shape, seconds) of every step of the measured passes."""
+    import torch
+
+    from kvflow.engine.wire import EngineCoreRequest
+    from kvflow.sampling.params import SamplingParams
+    from kvflow.sim.cost_model import step_shape
     rng = np.random.default_rng(seed)
     samples: list[tuple[tuple, float]] = []
     n = 0
@@ -87,27 +92,27 @@ def measure(engine_kwargs: dict, plan=DEFAULT_PLAN, repeats: int = 1, seed: int 
         last[:] = [out]
         return out
     core.scheduler.schedule = schedule
-    with torch.inference_mode():
-        for _ in range(repeats):
-            for batch, prompt_len, out_len in plan:
-                prompt_len = min(prompt_len, rc.max_model_len - out_len - 1)
-                for _ in range(batch):
-                    ids = rng.integers(1, rc.arch.vocab_size, size=prompt_len).tolist()
-                    core.add_request(EngineCoreRequest(f"cal-{n}", ids, SamplingParams(
-                        max_tokens=out_len, ignore_eos=True, temperature=0.0), [], out_len, time.monotonic()))
-                    n += 1
-                while core.has_unfinished():
-                    last.clear()
-                    t = time.perf_counter()
-                    core.step()
-                    t = time.perf_counter() - t
-                    if last and last[0].scheduled:
-                        samples.append((step_shape(last[0]), t))
-    core.scheduler.schedule = orig
+    try:
+        with torch.inference_mode():
+            for rep in range(repeats + 1):  # pass 0 warms every shape up (first calls select kernels): not kept
+                for batch, prompt_len, out_len in plan:
+                    prompt_len = min(prompt_len, rc.max_model_len - out_len - 1)
+                    for _ in range(batch):
+                        ids = rng.integers(1, rc.arch.vocab_size, size=prompt_len).tolist()
+                        core.add_request(EngineCoreRequest(f"cal-{n}", ids, SamplingParams(
+                            max_tokens=out_len, ignore_eos=True, temperature=0.0), [], out_len, time.monotonic()))
+                        n += 1
+                    while core.has_unfinished():
+                        last.clear()
+                        t = time.perf_counter()
+                        core.step()
+                        t = time.perf_counter() - t
+                        if rep and last and last[0].scheduled:
+                            samples.append((step_shape(last[0]), t))
+    finally:
+        core.scheduler.schedule = orig
     core.check_blocks()
-    swap = core.scheduler.cost.swap_bytes_per_s
-    core.shutdown()
-    return samples, rc, build_s, swap
+    return samples
 
 
 def model_spec(rc) -> dict:
@@ -120,9 +125,13 @@ def model_spec(rc) -> dict:
                 max_model_len=rc.max_model_len)
 
 
-def calibrate(engine_kwargs: dict, name: str | None = None, plan=DEFAULT_PLAN, repeats: int = 1) -> HardwareProfile:
+def calibrate(engine_kwargs: dict, name: str | None = None, plan=DEFAULT_PLAN, repeats: int = 1,
+              core=None) -> HardwareProfile:
+    """Measure and fit; `core`: (core, rc, build seconds) of build_core, to reuse an engine."""
     from kvflow.platform import cpu_info
-    samples, rc, build_s, swap = measure(engine_kwargs, plan, repeats)
+    core, rc, build_s = core or build_core(engine_kwargs)
+    samples = measure_core(core, rc, plan, repeats)
+    swap = core.scheduler.cost.swap_bytes_per_s
     coef, quality = fit(samples)
     cpu = cpu_info().model or platform.processor() or platform.machine()
     threads = rc.config.parallel.num_threads
@@ -136,3 +145,43 @@ def calibrate(engine_kwargs: dict, name: str | None = None, plan=DEFAULT_PLAN, r
         model=model_spec(rc), dtype=rc.dtype if rc.dtype in ("bfloat16", "float32") else "bfloat16",
         params={"coef": coef}, kv_cache_bytes=int(rc.num_kv_blocks * rc.block_bytes), link_bytes_per_s=swap,
         swap_bytes_per_s=swap, cold_start_s=round(build_s, 3), fit=quality)
+
+
+def replay(core, requests, block_size: int = 16):
+    """Serve `requests` (SimRequests) on a real EngineCore in real time: each is added at its arrival time,
+    and every output's tokens are stamped when the step that made them ends, as the simulator stamps them.
+    Returns (RequestResults in arrival order, duration s): what `kvflow bench serve` would measure, without
+    the HTTP and detokenization around it. Used to check the simulator's fidelity."""
+    from kvflow.bench.metrics import RequestResult
+    from kvflow.engine.wire import EngineCoreRequest
+    from kvflow.sampling.params import SamplingParams
+    reqs = list(requests)
+    results = [RequestResult(success=True, prompt_len=len(r.prompt_token_ids), start_time=r.arrival_s) for r in reqs]
+    last: dict[int, float] = {}
+    t0 = time.perf_counter()
+    i = 0
+    while i < len(reqs) or core.has_unfinished():
+        now = time.perf_counter() - t0
+        while i < len(reqs) and reqs[i].arrival_s <= now:
+            r = reqs[i]
+            core.add_request(EngineCoreRequest(f"fid-{i}", list(r.prompt_token_ids), SamplingParams(
+                max_tokens=r.output_len, ignore_eos=True, temperature=0.0), [], r.output_len, time.monotonic()))
+            i += 1
+        if not core.has_unfinished():
+            time.sleep(max(reqs[i].arrival_s - now, 0.0))
+            continue
+        outputs = core.step()
+        now = time.perf_counter() - t0
+        for o in outputs:
+            k = int(o.request_id.rsplit("-", 1)[1])
+            res, n = results[k], len(o.new_token_ids)
+            if n:
+                if res.output_tokens == 0:
+                    res.ttft = now - res.start_time
+                else:
+                    res.itl.extend([(now - last[k]) / n] * n)
+                last[k] = now
+                res.output_tokens += n
+            if o.finish_reason is not None:
+                res.e2e = now - res.start_time
+    return results, time.perf_counter() - t0

@@ -1,0 +1,149 @@
+"""`kvflow sim` (simulate a workload on a configuration), `kvflow sim calibrate` (fit this machine's profile)
+and `kvflow sim compare` (the survey's runtimes on one workload). docs/sim.md has the details."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+DEFAULT_GOODPUT = ["ttft:2000", "tpot:200"]
+
+
+def default_hardware() -> str:
+    from kvflow.sim.cost_model import list_profiles
+    return "cpu" if "cpu" in list_profiles() else "h100"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from kvflow.entrypoints.cli_args import add_engine_args
+    p = subparsers.add_parser("sim", help="simulate kvflow's real scheduler, KV manager and router at cluster scale",
+                              description="Run a workload through kvflow's real Scheduler, KVCacheManager and "
+                                          "router with step times from a hardware profile; print bench serve's "
+                                          "table. Subcommands: calibrate, compare (docs/sim.md).")
+    _common(p)
+    p.add_argument("--out-json", default=None, help="write the result (summary, timeline, config) here")
+    p.add_argument("--plot", default=None, help="write a PNG here (needs matplotlib)")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_sim)
+    sub = p.add_subparsers(dest="sim_command", metavar="SIM", required=False)
+    c = sub.add_parser("calibrate", help="fit this machine's cost model from measured engine steps",
+                       description="Run the real engine on a plan of batches, time every step and fit the "
+                                   "linear cost model; write a hardware profile (JSON). Takes about a minute.")
+    c.add_argument("--out", required=True, help="the profile to write (JSON; a name in kvflow/sim/profiles "
+                                                 "makes it built in)")
+    c.add_argument("--name", default=None, help="the profile's name (default: device-model-dtype)")
+    c.add_argument("--repeats", type=int, default=1, help="measured passes of the plan (default 1)")
+    c.add_argument("--roofline", default=None, metavar="GPU",
+                   help="instead of measuring: write GPU's roofline profile (h100, h200, a100) for the default model")
+    add_engine_args(c)
+    c.set_defaults(func=cmd_calibrate)
+    m = sub.add_parser("compare", help="the survey's runtimes (presets) on one workload and hardware budget",
+                       description="Simulate every preset on the same workload and --gpus devices at each of "
+                                   "--rates; print one table and plot goodput against the request rate.")
+    _common(m)
+    m.add_argument("--presets", default="orca,vllm,sarathi,sglang,fastserve,preble,distserve,tetriinfer,splitwise,"
+                                        "mooncake,deepflow", help="comma-separated presets (kvflow's own row is added)")
+    m.add_argument("--gpus", type=int, default=2, help="devices per runtime (default 2)")
+    m.add_argument("--rates", default=None, help="comma-separated request rates (default: the workload's)")
+    m.add_argument("--out-json", default=None, help="write the comparison here")
+    m.add_argument("--plot", default=None, help="write the goodput-vs-load PNG here (needs matplotlib)")
+    add_engine_args(m)
+    m.set_defaults(func=cmd_compare)
+    return p
+
+
+def _common(p) -> None:
+    p.add_argument("--workload", default=None, help="KIND:key=value,... (random, chat, multitenant; keys n, rate, "
+                                                    "burstiness, bursts, input, output, range, tenants, turns, "
+                                                    "seed) or a trace file")
+    p.add_argument("--hardware", default=None, help="a profile name in kvflow/sim/profiles (cpu, h100, h200, "
+                                                    "a100) or a profile file (default: cpu if calibrated, else h100)")
+    p.add_argument("--goodput", nargs="+", default=DEFAULT_GOODPUT, metavar="KEY:MS",
+                   help="SLOs for goodput: ttft:MS tpot:MS e2el:MS (default: ttft:2000 tpot:200)")
+    p.add_argument("--keep-itl", type=int, default=20000, help="per-token gaps kept for the first N requests")
+
+
+def _setup(args):
+    from kvflow.bench.serve import parse_goodput
+    from kvflow.sim.cost_model import load_profile
+    from kvflow.sim.workload import parse_workload
+    if not args.workload:
+        raise ValueError("--workload is required (e.g. chat:n=500,rate=8 or a trace file)")
+    return parse_workload(args.workload), load_profile(args.hardware or default_hardware()), parse_goodput(args.goodput)
+
+
+def _explicit_engine_kwargs(args) -> dict:
+    """Only the engine flags given on the command line (with their preset, when one is)."""
+    from kvflow.entrypoints.cli_args import engine_kwargs
+    kw = engine_kwargs(argparse.Namespace(**{**vars(args), "preset": args.preset or "kvflow"}))
+    if not args.preset:
+        kw.pop("preset")
+    return kw
+
+
+def cmd_sim(args) -> int:
+    from kvflow.config import EngineConfig
+    from kvflow.sim.cluster import simulate
+    from kvflow.sim.report import format_table, plot_sim, save_json
+    from kvflow.sim.workload import workload_requests
+    workload, profile, goodput = _setup(args)
+    config = EngineConfig.from_kwargs(**_explicit_engine_kwargs(args))
+    t0 = time.perf_counter()
+    sim, rec = simulate(config, profile, workload_requests(workload, config.cache.block_size), keep_itl=args.keep_itl)
+    wall = time.perf_counter() - t0
+    for r in sim.replicas():
+        r.check()
+    summary = rec.summary(goodput, sim)
+    print(f"simulated {rec.num_added} requests on {profile.name} ({profile.source.split(':')[0]}) in {wall:.1f} s "
+          f"wall", file=sys.stderr)
+    print(format_table(summary))
+    result = {"config": {"engine": config.to_dict(), "workload": args.workload, "hardware": profile.name,
+                         "goodput": goodput}, "summary": summary, "timeline": rec.timeline(), "wall_s": wall}
+    if args.out_json:
+        save_json(result, args.out_json)
+    if args.plot:
+        print(f"plot: {plot_sim(result, rec.results(), args.plot, args.workload)}", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from kvflow.sim.cost_model import roofline_profile
+    if args.roofline:
+        profile = roofline_profile(args.roofline)
+    else:
+        from kvflow.sim.calibrate import calibrate
+        if args.repeats < 1:
+            raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+        profile = calibrate(_explicit_engine_kwargs(args), args.name, repeats=args.repeats)
+    if args.name:
+        profile.name = args.name
+    profile.save(args.out)
+    print(json.dumps({"out": os.path.abspath(args.out), "name": profile.name, "params": profile.params,
+                      "fit": profile.fit, "cold_start_s": profile.cold_start_s}, indent=1))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from kvflow.sim.compare import compare, format_compare, plot_compare
+    from kvflow.sim.report import save_json
+    workload, profile, goodput = _setup(args)
+    presets = [p for p in args.presets.split(",") if p]
+    if "kvflow" not in presets:
+        presets.append("kvflow")
+    rates = None
+    if args.rates:
+        try:
+            rates = [math.inf if r == "inf" else float(r) for r in args.rates.split(",")]
+        except ValueError:
+            raise ValueError(f"--rates must be comma-separated numbers, got {args.rates!r}") from None
+    overrides = _explicit_engine_kwargs(argparse.Namespace(**{**vars(args), "preset": None}))
+    result = compare(presets, workload, profile, args.gpus, rates, goodput, overrides)
+    print(format_compare(result))
+    if args.out_json:
+        save_json(result, args.out_json)
+    if args.plot:
+        print(f"plot: {plot_compare(result, args.plot)}", file=sys.stderr)
+    return 0

@@ -1,0 +1,40 @@
+"""Does the simulator reproduce a measured run? One engine is built, calibrated (kvflow.sim.calibrate), and
+then serves a workload in real time (calibrate.replay); the same workload is simulated with the fresh
+profile and the same engine options; both are reduced to `kvflow bench serve`'s metrics and compared.
+Targets (issue 17): throughput and median TTFT/TPOT within 10%, p99 within 20%. Imports torch (through
+the engine)."""
+from __future__ import annotations
+
+import time
+
+from kvflow.bench.metrics import compute_metrics
+from kvflow.sim.calibrate import DEFAULT_PLAN, build_core, calibrate, replay
+from kvflow.sim.workload import WorkloadSpec, workload_requests
+
+KEYS = (("output_throughput", 0.10), ("median_ttft_ms", 0.10), ("median_tpot_ms", 0.10),
+        ("p99_ttft_ms", 0.20), ("p99_tpot_ms", 0.20))
+
+
+def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, repeats: int = 1) -> dict:
+    from kvflow.config import EngineConfig
+    from kvflow.sim.cluster import simulate
+    t0 = time.perf_counter()
+    core, rc, build_s = build_core(engine_kwargs)
+    profile = calibrate(engine_kwargs, "fidelity", plan, repeats, core=(core, rc, build_s))
+    t_cal = time.perf_counter() - t0
+    real, duration = replay(core, workload_requests(workload), rc.config.cache.block_size)
+    core.check_blocks()
+    real_m = compute_metrics(real, duration)
+    config = EngineConfig.from_kwargs(**{**engine_kwargs, "num_kv_blocks": rc.num_kv_blocks,
+                                         "max_model_len": rc.max_model_len,
+                                         "enable_prefix_caching": rc.config.cache.enable_prefix_caching})
+    sim, rec = simulate(config, profile, workload_requests(workload))
+    sim_m = rec.summary(None, sim)
+    rows = {}
+    for key, tol in KEYS:
+        r, s = real_m[key], sim_m[key]
+        err = abs(s - r) / r if r else float("inf")
+        rows[key] = {"real": round(r, 3), "sim": round(s, 3), "rel_error": round(err, 4), "target": tol,
+                     "ok": err <= tol}
+    return {"profile": {"params": profile.params, "fit": profile.fit}, "calibration_s": round(t_cal, 1),
+            "real_duration_s": round(duration, 2), "metrics": rows, "ok": all(v["ok"] for v in rows.values())}
