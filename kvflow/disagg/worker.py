@@ -136,6 +136,7 @@ class PDWorker(EngineReplica):
         """Requests whose prefill produced their first token leave for their decode worker."""
         import ray
         requests = self.core.scheduler.requests
+        handed = False
         for rid in list(self.sender.plans):
             req = requests.get(rid)
             if req is None or req.status.finished:     # finished at its first token, or aborted
@@ -159,6 +160,9 @@ class PDWorker(EngineReplica):
             meta["num_blocks"] = plan.sent_blocks if plan.mode != "sync" else len(meta["hashes"])
             self.stats_["handoffs_out"] += 1
             self._emit(["prefilled", rid, meta, ref])
+            handed = True
+        if handed:                                     # what it holds now, without them
+            self._emit(["outputs", [], self.core.stats()])
 
     def _admit_expected(self) -> None:
         now = time.monotonic()

@@ -26,6 +26,7 @@ async def health(serving: ServingDep):
     engine = serving.engine
     if engine.is_healthy:
         replicas = [{"index": d["index"], "healthy": d["healthy"], "pid": d["pid"], "restarts": d["restarts"],
+                     "role": d.get("role", "replica"),
                      "num_assigned": d["num_assigned"]} for d in engine.replica_stats]
         return {"status": "ok", "replicas": replicas} if replicas else {"status": "ok"}
     if engine.fatal is None:          # it died: restarting (or about to, within a poll interval)

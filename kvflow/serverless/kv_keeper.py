@@ -89,8 +89,9 @@ class KVKeeper:
 # ---- on an engine core's thread ------------------------------------------------------------------------------
 
 def export_prefix_cache(core, max_blocks: int) -> tuple[list[int], list[str], list[np.ndarray]]:
-    """The core's cached prefix blocks (at most `max_blocks`, the most recently used first... kept in chain
-    order): (hashes, dtypes, arrays with blocks on dim 0), read into host memory."""
+    """The core's cached prefix blocks, at most `max_blocks` of them, the most recently used first: (hashes,
+    dtypes, arrays with blocks on dim 0), read into host memory. (Order does not matter to the keeper: every
+    block is stored under its own chained hash.)"""
     import torch
 
     from kvflow.cluster.kv_transfer import _to_numpy

@@ -23,8 +23,8 @@ from kvflow.sim.cost_model import HardwareProfile
 logger = logging.getLogger("kvflow")
 
 # (requests, prompt tokens, output tokens): prefill-heavy, decode-heavy and mixed steps
-DEFAULT_PLAN = ((1, 32, 24), (1, 480, 8), (2, 1000, 4), (4, 128, 24), (8, 64, 32), (16, 200, 16), (32, 24, 24),
-                (6, 700, 6), (24, 120, 24))
+DEFAULT_PLAN = ((1, 32, 24), (1, 480, 8), (1, 1000, 4), (4, 128, 24), (8, 64, 32), (12, 160, 16), (32, 24, 24),
+                (3, 600, 6), (24, 60, 24))
 
 
 def features(shape) -> list[float]:
@@ -44,20 +44,32 @@ def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         active.remove(min(neg, key=lambda j: coef[j]))
 
 
-def fit(samples: list[tuple[tuple, float]]) -> tuple[list[float], dict]:
+def fit(samples: list[tuple[tuple, float]], max_outliers: float = 0.2) -> tuple[list[float], dict]:
     """(coefficients, quality) from (shape, seconds) pairs, fitted on relative error (each step weighs the
-    same whether it takes 5 ms or 500)."""
+    same whether it takes 5 ms or 500). Steps slower than twice the fit (another process took the cores: a
+    shared machine) are dropped and the fit redone, at most `max_outliers` of them; the quality says how many."""
     if len(samples) < 10:
         raise ValueError(f"samples: at least 10 measured steps are needed to fit, got {len(samples)}")
     x = np.array([features(s) for s, _ in samples])
     y = np.array([t for _, t in samples])
-    w = 1.0 / y
-    coef = nnls(x * w[:, None], y * w)
-    pred = x @ coef
-    rel = np.abs(pred - y) / y
-    r2 = 1.0 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30))
-    return [float(c) for c in coef], {"num_steps": len(samples), "r2": round(r2, 4),
-                                      "median_rel_error": round(float(np.median(rel)), 4),
+    keep = np.ones(len(y), dtype=bool)
+    for _ in range(5):
+        w = 1.0 / y[keep]
+        coef = nnls(x[keep] * w[:, None], y[keep] * w)
+        ratio = y / np.maximum(x @ coef, 1e-9)
+        order = np.argsort(-ratio)
+        slow = order[ratio[order] > 2.0][:int(max_outliers * len(y))]
+        new = np.ones(len(y), dtype=bool)
+        new[slow] = False
+        if (new == keep).all():
+            break
+        keep = new
+    pred = x[keep] @ coef
+    yk = y[keep]
+    rel = np.abs(pred - yk) / yk
+    r2 = 1.0 - float(((yk - pred) ** 2).sum() / max(((yk - yk.mean()) ** 2).sum(), 1e-30))
+    return [float(c) for c in coef], {"num_steps": len(samples), "num_dropped_slow": int((~keep).sum()),
+                                      "r2": round(r2, 4), "median_rel_error": round(float(np.median(rel)), 4),
                                       "p90_rel_error": round(float(np.percentile(rel, 90)), 4)}
 
 

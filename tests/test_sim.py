@@ -1,0 +1,285 @@
+"""The cluster simulator (kvflow/sim): the simulated runner drives the real scheduler through the step
+contract; a simulated run takes the same steps as the real engine; presets load and run; traces round-trip;
+same seed, same result; every KV block comes back."""
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from kvflow.config import EngineConfig
+from kvflow.memory.kv_cache_manager import extend_block_hashes
+from kvflow.presets import PRESETS
+from kvflow.sim.calibrate import fit
+from kvflow.sim.cluster import simulate
+from kvflow.sim.compare import compare, preset_shape
+from kvflow.sim.cost_model import (SMOLLM2_135M, HardwareProfile, load_profile, roofline_profile, step_shape)
+from kvflow.sim.replica import SimReplica, engine_spec
+from kvflow.sim.workload import SimRequest, WorkloadSpec, parse_workload, read_trace, workload_requests, write_trace
+
+from .conftest import needs_default_model
+
+
+def fixed_profile(step_s: float = 0.01, per_token: float = 0.0, **kw) -> HardwareProfile:
+    """A cost model whose step time is fixed (plus an optional per-prefill-token part)."""
+    return HardwareProfile(name="fixed", kind="linear", source="test", model=dict(SMOLLM2_135M),
+                           params={"coef": [step_s, 0.0, per_token, 0.0, 0.0]}, **kw)
+
+
+def all_blocks_back(sim) -> None:
+    for r in sim.replicas():
+        r.check()
+        assert not r.scheduler.requests
+        assert all(b.ref_count == 0 for b in r.kv.pool.blocks)
+
+
+# ---- the step contract ---------------------------------------------------------------------------------
+
+def test_sim_runner_follows_the_step_contract():
+    config = EngineConfig.from_kwargs(num_kv_blocks=9, max_num_seqs=3, max_num_batched_tokens=32,
+                                      preemption_mode="swap", num_swap_blocks=64)
+    now = [0.0]
+    rep = SimReplica(0, engine_spec(config, fixed_profile()), fixed_profile().cost_model(), lambda: now[0],
+                     track_tables=True)
+    for i, n in enumerate((40, 25, 60, 10)):
+        rep.add(f"q{i}", list(range(1 + i, 1 + i + n)), 12, 0.0)
+    told, steps = set(), 0
+    while rep.has_work():
+        seconds = rep.begin_step()
+        sched, result, _ = rep._step
+        told |= {n.req_id for n in sched.new_requests}
+        assert all(s.req_id in told for s in sched.scheduled)      # told before it is scheduled, once
+        assert result.req_ids == [s.req_id for s in sched.scheduled]
+        assert [bool(t) for t in result.sampled_token_ids] == [s.sample for s in sched.scheduled]
+        for s in sched.scheduled:         # the runner's block tables are the KV manager's
+            assert rep.runner.tables[s.req_id] == rep.kv.block_ids(s.req_id)
+        now[0] += seconds
+        rep.end_step()
+        steps += 1
+    rep.begin_step()                      # the last finished ids reach the runner: it forgets them
+    assert not rep.runner.seeds and not rep.runner.tables
+    assert rep.scheduler.num_preemptions > 0 and rep.scheduler.num_swapped_out > 0
+    rep.check()
+    with pytest.raises(RuntimeError, match="before the runner was told"):
+        from kvflow.step import ScheduledRequest, SchedulerOutput
+        rep.runner.execute(SchedulerOutput(scheduled=[ScheduledRequest("ghost", 0, [1], [0])]))
+
+
+@needs_default_model
+@pytest.mark.slow
+def test_sim_takes_the_real_engines_steps(default_model_path):
+    """Same requests, same options: the real EngineCore (the default model, greedy, ignore_eos) and the
+    simulated replica schedule the same requests, the same tokens, in the same steps (preemptions too)."""
+    import torch
+
+    from kvflow.engine.core import EngineCore
+    from kvflow.engine.input_processor import open_model
+    from kvflow.engine.wire import EngineCoreRequest
+    from kvflow.sampling.params import SamplingParams
+    opts = dict(num_kv_blocks=10, max_num_seqs=4, max_num_batched_tokens=48, preemption_mode="recompute",
+                num_threads=2)
+    config = EngineConfig.from_kwargs(**opts)
+    prompts = [[7 + (i * 13 + j) % 900 for j in range(n)] for i, n in enumerate((20, 35, 50, 12, 70, 28))]
+    prompts[3] = prompts[1][:16] + prompts[3]                   # a shared prefix: a prefix-cache hit
+    max_tokens = [6, 9, 5, 8, 7, 10]
+
+    def log_steps(scheduler, step):
+        steps = []
+        orig = scheduler.schedule
+
+        def schedule():
+            out = orig()
+            if out.scheduled:
+                steps.append([(s.req_id, s.num_computed_tokens, len(s.token_ids), s.sample) for s in out.scheduled])
+            return out
+        scheduler.schedule = schedule
+        while scheduler.has_unfinished():
+            step()
+        return steps
+
+    rc, reader, _ = open_model(config)
+    core = EngineCore.build(rc, reader)
+    for i, (p, m) in enumerate(zip(prompts, max_tokens)):
+        core.add_request(EngineCoreRequest(f"r{i}", p, SamplingParams(max_tokens=m, ignore_eos=True, temperature=0.0),
+                                           [], m, 0.0))
+    with torch.inference_mode():
+        real = log_steps(core.scheduler, core.step)
+    core.check_blocks()
+
+    now = [0.0]
+    rep = SimReplica(0, engine_spec(config, fixed_profile()), fixed_profile().cost_model(), lambda: now[0])
+    assert rep.kv.num_blocks == rc.num_kv_blocks
+    for i, (p, m) in enumerate(zip(prompts, max_tokens)):
+        rep.add(f"r{i}", p, m, 0.0)
+
+    def sim_step():
+        seconds = rep.begin_step()
+        if seconds is not None:
+            now[0] += seconds
+            rep.end_step()
+    simulated = log_steps(rep.scheduler, sim_step)
+    rep.check()
+    assert simulated == real
+    assert rep.scheduler.num_preemptions == core.scheduler.num_preemptions > 0
+    assert rep.kv.num_hits == core.kv.num_hits > 0
+
+
+# ---- presets, traces, determinism, invariants -----------------------------------------------------------------
+
+def test_every_preset_loads_and_runs():
+    w = parse_workload("chat:n=40,rate=30,seed=3")
+    for name in PRESETS:
+        config = EngineConfig.from_kwargs(preset=name, num_kv_blocks=512, **preset_shape(name, 2))
+        sim, rec = simulate(config, load_profile("h100"), workload_requests(w))
+        s = rec.summary({"ttft": 5000}, sim)
+        assert s["completed"] == 40 and s["failed"] == 0, name
+        assert s["total_output_tokens"] == sum(r.output_len for r in workload_requests(w)), name
+        all_blocks_back(sim)
+    assert preset_shape("mooncake", 5) == {"prefill_replicas": 2, "decode_replicas": 3}
+    assert preset_shape("deepflow", 3) == {"max_replicas": 3, "min_replicas": 0}
+    with pytest.raises(ValueError, match="presets"):
+        preset_shape("tgi", 2)
+
+
+def test_trace_round_trips(tmp_path):
+    reqs = list(workload_requests(parse_workload("multitenant:n=24,rate=5,turns=3,tenants=2,seed=1")))
+    tokens, hashed = tmp_path / "tokens.jsonl", tmp_path / "hashes.jsonl"
+    assert write_trace(reqs, str(tokens)) == write_trace(reqs, str(hashed), block_size=16) == 24
+    back = list(read_trace(str(tokens)))
+    assert [(r.arrival_s, r.prompt_token_ids, r.output_len, r.user) for r in back] == \
+        [(r.arrival_s, r.prompt_token_ids, r.output_len, r.user) for r in reqs]
+    from_hashes = list(read_trace(str(hashed)))       # other tokens, the same prefixes
+    for a, b in zip(reqs, from_hashes):
+        assert len(a.prompt_token_ids) == len(b.prompt_token_ids)
+        ha, hb = extend_block_hashes([], a.prompt_token_ids, 16), extend_block_hashes([], b.prompt_token_ids, 16)
+        assert len(ha) == len(hb)
+    def shared_blocks(reqs):          # leading blocks shared, per pair of requests
+        chains = [extend_block_hashes([], r.prompt_token_ids, 16) for r in reqs]
+        return [sum(1 for a, b in zip(chains[i], chains[j]) if a == b) for i in range(24) for j in range(i)]
+    assert shared_blocks(from_hashes) == shared_blocks(reqs) and max(shared_blocks(reqs)) >= 18
+    config = EngineConfig.from_kwargs()
+    summaries = [simulate(config, fixed_profile(0.01, 1e-4), read_trace(str(p)))[1].summary(None)
+                 for p in (tokens, hashed)]
+    assert summaries[0] == summaries[1] and summaries[0]["prefix_cache_hit_rate"] > 0.3
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"arrival_s": 1.0, "output_len": 0, "prompt_token_ids": [1, 2]}\n')
+    with pytest.raises(ValueError, match="output_len"):
+        list(read_trace(str(bad)))
+
+
+def test_same_seed_same_result():
+    config = EngineConfig.from_kwargs(preset="preble", replicas=3, num_kv_blocks=120)
+    runs = [simulate(config, load_profile("a100"), workload_requests(parse_workload(f"chat:n=120,rate=40,seed={s}")))
+            for s in (7, 7, 8)]
+    rows = [rec.rows for _, rec in runs]
+    assert rows[0] == rows[1] and rows[0] != rows[2]
+    assert runs[0][1].timeline() == runs[1][1].timeline()
+
+
+def test_blocks_come_back_under_pressure_and_in_every_shape():
+    w = parse_workload("random:n=60,rate=200,input=120,output=40,range=0.5,seed=2")
+    shapes = [dict(num_kv_blocks=40, max_num_seqs=16, preemption_mode="recompute"),
+              dict(num_kv_blocks=40, max_num_seqs=16, preemption_mode="swap", num_swap_blocks=80),
+              dict(preset="fastserve", num_kv_blocks=60, num_swap_blocks=200),
+              dict(preset="orca", num_kv_blocks=60),
+              dict(preset="splitwise", prefill_replicas=2, decode_replicas=1, num_kv_blocks=60),
+              dict(preset="deepflow", max_replicas=3, num_kv_blocks=60)]
+    preempted = 0
+    for kw in shapes:
+        sim, rec = simulate(EngineConfig.from_kwargs(**kw), fixed_profile(0.02, 1e-4), workload_requests(w))
+        s = rec.summary(None, sim)
+        assert s["completed"] == 60, kw
+        preempted += s["preemptions"]
+        all_blocks_back(sim)
+    assert preempted > 0
+
+
+def test_pd_transfer_modes_expose_less_when_overlapped():
+    w = parse_workload("random:n=20,rate=5,input=600,output=8,seed=4")
+    exposed = {}
+    for mode in ("sync", "async", "layerwise"):
+        config = EngineConfig.from_kwargs(preset="splitwise", kv_transfer=mode, max_num_batched_tokens=256)
+        prof = fixed_profile(0.01, 1e-4, link_bytes_per_s=1e9)
+        sim, rec = simulate(config, prof, workload_requests(w))
+        exposed[mode] = rec.summary(None, sim)["mean_kv_transfer_ms"]
+        all_blocks_back(sim)
+    full = 600 * prof.kv_bytes_per_token / 1e9 * 1e3
+    assert exposed["sync"] == pytest.approx(full, rel=0.02)
+    assert full / 30 < exposed["async"] <= full * 256 / 600 + 1e-9       # the last chunk's share (at most 256)
+    assert exposed["layerwise"] == pytest.approx(full / 30, rel=0.02)  # one layer's share
+
+
+def test_serverless_scales_with_load():
+    w = WorkloadSpec(kind="random", n=300, rate=20, bursts=6, burst_period=20, burst_duty=0.2, input=64, output=16)
+    config = EngineConfig.from_kwargs(preset="deepflow", max_replicas=4, target_ongoing_requests=2,
+                                      scale_down_idle_s=2.0, warm_pool=0)
+    prof = fixed_profile(0.03, 1e-4, cold_start_s=3.0)
+    sim, rec = simulate(config, prof, workload_requests(w))
+    s = rec.summary(None, sim)
+    assert s["completed"] == 300
+    up = rec.timeline()["replicas_up"]
+    assert max(up) > 2 and min(up) < max(up) - 1          # scaled up in bursts, down between them
+    assert s["p99_ttft_ms"] >= 3000 * 0.9                  # the first requests waited for a cold start
+    assert s["replica_seconds"] < 4 * rec.end_s
+
+
+def test_workload_and_profile_errors_name_the_field():
+    for text, field in (("chat:n=0", "n"), ("chat:rate=-1", "rate"), ("poisson:n=3", "workload"),
+                        ("random:foo=1", "KEY=VALUE"), ("random:input=x", "input")):
+        with pytest.raises(ValueError, match=field):
+            parse_workload(text)
+    with pytest.raises(ValueError, match="hardware"):
+        load_profile("tpu-v9")
+    with pytest.raises(ValueError, match="coef"):
+        HardwareProfile(name="x", kind="linear", source="t", model=dict(SMOLLM2_135M),
+                        params={"coef": [1, 2]}).cost_model()
+    with pytest.raises(ValueError, match="speculative_config"):
+        engine_spec(EngineConfig.from_kwargs(speculative_config='{"method": "ngram", "num_speculative_tokens": 2}'),
+                    fixed_profile())
+
+
+def test_cost_models():
+    h100, a100 = roofline_profile("h100").cost_model(), roofline_profile("a100").cost_model()
+    assert "roofline" in load_profile("h200").source
+    decode = h100.step_seconds(8, 0, 8 * 512, 0)
+    assert decode < a100.step_seconds(8, 0, 8 * 512, 0)
+    assert h100.step_seconds(0, 4096, 0, 4096 * 2048) > 2 * decode             # big prefills are compute bound
+    samples = []
+    true = [0.005, 0.0015, 0.001, 0.003, 0.02]
+    for rows, prefill, ctx in ((1, 0, 100), (4, 0, 900), (16, 0, 5000), (0, 256, 0), (0, 900, 0), (3, 200, 600),
+                               (8, 0, 3000), (0, 64, 0), (2, 500, 300), (32, 0, 9000), (0, 1500, 0), (5, 50, 1000)):
+        pairs = prefill * prefill / 2
+        t = true[0] + true[1] * rows + true[2] * prefill + true[3] * ctx / 1e3 + true[4] * pairs / 1e6
+        samples.append(((rows, prefill, ctx, pairs), t))
+    samples.append(((1, 0, 100, 0.0), 0.5))              # one step slowed by another process: dropped
+    coef, quality = fit(samples)
+    assert coef == pytest.approx(true, rel=1e-3) and quality["num_dropped_slow"] == 1
+    from kvflow.step import ScheduledRequest, SchedulerOutput
+    sched = SchedulerOutput(scheduled=[ScheduledRequest("a", 10, [5], [], sample=True),
+                                       ScheduledRequest("b", 0, [1] * 32, [])])
+    assert step_shape(sched) == (1, 32, 11, 32 * 16)
+
+
+def test_compare_and_cli(tmp_path):
+    result = compare(["vllm", "distserve", "kvflow"], parse_workload("chat:n=30,seed=5"), load_profile("h100"), 2,
+                     [10.0, 40.0], {"ttft": 1000, "tpot": 50}, {"num_kv_blocks": 512})
+    assert [r["preset"] for r in result["rows"]] == ["vllm", "distserve", "kvflow"]
+    assert all(len(r["points"]) == 2 and r["points"][1]["summary"]["completed"] == 30 for r in result["rows"])
+    out = tmp_path / "sim.json"
+    proc = subprocess.run([sys.executable, "-m", "kvflow", "sim", "--workload", "random:n=20,rate=8,input=64",
+                           "--hardware", "h200", "--replicas", "2", "--num-kv-blocks", "512",
+                           "--out-json", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "Serving Benchmark Result" in proc.stdout and "Prefix cache hit rate" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["summary"]["completed"] == 20 and data["timeline"]["utilisation"]
+    assert "torch" not in subprocess.run(
+        [sys.executable, "-c", "import sys, kvflow.sim.cli, kvflow.sim.cluster, kvflow.sim.compare; "
+                               "print(' '.join(m for m in sys.modules if m.startswith('torch')))"],
+        capture_output=True, text=True).stdout
+    proc = subprocess.run([sys.executable, "-m", "kvflow", "sim", "--workload", "chat:rate=0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "rate" in proc.stderr
