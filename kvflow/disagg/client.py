@@ -53,7 +53,7 @@ class DisaggClient(ClusterClient):
         self.handoffs: dict[str, float] = {}            # request id -> when its prefill worker handed it off
         self.handoff_s: deque = deque(maxlen=1024)      # handoff -> first token from the decode worker
         self.pulls: deque = deque(maxlen=1024)          # sync: (seconds, bytes) of a decode worker's pull
-        self.num_handoffs = self.num_rejected = self.num_fallbacks = 0
+        self.num_handoffs = self.num_rejected = self.num_fallbacks = self.kv_bytes = 0
         self.switches: list[RoleSwitch] = []
         self.last_switch = 0.0
         logger.info("disaggregated: %d prefill + %d decode workers, KV transfer %s, prefill by %s, decode by %s%s",
@@ -70,11 +70,15 @@ class DisaggClient(ClusterClient):
 
     def loads(self) -> list[ReplicaLoad]:
         loads = super().loads()
-        for ld in loads:                       # what waits to be prefilled there (min-queue, min-ttft)
+        pulls = [(s, b) for s, b in list(self.pulls)[-32:] if b]
+        per_block = sum(s for s, _ in pulls) / sum(b for _, b in pulls) * self.block_bytes if pulls else 0.0
+        for ld in loads:                       # what min-queue and min-ttft read: measured, not assumed
             r = self.replicas[ld.index]
             ld.extra["queued_prefill_tokens"] = sum(
                 len(t.req.prompt_token_ids) for t in (self.requests.get(rid) for rid in r.assigned)
                 if t is not None and not t.tokens)
+            ld.extra["prefill_tokens_per_s"] = r.stats.prefill_tokens_per_s
+            ld.extra["transfer_s_per_block"] = per_block
         return loads
 
     def _route(self, route: RouteRequest, req: EngineCoreRequest) -> int:
@@ -151,6 +155,7 @@ class DisaggClient(ClusterClient):
         t.replica = d.index
         d.assign(rid)
         self.num_handoffs += 1
+        self.kv_bytes += meta["num_blocks"] * self.block_bytes
         self.handoffs[rid] = time.monotonic()
         if ref is not None:                    # sync: the decode worker pulls the exported blocks
             call = d.actor.import_request.remote(d.incarnation, d.next_seq(), req, meta, ref[0])
@@ -214,6 +219,7 @@ class DisaggClient(ClusterClient):
         s["disagg"] = {
             "kv_transfer": self.pd.kv_transfer, "prefill_policy": self.opts.router, "decode_policy": self.pd.pd_policy,
             "handoffs": self.num_handoffs, "rejected": self.num_rejected, "fallbacks": self.num_fallbacks,
+            "kv_bytes": self.kv_bytes,
             "handoff_s": list(self.handoff_s)[-256:],
             "pull_s": [p for p, _ in pulls][-256:], "pull_bytes": sum(b for _, b in pulls),
             "roles": list(self.roles), "switches": [dataclasses.asdict(x) for x in self.switches]}

@@ -255,11 +255,13 @@ class EngineCore:
     def stats(self) -> EngineStats:
         kv, sched = self.kv, self.scheduler
         compiling = len(self.structured) if self.structured is not None else 0
-        return EngineStats(len(sched.running), len(sched.waiting) + compiling, 1.0 - kv.pool.num_free / kv.num_blocks,
-                           kv.num_queries, kv.num_hits, sched.num_preemptions, sched.num_swapped_out,
-                           kv.num_cow_copies, kv.num_disk_hits, sched.policy.queue_lengths(), sched.predictor_error,
-                           sched.token_budget, *((sched.spec.num_proposed, sched.spec.num_accepted,
-                                                  sched.spec.num_verifications) if sched.spec else ()))
+        stats = EngineStats(len(sched.running), len(sched.waiting) + compiling, 1.0 - kv.pool.num_free / kv.num_blocks,
+                            kv.num_queries, kv.num_hits, sched.num_preemptions, sched.num_swapped_out,
+                            kv.num_cow_copies, kv.num_disk_hits, sched.policy.queue_lengths(), sched.predictor_error,
+                            sched.token_budget, *((sched.spec.num_proposed, sched.spec.num_accepted,
+                                                   sched.spec.num_verifications) if sched.spec else ()))
+        stats.prefill_tokens_per_s = sched.cost.prefill_tokens_per_s
+        return stats
 
     def check_blocks(self) -> None:
         """Assert that every KV block is free, cached, or held by a live request (tests call this)."""

@@ -73,6 +73,7 @@ class EngineStats:
     spec_drafts: int = 0                 # speculative decoding, cumulative: draft tokens verified,
     spec_accepted: int = 0               # ... of them accepted,
     spec_verifications: int = 0          # ... in this many verifications
+    prefill_tokens_per_s: float = 0.0    # the prefill rate the core measures (its preemption cost model's)
 
 
 WIRE_TYPES = {cls.__name__: cls for cls in (

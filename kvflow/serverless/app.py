@@ -43,8 +43,8 @@ class EngineDeployment:
         self.keeper = ray.get_actor(names["keeper"], namespace=ns) if keep_kv else None
         self.block_size = block_size
         claimed = ray.get(self.pool.claim.remote())
-        if claimed is not None:
-            self.kind, (self.worker, info) = "warm", claimed
+        if claimed is not None:                           # warm, or "warming": one the pool was starting
+            self.worker, info, self.kind = claimed
         else:                                             # a true cold start: a new process, weights from disk
             self.kind = "cold"
             self.worker = worker_class(cpus).remote(config_json, 0, cpus, log_level, time.time())

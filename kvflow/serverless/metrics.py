@@ -20,7 +20,7 @@ def _summary(xs: list[float]) -> dict:
 
 class ServerlessMetrics:
     def __init__(self):
-        self.ttft: dict[str, list[float]] = {"cold": [], "warm": [], "up": []}
+        self.ttft: dict[str, list[float]] = {"cold": [], "warm": [], "warming": [], "up": []}
         self.refused = 0
 
     def first_token(self, seconds: float, waited_for: str | None) -> None:
@@ -33,10 +33,10 @@ class ServerlessMetrics:
         timeline = registry.get("timeline", [])
         return {"replicas": len(registry.get("live", [])), "timeline": timeline,
                 "replica_seconds": replica_seconds(timeline, time.time()),
-                "starts": {"cold": sum(s["kind"] == "cold" for s in starts),
-                           "warm": sum(s["kind"] == "warm" for s in starts)},
+                "starts": {kind: sum(s["kind"] == kind for s in starts) for kind in ("cold", "warm", "warming")},
                 "start_records": starts,
                 "ttft_waited_cold": _summary(self.ttft["cold"]), "ttft_waited_warm": _summary(self.ttft["warm"]),
+                "ttft_waited_warming": _summary(self.ttft["warming"]),
                 "ttft_replica_up": _summary(self.ttft["up"]), "refused_scale_up_timeout": self.refused}
 
 
@@ -62,7 +62,8 @@ class ServerlessCollector:
         g.add_metric([self.model], s.get("replicas", 0))
         yield g
         c = CounterMetricFamily("kvflow:serverless_starts", "replica starts, by kind (cold: a new process "
-                                "loading the model; warm: from the pre-warmed pool)", labels=["model_name", "kind"])
+                                "loading the model; warm: from the pre-warmed pool; warming: a pool worker still "
+                                "starting, waited for)", labels=["model_name", "kind"])
         for kind, n in s.get("starts", {}).items():
             c.add_metric([self.model, kind], n)
         yield c
@@ -71,6 +72,6 @@ class ServerlessCollector:
         yield r
         t = GaugeMetricFamily("kvflow:serverless_scale_up_ttft_seconds", "mean time to first token of requests "
                               "that waited for a scale-up, by the kind of start", labels=["model_name", "kind"])
-        for kind in ("cold", "warm"):
+        for kind in ("cold", "warm", "warming"):
             t.add_metric([self.model, kind], s.get(f"ttft_waited_{kind}", {}).get("mean", 0.0))
         yield t

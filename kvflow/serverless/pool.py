@@ -83,6 +83,15 @@ class ServerlessWorker(EngineReplica):
             done.set_exception(e)
 
 
+class _Slot:
+    """A worker the pool is starting; a claim may reserve it and wait for it."""
+
+    def __init__(self):
+        self.go, self.done = threading.Event(), threading.Event()
+        self.reserved = False
+        self.result = None
+
+
 def worker_class(cpus: float):
     import ray
     return ray.remote(ServerlessWorker).options(num_cpus=cpus, max_restarts=0, max_task_retries=0,
@@ -98,7 +107,7 @@ class WarmPool:
         self.config_json, self.size, self.cpus, self.log_level = config_json, size, cpus, log_level
         self.lock = threading.Lock()
         self.ready: deque = deque()          # (actor, info), oldest first
-        self.starting = 0
+        self.slots: list[_Slot] = []         # workers being started
         self.made = 0
         self.claims = self.misses = 0
         self.starts: list[dict] = []         # one per replica start: kind, breakdown, times
@@ -112,16 +121,17 @@ class WarmPool:
 
     def _refill(self, delay: float) -> None:
         with self.lock:
-            need = self.size - len(self.ready) - self.starting
+            need = self.size - len(self.ready) - sum(not slot.reserved for slot in self.slots)
             if need <= 0 or self.closed:
                 return
-            self.starting += need
-        for _ in range(need):
-            threading.Thread(target=self._start_one, args=(delay,), daemon=True).start()
+            slots = [_Slot() for _ in range(need)]
+            self.slots += slots
+        for slot in slots:
+            threading.Thread(target=self._start_one, args=(slot, delay), daemon=True).start()
 
-    def _start_one(self, delay: float) -> None:
+    def _start_one(self, slot: "_Slot", delay: float) -> None:
         import ray
-        time.sleep(delay)
+        slot.go.wait(delay)                    # a claim of this slot starts it at once
         actor, info = None, None
         try:
             with self.lock:
@@ -133,27 +143,40 @@ class WarmPool:
             logger.error("a warm-pool worker failed to start: %s", e)
             actor = None
         with self.lock:
-            self.starting -= 1
-            if actor is not None and not self.closed:
+            self.slots.remove(slot)
+            slot.result = (actor, info) if actor is not None else None
+            if actor is not None and not self.closed and not slot.reserved:
                 self.ready.append((actor, info))
-                return
-        if actor is not None:
+                actor = None
+        slot.done.set()
+        if actor is not None and not slot.reserved:
             ray.kill(actor)
 
-    def claim(self):
-        """A started worker and its `ready` info, or None when the pool is empty; the pool then refills."""
+    def claim(self, wait_s: float = 600.0):
+        """(worker, its `ready` info, kind): a started worker ("warm"); else one the pool is starting already,
+        waited for ("warming": its load is under way, and a second one would only compete with it); else
+        None (the caller starts its own, a cold start). The pool then refills."""
         with self.lock:
-            item = self.ready.popleft() if self.ready else None
+            item, slot = (self.ready.popleft() if self.ready else None), None
             if item is None:
-                self.misses += 1
-            else:
+                slot = next((x for x in self.slots if not x.reserved), None)
+                if slot is not None:
+                    slot.reserved = True
+                    slot.go.set()
+                else:
+                    self.misses += 1
+            if item is not None or slot is not None:
                 self.claims += 1
         self._refill(REFILL_DELAY_S)
-        return item
+        if item is not None:
+            return (*item, "warm")
+        if slot is None or not slot.done.wait(wait_s) or slot.result is None:
+            return None
+        return (*slot.result, "warming")
 
     def pool_state(self) -> dict:
         with self.lock:
-            return {"size": self.size, "ready": len(self.ready), "starting": self.starting, "claims": self.claims,
+            return {"size": self.size, "ready": len(self.ready), "starting": len(self.slots), "claims": self.claims,
                     "misses": self.misses, "made": self.made,
                     "ready_pids": [info["pid"] for _, info in self.ready]}
 
