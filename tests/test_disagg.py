@@ -5,6 +5,7 @@ serves a prefix the other prefill worker computed, lost transfers and a dead dec
 and early rejection happens before any prefill. The block invariant is checked on every worker after every
 test (conftest). The server over 1 + 1 workers: tests/test_disagg_server.py."""
 import dataclasses
+import os
 import time
 
 import pytest
@@ -76,6 +77,25 @@ def test_greedy_outputs_equal_one_colocated_engine(pd, single, mode):
         assert after["blocks_received"] - before["blocks_received"] == blocks
         assert after["handoffs_in"] - before["handoffs_in"] == len(prompts)
         assert after["timeouts"] == before["timeouts"]
+
+
+def test_sync_transfer_over_mooncakes_transfer_engine(pd, single):
+    from kvflow.disagg.transport import mooncake_available
+    if not mooncake_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("mooncake-transfer-engine-non-cuda (and Debian's libibverbs1) must be installed in CI")
+        pytest.skip("Mooncake's transfer engine is not installed")
+    client = _mode(pd, kv_transfer="sync", kv_transport="mooncake")
+    try:
+        prompts = _prompts([40, 90, 130], seed=10)
+        stats = client.router_stats()["disagg"]
+        assert _ids(pd.generate(prompts, GREEDY)) == _ids(single.generate(prompts, GREEDY))
+        after = client.router_stats()["disagg"]
+        assert after["pull_bytes"] - stats["pull_bytes"] == sum(len(p["prompt_token_ids"]) // 16 for p in prompts) \
+            * client.block_bytes, "every full block was read from the prefill worker's memory"
+        assert after["fallbacks"] == stats["fallbacks"]
+    finally:
+        _mode(pd, kv_transport="ray")
 
 
 def test_n_samples_are_prefilled_and_decoded_like_one_engine(pd, single):

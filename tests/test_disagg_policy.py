@@ -98,6 +98,10 @@ def test_options_are_checked_at_start():
         EngineConfig.from_kwargs(prefill_replicas=1, decode_replicas=1, replicas=2)
     with pytest.raises(ValueError, match="enable_prefix_caching must be on"):
         EngineConfig.from_kwargs(prefill_replicas=1, decode_replicas=1, enable_prefix_caching=False)
+    with pytest.raises(ValueError, match="kv_transport must be one of ray, mooncake"):
+        EngineConfig.from_kwargs(prefill_replicas=1, decode_replicas=1, kv_transport="nccl")
+    with pytest.raises(ValueError, match="kv_transport mooncake carries sync transfers"):
+        EngineConfig.from_kwargs(prefill_replicas=1, decode_replicas=1, kv_transport="mooncake", kv_transfer="async")
     with pytest.raises(ValueError, match="kv_transfer_timeout_s must be a positive number"):
         EngineConfig.from_kwargs(prefill_replicas=1, decode_replicas=1, kv_transfer_timeout_s=0)
 

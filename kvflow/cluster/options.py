@@ -9,6 +9,7 @@ from kvflow.cluster.router import ROUTERS
 from kvflow.options import check_number, check_positive, opt
 
 KV_TRANSFERS = ("sync", "async", "layerwise")
+KV_TRANSPORTS = ("ray", "mooncake")
 
 
 @dataclass
@@ -43,6 +44,9 @@ class DisaggOptions:
                                    "is chosen after prefill and pulls them, DistServe), async (chosen with the "
                                    "prefill worker, blocks stream as they fill, SplitWise), layerwise (each "
                                    "layer's KV sent as soon as that layer is computed, Mooncake)", KV_TRANSFERS)
+    kv_transport: str = opt("ray", "what carries a sync transfer's blocks: ray (the object store) or mooncake "
+                                   "(Mooncake's transfer engine over TCP or RDMA; pip install "
+                                   "mooncake-transfer-engine-non-cuda)", KV_TRANSPORTS)
     pd_policy: str = opt("least-load", "how a request chooses its decode worker (kvflow/cluster/routers)",
                          tuple(ROUTERS.modules))
     kv_transfer_timeout_s: float = opt(10.0, "a decode worker waits this long for a request's KV blocks, then "
@@ -63,6 +67,11 @@ class DisaggOptions:
                              f"both 0, got {self.prefill_replicas} and {self.decode_replicas}")
         if self.kv_transfer not in KV_TRANSFERS:
             raise ValueError(f"kv_transfer must be one of {', '.join(KV_TRANSFERS)}, got {self.kv_transfer!r}")
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ValueError(f"kv_transport must be one of {', '.join(KV_TRANSPORTS)}, got {self.kv_transport!r}")
+        if self.kv_transport == "mooncake" and self.kv_transfer != "sync":
+            raise ValueError("kv_transport mooncake carries sync transfers (the decode worker pulls); async and "
+                             "layerwise stream with Ray actor calls")
         if self.pd_policy not in ROUTERS:
             raise ValueError(f"pd_policy must be one of {', '.join(ROUTERS.modules)}, got {self.pd_policy!r}")
         check_number(self, "kv_transfer_timeout_s")

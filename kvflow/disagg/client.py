@@ -7,7 +7,7 @@ set) with a request's life in two phases:
             layerwise, its decode worker is chosen at once by `pd_policy`, and the prefill worker streams
             the blocks there as they are computed); its first token streams to the caller from there
   decode    once the worker announces the handoff ("prefilled"), the request moves to its decode worker
-            (sync: chosen now by `pd_policy`; it pulls the exported blocks from the object store) and goes on
+            (sync: chosen now by `pd_policy`; it pulls the staged blocks with `kv_transport`) and goes on
             token for token: the caller sees one stream
 
 Resumed requests (their worker died) go straight to a decode worker, which computes their prompt itself.
@@ -110,7 +110,7 @@ class DisaggClient(ClusterClient):
         if req.output_token_ids or self.roles[index] != "prefill":
             r.submit(["add", req])
             return
-        plan = TransferPlan(self.pd.kv_transfer)
+        plan = TransferPlan(self.pd.kv_transfer, self.pd.kv_transport)
         if plan.mode != "sync":               # the decode worker is chosen now: blocks stream to it
             d = self.replicas[self._pick_decode(req)]
             plan.dst, plan.dst_incarnation = d.actor, d.incarnation
@@ -139,7 +139,7 @@ class DisaggClient(ClusterClient):
                     if since is not None and t is not None and t.replica == r.index and o.new_token_ids:
                         self.handoff_s.append(now - self.handoffs.pop(o.request_id))
             return super()._message(r, msg)
-        _, rid, meta, ref = msg
+        _, rid, meta, desc = msg
         t = self.requests.get(rid)
         if t is None or t.replica != r.index:   # aborted, or resumed elsewhere meanwhile
             return
@@ -157,9 +157,9 @@ class DisaggClient(ClusterClient):
         self.num_handoffs += 1
         self.kv_bytes += meta["num_blocks"] * self.block_bytes
         self.handoffs[rid] = time.monotonic()
-        if ref is not None:                    # sync: the decode worker pulls the exported blocks
-            call = d.actor.import_request.remote(d.incarnation, d.next_seq(), req, meta, ref[0])
-            self.pending[call] = ("import", d.index, d.incarnation, (rid, time.monotonic(), meta))
+        if desc is not None:                   # sync: the decode worker pulls the staged blocks
+            call = d.actor.pull_request.remote(d.incarnation, d.next_seq(), req, meta, desc)
+            self.pending[call] = ("import", d.index, d.incarnation, (rid, r.index, desc["transport"]))
         elif target == planned:                # streamed: it waits there for the blocks
             d.submit(["expect", req, meta["num_blocks"]])
         else:                                  # streamed to a worker that died since: computed here
@@ -180,10 +180,13 @@ class DisaggClient(ClusterClient):
         return True
 
     def _answered(self, kind: str, r: Replica, value, data) -> None:
-        if kind == "import":
-            rid, t0, meta = data
-            n = len(meta.get("hashes", ()))
-            self.pulls.append((time.monotonic() - t0, n * self.block_bytes))
+        if kind == "import":                   # pulled: the prefill worker lets go of the staged blocks
+            rid, src, transport = data
+            self.pulls.append((value["seconds"], value["bytes"]))
+            if not value["bytes"]:             # nothing came: the decode worker computes the prompt
+                self.num_fallbacks += 1
+            if self.replicas[src].healthy:
+                self.replicas[src].submit(["release", rid, transport])
         else:
             super()._answered(kind, r, value, data)
 
@@ -217,7 +220,7 @@ class DisaggClient(ClusterClient):
         s = super().router_stats()
         pulls = list(self.pulls)
         s["disagg"] = {
-            "kv_transfer": self.pd.kv_transfer, "prefill_policy": self.opts.router, "decode_policy": self.pd.pd_policy,
+            "kv_transfer": self.pd.kv_transfer, "kv_transport": self.pd.kv_transport, "prefill_policy": self.opts.router, "decode_policy": self.pd.pd_policy,
             "handoffs": self.num_handoffs, "rejected": self.num_rejected, "fallbacks": self.num_fallbacks,
             "kv_bytes": self.kv_bytes,
             "handoff_s": list(self.handoff_s)[-256:],

@@ -34,6 +34,7 @@ logger = logging.getLogger("kvflow")
 @dataclasses.dataclass
 class TransferPlan:
     mode: str                      # sync | async | layerwise
+    transport: str = "ray"         # what carries a sync transfer (transport.py)
     dst: object = None             # the decode worker's actor handle (async, layerwise)
     dst_incarnation: str | None = None
     sent_blocks: int = 0           # leading full blocks already sent

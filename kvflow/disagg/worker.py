@@ -6,8 +6,8 @@ Prefill side (a request arrives as ["prefill", req, plan]):
   - with a shared KV pool, the prompt's blocks the pool holds beyond the local prefix hit are read in
     first (kv_pool.py), so the scheduler finds them as a prefix hit;
   - the request computes its prompt and samples its first token, streamed to the client as usual;
-  - right after that step it is handed off: sync exports its blocks (the object store keeps them until the
-    decode worker pulls them), async and layerwise have already sent theirs (connector.py); it ends here
+  - right after that step it is handed off: sync exports its blocks and stages them with the transport (kept
+    until the decode worker has pulled them), async and layerwise have already sent theirs (connector.py); it ends here
     and the worker announces ["prefilled", id, meta, [ref] | None]. A first token that finished the request
     (EOS, max_tokens 1) needs no handoff.
 Decode side:
@@ -16,7 +16,9 @@ Decode side:
   - ["expect", req, n]   the request, once its n blocks arrived (or `kv_transfer_timeout_s` passed: what is
                      missing is computed here), is added with its first token: only the prompt's last partial
                      block and that token are computed again
-  - sync: the client calls import_request (the replica's migration path) with the exported blocks' ref.
+  - sync: the client calls pull_request with the staged blocks' descriptor: the worker pulls them with the
+    transport that staged them (transport.py: Ray's object store, or Mooncake's transfer engine), then the
+    request takes them over as a migrated one does (kvflow/cluster/kv_transfer.py).
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class PDWorker(EngineReplica):
         self.arrived: dict[str, int] = {}                  # request id -> blocks received
         self.expecting: dict[str, tuple] = {}              # request id -> (request, blocks, deadline, since)
         self.published: set[int] = set()                   # block hashes this worker put in the pool
+        self.transports: dict = {}                          # name -> KVTransport (transport.py), made on first use
         # the decode side's events, in order: ("assembled", id, first, layers) once every layer of a range is
         # here, ("imported", id, blocks) when a range is written into the cache, ("added", id) when the
         # request enters the scheduler (tests)
@@ -76,6 +79,34 @@ class PDWorker(EngineReplica):
     def transfer_stats(self) -> dict:
         s = self.sender
         return {**self.stats_, "bytes_sent": s.bytes_sent, "sends": s.num_sends, "index": self.index}
+
+    def pull_request(self, incarnation: str, seq: int, request, meta: dict, desc: dict) -> dict:
+        """Sync handoff, decode side: pull the blocks `desc` names (transport.py), then the request takes them
+        over. A pull that fails leaves the prompt to compute here. {"bytes", "seconds"} of the pull."""
+        if incarnation != self.incarnation:
+            return {"bytes": 0, "seconds": 0.0}
+        t0 = time.perf_counter()
+        try:
+            arrays = self._transport(desc["transport"]).fetch(desc)
+        except Exception:
+            logger.exception("pulling %s's KV blocks failed; its prompt is computed here", request.request_id)
+            arrays = []
+        seconds = time.perf_counter() - t0
+        self.inbox.put((seq, "import", (request, meta, arrays)))
+        return {"bytes": sum(a.nbytes for a in arrays), "seconds": seconds}
+
+    def _transport(self, name: str):
+        if name not in self.transports:
+            from kvflow.disagg.transport import TRANSPORTS
+            self.transports[name] = TRANSPORTS[name]()
+        return self.transports[name]
+
+    def _stage(self, rid: str, name: str, arrays: list) -> dict:
+        try:
+            return self._transport(name).stage(rid, arrays)
+        except Exception:                              # e.g. Mooncake missing here: the object store carries it
+            logger.exception("staging %s's KV with %s failed; sent through Ray's object store instead", rid, name)
+            return self._transport("ray").stage(rid, arrays)
 
     def transfer_log(self) -> dict:
         """Both sides' event logs (tests)."""
@@ -109,6 +140,9 @@ class PDWorker(EngineReplica):
                 self._read_pool(req.prompt_token_ids)
             self.sender.plans[req.request_id] = plan
             self._handle(self.core, ["add", req], self._emit)
+        elif kind == "release":                        # the decode worker has pulled a sync handoff's blocks
+            if msg[2] in self.transports:
+                self.transports[msg[2]].release(msg[1])
         elif kind == "expect":
             req, blocks = msg[1], msg[2]
             now = time.monotonic()
@@ -134,7 +168,6 @@ class PDWorker(EngineReplica):
 
     def _hand_off(self) -> None:
         """Requests whose prefill produced their first token leave for their decode worker."""
-        import ray
         requests = self.core.scheduler.requests
         handed = False
         for rid in list(self.sender.plans):
@@ -149,7 +182,7 @@ class PDWorker(EngineReplica):
                 self._publish(req)
             if plan.mode == "sync":
                 meta, arrays = self._export(self.core, rid)
-                ref = [ray.put([] if self.sender.fail else arrays)] if meta is not None else None
+                ref = self._stage(rid, plan.transport, [] if self.sender.fail else arrays) if meta else None
             else:
                 meta = {"request_id": rid, "output_token_ids": list(req.output_token_ids),
                         "num_preemptions": req.num_preemptions}
