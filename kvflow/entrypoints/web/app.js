@@ -316,6 +316,7 @@ function updateStats(s) {
   $("replicas-box").hidden = replicas.length === 0;
   if (replicas.length) {
     const cols = [["index", "Replica", String], ["healthy", "Healthy", (v) => (v ? "yes" : "no")],
+                  ...(replicas[0].role ? [["role", "Role", String]] : []),
                   ["num_assigned", "Routed here", String], ["num_running", "Running", String],
                   ["num_waiting", "Waiting", String], ["kv_cache_usage", "KV used", pct],
                   ["prefix_cache_hits", "Prefix hits", (v) => String(v)],
@@ -331,7 +332,9 @@ function updateStats(s) {
   if (router) {
     $("router-summary").textContent = router.policy + ": " + router.decisions + " decisions, " +
       router.mean_us.toFixed(0) + " µs each; " + router.resumed + " resumed after a replica died, " +
-      router.migrations + " migrated";
+      router.migrations + " migrated" + (router.disagg ? "; " + router.disagg.handoffs + " handed from prefill " +
+      "to decode (" + router.disagg.kv_transfer + " KV transfer), " + router.disagg.rejected + " rejected early, " +
+      router.disagg.fallbacks + " recomputed after a lost transfer" : "");
     fillTable($("router").tBodies[0], router.recent.slice().reverse().map((c) =>
       [c.request_id, "replica " + c.replica, (s.time - c.time).toFixed(1) + " s ago"]));
   }
