@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from tests.server_process import Server
+from tests.test_web import browser  # noqa: F401 (the headless Chromium fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
@@ -87,3 +88,21 @@ def test_early_rejection_is_a_503_with_retry_after(server):
     ok = httpx.post(f"{server.url}/v1/completions", json={**body, "prompt": prompt}, timeout=60)
     assert ok.status_code == 200, "one of them fits"
     wait_idle(server)
+
+
+def test_the_dashboard_shows_each_workers_role(server, browser):
+    """In the browser: the dashboard's worker table has a role column, and the router box the handoffs."""
+    context = browser.new_context(viewport={"width": 1200, "height": 900}, bypass_csp=True)
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(server.url + "/#dashboard")
+        page.wait_for_function("document.querySelectorAll('#replicas tbody tr').length === 2 "
+                               "&& !document.getElementById('router-box').hidden", timeout=15000)
+        table = page.locator("#replicas").inner_text()
+        assert "Role" in table and "prefill" in table and "decode" in table
+        assert "handed from prefill to decode (layerwise KV transfer)" in page.locator("#router-summary").inner_text()
+    finally:
+        context.close()
+    assert errors == []
