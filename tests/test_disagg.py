@@ -214,3 +214,19 @@ def test_a_dead_decode_worker_loses_no_request(pd, single):
     while not client.replicas[2].healthy:            # Ray restarts it; the client takes it back
         assert time.monotonic() < deadline, "the decode worker did not come back"
         client._collect(client._wait(list(client.pending), 0.5))
+
+
+def test_elastic_roles_switch_a_prefill_worker_to_decode_when_decodes_pile_up(pd, single):
+    client = _mode(pd, pd_elastic=True, kv_transfer="async")
+    prompts = _prompts([300, 310], seed=11)                # ~25 of the decode worker's 48 blocks each
+    params = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+    try:
+        assert _ids(pd.generate(prompts, params)) == _ids(single.generate(prompts, params))
+        switches = client.router_stats()["disagg"]["switches"]
+        assert switches and switches[0]["old"] == "prefill" and switches[0]["new"] == "decode"
+        assert "KV" in switches[0]["why"]
+        assert client.roles.count("decode") == 2 and client.roles.count("prefill") == 1
+    finally:
+        _mode(pd, pd_elastic=False, kv_transfer="sync")
+        client.roles[:] = ["prefill", "prefill", "decode"]
+        client.switches.clear()
