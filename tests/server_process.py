@@ -90,3 +90,27 @@ class Server:
         except (AttributeError, ProcessLookupError, TypeError):
             pass
         self.log.close()
+
+
+def replica_metrics(server) -> dict[tuple[str, str], float]:
+    """(metric, replica index) -> value of the per-replica gauges (many replicas, or prefill/decode workers)."""
+    out = {}
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        m = re.match(r'(kvflow:replica_\w+)\{.*replica="(\d+)".*\} (\S+)', line)
+        if m:
+            out[(m.group(1), m.group(2))] = float(m.group(3))
+    return out
+
+
+def wait_replicas_idle(server, timeout=20.0):
+    """Wait until no replica runs, queues or holds KV blocks; its per-replica metrics."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = replica_metrics(server)
+        busy = {k: v for k, v in m.items() if k[0] in ("kvflow:replica_num_requests_running",
+                                                       "kvflow:replica_num_requests_waiting",
+                                                       "kvflow:replica_kv_cache_usage_perc") and v}
+        if m and not busy:
+            return m
+        assert time.monotonic() < deadline, f"replicas not idle: {busy}"
+        time.sleep(0.1)

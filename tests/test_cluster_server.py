@@ -1,14 +1,13 @@
 """`kvflow serve --replicas 2` on the test session's Ray cluster: one OpenAI API over two replicas, with
 streaming, abort on disconnect, per-replica /health and /metrics, and a replica killed mid-stream."""
 import os
-import re
 import signal
 import time
 
 import httpx
 import pytest
 
-from tests.server_process import Server
+from tests.server_process import Server, replica_metrics, wait_replicas_idle
 from tests.test_web import browser  # noqa: F401 (the headless Chromium fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
@@ -21,28 +20,6 @@ def server(tiny_model_dir, ray_address, tmp_path_factory):
                "--max-replica-restarts", "2")
     yield s
     s.stop()
-
-
-def replica_metrics(server) -> dict[tuple[str, str], float]:
-    out = {}
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
-        m = re.match(r'(kvflow:replica_\w+)\{.*replica="(\d+)".*\} (\S+)', line)
-        if m:
-            out[(m.group(1), m.group(2))] = float(m.group(3))
-    return out
-
-
-def wait_replicas_idle(server, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        m = replica_metrics(server)
-        busy = {k: v for k, v in m.items() if k[0] in ("kvflow:replica_num_requests_running",
-                                                       "kvflow:replica_num_requests_waiting",
-                                                       "kvflow:replica_kv_cache_usage_perc") and v}
-        if m and not busy:
-            return m
-        assert time.monotonic() < deadline, f"replicas not idle: {busy}"
-        time.sleep(0.1)
 
 
 def test_health_and_metrics_name_every_replica(server):

@@ -2,12 +2,11 @@
 API, streaming, abort on disconnect, /health and /metrics with each worker's role, and Mooncake's early
 rejection as 503 with Retry-After."""
 import re
-import time
 
 import httpx
 import pytest
 
-from tests.server_process import Server
+from tests.server_process import Server, wait_replicas_idle
 from tests.test_web import browser  # noqa: F401 (the headless Chromium fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
@@ -31,19 +30,6 @@ def worker_metrics(server) -> dict[tuple[str, str, str], float]:
     return out
 
 
-def wait_idle(server, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        m = worker_metrics(server)
-        busy = {k: v for k, v in m.items() if k[0] in ("kvflow:replica_num_requests_running",
-                                                       "kvflow:replica_num_requests_waiting",
-                                                       "kvflow:replica_kv_cache_usage_perc") and v}
-        if m and not busy:
-            return m
-        assert time.monotonic() < deadline, f"workers not idle: {busy}"
-        time.sleep(0.1)
-
-
 def test_health_and_metrics_name_each_workers_role(server):
     h = httpx.get(f"{server.url}/health").json()
     assert [(r["index"], r["role"]) for r in h["replicas"]] == [(0, "prefill"), (1, "decode")]
@@ -60,7 +46,7 @@ def test_completions_stream_across_the_handoff(server):
     assert streamed == text and text
     m = server.metrics()
     assert m["kvflow:pd_handoffs"] >= 2 and m["kvflow:pd_transfer_fallbacks"] == 0
-    wait_idle(server)
+    wait_replicas_idle(server)
 
 
 def test_a_client_that_goes_away_frees_its_blocks_on_both_workers(server):
@@ -69,7 +55,7 @@ def test_a_client_that_goes_away_frees_its_blocks_on_both_workers(server):
         for i, line in enumerate(r.iter_lines()):
             if line.startswith("data:") and i > 6:      # a few tokens in: it is on the decode worker
                 break
-    wait_idle(server)
+    wait_replicas_idle(server)
 
 
 def test_early_rejection_is_a_503_with_retry_after(server):
@@ -87,7 +73,7 @@ def test_early_rejection_is_a_503_with_retry_after(server):
     assert after["kvflow:pd_rejected_requests"] == before["kvflow:pd_rejected_requests"] + 1
     ok = httpx.post(f"{server.url}/v1/completions", json={**body, "prompt": prompt}, timeout=60)
     assert ok.status_code == 200, "one of them fits"
-    wait_idle(server)
+    wait_replicas_idle(server)
 
 
 def test_the_dashboard_shows_each_workers_role(server, browser):
