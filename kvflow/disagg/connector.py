@@ -55,6 +55,7 @@ class KVSender:
         self.plans: dict[str, TransferPlan] = {}
         self.ranges: list[_Range] = []               # this step's: blocks it completes, to send
         tensors = core.runner.kv_tensors()
+        self.device = tensors[0].device
         self.dtypes = [str(t.dtype).removeprefix("torch.") for t in tensors]
         # the tensors of layer i: K, V (and their int8 scales), at i, i + L (, i + 2L, i + 3L) in kv_tensors()
         self.per_layer = len(tensors) // num_layers
@@ -86,7 +87,8 @@ class KVSender:
             if full <= plan.sent_blocks:
                 continue
             table = kv.table(s.req_id)
-            ids = torch.tensor([b.block_id for b in table[plan.sent_blocks:full]], dtype=torch.long)
+            ids = torch.tensor([b.block_id for b in table[plan.sent_blocks:full]], dtype=torch.long,
+                               device=self.device)
             self.ranges.append(_Range(s.req_id, plan, plan.sent_blocks, ids,
                                       kv.block_hashes(req)[plan.sent_blocks:full]))
             plan.sent_blocks = full

@@ -248,7 +248,7 @@ class PDWorker(EngineReplica):
         todo = [i for i, h in enumerate(hashes) if h not in self.published]
         if not todo:
             return
-        ids = torch.tensor([table[i].block_id for i in todo], dtype=torch.long)
+        ids = torch.tensor([table[i].block_id for i in todo], dtype=torch.long, device=self.sender.device)
         arrays = [_to_numpy(t.index_select(0, ids)) for t in self.core.runner.kv_tensors()]
         self.pool.put.remote([hashes[i] for i in todo], arrays, self.sender.dtypes)
         self.published.update(hashes[i] for i in todo)
