@@ -116,6 +116,18 @@ class AsyncLLM:
         return getattr(self.client, "proc", None)
 
     @property
+    def location(self) -> str:
+        """Where the engine runs, in words (the server's start line)."""
+        if self.proc is not None:
+            return f"engine core pid {self.proc.pid}"
+        return f"{self.num_replicas} {'workers' if self.config.disagg.enabled else 'replicas'} on Ray"
+
+    def attach(self, app, metrics) -> list:
+        """What this kind of engine adds to the server built on it: routes on `app`, collectors on `metrics`;
+        returns coroutines the server runs beside it (none here)."""
+        return []
+
+    @property
     def replica_stats(self) -> list[dict]:
         """One dict per replica (its health, pid, cores, requests routed to it and its EngineStats) when the
         engine runs replicas as Ray actors; empty for the single engine-core process."""

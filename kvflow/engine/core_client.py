@@ -177,8 +177,11 @@ class MPClient(EngineCoreClient):
 
 
 def make_client(rc):
-    """The engine-core client for this config: prefill and decode workers (kvflow/disagg) or replicas
-    (kvflow/cluster) as Ray actors, or one core process."""
+    """The engine-core client for this config: replicas on Ray Serve (kvflow/serverless), prefill and decode
+    workers (kvflow/disagg) or replicas (kvflow/cluster) as Ray actors, or one core process."""
+    if rc.config.serverless.serverless:
+        from kvflow.serverless.client import ServeClient
+        return ServeClient(rc)
     if rc.config.disagg.enabled:
         from kvflow.disagg.client import DisaggClient
         return DisaggClient(rc)

@@ -152,12 +152,16 @@ async def serve(engine_config, host: str = "127.0.0.1", port: int = 8000, api_ke
     (`max_engine_restarts` within AsyncLLM's window, or it fails while loading): exit code 1. See
     build_app for the other settings."""
     import uvicorn
-    engine = AsyncLLM(engine_config, max_queue_len, max_engine_restarts=max_engine_restarts)
+    engine_cls = AsyncLLM
+    if engine_config.serverless.serverless:     # replicas on Ray Serve, scaled with load (kvflow/serverless)
+        from kvflow.serverless.launch import ServerlessLLM as engine_cls
+    engine = engine_cls(engine_config, max_queue_len, max_engine_restarts=max_engine_restarts)
     name = served_model_name or os.path.basename(engine.model_path.rstrip("/")).removesuffix(".gguf")
     metrics = ServerMetrics(name)
     engine.on_output, engine.on_stats = metrics.record_output, metrics.record_stats
     await engine.start()
     app = build_app(engine, name, metrics, api_key, max_body_bytes, keepalive_s, max_wait_s)
+    background = engine.attach(app, metrics)      # what a kind of engine adds to the server (routes, tasks)
     # the drain deadline is ours (cut_at_deadline): streams still running then end with an error event and
     # [DONE]; uvicorn's own cancellation is only a backstop a little later
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
@@ -166,16 +170,16 @@ async def serve(engine_config, host: str = "127.0.0.1", port: int = 8000, api_ke
     # no-op so that the engine process is stopped below and the exit is clean.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    where = f"engine core pid {engine.proc.pid}" if engine.proc is not None else f"{engine.num_replicas} replicas on Ray"
-    print(f"kvflow: serving {name} on http://{host}:{port} ({where})", flush=True)
+    print(f"kvflow: serving {name} on http://{host}:{port} ({engine.location})", flush=True)
     print(f"kvflow: web page (chat playground, engine dashboard) at {routes_web.page_url(host, port)}", flush=True)
-    cutter = asyncio.create_task(cut_at_deadline(server, app.state.serving, drain_timeout))
-    stopper = asyncio.create_task(exit_when_engine_gives_up(server, engine))
+    tasks = [asyncio.create_task(cut_at_deadline(server, app.state.serving, drain_timeout)),
+             asyncio.create_task(exit_when_engine_gives_up(server, engine)),
+             *(asyncio.create_task(job) for job in background)]
     try:
         await server.serve()
     finally:
-        cutter.cancel()
-        stopper.cancel()
+        for task in tasks:
+            task.cancel()
         await engine.shutdown()
     return 0 if server.started and engine.fatal is None else 1
 

@@ -148,8 +148,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--max-engine-restarts must be >= 0, got {args.max_engine_restarts}")
     if args.max_queue_wait is not None and not args.max_queue_wait >= 0:
         raise CLIError(f"--max-queue-wait must be >= 0 seconds, got {args.max_queue_wait}")
-    if config.serverless.serverless:           # replicas on Ray Serve, scaled with load (kvflow/serverless)
-        from kvflow.serverless.launch import serve_serverless as serve
     return asyncio.run(serve(config, args.host, args.port, args.api_key or os.environ.get("KVFLOW_API_KEY"),
                              args.served_model_name, args.max_queue_len, args.drain_timeout,
                              "info" if args.verbose else "warning", args.max_body_bytes, args.sse_keepalive,

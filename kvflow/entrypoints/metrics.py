@@ -17,6 +17,7 @@ class ServerMetrics:
     def __init__(self, model_name: str):
         self.registry = r = CollectorRegistry()
         labels = ["model_name"]
+        self.model_name = model_name
         self._labels = {"model_name": model_name}
 
         def gauge(name, doc):

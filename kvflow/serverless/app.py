@@ -17,7 +17,7 @@ import logging
 import os
 import time
 
-from kvflow.cluster.fleet import block_hashes
+from kvflow.memory.kv_cache_manager import extend_block_hashes
 
 logger = logging.getLogger("kvflow")
 
@@ -27,6 +27,9 @@ POLL_S = 0.5
 DRAIN_TIMEOUT_S = 600.0          # Serve waits this long for the requests in flight of a replica it stops
 EXPORT_MAX_BLOCKS = 4096
 METRICS_INTERVAL_S = 0.5
+# Serve counts a request twice for a moment after a new replica takes it (queued at the handle, running at the
+# replica): with no delay, one request at target_ongoing_requests=1 starts a second replica
+UPSCALE_DELAY_S = 2.0
 
 
 class EngineDeployment:
@@ -58,7 +61,8 @@ class EngineDeployment:
         self.record = {"kind": self.kind, "started_at": self.started_at, "ready_at": self.ready_at,
                        "attach_s": self.ready_at - self.started_at, "breakdown": info.get("breakdown", {}),
                        "worker_pid": info["pid"], "replica_pid": os.getpid()}
-        ray.get(self.pool.replica_started.remote(self.replica_id, self.record, [self.worker]))
+        me = ray.get_runtime_context().current_actor
+        ray.get(self.pool.replica_started.remote(self.replica_id, self.record, [self.worker], [me]))
 
     # ---- Serve calls -------------------------------------------------------------------------------------------
 
@@ -133,7 +137,7 @@ class EngineDeployment:
         """(meta, arrays ref) for the stored prefix blocks this replica lacks, or (None, None)."""
         if self.keeper is None:
             return None, None
-        hashes = block_hashes(req.prompt_token_ids, self.block_size)
+        hashes = extend_block_hashes([], req.prompt_token_ids, self.block_size)
         # the last block is never a hit (at least one token is computed): leave it out
         hashes = hashes[:max(0, (len(req.prompt_token_ids) - 1) // self.block_size)]
         todo = hashes
@@ -186,7 +190,7 @@ def autoscaling_config(opts) -> dict:
     look_back = max(1.0, min(10.0, idle / 2 if idle else 1.0))
     return {"min_replicas": opts.min_replicas, "max_replicas": opts.max_replicas,
             "initial_replicas": opts.min_replicas, "target_ongoing_requests": opts.target_ongoing_requests,
-            "upscale_delay_s": 0.0, "downscale_delay_s": idle, "downscale_to_zero_delay_s": idle,
+            "upscale_delay_s": UPSCALE_DELAY_S, "downscale_delay_s": idle, "downscale_to_zero_delay_s": idle,
             "look_back_period_s": look_back,
             # deprecated, but still how often Serve's handles and replicas report their load (default 10 s)
             "metrics_interval_s": METRICS_INTERVAL_S}

@@ -58,12 +58,14 @@ class ServeClient(EngineCoreClient):
         from kvflow.serverless.app import build_app
         from kvflow.serverless.kv_keeper import KVKeeper
         from kvflow.serverless.pool import WarmPool
-        ray = connect_ray(self.rc.config.cluster.ray_address, self.cpus * (self.opts.max_replicas + self.opts.warm_pool))
+        cpus = self.cpus * (self.opts.max_replicas + self.opts.warm_pool)
+        ray = connect_ray(self.rc.config.cluster.ray_address, cpus)
         from ray import serve
         level = _logging.getLevelName(logger.getEffectiveLevel())
         config = self.rc.to_json()
         self.pool = ray.remote(WarmPool).options(name=self.names["pool"], namespace=NAMESPACE, num_cpus=0,
-                                                 max_concurrency=16).remote(config, self.opts.warm_pool, self.cpus, level)
+                                                 max_concurrency=16).remote(config, self.opts.warm_pool, self.cpus,
+                                                                            level)
         if self.opts.keep_kv:
             self.keeper = ray.remote(KVKeeper).options(name=self.names["keeper"], namespace=NAMESPACE,
                                                        num_cpus=0).remote(self.opts.keep_kv_bytes)
@@ -171,7 +173,11 @@ class ServeClient(EngineCoreClient):
                         for o in outs:
                             self.tokens.setdefault(rid, []).extend(o.new_token_ids)
                         if first and any(o.new_token_ids for o in outs):
-                            self.metrics.first_token(time.time() - arrived, started["kind"] if waited else None)
+                            now = time.time()
+                            phases = {"scale_up_and_process": started["started_at"] - arrived,
+                                      "attach": started["ready_at"] - started["started_at"],
+                                      "first_token": now - started["ready_at"]} if waited else None
+                            self.metrics.first_token(now - arrived, started["kind"] if waited else None, phases)
                             first = False
                         self.messages.put_nowait(["outputs", outs, self._stats()])
                         if any(o.finish_reason is not None for o in outs):
@@ -218,7 +224,14 @@ class ServeClient(EngineCoreClient):
         return {k: v[0] for k, v in ray.get(self.pool.workers.remote()).items()} if self.pool is not None else {}
 
     def check_blocks(self) -> dict:
-        """The block invariant on every live replica's engine worker, by replica id."""
+        """The block invariant on every live replica's engine worker, by replica id; {"gone": True} for a worker
+        that died (its replica is being replaced)."""
         import ray
-        workers = self.replica_workers()
-        return dict(zip(workers, ray.get([w.check_blocks.remote() for w in workers.values()], timeout=30)))
+        from ray.exceptions import RayActorError
+        out = {}
+        for replica_id, w in self.replica_workers().items():
+            try:
+                out[replica_id] = ray.get(w.check_blocks.remote(), timeout=30)
+            except RayActorError:
+                out[replica_id] = {"gone": True}
+        return out

@@ -22,11 +22,16 @@ class ServerlessMetrics:
     def __init__(self):
         self.ttft: dict[str, list[float]] = {"cold": [], "warm": [], "warming": [], "up": []}
         self.refused = 0
+        self.waited: list[dict] = []          # the latest requests that waited for a scale-up, their phases
 
-    def first_token(self, seconds: float, waited_for: str | None) -> None:
-        """A request's first token after `seconds`; `waited_for`: the kind of start it waited for (cold or warm),
-        None when a replica was already up."""
+    def first_token(self, seconds: float, waited_for: str | None, phases: dict | None = None) -> None:
+        """A request's first token after `seconds`; `waited_for`: the kind of start it waited for (cold, warm,
+        warming), None when a replica was already up; `phases`: where a waiting request's time went (Serve
+        deciding and starting the replica's process, attaching an engine, then the first token)."""
         self.ttft[waited_for or "up"].append(seconds)
+        if phases is not None:
+            self.waited.append(dict(phases, kind=waited_for, ttft=seconds))
+            del self.waited[:-64]
 
     def summary(self, registry: dict) -> dict:
         starts = registry.get("starts", [])
@@ -37,7 +42,8 @@ class ServerlessMetrics:
                 "start_records": starts,
                 "ttft_waited_cold": _summary(self.ttft["cold"]), "ttft_waited_warm": _summary(self.ttft["warm"]),
                 "ttft_waited_warming": _summary(self.ttft["warming"]),
-                "ttft_replica_up": _summary(self.ttft["up"]), "refused_scale_up_timeout": self.refused}
+                "ttft_replica_up": _summary(self.ttft["up"]), "waited": list(self.waited),
+                "refused_scale_up_timeout": self.refused}
 
 
 def replica_seconds(timeline: list, now: float) -> float:

@@ -27,7 +27,8 @@ from kvflow.cluster.replica import EngineReplica, claim_cores
 
 logger = logging.getLogger("kvflow")
 
-REFILL_DELAY_S = 2.0
+REFILL_DELAY_S = 5.0
+WATCH_S = 2.0
 
 
 class ServerlessWorker(EngineReplica):
@@ -113,9 +114,33 @@ class WarmPool:
         self.starts: list[dict] = []         # one per replica start: kind, breakdown, times
         self.live: dict[str, float] = {}     # replica id -> when it started
         self.workers_: dict[str, object] = {}  # replica id -> its engine worker (tests check its blocks)
-        self.timeline: list[tuple[float, int]] = [(time.time(), 0)]
+        # (time, +1 | -1): a replica counts from when Serve started it (its engine still loading) until it stopped
+        self.events: list[tuple[float, int]] = [(time.time(), 0)]
         self.closed = False
+        self.watched: dict[str, object] = {}   # replica id -> the Serve replica's actor
         self._refill(0.0)
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        """Every WATCH_S: a Serve replica that died without its `__del__` leaves its worker to us: stop it."""
+        import ray
+        from ray.exceptions import RayActorError
+        while not self.closed:
+            time.sleep(WATCH_S)
+            with self.lock:
+                watched = list(self.watched.items())
+            for replica_id, actor in watched:
+                try:
+                    ray.get(actor.__ray_ready__.remote(), timeout=WATCH_S)
+                except RayActorError:
+                    with self.lock:
+                        worker = self.workers_.get(replica_id)
+                    logger.warning("serverless replica %s died; stopping its engine worker", replica_id)
+                    if worker is not None:
+                        ray.kill(worker)
+                    self.replica_stopped(replica_id)
+                except Exception:                  # busy or slow: asked again next time
+                    pass
 
     # ---- the pool -------------------------------------------------------------------------------------------
 
@@ -190,18 +215,23 @@ class WarmPool:
 
     # ---- the registry -----------------------------------------------------------------------------------------
 
-    def replica_started(self, replica_id: str, record: dict, worker=None) -> None:
+    def replica_started(self, replica_id: str, record: dict, worker=None, replica=None) -> None:
+        """A Serve replica is serving with `worker` ([actor]); `replica` ([its own actor]) is watched: if it dies
+        without stopping (killed, its node lost), its worker is stopped here."""
         with self.lock:
+            if replica:
+                self.watched[replica_id] = replica[0]
             self.starts.append(dict(record, replica=replica_id))
             self.live[replica_id] = time.time()
             self.workers_[replica_id] = worker[0] if worker else None
-            self.timeline.append((time.time(), len(self.live)))
+            self.events.append((record.get("started_at", time.time()), 1))
 
     def replica_stopped(self, replica_id: str) -> None:
         with self.lock:
             self.workers_.pop(replica_id, None)
+            self.watched.pop(replica_id, None)
             if self.live.pop(replica_id, None) is not None:
-                self.timeline.append((time.time(), len(self.live)))
+                self.events.append((time.time(), -1))
 
     def workers(self) -> dict:
         with self.lock:
@@ -209,4 +239,9 @@ class WarmPool:
 
     def registry(self) -> dict:
         with self.lock:
-            return {"starts": list(self.starts), "live": sorted(self.live), "timeline": list(self.timeline)}
+            events, starts, live = sorted(self.events), list(self.starts), sorted(self.live)
+        timeline, n = [], 0
+        for t, d in events:                  # the replica count after each start and stop
+            n += d
+            timeline.append((t, n))
+        return {"starts": starts, "live": live, "timeline": timeline}
