@@ -1,12 +1,12 @@
 """The model-free parts of disaggregated serving: the prefill/decode routers (min-queue, min-ttft), the
-elastic role rule, the shared KV pool's LRU, the options and the P/D presets."""
+elastic role rule, the host KV store (the shared pool) and its LRU, the options and the P/D presets."""
 import numpy as np
 import pytest
 
 from kvflow.cluster.router import ReplicaLoad, RouteRequest, make_router
 from kvflow.config import EngineConfig, SchedulerOptions
 from kvflow.disagg.elastic import COOLDOWN_S, choose_switch
-from kvflow.disagg.kv_pool import KVPool
+from kvflow.memory.host_store import HostKVStore
 from kvflow.presets import PRESETS
 
 
@@ -71,18 +71,21 @@ def _blocks(n, value):
     return [np.full((n, 2, 3), value, dtype=np.float32), np.full((n, 2, 3), -value, dtype=np.float32)]
 
 
-def test_kv_pool_keeps_leading_runs_and_evicts_least_recently_used():
+def test_host_kv_store_keeps_leading_runs_and_evicts_least_recently_used():
     block = 2 * 2 * 3 * 4                           # bytes of one block (two tensors of 2x3 float32)
-    pool = KVPool(capacity_bytes=4 * block)
-    assert pool.put([1, 2, 3], _blocks(3, 1.0), ["float32", "float32"]) == 3
-    assert pool.put([2, 3], _blocks(2, 9.0), ["float32", "float32"]) == 0, "already held: not replaced"
-    arrays, dtypes = pool.get([1, 2, 5, 3])
-    assert dtypes == ["float32", "float32"] and arrays[0].shape == (2, 2, 3), "the leading run only"
+    dtypes = ["float32", "float32"]
+    store = HostKVStore(max_bytes=4 * block)
+    assert store.put([1, 2, 3], dtypes, _blocks(3, 1.0)) == 3
+    assert store.put([2, 3], dtypes, _blocks(2, 9.0)) == 0, "already held: not replaced"
+    keys, got_dtypes, arrays = store.get([1, 2, 5, 3])
+    assert keys == [1, 2] and got_dtypes == dtypes and arrays[0].shape == (2, 2, 3), "the leading run only"
     assert (arrays[0] == 1.0).all() and (arrays[1] == -1.0).all()
-    pool.put([7, 8], _blocks(2, 2.0), ["float32", "float32"])   # 5 blocks > 4: the least recently used goes
-    assert pool.get([3])[0] == [] and pool.stats()["evictions"] == 1
-    assert len(pool.get([1, 2])[0][0]) == 2
-    assert pool.stats()["bytes"] <= 4 * block
+    assert store.get([1, 2, 3], skip=2)[0] == [3], "the caller already holds the first two"
+    store.put([7, 8], dtypes, _blocks(2, 2.0))      # 5 blocks > 4: the least recently used goes
+    assert store.match([1]) == 0 and store.stats()["evictions"] == 1
+    assert store.match([2, 3]) == 2 and store.stats()["bytes"] <= 4 * block
+    with pytest.raises(ValueError, match="do not match"):
+        store.put([9], ["bfloat16", "bfloat16"], _blocks(1, 0.0))
 
 
 def test_options_are_checked_at_start():

@@ -69,3 +69,13 @@ def import_blocks(core, hashes: list[int], arrays: list[np.ndarray], dtypes: lis
     for t, a, dtype in zip(tensors, arrays, dtypes):
         t.index_copy_(0, dst, _from_numpy(a, dtype).index_select(0, src).to(t.device))
     return len(placed)
+
+
+def cached_prefix(core, hashes: list[int]) -> int:
+    """How many leading blocks of this chain the core's prefix cache holds."""
+    n = 0
+    for h in hashes:
+        if core.kv.pool.lookup(h) is None:
+            break
+        n += 1
+    return n

@@ -4,6 +4,7 @@ cache moved between them (sync, async or layer-wise), a shared KV pool, early re
   client.py      DisaggClient: the engine-core client of the workers (two phases per request)
   worker.py      PDWorker: an engine replica that hands requests off after prefill and takes them over
   connector.py   KVSender: the prefill side of the transfer, hooked into the engine core's step and layers
-  kv_pool.py     KVPool: the shared store of prefix blocks (Mooncake's)
+  transport.py   what carries a sync handoff's blocks: Ray's object store or Mooncake's transfer engine
+(the shared KV pool is kvflow/memory/host_store.py's HostKVStore as a Ray actor)
   elastic.py     the role-switching rule
 """

@@ -38,13 +38,13 @@ REJECT_RETRY_AFTER_S = 2
 
 class DisaggClient(ClusterClient):
     def _start_replicas(self, rc: ResolvedConfig) -> list[Replica]:
-        from kvflow.disagg.kv_pool import KVPool
+        from kvflow.memory.host_store import HostKVStore
         from kvflow.disagg.worker import PDWorker
         d = rc.config.disagg
         self.pd = d
         count = d.prefill_replicas + d.decode_replicas
         ray = connect_ray(rc.config.cluster.ray_address, replica_cpus(rc.config.cluster.replica_cpus, count) * count)
-        self.pool = ray.remote(KVPool).options(num_cpus=0).remote(d.kv_pool_bytes) if d.kv_pool else None
+        self.pool = ray.remote(HostKVStore).options(num_cpus=0).remote(d.kv_pool_bytes) if d.kv_pool else None
         self.roles = ["prefill"] * d.prefill_replicas + ["decode"] * d.decode_replicas
         self.pd_router = make_router(d.pd_policy, count, block_size=rc.config.cache.block_size)
         self.decode_target: dict[str, int] = {}         # request id -> decode worker chosen with its prefill

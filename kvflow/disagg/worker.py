@@ -4,7 +4,7 @@ choice per request (kvflow/disagg/client.py), so a worker can change roles witho
 
 Prefill side (a request arrives as ["prefill", req, plan]):
   - with a shared KV pool, the prompt's blocks the pool holds beyond the local prefix hit are read in
-    first (kv_pool.py), so the scheduler finds them as a prefix hit;
+    first (kvflow/memory/host_store.py), so the scheduler finds them as a prefix hit;
   - the request computes its prompt and samples its first token, streamed to the client as usual;
   - right after that step it is handed off: sync exports its blocks and stages them with the transport (kept
     until the decode worker has pulled them), async and layerwise have already sent theirs (connector.py); it ends here
@@ -221,19 +221,16 @@ class PDWorker(EngineReplica):
         import ray
 
         from kvflow.cluster.fleet import block_hashes
-        kv = self.core.kv
-        hashes = block_hashes(prompt, kv.block_size)
-        local = 0
-        while local < len(hashes) and kv.pool.lookup(hashes[local]) is not None:
-            local += 1
+        from kvflow.cluster.kv_transfer import cached_prefix
+        hashes = block_hashes(prompt, self.core.kv.block_size)
+        local = cached_prefix(self.core, hashes)
         if local == len(hashes):
             return
         try:
-            arrays, dtypes = ray.get(self.pool.get.remote(hashes[local:]), timeout=5)
-            if arrays:
-                n = len(arrays[0])
-                self._import(self.core, hashes[local:local + n], arrays, dtypes)
-                self.stats_["pool_hit_blocks"] += n
+            keys, dtypes, arrays = ray.get(self.pool.get.remote(hashes, local), timeout=5)
+            if keys:
+                self._import(self.core, keys, arrays, dtypes)
+                self.stats_["pool_hit_blocks"] += len(keys)
         except Exception:
             logger.exception("reading the KV pool failed; the prompt is computed")
 
@@ -250,6 +247,6 @@ class PDWorker(EngineReplica):
             return
         ids = torch.tensor([table[i].block_id for i in todo], dtype=torch.long, device=self.sender.device)
         arrays = [_to_numpy(t.index_select(0, ids)) for t in self.core.runner.kv_tensors()]
-        self.pool.put.remote([hashes[i] for i in todo], arrays, self.sender.dtypes)
+        self.pool.put.remote([hashes[i] for i in todo], self.sender.dtypes, arrays)
         self.published.update(hashes[i] for i in todo)
         self.stats_["pool_put_blocks"] += len(todo)

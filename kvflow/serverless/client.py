@@ -56,7 +56,7 @@ class ServeClient(EngineCoreClient):
 
         from kvflow.cluster.fleet import connect_ray
         from kvflow.serverless.app import build_app
-        from kvflow.serverless.kv_keeper import KVKeeper
+        from kvflow.memory.host_store import HostKVStore
         from kvflow.serverless.pool import WarmPool
         cpus = self.cpus * (self.opts.max_replicas + self.opts.warm_pool)
         ray = connect_ray(self.rc.config.cluster.ray_address, cpus)
@@ -67,7 +67,7 @@ class ServeClient(EngineCoreClient):
                                                  max_concurrency=16).remote(config, self.opts.warm_pool, self.cpus,
                                                                             level)
         if self.opts.keep_kv:
-            self.keeper = ray.remote(KVKeeper).options(name=self.names["keeper"], namespace=NAMESPACE,
+            self.keeper = ray.remote(HostKVStore).options(name=self.names["keeper"], namespace=NAMESPACE,
                                                        num_cpus=0).remote(self.opts.keep_kv_bytes)
         serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
         self.handle = serve.run(build_app(self.rc, self.names, self.cpus, level), name=self.app_name,

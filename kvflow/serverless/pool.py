@@ -69,7 +69,7 @@ class ServerlessWorker(EngineReplica):
         return done.result()
 
     def cached_prefix(self, hashes: list[int]) -> int:
-        from kvflow.serverless.kv_keeper import cached_prefix
+        from kvflow.cluster.kv_transfer import cached_prefix
         return cached_prefix(self.core, hashes)
 
     def _apply(self, kind: str, payload) -> None:
