@@ -87,7 +87,7 @@ def test_a_replica_killed_mid_stream_is_not_seen_by_the_client(server):
 
 def test_the_dashboard_shows_every_replica_and_the_routers_choices(server, browser, tmp_path):
     """In the browser: the web page's dashboard lists both replicas and the router's last choices."""
-    from tests.test_web import ARTIFACTS, CHROMIUM  # noqa: F401 (the browser fixture needs them)
+    from tests.test_web import ARTIFACTS, replicas_dashboard
     client = server.client()
     model = client.models.list().data[0].id
     for i in range(3):
@@ -95,18 +95,8 @@ def test_the_dashboard_shows_every_replica_and_the_routers_choices(server, brows
     stats = httpx.get(f"{server.url}/stats").json()
     assert [r["index"] for r in stats["replicas"]] == [0, 1]
     assert stats["router"]["policy"] == "cache-aware" and stats["router"]["recent"]
-    context = browser.new_context(viewport={"width": 1200, "height": 900}, bypass_csp=True)
-    page = context.new_page()
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    try:
-        page.goto(server.url + "/#dashboard")
-        page.wait_for_function("document.querySelectorAll('#replicas tbody tr').length === 2 "
-                               "&& !document.getElementById('router-box').hidden", timeout=15000)
+    with replicas_dashboard(browser, server.url, 2) as page:
         assert "cache-aware" in page.locator("#router-summary").inner_text()
         assert page.locator("#router tbody tr").count() >= 3
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "web-dashboard-replicas.png"), full_page=True)
-    finally:
-        context.close()
-    assert errors == []

@@ -78,17 +78,8 @@ def test_early_rejection_is_a_503_with_retry_after(server):
 
 def test_the_dashboard_shows_each_workers_role(server, browser):
     """In the browser: the dashboard's worker table has a role column, and the router box the handoffs."""
-    context = browser.new_context(viewport={"width": 1200, "height": 900}, bypass_csp=True)
-    page = context.new_page()
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    try:
-        page.goto(server.url + "/#dashboard")
-        page.wait_for_function("document.querySelectorAll('#replicas tbody tr').length === 2 "
-                               "&& !document.getElementById('router-box').hidden", timeout=15000)
+    from tests.test_web import replicas_dashboard
+    with replicas_dashboard(browser, server.url, 2) as page:
         table = page.locator("#replicas").inner_text()
         assert "Role" in table and "prefill" in table and "decode" in table
         assert "handed from prefill to decode (layerwise KV transfer)" in page.locator("#router-summary").inner_text()
-    finally:
-        context.close()
-    assert errors == []

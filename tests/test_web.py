@@ -19,6 +19,7 @@ Screenshots of the playground and of the dashboard under load go to tests/artifa
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import time
@@ -101,6 +102,24 @@ def page(browser, server):
     context.close()
     server.wait_idle(10)
     assert console.errors == []
+
+
+@contextlib.contextmanager
+def replicas_dashboard(browser, url: str, replicas: int):
+    """A page on the dashboard of a server with `replicas` replicas or workers, once their table and the
+    router's box are shown; no page error may happen while it is open."""
+    context = browser.new_context(viewport={"width": 1200, "height": 900}, bypass_csp=True)
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(url + "/#dashboard")
+        page.wait_for_function(f"document.querySelectorAll('#replicas tbody tr').length === {replicas} "
+                               "&& !document.getElementById('router-box').hidden", timeout=15000)
+        yield page
+    finally:
+        context.close()
+    assert errors == []
 
 
 def text(page, selector: str) -> str:
