@@ -291,7 +291,12 @@ def test_greedy_outputs_do_not_depend_on_the_policy_or_preset(tiny_model_dir):
     prompts = [{"prompt_token_ids": p} for p in random_prompts([5, 40, 17, 3, 60, 9], seed=7)]
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     ref = None
-    configs = [{"scheduling_policy": p} for p in POLICY_MODULES] + [{"preset": p} for p in PRESETS]
+    # the presets of one engine (the P/D presets run on Ray workers: tests/test_disagg.py; deepflow is a
+    # serving shape: tests/test_serverless.py)
+    local = [p for p in PRESETS if not (c := EngineConfig.from_kwargs(preset=p)).distributed
+             and not c.serverless.serverless]
+    assert {"orca", "vllm", "sarathi", "sglang", "fastserve", "kvflow"} <= set(local)
+    configs = [{"scheduling_policy": p} for p in POLICY_MODULES] + [{"preset": p} for p in local]
     configs.append({"preset": "fastserve", "num_kv_blocks": 10})     # preempted by swap, recovered async
     for kw in configs:
         llm = LLM(model=model, dtype="float32", block_size=8, **{"max_num_seqs": 2, "num_kv_blocks": 24, **kw})

@@ -17,6 +17,9 @@ from kvflow.sampling.params import SamplingParams
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        if config.serverless.serverless:
+            raise ValueError("serverless: replicas that Ray Serve scales with the load serve the HTTP API "
+                             "(`kvflow serve --serverless`); LLM runs one engine here, or replicas=N on Ray")
         self.config = config
         self.resolved, reader, self.tokenizer = open_model(config)
         rc = self.resolved
