@@ -1,9 +1,7 @@
 """The cluster simulator (kvflow/sim): the simulated runner drives the real scheduler through the step
 contract; a simulated run takes the same steps as the real engine; presets load and run; traces round-trip;
 same seed, same result; every KV block comes back."""
-import dataclasses
 import json
-import math
 import subprocess
 import sys
 
@@ -17,7 +15,7 @@ from kvflow.sim.cluster import simulate
 from kvflow.sim.compare import compare, preset_shape
 from kvflow.sim.cost_model import (SMOLLM2_135M, HardwareProfile, load_profile, roofline_profile, step_shape)
 from kvflow.sim.replica import SimReplica, engine_spec
-from kvflow.sim.workload import SimRequest, WorkloadSpec, parse_workload, read_trace, workload_requests, write_trace
+from kvflow.sim.workload import WorkloadSpec, parse_workload, read_trace, workload_requests, write_trace
 
 from .conftest import needs_default_model
 
@@ -78,7 +76,7 @@ def test_sim_takes_the_real_engines_steps(default_model_path):
     from kvflow.engine.input_processor import open_model
     from kvflow.engine.wire import EngineCoreRequest
     from kvflow.sampling.params import SamplingParams
-    opts = dict(num_kv_blocks=10, max_num_seqs=4, max_num_batched_tokens=48, preemption_mode="recompute",
+    opts = dict(num_kv_blocks=7, max_num_seqs=4, max_num_batched_tokens=48, preemption_mode="recompute",
                 num_threads=2)
     config = EngineConfig.from_kwargs(**opts)
     prompts = [[7 + (i * 13 + j) % 900 for j in range(n)] for i, n in enumerate((20, 35, 50, 12, 70, 28))]
@@ -283,3 +281,25 @@ def test_compare_and_cli(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kvflow", "sim", "--workload", "chat:rate=0"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "rate" in proc.stderr
+
+
+@needs_default_model
+@pytest.mark.slow
+def test_fidelity_against_a_fresh_calibration(default_model_path):
+    """A small benchmarks/sim_fidelity.py: calibrate on a fresh engine, serve a workload with it in real
+    time, simulate the same workload with the fresh profile. The issue's targets are 10% (medians) and 20%
+    (p99); this allows 35% on throughput and the medians, and skips when the real run's own steps took more
+    than 25% more (or less) than their calibrated times: the machines tests run on are shared, and other
+    processes (cores, memory bandwidth) slow the real run, not the simulated one."""
+    from kvflow.sim.fidelity import fidelity
+    plan = ((1, 32, 12), (4, 96, 12), (1, 300, 4), (12, 24, 12), (2, 160, 8), (3, 64, 6), (1, 120, 4))
+    result = fidelity({"num_threads": 1, "max_num_seqs": 8}, parse_workload(
+        "random:n=12,rate=3,input=96,output=12,range=0.5,seed=1"), plan)
+    m = result["metrics"]
+    assert result["profile"]["fit"]["num_steps"] >= 40 and result["profile"]["fit"]["r2"] > 0.8
+    ratio = result["real_step_ratio"]     # the real run's steps against their calibrated times
+    if not 0.8 < ratio < 1.25:
+        pytest.skip(f"the machine changed speed between calibration and the run (its steps took {ratio:.2f}x "
+                    f"their calibrated time: other processes on the shared cores): not comparable ({m})")
+    for key in ("output_throughput", "median_ttft_ms", "median_tpot_ms"):
+        assert m[key]["rel_error"] < 0.35, (key, m)

@@ -1,6 +1,6 @@
 """The cluster simulator (`kvflow sim`): kvflow's real Scheduler, KVCacheManager and router policies, driven
 by a discrete-event loop and a simulated model runner whose step times come from a cost model (a hardware
-profile: calibrated on this machine, or a GPU roofline). No torch here: `calibrate` alone imports it.
+profile: calibrated on this machine, or a GPU roofline). No torch here: only calibrate.py and fidelity.py import it (through the engine).
 
   cost_model.py  hardware profiles and step-time models (registry: linear, roofline)
   workload.py    synthetic workloads (random, chat, multitenant, bursts) and the trace file format
@@ -10,5 +10,6 @@ profile: calibrated on this machine, or a GPU roofline). No torch here: `calibra
   report.py      bench-serve metrics, utilisation over time, table, JSON and PNG
   compare.py     the survey's runtimes (presets) on one workload and hardware budget
   calibrate.py   fits the linear cost model from measured steps of the real engine (imports torch)
+  fidelity.py    a real run against its simulation (imports torch)
   cli.py         `kvflow sim`, `kvflow sim calibrate`, `kvflow sim compare`
 """

@@ -1,14 +1,14 @@
 """`kvflow sim calibrate`: fit the linear cost model on this machine from measured steps of the real engine.
 
 The real EngineCore (the engine options given: model, dtype, threads, ...) runs a plan of batches: B
-requests of P random prompt tokens, each generating D tokens (ignore_eos), so that steps of every shape
-occur: whole and chunked prefills, mixed steps, decodes of 1..B rows at growing context. Every step's shape
-(kvflow.sim.cost_model.step_shape) and wall time (the whole EngineCore.step: scheduling, the forward pass,
-sampling and the update, which is what separates two steps of a served replica) is recorded, after a first
-pass of the same plan that is not (first calls of a shape select kernels and grow buffers); the five
-coefficients are fitted by non-negative least squares; the profile also records the engine's build time (a
-serverless cold start), the swap bandwidth the runner measured, the KV budget, and the fit's quality. The
-only module of kvflow.sim that imports torch (through the engine).
+requests of about P random prompt tokens (P/2 to 3P/2), each generating D tokens (ignore_eos), so that
+steps of every shape occur: whole and chunked prefills, mixed steps, decodes of 1..B rows at growing
+context. Every step's shape (kvflow.sim.cost_model.step_shape) and wall time (the whole EngineCore.step:
+scheduling, the forward pass, sampling and the update: what separates two steps of a served replica) is
+recorded, after a first pass of the same plan that is not (first calls of a shape select kernels and grow
+buffers). The five coefficients are fitted by non-negative least squares; the profile also records the
+engine's build time (a serverless cold start), the swap bandwidth the runner measured, the KV budget, and
+the fit's quality. With fidelity.py, the only modules of kvflow.sim that import torch (via the engine).
 """
 from __future__ import annotations
 
@@ -93,7 +93,6 @@ def measure_core(core, rc, plan=DEFAULT_PLAN, repeats: int = 1, seed: int = 0) -
     from kvflow.engine.wire import EngineCoreRequest
     from kvflow.sampling.params import SamplingParams
     from kvflow.sim.cost_model import step_shape
-    rng = np.random.default_rng(seed)
     samples: list[tuple[tuple, float]] = []
     n = 0
     last: list = []
@@ -107,10 +106,12 @@ def measure_core(core, rc, plan=DEFAULT_PLAN, repeats: int = 1, seed: int = 0) -
     try:
         with torch.inference_mode():
             for rep in range(repeats + 1):  # pass 0 warms every shape up (first calls select kernels): not kept
+                rng = np.random.default_rng(seed + max(rep - 1, 0))    # pass 1 repeats pass 0's shapes
                 for batch, prompt_len, out_len in plan:
-                    prompt_len = min(prompt_len, rc.max_model_len - out_len - 1)
-                    for _ in range(batch):
-                        ids = rng.integers(1, rc.arch.vocab_size, size=prompt_len).tolist()
+                    for _ in range(batch):      # prompt lengths vary in [P/2, 3P/2]: many prefill shapes
+                        n_in = min(int(rng.integers(max(prompt_len // 2, 1), prompt_len * 3 // 2 + 1)),
+                                   rc.max_model_len - out_len - 1)
+                        ids = rng.integers(1, rc.arch.vocab_size, size=n_in).tolist()
                         core.add_request(EngineCoreRequest(f"cal-{n}", ids, SamplingParams(
                             max_tokens=out_len, ignore_eos=True, temperature=0.0), [], out_len, time.monotonic()))
                         n += 1
@@ -159,11 +160,15 @@ def calibrate(engine_kwargs: dict, name: str | None = None, plan=DEFAULT_PLAN, r
         swap_bytes_per_s=swap, cold_start_s=round(build_s, 3), fit=quality)
 
 
-def replay(core, requests, block_size: int = 16):
+def replay(core, requests, block_size: int = 16, steps: list | None = None):
     """Serve `requests` (SimRequests) on a real EngineCore in real time: each is added at its arrival time,
     and every output's tokens are stamped when the step that made them ends, as the simulator stamps them.
     Returns (RequestResults in arrival order, duration s): what `kvflow bench serve` would measure, without
-    the HTTP and detokenization around it. Used to check the simulator's fidelity."""
+    the HTTP and detokenization around it. Used to check the simulator's fidelity. Afterwards
+    `replay.cpu_share` is the process's CPU time over the steps' wall time (about the engine's threads when
+    it had the cores to itself; much less when other processes took them). `steps`: a list to append each
+    step's (shape, seconds) to."""
+    from kvflow.sim.cost_model import step_shape
     from kvflow.bench.metrics import RequestResult
     from kvflow.engine.wire import EngineCoreRequest
     from kvflow.sampling.params import SamplingParams
@@ -172,6 +177,7 @@ def replay(core, requests, block_size: int = 16):
     last: dict[int, float] = {}
     t0 = time.perf_counter()
     i = 0
+    cpu = busy = 0.0
     while i < len(reqs) or core.has_unfinished():
         now = time.perf_counter() - t0
         while i < len(reqs) and reqs[i].arrival_s <= now:
@@ -182,7 +188,17 @@ def replay(core, requests, block_size: int = 16):
         if not core.has_unfinished():
             time.sleep(max(reqs[i].arrival_s - now, 0.0))
             continue
+        c = time.process_time()
+        sched = core.scheduler.schedule
+        if steps is not None:          # the step's SchedulerOutput, to read its shape
+            box = []
+            core.scheduler.schedule = lambda: box.append(sched()) or box[0]
         outputs = core.step()
+        core.scheduler.schedule = sched
+        if steps is not None and box and box[0].scheduled:
+            steps.append((step_shape(box[0]), time.perf_counter() - t0 - now))
+        cpu += time.process_time() - c
+        busy += time.perf_counter() - t0 - now
         now = time.perf_counter() - t0
         for o in outputs:
             k = int(o.request_id.rsplit("-", 1)[1])
@@ -196,4 +212,5 @@ def replay(core, requests, block_size: int = 16):
                 res.output_tokens += n
             if o.finish_reason is not None:
                 res.e2e = now - res.start_time
+    replay.cpu_share = cpu / busy if busy else 1.0    # < 1 / threads: other processes took the cores
     return results, time.perf_counter() - t0

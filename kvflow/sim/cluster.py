@@ -43,22 +43,20 @@ class Pool:
     router: object | None
     ready: list[bool] = field(default_factory=list)
 
+    def __post_init__(self):
+        self.loads = [r.load if r is not None else ReplicaLoad(i, healthy=False)    # kept, not rebuilt per route
+                      for i, r in enumerate(self.replicas)]
+
+    def set_ready(self, i: int, ready: bool) -> None:
+        """A replica (serverless) came up or went away: the router sees it healthy or not."""
+        self.ready[i] = ready
+        r = self.replicas[i]
+        self.loads[i] = r.load if ready and r is not None else ReplicaLoad(i, healthy=False)
+
     def choose(self, req: RouteRequest) -> int:
         if len(self.replicas) == 1:
             return 0
-        loads = [r.load for r in self.replicas if r is not None] if all(self.ready) else self._loads()
-        return self.router.route(req, loads)
-
-    def _loads(self):
-        out = []
-        for i, r in enumerate(self.replicas):
-            ld = r.load if r is not None else None
-            if ld is None or not self.ready[i]:
-                    ld = ReplicaLoad(i, healthy=False)
-            else:
-                ld.healthy = True
-            out.append(ld)
-        return out
+        return self.router.route(req, self.loads)
 
 
 class Simulation:
@@ -103,7 +101,7 @@ class Simulation:
                 for i in range(n)]
         for i, r in enumerate(reps):
             r.load.index = i
-            r.role = "decode" if base else "prefill"
+            r.role = ("decode" if base else "prefill") if self.pd else "mixed"
             self.rec.replica_up(r.index, 0.0)
         return Pool(reps, make_router(router, n, **opts) if n > 1 else None, [True] * n)
 
@@ -249,7 +247,7 @@ class Simulation:
 
     def _ready(self, i: int) -> None:
         self.starting -= 1
-        self.prefill.ready[i] = True
+        self.prefill.set_ready(i, True)
         r = self.prefill.replicas[i]
         r.started_s = r.idle_since = self.now
         self.rec.replica_up(i, self.now)
@@ -283,7 +281,8 @@ class Simulation:
                     and self.now - r.idle_since >= so.scale_down_idle_s):
                 r.check()
                 self.rec.replica_down(i, self.now)
-                pool.replicas[i], pool.ready[i] = None, False
+                pool.set_ready(i, False)
+                pool.replicas[i] = None
                 pool.router.on_replica_down(i)
                 ready -= 1
         if self._events or self.front or in_flight or not self._arrivals_done:

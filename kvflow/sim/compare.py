@@ -96,10 +96,10 @@ def plot_compare(result: dict, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 6))
-    for row in result["rows"]:
+    for i, row in enumerate(result["rows"]):
         xs = [p["rate"] for p in row["points"]]
-        ax.plot(xs, [p["summary"].get("goodput", 0.0) for p in row["points"]], marker="o", label=row["preset"],
-                ls="--" if row["preset"] == "kvflow" else "-")
+        ax.plot(xs, [p["summary"].get("goodput", 0.0) for p in row["points"]], marker="os^vD"[i % 5],
+                color=plt.cm.tab20(i % 20), label=row["preset"], ls="--" if row["preset"] == "kvflow" else "-")
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel(f"goodput (req/s within {result['goodput_slo_ms']} ms)")
     ax.set_title(f"{result['gpus']} device(s), {result['hardware']}")

@@ -133,7 +133,7 @@ class SimReplica:
         s = self.scheduler
         if s.tpot_slo_s is not None:         # the step-time model is read only for a TPOT-sized budget
             s.record_step(sched, seconds)
-        num_tokens = sched.num_scheduled_tokens
+        num_tokens = self.runner.last_tokens
         if num_tokens >= 4 * len(sched) and num_tokens >= 64:   # as EngineCore: refine the prefill rate
             self.cost.prefill_tokens_per_s += 0.2 * (num_tokens / seconds - self.cost.prefill_tokens_per_s)
         outputs = s.update_from_output(sched, result)

@@ -162,9 +162,8 @@ class Recorder:
         return out
 
     def summary(self, goodput: dict[str, float] | None, sims=None) -> dict:
-        results = self.results()
-        start = min((r.start_time for r in results), default=0.0)
-        m = compute_metrics(results, max(self.end_s - start, 1e-9), goodput)
+        results = self.results()            # duration from the workload's time 0, as the benchmark's
+        m = compute_metrics(results, max(self.end_s, 1e-9), goodput)
         n_in = sum(row[1] for row in self.rows if not row[7])
         m["prefix_cache_hit_rate"] = sum(row[5] for row in self.rows if not row[7]) / n_in if n_in else 0.0
         m["preempted_requests"] = sum(1 for row in self.rows if row[6])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import zlib
 
-from kvflow.sim.cost_model import CostModel, step_shape
+from kvflow.sim.cost_model import CostModel
 from kvflow.sim.workload import VOCAB
 from kvflow.step import RunnerOutput, SchedulerOutput
 
@@ -26,6 +26,7 @@ class SimRunner:
         self.tables: dict[str, list[int]] = {}
         self.last_chunk: dict[str, int] = {}   # tokens of each request's latest prefill chunk (P/D transfer)
         self.num_steps = 0
+        self.last_tokens = 0                   # tokens computed by the last step
         self.busy_s = 0.0
 
     def execute(self, sched: SchedulerOutput) -> tuple[RunnerOutput, float]:
@@ -37,27 +38,37 @@ class SimRunner:
         for new in sched.new_requests:
             self.seeds[new.req_id] = zlib.crc32(new.req_id.encode())
             self.stop_ids[new.req_id] = frozenset(new.stop_ids)
-        out = RunnerOutput()
+        req_ids, sampled = [], []
+        seeds, last_chunk = self.seeds, self.last_chunk
+        rows = prefill = context = 0           # the step's shape, as cost_model.step_shape counts it
+        pairs = 0.0
         for s in sched.scheduled:
             rid = s.req_id
-            seed = self.seeds.get(rid)
+            seed = seeds.get(rid)
             if seed is None:
                 raise RuntimeError(f"request {rid!r} scheduled before the runner was told about it")
             if self.track_tables:
                 self.tables[rid] = list(s.block_ids) if s.blocks_replaced else self.tables.get(rid, []) + s.block_ids
-            if len(s.token_ids) > 1:
-                self.last_chunk[rid] = len(s.token_ids)
-            out.req_ids.append(rid)
-            if s.sample:
-                pos = s.num_computed_tokens + len(s.token_ids)
-                token = 1 + (seed + pos * 2654435761) % (VOCAB - 1)
-                while token in self.stop_ids[rid]:
-                    token = 1 + token % (VOCAB - 1)
-                out.sampled_token_ids.append([token])
+            n, start = len(s.token_ids), s.num_computed_tokens
+            if n == 1 + s.num_spec_tokens:
+                rows += n
+                context += n * (start + 1)
             else:
-                out.sampled_token_ids.append([])
-        out.logprobs = [None] * len(out.req_ids)
-        seconds = self.cost.step_seconds(*step_shape(sched)) if sched.scheduled else 0.0
-        self.num_steps += bool(sched.scheduled)
+                prefill += n
+                pairs += n * (start + n / 2)
+                last_chunk[rid] = n
+            req_ids.append(rid)
+            if s.sample:
+                token = 1 + (seed + (start + n) * 2654435761) % (VOCAB - 1)
+                stops = self.stop_ids[rid]
+                while stops and token in stops:
+                    token = 1 + token % (VOCAB - 1)
+                sampled.append([token])
+            else:
+                sampled.append([])
+        out = RunnerOutput(req_ids, sampled, [None] * len(req_ids))
+        seconds = self.cost.step_seconds(rows, prefill, context, pairs) if req_ids else 0.0
+        self.num_steps += bool(req_ids)
+        self.last_tokens = rows + prefill
         self.busy_s += seconds
         return out, seconds

@@ -51,7 +51,8 @@ class WorkloadSpec:
     burst_period: float = 10.0
     burst_duty: float = 0.2
     input: int = 256           # random: mean prompt length
-    output: int = 0            # output length (random: mean); 0: the generator's own (random 128, chat its mix, multitenant 32)
+    output: int = 0            # output length (random: mean); 0: the generator's own (random 128, chat: its
+    #                            mix, multitenant 32)
     range: float = 0.0         # random: length spread ratio
     tenants: int = 6
     turns: int = 4
