@@ -31,6 +31,13 @@ def _from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.require(a, requirements=("C", "W"))).view(getattr(torch, dtype))
 
 
+def read_blocks(tensors: list[torch.Tensor], block_ids) -> list[np.ndarray]:
+    """Blocks `block_ids` (a list, or a long tensor on the cache's device) of each KV tensor, as host arrays."""
+    if not isinstance(block_ids, torch.Tensor):
+        block_ids = torch.tensor(list(block_ids), dtype=torch.long, device=tensors[0].device)
+    return [_to_numpy(t.index_select(0, block_ids)) for t in tensors]
+
+
 def export_request(core, request_id: str) -> tuple[dict | None, list[np.ndarray]]:
     """(meta, arrays) of a running or waiting request, which then ends here without an output; (None, [])
     when the core does not hold it (finished, aborted, or still compiling its grammar)."""
@@ -42,10 +49,7 @@ def export_request(core, request_id: str) -> tuple[dict | None, list[np.ndarray]
     n = min(min(req.num_computed_tokens, req.num_tokens) // kv.block_size, len(table))
     hashes = kv.block_hashes(req)[:n] if n else []
     tensors = core.runner.kv_tensors()
-    arrays = []
-    if n:
-        ids = torch.tensor([b.block_id for b in table[:n]], dtype=torch.long, device=tensors[0].device)
-        arrays = [_to_numpy(t.index_select(0, ids)) for t in tensors]
+    arrays = read_blocks(tensors, [b.block_id for b in table[:n]]) if n else []
     meta = {"request_id": request_id, "output_token_ids": list(req.output_token_ids), "hashes": list(hashes),
             "dtypes": [str(t.dtype).removeprefix("torch.") for t in tensors],
             "num_preemptions": req.num_preemptions}

@@ -68,11 +68,8 @@ class EngineReplica:
         logging.getLogger("kvflow").setLevel(log_level)
         import torch
 
-        from kvflow.cluster.kv_transfer import export_request, import_blocks
         from kvflow.config import ResolvedConfig
-        from kvflow.engine.core_process import build_core, handle
-        # imported here, not at the top: the client imports this module, and the model stack stays out of it
-        self._handle, self._export, self._import = handle, export_request, import_blocks
+        from kvflow.engine.core_process import build_core
         self.index = index
         self.cores = sorted(os.sched_getaffinity(0))
         if cpus:
@@ -81,9 +78,18 @@ class EngineReplica:
             torch.set_num_threads(len(self.cores))
         rc = ResolvedConfig.from_json(config_json)
         t0 = time.perf_counter()
-        self.core = build_core(rc)
-        self.core.warm_up()
+        core = build_core(rc)
+        core.warm_up()
         self.load_s = time.perf_counter() - t0
+        self._serve(core, f"replica{index}-core")
+
+    def _serve(self, core, thread_name: str) -> None:
+        """Start taking calls for `core`: this life's incarnation, the inbox and outbox, the core's thread."""
+        from kvflow.cluster.kv_transfer import export_request, import_blocks
+        from kvflow.engine.core_process import handle
+        # imported here, not at the top: the client imports this module, and the model stack stays out of it
+        self._handle, self._export, self._import = handle, export_request, import_blocks
+        self.core = core
         self.incarnation = uuid.uuid4().hex   # calls sent to an earlier life of this actor are dropped
         self.inbox: queue.Queue = queue.Queue()
         self._pending: list = []           # (seq, n, item) received ahead of their turn
@@ -91,7 +97,7 @@ class EngineReplica:
         self._n = 0
         self.outbox: list = []
         self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._loop, name=f"replica{index}-core", daemon=True)
+        self.thread = threading.Thread(target=self._loop, name=thread_name, daemon=True)
         self.thread.start()
 
     # ---- what the client calls (Ray methods) ----------------------------------------------------------------

@@ -48,6 +48,7 @@ class DisaggClient(ClusterClient):
         self.roles = ["prefill"] * d.prefill_replicas + ["decode"] * d.decode_replicas
         self.pd_router = make_router(d.pd_policy, count, block_size=rc.config.cache.block_size)
         self.decode_target: dict[str, int] = {}         # request id -> decode worker chosen with its prefill
+        self.route_of: dict[str, RouteRequest] = {}     # request id -> its RouteRequest (the prompt's hashes)
         self.need: dict[str, int] = {}                  # request id -> KV blocks it is predicted to hold
         self.needed_blocks = 0
         self.handoffs: dict[str, float] = {}            # request id -> when its prefill worker handed it off
@@ -87,6 +88,9 @@ class DisaggClient(ClusterClient):
             return self.pd_router.route(route, self._with_role("decode", loads))
         if self.pd.early_rejection and req.request_id not in self.need:
             self._admit(route, req, loads)
+        self.route_of[req.request_id] = route            # the decode worker is chosen by it too
+        if self.pd.kv_transfer != "sync":                 # streamed: the decode worker is chosen now
+            self.decode_target[req.request_id] = self.pd_router.route(route, self._with_role("decode", loads))
         return self.router.route(route, self._with_role("prefill", loads))
 
     def _admit(self, route: RouteRequest, req: EngineCoreRequest, loads: list[ReplicaLoad]) -> None:
@@ -111,17 +115,20 @@ class DisaggClient(ClusterClient):
             r.submit(["add", req])
             return
         plan = TransferPlan(self.pd.kv_transfer, self.pd.kv_transport)
-        if plan.mode != "sync":               # the decode worker is chosen now: blocks stream to it
-            d = self.replicas[self._pick_decode(req)]
+        if plan.mode != "sync":               # blocks stream to the decode worker chosen with the prefill one
+            target = self.decode_target.get(req.request_id)
+            if target is None:                 # a fork placed beside its parent, not routed
+                target = self.decode_target[req.request_id] = self._pick_decode(req)
+            d = self.replicas[target]
             plan.dst, plan.dst_incarnation = d.actor, d.incarnation
-            self.decode_target[req.request_id] = d.index
         r.submit(["prefill", req, plan])
 
     def _pick_decode(self, req: EngineCoreRequest) -> int:
-        route = self._route_request(req)
+        route = self.route_of.get(req.request_id) or self._route_request(req)
         return self.pd_router.route(route, self._with_role("decode", self.loads()))
 
     def _forget(self, rid: str):
+        self.route_of.pop(rid, None)
         self.decode_target.pop(rid, None)
         self.handoffs.pop(rid, None)
         self.needed_blocks -= self.need.pop(rid, 0)

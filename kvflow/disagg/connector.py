@@ -26,7 +26,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from kvflow.cluster.kv_transfer import _to_numpy
+from kvflow.cluster.kv_transfer import read_blocks
 
 logger = logging.getLogger("kvflow")
 
@@ -58,7 +58,7 @@ class KVSender:
         self.device = tensors[0].device
         self.dtypes = [str(t.dtype).removeprefix("torch.") for t in tensors]
         # the tensors of layer i: K, V (and their int8 scales), at i, i + L (, i + 2L, i + 3L) in kv_tensors()
-        self.per_layer = len(tensors) // num_layers
+        self.layer_tensors = [tensors[i::num_layers] for i in range(num_layers)]
         self.bytes_sent = self.num_sends = 0
         self.fail = False                            # tests: sends are dropped (the decode side must recover)
         # what happened, in order: ("layer", i) when layer i's KV is written, ("queued", id, first, layer)
@@ -67,10 +67,6 @@ class KVSender:
         self.outbox: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._send_loop, name="kv-sender", daemon=True)
         self.thread.start()
-
-    def layer_tensors(self, layer: int) -> list[torch.Tensor]:
-        tensors = self.core.runner.kv_tensors()
-        return [tensors[layer + k * self.num_layers] for k in range(self.per_layer)]
 
     # ---- the engine core's hooks ----------------------------------------------------------------------------
 
@@ -97,18 +93,18 @@ class KVSender:
 
     def layer_done(self, layer: int) -> None:
         """Layer `layer` wrote its KV: its slice of the step's layer-wise ranges leaves now."""
-        tensors = self.layer_tensors(layer)
+        tensors = self.layer_tensors[layer]
         self.log.append(("layer", layer))
         for r in self.ranges:
             if r.plan.mode == "layerwise":
-                self._queue(r, layer, [_to_numpy(t.index_select(0, r.block_ids)) for t in tensors])
+                self._queue(r, layer, read_blocks(tensors, r.block_ids))
 
     def step_done(self) -> None:
         """After the step: the async ranges leave, whole."""
         tensors = self.core.runner.kv_tensors()
         for r in self.ranges:
             if r.plan.mode == "async":
-                self._queue(r, None, [_to_numpy(t.index_select(0, r.block_ids)) for t in tensors])
+                self._queue(r, None, read_blocks(tensors, r.block_ids))
         self.ranges = []
 
     # ---- sending ----------------------------------------------------------------------------------------------

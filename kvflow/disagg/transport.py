@@ -29,6 +29,9 @@ STALE_S = 120.0          # a staged buffer nobody pulled for this long is droppe
 class KVTransport(ABC):
     name = ""
 
+    def __init__(self):
+        self.staged: dict[str, tuple[float, object]] = {}     # request id -> (when, what keeps it reachable)
+
     @abstractmethod
     def stage(self, request_id: str, arrays: list[np.ndarray]) -> dict: ...
 
@@ -36,39 +39,36 @@ class KVTransport(ABC):
     def fetch(self, desc: dict) -> list[np.ndarray]: ...
 
     def release(self, request_id: str) -> None:
-        pass
+        self.staged.pop(request_id, None)
+
+    def _keep(self, request_id: str, obj) -> None:
+        """Hold `obj` until released; drop what nobody pulled for STALE_S."""
+        now = time.monotonic()
+        for rid in [r for r, (t, _) in self.staged.items() if now - t > STALE_S]:
+            self.release(rid)
+        self.staged[request_id] = (now, obj)
 
 
 class RayTransport(KVTransport):
     name = "ray"
 
-    def __init__(self):
-        self.staged: dict[str, tuple[float, object]] = {}
-
     def stage(self, request_id: str, arrays: list[np.ndarray]) -> dict:
         import ray
         ref = ray.put(arrays)
-        self.staged[request_id] = (time.monotonic(), ref)      # the owner keeps it alive until released
-        self._drop_stale()
+        self._keep(request_id, ref)            # the owner keeps it alive until released
         return {"transport": self.name, "refs": [ref]}
 
     def fetch(self, desc: dict) -> list[np.ndarray]:
         import ray
         return ray.get(desc["refs"][0], timeout=60)
 
-    def release(self, request_id: str) -> None:
-        self.staged.pop(request_id, None)
-
-    def _drop_stale(self) -> None:
-        now = time.monotonic()
-        for rid in [r for r, (t, _) in self.staged.items() if now - t > STALE_S]:
-            self.release(rid)
 
 
 class MooncakeTransport(KVTransport):
     name = "mooncake"
 
     def __init__(self):
+        super().__init__()
         import ray
         from mooncake.engine import TransferEngine        # ImportError when it (or libibverbs) is missing
         self.host = ray.util.get_node_ip_address()
@@ -76,7 +76,6 @@ class MooncakeTransport(KVTransport):
         if self.engine.initialize(self.host, "P2PHANDSHAKE", "tcp", "") != 0:
             raise RuntimeError("Mooncake's transfer engine did not start")
         self.session = f"{self.host}:{self.engine.get_rpc_port()}"
-        self.staged: dict[str, tuple[float, np.ndarray]] = {}
 
     def stage(self, request_id: str, arrays: list[np.ndarray]) -> dict:
         layout = [(list(a.shape), a.dtype.str) for a in arrays]
@@ -84,8 +83,7 @@ class MooncakeTransport(KVTransport):
             else np.zeros(1, np.uint8)
         if self.engine.register_memory(buf.ctypes.data, buf.nbytes) != 0:
             raise RuntimeError("Mooncake could not register the staged KV buffer")
-        self.staged[request_id] = (time.monotonic(), buf)
-        self._drop_stale()
+        self._keep(request_id, buf)
         return {"transport": self.name, "session": self.session, "addr": buf.ctypes.data, "len": buf.nbytes,
                 "layout": layout}
 
@@ -110,11 +108,6 @@ class MooncakeTransport(KVTransport):
         staged = self.staged.pop(request_id, None)
         if staged is not None:
             self.engine.unregister_memory(staged[1].ctypes.data)
-
-    def _drop_stale(self) -> None:
-        now = time.monotonic()
-        for rid in [r for r, (t, _) in self.staged.items() if now - t > STALE_S]:
-            self.release(rid)
 
 
 TRANSPORTS = {t.name: t for t in (RayTransport, MooncakeTransport)}

@@ -236,17 +236,14 @@ class PDWorker(EngineReplica):
 
     def _publish(self, req) -> None:
         """The prompt's full blocks the pool lacks (as far as this worker knows) go to it."""
-        import torch
-
-        from kvflow.cluster.kv_transfer import _to_numpy
+        from kvflow.cluster.kv_transfer import read_blocks
         kv = self.core.kv
         n = min(req.num_computed_tokens, len(req.prompt_token_ids)) // kv.block_size
         hashes, table = kv.block_hashes(req)[:n], kv.table(req.request_id)[:n]
         todo = [i for i, h in enumerate(hashes) if h not in self.published]
         if not todo:
             return
-        ids = torch.tensor([table[i].block_id for i in todo], dtype=torch.long, device=self.sender.device)
-        arrays = [_to_numpy(t.index_select(0, ids)) for t in self.core.runner.kv_tensors()]
+        arrays = read_blocks(self.core.runner.kv_tensors(), [table[i].block_id for i in todo])
         self.pool.put.remote([hashes[i] for i in todo], self.sender.dtypes, arrays)
         self.published.update(hashes[i] for i in todo)
         self.stats_["pool_put_blocks"] += len(todo)

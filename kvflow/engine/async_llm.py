@@ -369,14 +369,20 @@ class AsyncLLM:
                 self.stats = msg[2]
                 if self.on_stats is not None:
                     self.on_stats(self.stats)
-            elif kind == "error":            # the core refused a request the frontend accepted
-                if msg[1] in self.beam_streams:
-                    self.beam_streams[msg[1]].fail(RuntimeError(msg[2]))
+            elif kind == "error":            # the core refused a request the frontend accepted: ["error", id,
+                rid = msg[1]                 # why] or, to be retried later (503), ["error", id, why, retry_after]
+                error = QueueFullError(msg[2], msg[3]) if len(msg) > 3 else RuntimeError(msg[2])
+                if rid in self.beam_streams:
+                    self.beam_streams[rid].fail(error)
                     continue
-                self.output_processor.abort(msg[1])
-                stream = self.streams.get(msg[1])
+                child = self.output_processor.children.get(rid)      # one of its n samples: the request ends
+                parent_id = child.parent.request_id if child is not None else rid
+                siblings = [cid for cid in self.output_processor.abort(parent_id) if cid != rid]
+                if siblings:
+                    self.client.abort_requests(siblings)
+                stream = self.streams.get(parent_id)
                 if stream is not None:
-                    stream.fail(RuntimeError(msg[2]))
+                    stream.fail(error)
             elif kind == "dead":
                 logger.error("engine core failed: %s", msg[1])
                 return f"engine core failed: {msg[1].splitlines()[0]}"

@@ -5,7 +5,7 @@ OpenAI server and its routes run unchanged on top of it. Each request is one str
 DeploymentHandle: Serve routes it, queues it while no replica is up, and its autoscaler counts it (a call
 waiting at a fleet of zero replicas makes Serve start one at once). The client
   waits       for a replica at most `scale_up_timeout_s` (until the replica's "started" record arrives), then
-              refuses the request: 503 with Retry-After (through `refuse`, wired by launch.py), never a hang
+              refuses the request: 503 with Retry-After (an error message with a retry-after), never a hang
   resumes     a request whose replica died (its stream fails): a new call with the tokens already sent, which
               Serve routes to a live replica or to a new one; the caller sees neither an error nor repeats
   measures    which requests waited for a scale-up and their time to first token (metrics.py)
@@ -45,7 +45,6 @@ class ServeClient(EngineCoreClient):
         self.tokens: dict[str, list[int]] = {}
         self.replica_stats_: dict[str, EngineStats] = {}
         self.metrics = ServerlessMetrics()
-        self.refuse = None                # (request id, message, retry_after) -> None; set by ServerlessLLM
         self.dead: str | None = None
         self.num_resumed = 0
 
@@ -204,10 +203,8 @@ class ServeClient(EngineCoreClient):
                 self.tokens.pop(rid, None)
 
     def _refuse(self, rid: str, why: str) -> None:
-        if self.refuse is not None:
-            self.refuse(rid, why, RETRY_AFTER_S)
-        else:
-            self.messages.put_nowait(["error", rid, why])
+        """AsyncLLM fails the request with QueueFullError (503, Retry-After)."""
+        self.messages.put_nowait(["error", rid, why, RETRY_AFTER_S])
 
     # ---- what the server and the tests read ---------------------------------------------------------------------
 

@@ -20,9 +20,7 @@ def export_prefix_cache(core, max_blocks: int) -> tuple[list[int], list[str], li
     """The core's cached prefix blocks, at most `max_blocks` of them, the most recently used first: (hashes,
     dtypes, arrays with blocks on dim 0), read into host memory. (Order does not matter to the keeper: every
     block is stored under its own chained hash.)"""
-    import torch
-
-    from kvflow.cluster.kv_transfer import _to_numpy
+    from kvflow.cluster.kv_transfer import read_blocks
     pool = core.kv.pool
     # free_queue's tail holds the most recently used unreferenced blocks; referenced ones are in use, hot too
     order = [pool.blocks[i] for i in reversed(pool.free_queue)] + [b for b in pool.blocks if b.ref_count]
@@ -31,5 +29,4 @@ def export_prefix_cache(core, max_blocks: int) -> tuple[list[int], list[str], li
     dtypes = [str(t.dtype).removeprefix("torch.") for t in tensors]
     if not cached:
         return [], dtypes, []
-    ids = torch.tensor([b.block_id for b in cached], dtype=torch.long, device=tensors[0].device)
-    return [b.block_hash for b in cached], dtypes, [_to_numpy(t.index_select(0, ids)) for t in tensors]
+    return [b.block_hash for b in cached], dtypes, read_blocks(tensors, [b.block_id for b in cached])

@@ -2,9 +2,9 @@
 routes) in front of the Ray Serve application of app.py, through ServeClient (chosen by
 kvflow/engine/core_client.py `make_client` for a serverless config).
 
-`ServerlessLLM` is AsyncLLM with ServeClient as its engine-core client, and one addition: a request that
-waited `scale_up_timeout_s` for a replica fails with QueueFullError, which the server answers with 503 and
-Retry-After. GET /v1/serverless returns the serverless metrics (metrics.py); /metrics adds them as
+`ServerlessLLM` is AsyncLLM with ServeClient as its engine-core client (a request that waited
+`scale_up_timeout_s` for a replica comes back as an error message with a retry-after, which AsyncLLM turns
+into QueueFullError: 503 with Retry-After). GET /v1/serverless returns the serverless metrics (metrics.py); /metrics adds them as
 kvflow:serverless_* series.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from kvflow.engine.async_llm import AsyncLLM, QueueFullError
+from kvflow.engine.async_llm import AsyncLLM
 
 logger = logging.getLogger("kvflow")
 
@@ -23,20 +23,6 @@ class ServerlessLLM(AsyncLLM):
             raise ValueError("ServerlessLLM needs a serverless config (serverless=True)")
         super().__init__(config, *args, **kwargs)
         self.num_replicas = config.serverless.max_replicas      # batch slots: the fleet at its largest
-
-    async def start(self, timeout: float = 600.0) -> None:
-        self.client.refuse = self._refuse
-        await super().start(timeout)
-
-    def _refuse(self, core_request_id: str, why: str, retry_after: int) -> None:
-        child = self.output_processor.children.get(core_request_id)
-        parent_id = child.parent.request_id if child is not None else core_request_id
-        stream = self.streams.get(parent_id)
-        for cid in self.output_processor.abort(parent_id):
-            if cid != core_request_id:
-                self.client.abort_requests([cid])
-        if stream is not None:
-            stream.fail(QueueFullError(why, retry_after))
 
     def serverless_stats(self) -> dict:
         return self.client.serverless_stats()

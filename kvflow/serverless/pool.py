@@ -17,10 +17,8 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import queue
 import threading
 import time
-import uuid
 from collections import deque
 
 from kvflow.cluster.replica import EngineReplica, claim_cores
@@ -42,20 +40,9 @@ class ServerlessWorker(EngineReplica):
         if cpus:
             self.cores = claim_cores(max(1, round(cpus)))
             os.sched_setaffinity(0, self.cores)
-        self.core, self.breakdown = start_core(config_json, len(self.cores) if cpus else None, asked_at)
-        from kvflow.cluster.kv_transfer import export_request, import_blocks
-        from kvflow.engine.core_process import handle
-        self._handle, self._export, self._import = handle, export_request, import_blocks
+        core, self.breakdown = start_core(config_json, len(self.cores) if cpus else None, asked_at)
         self.load_s = sum(v for k, v in self.breakdown.items() if k != "process")
-        self.incarnation = uuid.uuid4().hex
-        self.inbox: queue.Queue = queue.Queue()
-        self._pending: list = []
-        self._next_seq = 0
-        self._n = 0
-        self.outbox: list = []
-        self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._loop, name=f"worker{index}-core", daemon=True)
-        self.thread.start()
+        self._serve(core, f"worker{index}-core")
 
     def ready(self) -> dict:
         info = super().ready()
