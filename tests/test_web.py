@@ -288,15 +288,22 @@ def test_api_key_asked_then_used(browser, server):
         wait_answered(p, 1)
         assert "API key" in text(p, "#messages .msg.assistant.error .body")
         assert all("401" in e for e in console.errors), console.errors   # only the refused requests
-        # a wrong key is refused, clearly
+        # a wrong key is refused, clearly; its model listing is held back to answer last (a busy server)
+        held = []
+        p.route("**/v1/models", lambda route: held.append(route)
+                if route.request.headers.get("authorization") == "Bearer wrong" else route.continue_())
         p.fill("#key-input", "wrong")
         p.click("#key-form button")
         p.wait_for_function("document.getElementById('key-message').textContent.includes('refused')")
-        # the right one works
+        # the right one works, and the wrong key's late refusal changes nothing
         p.fill("#key-input", API_KEY)
         p.click("#key-form button")
         p.wait_for_function("document.getElementById('model').textContent === 'tiny'")
+        assert len(held) == 1
+        held[0].continue_()
+        p.wait_for_timeout(500)
         assert p.locator("#key-panel").is_hidden() and p.locator("#error-banner").is_hidden()
+        assert text(p, "#model") == "tiny"
         p.wait_for_function("document.getElementById('health').textContent === 'ok'")
         p.click("#regenerate")
         wait_answered(p, 1)

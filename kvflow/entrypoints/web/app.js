@@ -23,12 +23,13 @@ class HttpError extends Error {
 
 async function api(path, opts = {}) {
   const headers = { ...(opts.headers || {}) };
-  if (apiKey) headers.Authorization = "Bearer " + apiKey;
+  const sentKey = apiKey;
+  if (sentKey) headers.Authorization = "Bearer " + sentKey;
   const r = await fetch(path, { ...opts, headers });
   if (!r.ok) {
     let message = r.status + " " + r.statusText;
     try { const b = await r.json(); if (b && b.error && b.error.message) message = b.error.message; } catch { /* not JSON */ }
-    if (r.status === 401) {
+    if (r.status === 401 && sentKey === apiKey) {   // a refusal of a key since replaced asks nothing
       askKey(apiKey ? "The server refused this API key (401): " + message
                     : "This server asks for an API key (401): " + message);
     }
@@ -51,13 +52,18 @@ function showError(message) {
   b.hidden = !message;
 }
 
+let modelLoads = 0;
+
 async function loadModel() {
+  const load = ++modelLoads;       // only the newest call shows its result: an older one may answer last
   try {
     const models = await (await api("/v1/models")).json();
+    if (load !== modelLoads) return;
     model = models.data && models.data.length ? models.data[0].id : null;
     $("model").textContent = model || "no model";
     showError("");
   } catch (e) {
+    if (load !== modelLoads) return;
     $("model").textContent = "—";
     showError("Cannot list the models: " + e.message);
   }
