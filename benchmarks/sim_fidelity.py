@@ -24,7 +24,7 @@ from kvflow.sim.cost_model import HardwareProfile
 from kvflow.sim.fidelity import fidelity
 from kvflow.sim.workload import parse_workload
 
-DEFAULT_WORKLOAD = "random:n=32,rate=1.5,input=200,output=24,range=0.5,seed=0"
+DEFAULT_WORKLOAD = "random:n=64,rate=1.5,input=200,output=24,range=0.5,seed=0"
 
 
 def main() -> int:

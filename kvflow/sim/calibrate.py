@@ -6,12 +6,14 @@ steps of every shape occur: whole and chunked prefills, mixed steps, decodes of 
 context. Every step's shape (kvflow.sim.cost_model.step_shape) and wall time (the whole EngineCore.step:
 scheduling, the forward pass, sampling and the update: what separates two steps of a served replica) is
 recorded, after a first pass of the same plan that is not (first calls of a shape select kernels and grow
-buffers). The five coefficients are fitted by non-negative least squares; the profile also records the
+buffers). The six coefficients (kvflow.sim.cost_model's linear model) are fitted by non-negative least squares, for
+each candidate set of knees (KNEES), and the best fit kept; the profile also records the
 engine's build time (a serverless cold start), the swap bandwidth the runner measured, the KV budget, and
 the fit's quality. With fidelity.py, the only modules of kvflow.sim that import torch (via the engine).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import platform
 import time
@@ -22,14 +24,20 @@ from kvflow.sim.cost_model import HardwareProfile
 
 logger = logging.getLogger("kvflow")
 
-# (requests, prompt tokens, output tokens): prefill-heavy, decode-heavy and mixed steps
+# (requests, prompt tokens, output tokens): prefill-heavy, decode-heavy and mixed steps, and single prompts of
+# 24 to 480 tokens, so that steps of every size around a kernel switch (see KNEES) are measured
 DEFAULT_PLAN = ((1, 32, 24), (1, 480, 8), (1, 1000, 4), (4, 128, 24), (8, 64, 32), (12, 160, 16), (32, 24, 24),
-                (3, 600, 6), (24, 60, 24))
+                (3, 600, 6), (24, 60, 24), (1, 48, 2), (1, 64, 2), (1, 80, 2), (1, 96, 2), (1, 128, 2), (1, 160, 2),
+                (1, 240, 2), (1, 320, 2))
+# where a matmul library may switch kernels (a step of more tokens than this costs a fixed amount more): the
+# fit tries every set of at most MAX_KNEES of them and keeps the one that fits best
+KNEES = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+MAX_KNEES = 2
 
 
-def features(shape) -> list[float]:
+def features(shape, knees=()) -> list[float]:
     rows, prefill, context, pairs = shape
-    return [1.0, rows, prefill, context / 1e3, pairs / 1e6]
+    return [1.0, rows, prefill, context / 1e3, pairs / 1e6, *(float(rows + prefill > k) for k in knees)]
 
 
 def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -45,12 +53,21 @@ def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def fit(samples: list[tuple[tuple, float]], max_outliers: float = 0.2) -> tuple[list[float], dict]:
-    """(coefficients, quality) from (shape, seconds) pairs, fitted on relative error (each step weighs the
-    same whether it takes 5 ms or 500). Steps slower than twice the fit (another process took the cores: a
-    shared machine) are dropped and the fit redone, at most `max_outliers` of them; the quality says how many."""
+    """(coefficients, quality) from (shape, seconds) pairs, for the knees (KNEES) that fit best (the quality
+    names them). Fitted on relative error (each step weighs the same whether it takes 5 ms or 500). Steps slower
+    than twice the fit (another process took the cores: a shared machine) are dropped and the fit redone, at
+    most `max_outliers` of them; the quality says how many."""
     if len(samples) < 10:
         raise ValueError(f"samples: at least 10 measured steps are needed to fit, got {len(samples)}")
-    x = np.array([features(s) for s, _ in samples])
+    sets = [knees for n in range(MAX_KNEES + 1) for knees in itertools.combinations(KNEES, n)]
+    # judged on the mean relative error of decode-only steps and of steps with a prefill, weighed alike (a plan
+    # has ten times more of the first); each knee must earn its place: it costs 5% of that error
+    return min((fit_knees(samples, knees, max_outliers) for knees in sets),
+               key=lambda r: r[1]["balanced_rel_error"] * (1 + 0.05 * len(r[1]["knee_tokens"])))
+
+
+def fit_knees(samples: list[tuple[tuple, float]], knees: tuple, max_outliers: float) -> tuple[list[float], dict]:
+    x = np.array([features(s, knees) for s, _ in samples])
     y = np.array([t for _, t in samples])
     keep = np.ones(len(y), dtype=bool)
     for _ in range(5):
@@ -67,9 +84,14 @@ def fit(samples: list[tuple[tuple, float]], max_outliers: float = 0.2) -> tuple[
     pred = x[keep] @ coef
     yk = y[keep]
     rel = np.abs(pred - yk) / yk
+    has_prefill = x[keep, 2] > 0
+    balanced = np.mean([rel[m].mean() for m in (has_prefill, ~has_prefill) if m.any()])
     r2 = 1.0 - float(((yk - pred) ** 2).sum() / max(((yk - yk.mean()) ** 2).sum(), 1e-30))
     return [float(c) for c in coef], {"num_steps": len(samples), "num_dropped_slow": int((~keep).sum()),
-                                      "r2": round(r2, 4), "median_rel_error": round(float(np.median(rel)), 4),
+                                      "knee_tokens": list(knees), "r2": round(r2, 4),
+                                      "mean_rel_error": round(float(rel.mean()), 4),
+                                      "balanced_rel_error": round(float(balanced), 4),
+                                      "median_rel_error": round(float(np.median(rel)), 4),
                                       "p90_rel_error": round(float(np.percentile(rel, 90)), 4)}
 
 
@@ -156,7 +178,7 @@ def calibrate(engine_kwargs: dict, name: str | None = None, plan=DEFAULT_PLAN, r
                 f"quantization {rc.config.model.quantization}; {quality['num_steps']} measured EngineCore steps; "
                 f"P/D link = the measured swap bandwidth (one machine)"),
         model=model_spec(rc), dtype=rc.dtype if rc.dtype in ("bfloat16", "float32") else "bfloat16",
-        params={"coef": coef}, kv_cache_bytes=int(rc.num_kv_blocks * rc.block_bytes), link_bytes_per_s=swap,
+        params={"coef": coef, "knee_tokens": quality["knee_tokens"]}, kv_cache_bytes=int(rc.num_kv_blocks * rc.block_bytes), link_bytes_per_s=swap,
         swap_bytes_per_s=swap, cold_start_s=round(build_s, 3), fit=quality)
 
 

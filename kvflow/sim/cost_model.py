@@ -6,8 +6,12 @@ function of the step's shape: the features the scheduler's own step-time model u
 costs.py): decode rows, prefill tokens, the decodes' context (thousands of tokens) and the prefill chunks'
 attention (millions of token pairs). Two cost models, a registry:
 
-  linear    seconds = coef . [1, decode rows, prefill tokens, decode context / 1e3, prefill pairs / 1e6]
-            (fitted by `kvflow sim calibrate` from measured steps)
+  linear    seconds = coef . [1, decode rows, prefill tokens, decode context / 1e3, prefill pairs / 1e6,
+                              step tokens > knee_tokens[0], step tokens > knee_tokens[1], ...]
+            (fitted by `kvflow sim calibrate` from measured steps). The knee terms are steps of the fixed cost:
+            a matmul library changes kernels once the batch passes a size (oneDNN's bf16 GEMM on AVX-512: a
+            step of 65 or more tokens costs ~65 ms more at one thread than one of 64, at the same per-token
+            slope), which a straight line through steps of every size cannot follow.
   roofline  seconds = launch + max(flops / (peak x mfu), bytes / (bandwidth x efficiency)): the weights are
             read once per step, the decodes read their KV, every token costs 2 x params flops and every
             attention pair 4 x layers x heads x head_dim flops (GPU profiles: H100, H200, A100)
@@ -121,15 +125,20 @@ class CostModel:
 class LinearCost(CostModel):
     def __init__(self, profile: HardwareProfile):
         super().__init__(profile)
-        coef = profile.params.get("coef")
-        if not isinstance(coef, list) or len(coef) != 5 or any(not c >= 0 for c in coef):
-            raise ValueError(f"params.coef must be 5 non-negative numbers (seconds: per step, per decode row, per "
-                             f"prefill token, per 1e3 decode-context tokens, per 1e6 prefill pairs), got {coef!r}")
-        self.c0, self.c1, self.c2, self.c3, self.c4 = (float(c) for c in coef)
+        coef, knees = profile.params.get("coef"), profile.params.get("knee_tokens", [])
+        if not isinstance(knees, list) or any(not isinstance(k, int) or k < 0 for k in knees):
+            raise ValueError(f"params.knee_tokens must be a list of non-negative integers, got {knees!r}")
+        if not isinstance(coef, list) or len(coef) != 5 + len(knees) or any(not c >= 0 for c in coef):
+            raise ValueError(f"params.coef must be {5 + len(knees)} non-negative numbers (seconds: per step, per "
+                             f"decode row, per prefill token, per 1e3 decode-context tokens, per 1e6 prefill pairs, "
+                             f"then one for each of params.knee_tokens), got {coef!r}")
+        self.c0, self.c1, self.c2, self.c3, self.c4 = (float(c) for c in coef[:5])
+        self.knees = list(zip(knees, (float(c) for c in coef[5:])))
 
     def step_seconds(self, decode_rows, prefill_tokens, decode_context, prefill_pairs):
+        tokens = decode_rows + prefill_tokens
         return (self.c0 + self.c1 * decode_rows + self.c2 * prefill_tokens + self.c3 * decode_context / 1e3
-                + self.c4 * prefill_pairs / 1e6)
+                + self.c4 * prefill_pairs / 1e6 + sum(c for knee, c in self.knees if tokens > knee))
 
 
 class RooflineCost(CostModel):
