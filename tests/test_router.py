@@ -5,7 +5,7 @@ import random
 import pytest
 
 from kvflow.cluster.prefix_index import PrefixIndex
-from kvflow.cluster.router import ROUTERS, ReplicaLoad, RouteRequest, make_router
+from kvflow.cluster.router import ROUTERS, LoadTable, ReplicaLoad, RouteRequest, make_router
 from kvflow.memory.kv_cache_manager import hash_block
 
 BS = 16
@@ -257,3 +257,32 @@ def test_never_routes_to_an_unhealthy_replica(name):
             j = rng.randrange(8)
             router.on_replica_down(j)
             router.on_replica_up(j)
+
+
+@pytest.mark.parametrize("name", ["least-load", "cache-aware", "session"])
+def test_load_table_routes_as_a_plain_list(name):
+    """A LoadTable (loads plus their kept `load` values, which scan reads) makes the same choices as the
+    plain list it caches, through random load changes, health flips and replacements."""
+    rng = random.Random(7)
+    n = 12
+    plain = [ReplicaLoad(i) for i in range(n)]
+    table = LoadTable(ReplicaLoad(i) for i in range(n))
+    a, b = make_router(name, n), make_router(name, n)
+    prompts = [chain(SYSTEM_A), chain(SYSTEM_B), []]
+    for step in range(2000):
+        j = rng.randrange(n)
+        change = dict(num_assigned=rng.randint(0, 6), num_running=rng.randint(0, 4), num_waiting=rng.randint(0, 2),
+                      kv_cache_usage=rng.choice((0.0, 0.25, 0.5)), healthy=rng.random() < 0.9)
+        if not any(ld.healthy for k, ld in enumerate(plain) if k != j):
+            change["healthy"] = True
+        if rng.random() < 0.1:                    # replaced (a replica restarted): the table updates itself
+            plain[j] = ReplicaLoad(j, **change)
+            table[j] = ReplicaLoad(j, **change)
+        else:
+            for ld in (plain[j], table[j]):
+                for k, v in change.items():
+                    setattr(ld, k, v)
+            table.update(j)
+        table.check()
+        r = RouteRequest(f"q{step}", rng.choice(prompts), 64, 16, user=rng.choice((None, "u1", "u2")))
+        assert a.route(r, plain) == b.route(r, table), (name, step)

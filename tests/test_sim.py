@@ -176,6 +176,31 @@ def test_same_seed_same_result():
     assert runs[0][1].timeline() == runs[1][1].timeline()
 
 
+def test_load_tables_follow_every_load_change(monkeypatch):
+    """The pools' LoadTables (least-load reads their kept values) match the loads at every route, in each
+    shape that routes: replicas, P/D (both pools), serverless."""
+    from kvflow.sim import cluster
+    checked = []
+    choose = cluster.Pool.choose
+
+    def checking(pool, req):
+        pool.loads.check()
+        checked.append(pool)
+        return choose(pool, req)
+    monkeypatch.setattr(cluster.Pool, "choose", checking)
+    w = parse_workload("chat:n=150,rate=300,seed=4")
+    for kw in (dict(replicas=4, router="least-load"), dict(preset="splitwise", prefill_replicas=2, decode_replicas=2,
+                                                         kv_transfer="async"),
+               dict(preset="deepflow", max_replicas=3, target_ongoing_requests=2)):
+        sim, rec = simulate(EngineConfig.from_kwargs(num_kv_blocks=200, **kw), fixed_profile(0.02, 1e-4),
+                            workload_requests(w))
+        assert rec.summary(None, sim)["completed"] == 150, kw
+        for pool in (sim.prefill, sim.decode):
+            if pool is not None:
+                pool.loads.check()
+    assert len(checked) > 300
+
+
 def test_blocks_come_back_under_pressure_and_in_every_shape():
     w = parse_workload("random:n=60,rate=200,input=120,output=40,range=0.5,seed=2")
     shapes = [dict(num_kv_blocks=40, max_num_seqs=16, preemption_mode="recompute"),

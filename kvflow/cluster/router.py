@@ -47,6 +47,33 @@ class ReplicaLoad:
         return max(self.num_assigned, self.num_running + self.num_waiting) + self.kv_cache_usage
 
 
+class LoadTable(list):
+    """The loads of a fleet (a list of ReplicaLoad) that also keeps each one's `load` value: `values[j]` is
+    loads[j].load for a healthy replica, None for an unhealthy one. Whoever changes a load's fields calls
+    `update(j)` (replacing loads[j] updates it by itself); least-load's `scan` then reads `values` instead of
+    recomputing the property of every replica on every request (at 1,000 replicas, most of a route's time).
+    A plain list of loads still works everywhere: this is only a cache."""
+
+    def __init__(self, loads=()):
+        super().__init__(loads)
+        self.values = [ld.load if ld.healthy else None for ld in self]
+        self.num_unhealthy = self.values.count(None)
+
+    def update(self, j: int) -> None:
+        ld = self[j]
+        old, new = self.values[j], (ld.load if ld.healthy else None)
+        self.values[j] = new
+        self.num_unhealthy += (new is None) - (old is None)
+
+    def __setitem__(self, j, ld) -> None:
+        super().__setitem__(j, ld)
+        self.update(j)
+
+    def check(self) -> None:
+        """Assert that the kept values are the loads' own (tests)."""
+        assert self.values == [ld.load if ld.healthy else None for ld in self], "a load changed without update()"
+
+
 class Router(ABC):
     name: str = ""
 

@@ -18,11 +18,21 @@ class Block:
 
 class BlockPool:
     def __init__(self, num_blocks: int):
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.num_blocks = num_blocks
+        # Block objects are made when first handed out (or when `blocks` is read): a simulated fleet of 1,000
+        # replicas would otherwise build millions of them up front, most never used. The ids not handed out
+        # yet are the front of the free queue, in order, so the next one taken is always len(self._blocks).
+        self._blocks: list[Block] = []
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = evict first
         self.cached: dict[int, Block] = {}       # block hash -> block holding that content
         self.num_evictions = 0
         self.evicted: list[tuple[int, int]] = []   # (block id, hash) evicted since last taken (disk tier)
+
+    @property
+    def blocks(self) -> list[Block]:
+        """Every block, by id."""
+        self._blocks.extend(Block(i) for i in range(len(self._blocks), self.num_blocks))
+        return self._blocks
 
     @property
     def num_free(self) -> int:
@@ -33,8 +43,12 @@ class BlockPool:
         if n > len(self.free_queue):
             raise RuntimeError(f"asked for {n} blocks with {len(self.free_queue)} free")
         out = []
+        blocks = self._blocks
         for _ in range(n):
-            block = self.blocks[self.free_queue.popitem(last=False)[0]]
+            block_id = self.free_queue.popitem(last=False)[0]
+            if block_id == len(blocks):          # never handed out before: make it
+                blocks.append(Block(block_id))
+            block = blocks[block_id]
             if block.block_hash is not None:     # evict its cached content
                 if self.cached.get(block.block_hash) is block:
                     del self.cached[block.block_hash]

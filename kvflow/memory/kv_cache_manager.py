@@ -55,7 +55,7 @@ class KVCacheManager:
 
     @property
     def num_blocks(self) -> int:
-        return len(self.pool.blocks)
+        return self.pool.num_blocks
 
     @property
     def swap_pool(self) -> BlockPool | None:
@@ -86,6 +86,8 @@ class KVCacheManager:
         table changed other than by appending."""
         table = self.tables.get(req_id, [])
         sent = self._sent.get(req_id)
+        if sent == len(table):         # most steps of a decode: nothing new
+            return [], False
         self._sent[req_id] = len(table)
         if sent is None:
             return [b.block_id for b in table], True
@@ -187,7 +189,7 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         rid = req.request_id
-        num_full = min(req.num_computed_tokens, req.num_tokens) // self.block_size
+        num_full = min(req.num_computed_tokens, len(req.all_token_ids)) // self.block_size   # (req.num_tokens)
         done = self.num_cached_blocks.get(rid, 0)
         if num_full <= done:
             return
@@ -207,12 +209,21 @@ class KVCacheManager:
         Copy-on-write: if the block the new tokens start in is shared (a forked sample's prompt tail), the
         request gets its own copy of it first."""
         rid = req.request_id
-        table = self.tables.setdefault(rid, [])
-        total = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens + lookahead
-        num_needed = -(-total // self.block_size) - len(table) - len(computed)
-        num_revived = sum(1 for b in computed if b.ref_count == 0)   # cached blocks taken off the free queue
-        i = req.num_computed_tokens // self.block_size
-        cow = not computed and i < len(table) and table[i].ref_count > 1
+        table = self.tables.get(rid)
+        if table is None:
+            table = self.tables[rid] = []
+        bs = self.block_size
+        total = req.num_computed_tokens + len(computed) * bs + num_new_tokens + lookahead
+        num_needed = -(-total // bs) - len(table) - len(computed)
+        if computed:
+            num_revived = sum(1 for b in computed if b.ref_count == 0)   # cached blocks taken off the free queue
+            cow = False
+        else:                          # (the per-step case: a running request's next tokens)
+            num_revived = 0
+            i = req.num_computed_tokens // bs
+            cow = i < len(table) and table[i].ref_count > 1
+            if num_needed <= 0 and not cow:
+                return True            # its blocks already hold them: nothing to take or copy
         if max(num_needed, 0) + num_revived + cow > self.pool.num_free:
             return False
         if cow:

@@ -135,18 +135,23 @@ class Scheduler:
         if self.spec is not None:          # the batch rule of speculation reads the running requests' tokens
             self.spec.begin_step(sum(r.num_tokens for r in self.running))
         preempted = False
+        running, kv, chunked = self.running, self.kv, self.enable_chunked_prefill
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            if req.spec_token_ids and req.num_tokens_with_spec - req.num_computed_tokens > budget:
+        while i < len(running) and budget > 0:
+            req = running[i]
+            # tokens it knows (proposals included) minus those computed; len() rather than the Request
+            # properties: this loop runs once per running request per step
+            todo = len(req.all_token_ids) + len(req.spec_token_ids) - req.num_computed_tokens
+            if req.spec_token_ids and todo > budget:
                 del req.spec_token_ids[max(budget - (req.num_tokens - req.num_computed_tokens), 0):]   # never split
-            num_new = min(req.num_tokens_with_spec - req.num_computed_tokens, budget)
-            if num_new < req.num_tokens_with_spec - req.num_computed_tokens and not self.enable_chunked_prefill:
+                todo = req.num_tokens_with_spec - req.num_computed_tokens
+            num_new = todo if todo < budget else budget
+            if num_new < todo and not chunked:
                 i += 1                 # its whole remaining prompt does not fit this step: wait for one it fits
                 continue
-            while not self.kv.allocate_slots(req, num_new):
-                victim = self.policy.pick_victim(self.running[i:])     # not one already in this step
-                self.running.remove(victim)
+            while not kv.allocate_slots(req, num_new):
+                victim = self.policy.pick_victim(running[i:])     # not one already in this step
+                running.remove(victim)
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
@@ -175,7 +180,7 @@ class Scheduler:
             self._add_to_step(out, req, num_new)
             budget -= num_new
         out.block_ops = self.kv.take_ops()
-        self.num_scheduled_tokens += out.num_scheduled_tokens
+        self.num_scheduled_tokens += self.token_budget - budget    # = out.num_scheduled_tokens, without the sum
         return out
 
     def _displace(self, now: float) -> None:
@@ -226,20 +231,23 @@ class Scheduler:
     def _add_to_step(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
         rid, start = req.request_id, req.num_computed_tokens
         end = start + num_new
-        if req.spec_token_ids and end > req.num_tokens:
-            tokens = (req.all_token_ids + req.spec_token_ids)[start:end]
+        known, proposed = req.all_token_ids, req.spec_token_ids
+        if proposed and end > len(known):
+            tokens = (known + proposed)[start:end]
         else:
-            tokens = req.all_token_ids[start:end]
+            tokens = known[start:end]
         if rid in self._unsent:
             self._unsent.discard(rid)
             out.new_requests.append(NewRequestData(rid, req.prompt_token_ids, req.params, sorted(req.stop_ids)))
-        sample = end == req.num_tokens_with_spec
+        sample = end == len(known) + len(proposed)
         draft = self.spec.draft_len(rid, len(self.running)) if self.spec and sample else 0
         if draft and self.spec.lookahead and not self.kv.allocate_slots(req, num_new, lookahead=draft):
             draft = 0                  # no free block for the drafts' KV: no drafts (never a preemption for them)
         block_ids, replaced = self.kv.block_update(rid)
+        # positional, in field order (keywords cost twice as much, once per request per step); the last two:
+        # token_bitmask (set later by the structured-output step), num_draft_tokens
         out.scheduled.append(ScheduledRequest(rid, start, tokens, block_ids, replaced, sample,
-                                              len(req.spec_token_ids) if sample else 0, num_draft_tokens=draft))
+                                              len(req.spec_token_ids) if sample else 0, None, draft))
 
     def _prefix(self, req: Request) -> tuple[list[Block], list[int]] | None:
         """What a waiting request starts from: (cached blocks, disk-tier keys ready to load); None while it
@@ -340,25 +348,28 @@ class Scheduler:
             if req is not None and self.predictor is not None and "hidden" in self.predictor.features:
                 req.length_estimate = self.predictor.predict(
                     len(req.prompt_token_ids), req.client, {"hidden": np.asarray(hidden, dtype=np.float32)})
+        requests, all_prompt_logprobs = self.requests, result.prompt_logprobs
+        on_computed = self._policy_hook("on_computed")
         for s, sampled, logprobs in zip(sched.scheduled, result.sampled_token_ids,
                                         result.logprobs or [None] * len(sched.scheduled)):
-            req = self.requests.get(s.req_id)
+            req = requests.get(s.req_id)
             if req is None:                    # ended while the step ran
                 continue
-            req.num_computed_tokens += s.num_new_tokens
+            req.num_computed_tokens += len(s.token_ids)
             if s.num_spec_tokens:              # proposals after the first rejected one are not computed
                 req.num_computed_tokens -= s.num_spec_tokens - max(len(sampled) - 1, 0)
                 req.spec_token_ids = []
                 self.kv.trim(req)
                 if self.spec is not None:
                     self.spec.observe(req.request_id, s.num_spec_tokens, max(len(sampled) - 1, 0))
-            prompt_logprobs = result.prompt_logprobs.get(s.req_id)
+            prompt_logprobs = all_prompt_logprobs.get(s.req_id) if all_prompt_logprobs else None
             if prompt_logprobs:
                 req.num_prompt_logprobs += len(prompt_logprobs)
             new_tokens, status = self._append(req, sampled)
-            num_prompt = max(min(s.num_computed_tokens + s.num_new_tokens, len(req.prompt_token_ids))
-                             - s.num_computed_tokens, 0)
-            self.policy.on_computed(req, num_prompt, len(new_tokens), now)
+            if on_computed is not None:
+                num_prompt = max(min(s.num_computed_tokens + s.num_new_tokens, len(req.prompt_token_ids))
+                                 - s.num_computed_tokens, 0)
+                on_computed(req, num_prompt, len(new_tokens), now)
             if not new_tokens and not prompt_logprobs:
                 continue
             if status is not None:
@@ -366,23 +377,41 @@ class Scheduler:
             elif s.req_id in result.draft_token_ids:    # to verify in its next step, within its limits
                 room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens) - 1
                 req.spec_token_ids = result.draft_token_ids[s.req_id][:max(room, 0)]
+            # positional, in field order (keywords double the cost of this once-per-request-per-step call)
             outputs.append(EngineCoreOutput(
-                request_id=req.request_id, new_token_ids=new_tokens,
-                new_logprobs=logprobs[:len(new_tokens)] if logprobs is not None and new_tokens else None,
-                finish_reason=status.value if status is not None else None, stop_reason=req.stop_reason,
-                num_cached_tokens=req.num_cached_tokens, first_scheduled_time=req.first_scheduled_time,
-                num_preemptions=req.num_preemptions, prompt_logprobs=prompt_logprobs or None))
+                req.request_id,                                     # request_id
+                new_tokens,                                         # new_token_ids
+                logprobs[:len(new_tokens)] if logprobs is not None and new_tokens else None,   # new_logprobs
+                status.value if status is not None else None,      # finish_reason
+                req.stop_reason,                                    # stop_reason
+                req.num_cached_tokens,                              # num_cached_tokens
+                req.first_scheduled_time,                           # first_scheduled_time
+                req.num_preemptions,                                # num_preemptions
+                prompt_logprobs or None))                           # prompt_logprobs
         return outputs
+
+    def _policy_hook(self, name: str):
+        """The policy's method `name`, or None when it is the base class's no-op (then the per-request call,
+        and what it would be passed, is skipped)."""
+        hook = getattr(self.policy, name)
+        return None if getattr(hook, "__func__", None) is getattr(SchedulingPolicy, name) else hook
 
     def _append(self, req: Request, tokens: list[int]) -> tuple[list[int], RequestStatus | None]:
         """Append tokens up to the first that ends the request; (the tokens appended, how it ended or None)."""
-        new_tokens, status = [], None
-        for token in tokens:
+        status = None
+        if len(tokens) == 1:           # the usual case (a decode, no drafts): no loop
+            token = tokens[0]
+            new_tokens = [token]
             req.append_token(token)
-            new_tokens.append(token)
             status = self._check_stop(req, token)
-            if status is not None:
-                break
+        else:
+            new_tokens = []
+            for token in tokens:
+                req.append_token(token)
+                new_tokens.append(token)
+                status = self._check_stop(req, token)
+                if status is not None:
+                    break
         self.kv.cache_full_blocks(req)
         return new_tokens, status
 
@@ -401,7 +430,7 @@ class Scheduler:
             if token in (req.params.stop_token_ids or ()):
                 req.stop_reason = token
             return RequestStatus.FINISHED_STOPPED
-        if n >= req.max_tokens or req.num_tokens >= self.max_model_len:
+        if n >= req.max_tokens or len(req.all_token_ids) >= self.max_model_len:    # (req.num_tokens)
             return RequestStatus.FINISHED_LENGTH
         return None
 

@@ -20,11 +20,12 @@ Same seed and inputs, same events in the same order: the result is deterministic
 """
 from __future__ import annotations
 
+import gc
 import heapq
 import math
 from dataclasses import dataclass, field
 
-from kvflow.cluster.router import ReplicaLoad, RouteRequest, make_router
+from kvflow.cluster.router import LoadTable, ReplicaLoad, RouteRequest, make_router
 from kvflow.config import EngineConfig
 from kvflow.memory.kv_cache_manager import extend_block_hashes
 from kvflow.sim.cost_model import HardwareProfile
@@ -32,6 +33,7 @@ from kvflow.sim.replica import SimReplica, engine_spec
 from kvflow.sim.report import Record, Recorder
 
 AUTOSCALE_S = 1.0
+GC_THRESHOLD = 50_000      # allocations between the cyclic collector's youngest-generation passes (default 700)
 WARM_FRACTION = 0.25
 ARRIVE, STEP_END, KV_ARRIVE, TICK, READY, WARM = range(6)
 
@@ -44,13 +46,19 @@ class Pool:
     ready: list[bool] = field(default_factory=list)
 
     def __post_init__(self):
-        self.loads = [r.load if r is not None else ReplicaLoad(i, healthy=False)    # kept, not rebuilt per route
-                      for i, r in enumerate(self.replicas)]
+        # kept, not rebuilt per route; each replica tells the table when its load changes
+        self.loads = LoadTable(r.load if r is not None else ReplicaLoad(i, healthy=False)
+                               for i, r in enumerate(self.replicas))
+        for r in self.replicas:
+            if r is not None:
+                r.loads = self.loads
 
     def set_ready(self, i: int, ready: bool) -> None:
         """A replica (serverless) came up or went away: the router sees it healthy or not."""
         self.ready[i] = ready
         r = self.replicas[i]
+        if r is not None:
+            r.loads = self.loads if ready else None
         self.loads[i] = r.load if ready and r is not None else ReplicaLoad(i, healthy=False)
 
     def choose(self, req: RouteRequest) -> int:
@@ -115,6 +123,18 @@ class Simulation:
     # ---- the loop ------------------------------------------------------------------------------------------
 
     def run(self, requests) -> Recorder:
+        # The loop allocates millions of small objects that refcounting frees (it makes no reference cycles: a
+        # gc.collect() after a run finds nothing), while the live set grows (finished rows, KV blocks of every
+        # replica): the cyclic collector's default thresholds made it rescan that set often enough to take a
+        # quarter of the time at 1,000 replicas. Rarer passes during the run; the old thresholds after.
+        thresholds = gc.get_threshold()
+        gc.set_threshold(GC_THRESHOLD, *thresholds[1:])
+        try:
+            return self._run(requests)
+        finally:
+            gc.set_threshold(*thresholds)
+
+    def _run(self, requests) -> Recorder:
         it = iter(requests)
         self._next_arrival(it)
         while self._events:
@@ -165,12 +185,15 @@ class Simulation:
         i = self.prefill.choose(route)
         if self.pd and self.config.disagg.kv_transfer != "sync":
             rec.decode = self.decode.choose(route)
-            self.decode.replicas[rec.decode].load.num_assigned += 1
+            d = self.decode.replicas[rec.decode]
+            d.load.num_assigned += 1
+            d.load_changed()
         rec.replica = i
         r = self.prefill.replicas[i]
         r.kv.hashes[rec.rid] = hashes       # the engine extends the same chain: no need to hash twice
         r.add(rec.rid, rec.prompt, 1 if self.pd else rec.max_tokens, rec.arrival, rec.user)
         r.load.outstanding_tokens += len(rec.prompt) + rec.max_tokens
+        r.load_changed()
         self._kick(r)
 
     def _kick(self, r: SimReplica) -> None:
@@ -193,10 +216,11 @@ class Simulation:
 
     def _outputs(self, r: SimReplica, outputs) -> None:
         prefill_side = self.pd and r.role == "prefill"
+        records, tokens, now = self.rec.records, self.rec.tokens, self.now     # (once per step, not per output)
         for o in outputs:
-            rec = self.rec.records[o.request_id]
+            rec = records[o.request_id]
             if o.new_token_ids:
-                self.rec.tokens(rec, self.now, len(o.new_token_ids), o.num_cached_tokens, o.num_preemptions)
+                tokens(rec, now, len(o.new_token_ids), o.num_cached_tokens, o.num_preemptions)
             if o.finish_reason is None:
                 continue
             pool = self.prefill if (prefill_side or not self.pd) else self.decode
@@ -216,7 +240,9 @@ class Simulation:
         if mode == "sync":
             hashes = extend_block_hashes([], rec.prompt, self.spec.block_size)
             rec.decode = self.decode.choose(RouteRequest(rec.rid, hashes, len(rec.prompt), rec.max_tokens, rec.user))
-            self.decode.replicas[rec.decode].load.num_assigned += 1
+            d = self.decode.replicas[rec.decode]
+            d.load.num_assigned += 1
+            d.load_changed()
             exposed = full
         elif mode == "async":
             chunk = r.runner.last_chunk.get(rec.rid, len(rec.prompt))
@@ -233,6 +259,7 @@ class Simulation:
         d.kv.adopt_blocks(hashes, d.kv.pool.num_free // 2)
         d.add(rec.rid, rec.prompt, rec.max_tokens, rec.arrival, rec.user, outputs=first)
         d.load.outstanding_tokens += rec.max_tokens
+        d.load_changed()
         self._kick(d)
 
     # ---- serverless -------------------------------------------------------------------------------------------

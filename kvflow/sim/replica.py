@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvflow.cluster.router import ReplicaLoad
+from kvflow.cluster.router import LoadTable, ReplicaLoad
 from kvflow.config import EngineConfig
 from kvflow.memory.kv_cache_manager import KVCacheManager
 from kvflow.request import Request
@@ -72,6 +72,15 @@ def engine_spec(config: EngineConfig, profile: HardwareProfile) -> EngineSpec:
                       sc.async_recovery)
 
 
+def queued_prefill_tokens(s: Scheduler) -> int:
+    """Prompt tokens still to compute: every waiting request's, and the running ones' with more than one
+    token left (a decode has exactly one). Once per step over the whole batch, so len() rather than the
+    Request properties (num_tokens = len(all_token_ids))."""
+    queued = sum([len(r.all_token_ids) - r.num_computed_tokens for r in s.waiting])
+    left = [len(r.all_token_ids) - r.num_computed_tokens for r in s.running]
+    return queued + sum([n for n in left if n > 1])
+
+
 class SimReplica:
     def __init__(self, index: int, spec: EngineSpec, cost: CostModel, clock: Callable[[], float],
                  prefix_caching: bool | None = None, track_tables: bool = False):
@@ -89,6 +98,7 @@ class SimReplica:
         self.runner = SimRunner(cost, track_tables)
         self.load = ReplicaLoad(index, num_kv_blocks=spec.num_kv_blocks,
                                 extra={"prefill_tokens_per_s": prefill_rate, "queued_prefill_tokens": 0})
+        self.loads: LoadTable | None = None   # the pool's table of loads (its router's view), told of changes
         self.busy = False
         self.role = "mixed"             # or prefill / decode (P/D)
         self._step = None
@@ -106,6 +116,12 @@ class SimReplica:
         self.load.num_assigned += 1
         self.load.num_waiting += 1
         self.load.extra["queued_prefill_tokens"] += len(prompt)
+        self.load_changed()
+
+    def load_changed(self) -> None:
+        """`self.load` changed: the pool's LoadTable recomputes its value (least-load reads the kept ones)."""
+        if self.loads is not None:
+            self.loads.update(self.load.index)
 
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -141,16 +157,16 @@ class SimReplica:
         ld.num_running, ld.num_waiting = len(s.running), len(s.waiting)
         ld.kv_cache_usage = 1.0 - self.kv.pool.num_free / self.kv.num_blocks
         ld.outstanding_tokens = max(ld.outstanding_tokens - num_tokens, 0.0)
-        queued = sum(r.num_tokens - r.num_computed_tokens for r in s.waiting)
-        ld.extra["queued_prefill_tokens"] = queued + sum(
-            r.num_tokens - r.num_computed_tokens for r in s.running if r.num_tokens - r.num_computed_tokens > 1)
+        ld.extra["queued_prefill_tokens"] = queued_prefill_tokens(s)
         ld.extra["prefill_tokens_per_s"] = self.cost.prefill_tokens_per_s
+        self.load_changed()
         return sched, outputs
 
     def finished(self, remaining_tokens: float) -> None:
         """A request routed here ended (the cluster's count of requests in flight)."""
         self.load.num_assigned -= 1
         self.load.outstanding_tokens = max(self.load.outstanding_tokens - remaining_tokens, 0.0)
+        self.load_changed()
 
     def check(self) -> None:
         """The block invariant (as EngineCore.check_blocks): every block free, cached, or held by a live request."""

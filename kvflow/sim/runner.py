@@ -39,7 +39,7 @@ class SimRunner:
             self.seeds[new.req_id] = zlib.crc32(new.req_id.encode())
             self.stop_ids[new.req_id] = frozenset(new.stop_ids)
         req_ids, sampled = [], []
-        seeds, last_chunk = self.seeds, self.last_chunk
+        seeds, last_chunk, stop_ids, track = self.seeds, self.last_chunk, self.stop_ids, self.track_tables
         rows = prefill = context = 0           # the step's shape, as cost_model.step_shape counts it
         pairs = 0.0
         for s in sched.scheduled:
@@ -47,7 +47,7 @@ class SimRunner:
             seed = seeds.get(rid)
             if seed is None:
                 raise RuntimeError(f"request {rid!r} scheduled before the runner was told about it")
-            if self.track_tables:
+            if track:
                 self.tables[rid] = list(s.block_ids) if s.blocks_replaced else self.tables.get(rid, []) + s.block_ids
             n, start = len(s.token_ids), s.num_computed_tokens
             if n == 1 + s.num_spec_tokens:
@@ -60,7 +60,7 @@ class SimRunner:
             req_ids.append(rid)
             if s.sample:
                 token = 1 + (seed + (start + n) * 2654435761) % (VOCAB - 1)
-                stops = self.stop_ids[rid]
+                stops = stop_ids[rid]
                 while stops and token in stops:
                     token = 1 + token % (VOCAB - 1)
                 sampled.append([token])
