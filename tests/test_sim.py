@@ -317,20 +317,22 @@ def test_compare_and_cli(tmp_path):
 @needs_default_model
 @pytest.mark.slow
 def test_fidelity_against_a_fresh_calibration(default_model_path):
-    """A small benchmarks/sim_fidelity.py: calibrate on a fresh engine, serve a workload with it in real
-    time, simulate the same workload with the fresh profile. The issue's targets are 10% (medians) and 20%
-    (p99); this allows 35% on throughput and the median TTFT, and skips when the real run's own steps took more
-    than 25% more (or less) than their calibrated times: the machines tests run on are shared, and other
-    processes (cores, memory bandwidth) slow the real run, not the simulated one."""
+    """A small benchmarks/sim_fidelity.py: calibrate on a fresh engine, serve a workload with it, simulate the
+    same workload with the fresh profile. The requests all arrive at once: with a dozen short requests
+    arriving over time, whether a request's few decode steps share a step with another's prefill turns on
+    milliseconds of real-time jitter, and its TPOT doubles or not (the benchmark's 64 requests average that
+    out). The issue's targets are 10% (medians) and 20% (p99); this allows 25%, and skips when the real run's
+    own steps took more than 25% more (or less) than their calibrated times: the machines tests run on are
+    shared, and other processes (cores, memory bandwidth) slow the real run, not the simulated one."""
     from kvflow.sim.fidelity import fidelity
     plan = ((1, 32, 12), (4, 96, 12), (1, 300, 4), (12, 24, 12), (2, 160, 8), (3, 64, 6), (1, 120, 4))
     result = fidelity({"num_threads": 1, "max_num_seqs": 8}, parse_workload(
-        "random:n=12,rate=3,input=96,output=12,range=0.5,seed=1"), plan)
+        "random:n=12,rate=1000,input=96,output=12,range=0.5,seed=1"), plan)
     m = result["metrics"]
     assert result["profile"]["fit"]["num_steps"] >= 40 and result["profile"]["fit"]["r2"] > 0.8
     ratio = result["real_step_ratio"]     # the real run's steps against their calibrated times
     if not 0.8 < ratio < 1.25:
         pytest.skip(f"the machine changed speed between calibration and the run (its steps took {ratio:.2f}x "
                     f"their calibrated time: other processes on the shared cores): not comparable ({m})")
-    for key in ("output_throughput", "median_ttft_ms", "median_tpot_ms"):
-        assert m[key]["rel_error"] < 0.35, (key, m)
+    for key in ("output_throughput", "median_ttft_ms", "median_tpot_ms", "p99_tpot_ms"):
+        assert m[key]["rel_error"] < 0.25, (key, m)

@@ -1,6 +1,7 @@
 """`kvflow sim calibrate`: fit the linear cost model on this machine from measured steps of the real engine.
 
-The real EngineCore (the engine options given: model, dtype, threads, ...) runs a plan of batches: B
+The real EngineCore (the engine options given: model, dtype, threads, ...) runs a plan of batches (then a sweep
+of single prompts on both sides of each candidate kernel switch, SWEEP): B
 requests of about P random prompt tokens (P/2 to 3P/2), each generating D tokens (ignore_eos), so that
 steps of every shape occur: whole and chunked prefills, mixed steps, decodes of 1..B rows at growing
 context. Every step's shape (kvflow.sim.cost_model.step_shape) and wall time (the whole EngineCore.step:
@@ -24,15 +25,17 @@ from kvflow.sim.cost_model import HardwareProfile
 
 logger = logging.getLogger("kvflow")
 
-# (requests, prompt tokens, output tokens): prefill-heavy, decode-heavy and mixed steps, and single prompts of
-# 24 to 480 tokens, so that steps of every size around a kernel switch (see KNEES) are measured
+# (requests, prompt tokens, output tokens): prefill-heavy, decode-heavy and mixed steps
 DEFAULT_PLAN = ((1, 32, 24), (1, 480, 8), (1, 1000, 4), (4, 128, 24), (8, 64, 32), (12, 160, 16), (32, 24, 24),
-                (3, 600, 6), (24, 60, 24), (1, 48, 2), (1, 64, 2), (1, 80, 2), (1, 96, 2), (1, 128, 2), (1, 160, 2),
-                (1, 240, 2), (1, 320, 2))
+                (3, 600, 6), (24, 60, 24))
 # where a matmul library may switch kernels (a step of more tokens than this costs a fixed amount more): the
-# fit tries every set of at most MAX_KNEES of them and keeps the one that fits best
+# fit tries every set of at most MAX_KNEES of them and keeps the one that fits best. Every pass of a plan ends
+# with a sweep of single prompts of exactly k and k + 1 tokens for each k up to SWEEP_MAX, both sides of each
+# candidate (random prompt lengths left the fit choosing 48 for a switch at 64 when few fell in between)
 KNEES = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 MAX_KNEES = 2
+SWEEP_MAX = 256
+SWEEP = tuple(k + d for k in KNEES if k <= SWEEP_MAX for d in (0, 1))
 
 
 def features(shape, knees=()) -> list[float]:
@@ -129,10 +132,12 @@ def measure_core(core, rc, plan=DEFAULT_PLAN, repeats: int = 1, seed: int = 0) -
         with torch.inference_mode():
             for rep in range(repeats + 1):  # pass 0 warms every shape up (first calls select kernels): not kept
                 rng = np.random.default_rng(seed + max(rep - 1, 0))    # pass 1 repeats pass 0's shapes
-                for batch, prompt_len, out_len in plan:
+                for batch, prompt_len, out_len, exact in (*((*row, False) for row in plan),
+                                                          *((1, n, 1, True) for n in SWEEP)):
                     for _ in range(batch):      # prompt lengths vary in [P/2, 3P/2]: many prefill shapes
-                        n_in = min(int(rng.integers(max(prompt_len // 2, 1), prompt_len * 3 // 2 + 1)),
-                                   rc.max_model_len - out_len - 1)
+                        n_in = prompt_len if exact else int(rng.integers(max(prompt_len // 2, 1),
+                                                                         prompt_len * 3 // 2 + 1))
+                        n_in = min(n_in, rc.max_model_len - out_len - 1)
                         ids = rng.integers(1, rc.arch.vocab_size, size=n_in).tolist()
                         core.add_request(EngineCoreRequest(f"cal-{n}", ids, SamplingParams(
                             max_tokens=out_len, ignore_eos=True, temperature=0.0), [], out_len, time.monotonic()))
