@@ -35,6 +35,9 @@ def main() -> int:
                         "stalls both at every barrier, and the real run is up to 10x slower than its calibration)")
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--repeats", type=int, default=1, help="measured calibration passes")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="engines serving the workload, each on its own thread and core, behind --router")
+    p.add_argument("--router", default="least-load")
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--save-profile", default=None, help="write the fresh calibration (a hardware profile) here")
     args = p.parse_args()
@@ -42,7 +45,7 @@ def main() -> int:
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     result = fidelity({"num_threads": args.threads, "max_num_seqs": args.max_num_seqs}, workload,
-                      repeats=args.repeats)
+                      repeats=args.repeats, replicas=args.replicas, router=args.router)
     result.update(workload=args.workload, wall_s=round(time.perf_counter() - t0, 1), load_avg_before=load0,
                   load_avg_after=os.getloadavg()[0], cpu_count=os.cpu_count())
     print(f"{'metric':<20}{'real':>10}{'sim':>10}{'error':>8}{'target':>8}")

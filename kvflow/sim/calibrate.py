@@ -10,7 +10,7 @@ recorded, after a first pass of the same plan that is not (first calls of a shap
 buffers). The six coefficients (kvflow.sim.cost_model's linear model) are fitted by non-negative least squares, for
 each candidate set of knees (KNEES), and the best fit kept; the profile also records the
 engine's build time (a serverless cold start), the swap bandwidth the runner measured, the KV budget, and
-the fit's quality. With fidelity.py, the only modules of kvflow.sim that import torch (via the engine).
+the fit's quality. With fidelity.py and replay.py, the only modules of kvflow.sim that import torch (via the engine).
 """
 from __future__ import annotations
 
@@ -183,61 +183,5 @@ def calibrate(engine_kwargs: dict, name: str | None = None, plan=DEFAULT_PLAN, r
                 f"quantization {rc.config.model.quantization}; {quality['num_steps']} measured EngineCore steps; "
                 f"P/D link = the measured swap bandwidth (one machine)"),
         model=model_spec(rc), dtype=rc.dtype if rc.dtype in ("bfloat16", "float32") else "bfloat16",
-        params={"coef": coef, "knee_tokens": quality["knee_tokens"]}, kv_cache_bytes=int(rc.num_kv_blocks * rc.block_bytes), link_bytes_per_s=swap,
-        swap_bytes_per_s=swap, cold_start_s=round(build_s, 3), fit=quality)
-
-
-def replay(core, requests, block_size: int = 16, steps: list | None = None):
-    """Serve `requests` (SimRequests) on a real EngineCore in real time: each is added at its arrival time,
-    and every output's tokens are stamped when the step that made them ends, as the simulator stamps them.
-    Returns (RequestResults in arrival order, duration s): what `kvflow bench serve` would measure, without
-    the HTTP and detokenization around it. Used to check the simulator's fidelity. Afterwards
-    `replay.cpu_share` is the process's CPU time over the steps' wall time (about the engine's threads when
-    it had the cores to itself; much less when other processes took them). `steps`: a list to append each
-    step's (shape, seconds) to."""
-    from kvflow.sim.cost_model import step_shape
-    from kvflow.bench.metrics import RequestResult
-    from kvflow.engine.wire import EngineCoreRequest
-    from kvflow.sampling.params import SamplingParams
-    reqs = list(requests)
-    results = [RequestResult(success=True, prompt_len=len(r.prompt_token_ids), start_time=r.arrival_s) for r in reqs]
-    last: dict[int, float] = {}
-    t0 = time.perf_counter()
-    i = 0
-    cpu = busy = 0.0
-    while i < len(reqs) or core.has_unfinished():
-        now = time.perf_counter() - t0
-        while i < len(reqs) and reqs[i].arrival_s <= now:
-            r = reqs[i]
-            core.add_request(EngineCoreRequest(f"fid-{i}", list(r.prompt_token_ids), SamplingParams(
-                max_tokens=r.output_len, ignore_eos=True, temperature=0.0), [], r.output_len, time.monotonic()))
-            i += 1
-        if not core.has_unfinished():
-            time.sleep(max(reqs[i].arrival_s - now, 0.0))
-            continue
-        c = time.process_time()
-        sched = core.scheduler.schedule
-        if steps is not None:          # the step's SchedulerOutput, to read its shape
-            box = []
-            core.scheduler.schedule = lambda: box.append(sched()) or box[0]
-        outputs = core.step()
-        core.scheduler.schedule = sched
-        if steps is not None and box and box[0].scheduled:
-            steps.append((step_shape(box[0]), time.perf_counter() - t0 - now))
-        cpu += time.process_time() - c
-        busy += time.perf_counter() - t0 - now
-        now = time.perf_counter() - t0
-        for o in outputs:
-            k = int(o.request_id.rsplit("-", 1)[1])
-            res, n = results[k], len(o.new_token_ids)
-            if n:
-                if res.output_tokens == 0:
-                    res.ttft = now - res.start_time
-                else:
-                    res.itl.extend([(now - last[k]) / n] * n)
-                last[k] = now
-                res.output_tokens += n
-            if o.finish_reason is not None:
-                res.e2e = now - res.start_time
-    replay.cpu_share = cpu / busy if busy else 1.0    # < 1 / threads: other processes took the cores
-    return results, time.perf_counter() - t0
+        params={"coef": coef, "knee_tokens": quality["knee_tokens"]},
+        kv_cache_bytes=int(rc.num_kv_blocks * rc.block_bytes), link_bytes_per_s=swap, swap_bytes_per_s=swap, cold_start_s=round(build_s, 3), fit=quality)
