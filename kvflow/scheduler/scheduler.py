@@ -398,20 +398,13 @@ class Scheduler:
 
     def _append(self, req: Request, tokens: list[int]) -> tuple[list[int], RequestStatus | None]:
         """Append tokens up to the first that ends the request; (the tokens appended, how it ended or None)."""
-        status = None
-        if len(tokens) == 1:           # the usual case (a decode, no drafts): no loop
-            token = tokens[0]
-            new_tokens = [token]
+        new_tokens, status = [], None
+        for token in tokens:
             req.append_token(token)
+            new_tokens.append(token)
             status = self._check_stop(req, token)
-        else:
-            new_tokens = []
-            for token in tokens:
-                req.append_token(token)
-                new_tokens.append(token)
-                status = self._check_stop(req, token)
-                if status is not None:
-                    break
+            if status is not None:
+                break
         self.kv.cache_full_blocks(req)
         return new_tokens, status
 

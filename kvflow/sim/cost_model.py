@@ -168,7 +168,7 @@ COST_MODELS: dict[str, type[CostModel]] = {"linear": LinearCost, "roofline": Roo
 
 def step_shape(sched) -> tuple[int, int, int, float]:
     """(decode rows, prefill tokens, decode context, prefill pairs) of a SchedulerOutput, counted exactly as
-    Scheduler.record_step counts them."""
+    Scheduler.record_step counts them (SimRunner.execute counts the same within its own loop over the step)."""
     rows = prefill = context = 0
     pairs = 0.0
     for s in sched.scheduled:
