@@ -1,7 +1,7 @@
 """How fast the simulator runs at cluster scale: R replicas, N requests, wall time and simulated requests/s
 (issue 17's target: 1,000 replicas and 1,000,000 requests in under 10 minutes on a 2-core machine).
 
-    python benchmarks/sim_scale.py --replicas 1000 --requests 1000000
+    python benchmarks/sim_scale.py --replicas 1000 --requests 1000000 --rate-per-replica 200 --workers 2
     python benchmarks/sim_scale.py --replicas 100 --requests 20000 --profile   # cProfile's top entries
 
 The workload is `chat` at a rate that keeps the replicas about 60% busy (so steps batch as in a loaded
@@ -19,6 +19,7 @@ import time
 from kvflow.config import EngineConfig
 from kvflow.sim.cluster import simulate
 from kvflow.sim.cost_model import load_profile
+from kvflow.sim.parallel import simulate_parallel
 from kvflow.sim.workload import WorkloadSpec, workload_requests
 
 
@@ -30,7 +31,9 @@ def main() -> int:
     p.add_argument("--router", default="least-load")
     p.add_argument("--hardware", default="h100")
     p.add_argument("--num-kv-blocks", type=int, default=4096)
-    p.add_argument("--profile", action="store_true", help="print cProfile's top 25 by own time")
+    p.add_argument("--workers", type=int, default=1, help="processes (kvflow/sim/parallel.py; default 1: one process)")
+    p.add_argument("--sync-ms", type=float, default=1.0, help="with --workers > 1: the router's load staleness bound")
+    p.add_argument("--profile", action="store_true", help="print cProfile's top 25 by own time (this process)")
     args = p.parse_args()
     config = EngineConfig.from_kwargs(replicas=args.replicas, router=args.router, num_kv_blocks=args.num_kv_blocks)
     workload = WorkloadSpec(kind="chat", n=args.requests, rate=args.rate_per_replica * args.replicas, seed=0)
@@ -38,12 +41,16 @@ def main() -> int:
     t0 = time.perf_counter()
     if prof:
         prof.enable()
-    sim, rec = simulate(config, load_profile(args.hardware), workload_requests(workload), keep_itl=1000)
+    if args.workers > 1:
+        sim, rec = simulate_parallel(config, load_profile(args.hardware), workload_requests(workload), args.workers,
+                                     args.sync_ms / 1e3, keep_itl=1000)
+    else:
+        sim, rec = simulate(config, load_profile(args.hardware), workload_requests(workload), keep_itl=1000)
     if prof:
         prof.disable()
     wall = time.perf_counter() - t0
     s = rec.summary(None, sim)
-    out = {"replicas": args.replicas, "requests": args.requests, "wall_s": round(wall, 1),
+    out = {"replicas": args.replicas, "requests": args.requests, "workers": args.workers, "wall_s": round(wall, 1),
            "requests_per_wall_s": round(args.requests / wall, 1), "steps": s["num_steps"],
            "simulated_s": round(rec.end_s, 1), "completed": s["completed"],
            "mean_utilisation": round(s["mean_utilisation"], 3), "median_ttft_ms": round(s["median_ttft_ms"], 2)}

@@ -26,6 +26,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--out-json", default=None, help="write the result (summary, timeline, config) here")
     p.add_argument("--plot", default=None, help="write a PNG here (needs matplotlib)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes to split the replicas over (colocated replicas only; default 1: one process)")
+    p.add_argument("--sync-ms", type=float, default=None,
+                   help="with --workers: the router sees loads up to this old (default 1 ms; docs/sim.md)")
     add_engine_args(p)
     p.set_defaults(func=cmd_sim)
     sub = p.add_subparsers(dest="sim_command", metavar="SIM", required=False)
@@ -92,10 +96,16 @@ def cmd_sim(args) -> int:
     workload, profile, goodput = _setup(args)
     config = EngineConfig.from_kwargs(**_explicit_engine_kwargs(args))
     t0 = time.perf_counter()
-    sim, rec = simulate(config, profile, workload_requests(workload, config.cache.block_size), keep_itl=args.keep_itl)
+    requests = workload_requests(workload, config.cache.block_size)
+    if args.workers > 1 or args.sync_ms is not None:      # each worker checks its replicas' blocks
+        from kvflow.sim.parallel import SYNC_S, simulate_parallel
+        sync_s = SYNC_S if args.sync_ms is None else args.sync_ms / 1e3
+        sim, rec = simulate_parallel(config, profile, requests, args.workers, sync_s, keep_itl=args.keep_itl)
+    else:
+        sim, rec = simulate(config, profile, requests, keep_itl=args.keep_itl)
+        for r in sim.replicas():
+            r.check()
     wall = time.perf_counter() - t0
-    for r in sim.replicas():
-        r.check()
     summary = rec.summary(goodput, sim)
     print(f"simulated {rec.num_added} requests on {profile.name} ({profile.source.split(':')[0]}) in {wall:.1f} s "
           f"wall", file=sys.stderr)

@@ -135,14 +135,28 @@ class Simulation:
             gc.set_threshold(*thresholds)
 
     def _run(self, requests) -> Recorder:
-        it = iter(requests)
-        self._next_arrival(it)
-        while self._events:
-            t, _, kind, a, b = heapq.heappop(self._events)
+        self._arrivals = iter(requests)
+        self._next_arrival()
+        self.advance(math.inf)
+        for r in self.replicas():
+            if not self.serverless:
+                self.rec.replica_down(r.index, self.now)
+        self.rec.finish(self.now)
+        return self.rec
+
+    def advance(self, until: float) -> None:
+        """Run the events before time `until`. An ARRIVE event's `b` is None for a request of the workload
+        (it is routed here), or the replica a parallel run's router chose for it (kvflow/sim/parallel.py)."""
+        events = self._events
+        while events and events[0][0] < until:
+            t, _, kind, a, b = heapq.heappop(events)
             self.now = t
             if kind == ARRIVE:
-                self._next_arrival(it)
-                self._arrive(a)
+                if b is None:
+                    self._next_arrival()
+                    self._arrive(a)
+                else:
+                    self._route(a, *b)
             elif kind == STEP_END:
                 self._step_end(a, b)
             elif kind == KV_ARRIVE:
@@ -153,18 +167,13 @@ class Simulation:
                 self._ready(a)
             else:
                 self.warm_free += 1
-        for r in self.replicas():
-            if not self.serverless:
-                self.rec.replica_down(r.index, self.now)
-        self.rec.finish(self.now)
-        return self.rec
 
     def replicas(self) -> list[SimReplica]:
         pools = [self.prefill] + ([self.decode] if self.decode else [])
         return [r for p in pools for r in p.replicas if r is not None]
 
-    def _next_arrival(self, it) -> None:
-        req = next(it, None)
+    def _next_arrival(self) -> None:
+        req = next(self._arrivals, None)
         if req is not None:
             self._push(req.arrival_s, ARRIVE, req)
         else:
@@ -179,15 +188,18 @@ class Simulation:
             return
         self._route(rec)
 
-    def _route(self, rec: Record) -> None:
-        hashes = extend_block_hashes([], rec.prompt, self.spec.block_size)
-        route = RouteRequest(rec.rid, hashes, len(rec.prompt), rec.max_tokens, rec.user)
-        i = self.prefill.choose(route)
-        if self.pd and self.config.disagg.kv_transfer != "sync":
-            rec.decode = self.decode.choose(route)
-            d = self.decode.replicas[rec.decode]
-            d.load.num_assigned += 1
-            d.load_changed()
+    def _route(self, rec: Record, i: int | None = None, hashes: list[int] | None = None) -> None:
+        """Place a request: on replica `i` with its prompt's block `hashes` when a parallel run's router chose
+        it already, else where this pool's router says."""
+        if i is None:
+            hashes = extend_block_hashes([], rec.prompt, self.spec.block_size)
+            route = RouteRequest(rec.rid, hashes, len(rec.prompt), rec.max_tokens, rec.user)
+            i = self.prefill.choose(route)
+            if self.pd and self.config.disagg.kv_transfer != "sync":     # (a parallel run has no P/D)
+                rec.decode = self.decode.choose(route)
+                d = self.decode.replicas[rec.decode]
+                d.load.num_assigned += 1
+                d.load_changed()
         rec.replica = i
         r = self.prefill.replicas[i]
         r.kv.hashes[rec.rid] = hashes       # the engine extends the same chain: no need to hash twice
