@@ -48,10 +48,17 @@ def main() -> int:
                       repeats=args.repeats, replicas=args.replicas, router=args.router)
     result.update(workload=args.workload, wall_s=round(time.perf_counter() - t0, 1), load_avg_before=load0,
                   load_avg_after=os.getloadavg()[0], cpu_count=os.cpu_count())
-    print(f"{'metric':<20}{'real':>10}{'sim':>10}{'error':>8}{'target':>8}")
-    for key, row in result["metrics"].items():
-        print(f"{key:<20}{row['real']:>10.2f}{row['sim']:>10.2f}{row['rel_error']:>8.1%}{row['target']:>8.0%}"
-              f"{'' if row['ok'] else '  MISS'}")
+    tables = [("", result["metrics"])]
+    if "metrics_placed" in result:     # several replicas: also with each request where the real run put it
+        tables.append((f"the simulation with the real run's placement (its own router placed "
+                       f"{result['placed_alike']} of {workload.n} requests alike):", result["metrics_placed"]))
+    for title, metrics in tables:
+        if title:
+            print(title)
+        print(f"{'metric':<20}{'real':>10}{'sim':>10}{'error':>8}{'target':>8}")
+        for key, row in metrics.items():
+            print(f"{key:<20}{row['real']:>10.2f}{row['sim']:>10.2f}{row['rel_error']:>8.1%}{row['target']:>8.0%}"
+                  f"{'' if row['ok'] else '  MISS'}")
     print(f"calibration fit: {result['profile']['fit']}; load average {load0:.2f} -> {result['load_avg_after']:.2f} "
           f"on {os.cpu_count()} cores; the engine's CPU time / wall time while stepping "
           f"{result['real_cpu_share']:.2f} (threads {args.threads}); the real run's steps took "

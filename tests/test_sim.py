@@ -216,6 +216,21 @@ def test_parallel_run_is_the_one_process_run_split():
         simulate_parallel(EngineConfig.from_kwargs(replicas=2, num_kv_blocks=4), profile, requests(10), workers=2)
 
 
+def test_a_recorded_placement_replays_the_run():
+    """fidelity's two-replica check replays the real run's placement (Placement); replaying a simulation's own
+    placement (Recording) gives that simulation's rows exactly."""
+    from kvflow.sim.cluster import Simulation
+    from kvflow.sim.fidelity import Placement, Recording
+    config = EngineConfig.from_kwargs(replicas=3, router="cache-aware", num_kv_blocks=400)
+    runs = []
+    for make in (Recording, lambda _: Placement(runs[0][0].prefill.router.placed)):
+        sim = Simulation(config, load_profile("a100"))
+        sim.prefill.router = make(sim.prefill.router)
+        runs.append((sim, sim.run(workload_requests(parse_workload("chat:n=90,rate=60,seed=2")))))
+    assert len(set(runs[0][0].prefill.router.placed)) == 3
+    assert runs[0][1].rows == runs[1][1].rows
+
+
 def test_load_tables_follow_every_load_change(monkeypatch):
     """The pools' LoadTables (least-load reads their kept values) match the loads at every route, in each
     shape that routes: replicas, P/D (both pools), serverless."""

@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from kvflow.bench.metrics import compute_metrics
+from kvflow.cluster.router import RouteRequest, Router
 from kvflow.sim.calibrate import DEFAULT_PLAN, build_core, calibrate
 from kvflow.sim.replay import replay, replay_fleet
 from kvflow.sim.workload import WorkloadSpec, workload_requests
@@ -27,7 +28,7 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     `replicas` > 1: that many engines (one calibrated; they are alike), each on its own thread and core,
     behind `router`, against the simulator's `replicas` and `router`."""
     from kvflow.config import EngineConfig
-    from kvflow.sim.cluster import simulate
+    from kvflow.sim.cluster import Simulation
     t0 = time.perf_counter()
     core, rc, build_s = build_core(engine_kwargs)
     profile = calibrate(engine_kwargs, "fidelity", plan, repeats, core=(core, rc, build_s))
@@ -38,13 +39,13 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
             replay(c, workload_requests(workload))
             c.reset_prefix_cache()
     t1 = time.perf_counter()
-    steps: list = []
+    steps, placed = [], []
     if replicas == 1:
         real, duration = replay(core, workload_requests(workload), steps)
         cpu_share = replay.cpu_share
     else:
         real, duration = replay_fleet(cores, workload_requests(workload), router, rc.config.cache.block_size,
-                                      steps)
+                                      steps, placed)
         cpu_share = float("nan")
     t_real = time.perf_counter() - t1
     model = profile.cost_model()          # measured / calibrated time of the real run's own steps: ~1 when the
@@ -56,15 +57,54 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     config = EngineConfig.from_kwargs(**{**engine_kwargs, "num_kv_blocks": rc.num_kv_blocks,
                                          "max_model_len": rc.max_model_len, **fleet,
                                          "enable_prefix_caching": rc.config.cache.enable_prefix_caching})
-    sim, rec = simulate(config, profile, workload_requests(workload))
-    sim_m = rec.summary(None, sim)
-    rows = {}
-    for key, tol in KEYS:
-        r, s = real_m[key], sim_m[key]
-        err = abs(s - r) / r if r else float("inf")
-        rows[key] = {"real": round(r, 3), "sim": round(s, 3), "rel_error": round(err, 4), "target": tol,
-                     "ok": err <= tol}
-    return {"profile": dataclasses.asdict(profile), "calibration_s": round(t_cal, 1),
+    sim = Simulation(config, profile)
+    if placed:                         # note where the simulation's own router places each request
+        sim.prefill.router = Recording(sim.prefill.router)
+    rows = compare_metrics(real_m, sim.run(workload_requests(workload)).summary(None, sim))
+    extra = {}
+    if placed:        # the simulation again with each request where the real run put it: its step times alone
+        extra["placed_alike"] = sum(a == b for a, b in zip(placed, sim.prefill.router.placed))
+        sim = Simulation(config, profile)
+        sim.prefill.router = Placement(placed)
+        extra["metrics_placed"] = compare_metrics(real_m, sim.run(workload_requests(workload)).summary(None, sim))
+    return {**extra, "profile": dataclasses.asdict(profile), "calibration_s": round(t_cal, 1),
             "real_run_s": round(t_real, 1), "real_cpu_share": round(cpu_share, 3),
             "real_step_ratio": round(step_ratio, 3),    # machine ran as fast as during the calibration
             "real_duration_s": round(duration, 2), "metrics": rows, "ok": all(v["ok"] for v in rows.values())}
+
+
+def compare_metrics(real: dict, sim: dict) -> dict:
+    """Per metric of KEYS: both values, the simulation's relative error, its target, whether it is met."""
+    rows = {}
+    for key, tol in KEYS:
+        r, s = real[key], sim[key]
+        err = abs(s - r) / r if r else float("inf")
+        rows[key] = {"real": round(r, 3), "sim": round(s, 3), "rel_error": round(err, 4), "target": tol,
+                     "ok": err <= tol}
+    return rows
+
+
+class Placement(Router):
+    """Places the k-th request (the simulator names it "r{k}") where a real run placed it."""
+
+    def __init__(self, placed: list[int]):
+        super().__init__(max(placed) + 1)
+        self.placed = placed
+
+    def route(self, req: RouteRequest, loads) -> int:
+        return self.placed[int(req.request_id[1:])]
+
+
+class Recording(Router):
+    """Another router, noting where it placed each request (in arrival order)."""
+
+    def __init__(self, inner: Router):
+        super().__init__(inner.num_replicas)
+        self.inner, self.placed = inner, []
+
+    def route(self, req: RouteRequest, loads) -> int:
+        self.placed.append(self.inner.route(req, loads))
+        return self.placed[-1]
+
+    def on_finished(self, request_id: str, replica: int) -> None:
+        self.inner.on_finished(request_id, replica)

@@ -95,8 +95,10 @@ def replay(core, requests, steps: list | None = None):
     return stamps.results, time.perf_counter() - t0
 
 
-def replay_fleet(cores, requests, router_name: str, block_size: int, steps: list | None = None):
-    """Serve `requests` on the EngineCores `cores` behind the router `router_name`; as `replay`."""
+def replay_fleet(cores, requests, router_name: str, block_size: int, steps: list | None = None,
+                 placed: list | None = None):
+    """Serve `requests` on the EngineCores `cores` behind the router `router_name`; as `replay`. `placed`: a
+    list to append each request's replica to, in arrival order."""
     from kvflow.cluster.router import ReplicaLoad, RouteRequest, make_router
     from kvflow.memory.kv_cache_manager import extend_block_hashes
     reqs = list(requests)
@@ -157,6 +159,8 @@ def replay_fleet(cores, requests, router_name: str, block_size: int, steps: list
             i = router.route(RouteRequest(f"fid-{k}", hashes, len(r.prompt_token_ids), r.output_len), loads)
             loads[i].num_assigned += 1
             loads[i].num_waiting += 1
+        if placed is not None:
+            placed.append(i)
         inboxes[i].put((k, r))
     for box in inboxes:
         box.put(None)
