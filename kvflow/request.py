@@ -26,7 +26,7 @@ class RequestStatus(enum.Enum):
         return self.value in ("stop", "length", "abort")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     request_id: str
     prompt_token_ids: list[int]

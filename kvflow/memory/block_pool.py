@@ -9,7 +9,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Block:
     block_id: int
     ref_count: int = 0
@@ -89,13 +89,18 @@ class BlockPool:
         self.cached.clear()
 
     def check(self, live_refs: dict[int, int] | None = None) -> None:
-        """Assert the pool's invariants; live_refs (block id -> references held by live requests) when given."""
-        for block in self.blocks:
+        """Assert the pool's invariants; live_refs (block id -> references held by live requests) when given.
+        Blocks never handed out are not made for it: the free queue must hold exactly them besides the made
+        blocks it holds (each made block is checked, so the count says it)."""
+        num_queued = 0
+        for block in self._blocks:
             in_queue = block.block_id in self.free_queue
+            num_queued += in_queue
             assert (block.ref_count == 0) == in_queue, f"block {block.block_id}: ref {block.ref_count}, queued {in_queue}"
             if block.block_hash is not None:
                 assert self.cached.get(block.block_hash) is block, f"block {block.block_id}: stale hash"
             if live_refs is not None:
                 assert block.ref_count == live_refs.get(block.block_id, 0), \
                     f"block {block.block_id}: ref {block.ref_count}, held by requests {live_refs.get(block.block_id, 0)}"
+        assert len(self.free_queue) == num_queued + self.num_blocks - len(self._blocks), "the free queue is off"
         assert all(b.block_hash == h for h, b in self.cached.items())

@@ -84,7 +84,7 @@ class KVCacheManager:
     def block_update(self, req_id: str) -> tuple[list[int], bool]:
         """The block ids the runner has not seen: (appended ids, False), or (whole table, True) after the
         table changed other than by appending."""
-        table = self.tables.get(req_id, [])
+        table = self.tables.get(req_id, ())     # (not [], which would build a list on every call)
         sent = self._sent.get(req_id)
         if sent == len(table):         # most steps of a decode: nothing new
             return [], False
@@ -189,7 +189,10 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         rid = req.request_id
-        num_full = min(req.num_computed_tokens, len(req.all_token_ids)) // self.block_size   # (req.num_tokens)
+        num_full, num_tokens = req.num_computed_tokens, len(req.all_token_ids)    # (req.num_tokens)
+        if num_tokens < num_full:      # (min() costs a call, once per request per step)
+            num_full = num_tokens
+        num_full //= self.block_size
         done = self.num_cached_blocks.get(rid, 0)
         if num_full <= done:
             return
@@ -212,16 +215,16 @@ class KVCacheManager:
         table = self.tables.get(rid)
         if table is None:
             table = self.tables[rid] = []
-        bs = self.block_size
-        total = req.num_computed_tokens + len(computed) * bs + num_new_tokens + lookahead
-        num_needed = -(-total // bs) - len(table) - len(computed)
-        if computed:
+        bs, num_computed, num_hits, num_held = self.block_size, req.num_computed_tokens, len(computed), len(table)
+        total = num_computed + num_hits * bs + num_new_tokens + lookahead
+        num_needed = -(-total // bs) - num_held - num_hits
+        if num_hits:
             num_revived = sum(1 for b in computed if b.ref_count == 0)   # cached blocks taken off the free queue
             cow = False
         else:                          # (the per-step case: a running request's next tokens)
             num_revived = 0
-            i = req.num_computed_tokens // bs
-            cow = i < len(table) and table[i].ref_count > 1
+            i = num_computed // bs
+            cow = i < num_held and table[i].ref_count > 1
             if num_needed <= 0 and not cow:
                 return True            # its blocks already hold them: nothing to take or copy
         if max(num_needed, 0) + num_revived + cow > self.pool.num_free:

@@ -139,11 +139,12 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
+            proposed = req.spec_token_ids
             # tokens it knows (proposals included) minus those computed; len() rather than the Request
             # properties: this loop runs once per running request per step
-            todo = len(req.all_token_ids) + len(req.spec_token_ids) - req.num_computed_tokens
-            if req.spec_token_ids and todo > budget:
-                del req.spec_token_ids[max(budget - (req.num_tokens - req.num_computed_tokens), 0):]   # never split
+            todo = len(req.all_token_ids) + len(proposed) - req.num_computed_tokens
+            if proposed and todo > budget:
+                del proposed[max(budget - (req.num_tokens - req.num_computed_tokens), 0):]   # never split
                 todo = req.num_tokens_with_spec - req.num_computed_tokens
             num_new = todo if todo < budget else budget
             if num_new < todo and not chunked:
@@ -232,14 +233,15 @@ class Scheduler:
         rid, start = req.request_id, req.num_computed_tokens
         end = start + num_new
         known, proposed = req.all_token_ids, req.spec_token_ids
-        if proposed and end > len(known):
+        num_known, num_proposed = len(known), len(proposed)
+        if num_proposed and end > num_known:
             tokens = (known + proposed)[start:end]
         else:
             tokens = known[start:end]
         if rid in self._unsent:
             self._unsent.discard(rid)
             out.new_requests.append(NewRequestData(rid, req.prompt_token_ids, req.params, sorted(req.stop_ids)))
-        sample = end == len(known) + len(proposed)
+        sample = end == num_known + num_proposed
         draft = self.spec.draft_len(rid, len(self.running)) if self.spec and sample else 0
         if draft and self.spec.lookahead and not self.kv.allocate_slots(req, num_new, lookahead=draft):
             draft = 0                  # no free block for the drafts' KV: no drafts (never a preemption for them)
@@ -247,7 +249,7 @@ class Scheduler:
         # positional, in field order (keywords cost twice as much, once per request per step); the last two:
         # token_bitmask (set later by the structured-output step), num_draft_tokens
         out.scheduled.append(ScheduledRequest(rid, start, tokens, block_ids, replaced, sample,
-                                              len(req.spec_token_ids) if sample else 0, None, draft))
+                                              num_proposed if sample else 0, None, draft))
 
     def _prefix(self, req: Request) -> tuple[list[Block], list[int]] | None:
         """What a waiting request starts from: (cached blocks, disk-tier keys ready to load); None while it
@@ -348,11 +350,12 @@ class Scheduler:
             if req is not None and self.predictor is not None and "hidden" in self.predictor.features:
                 req.length_estimate = self.predictor.predict(
                     len(req.prompt_token_ids), req.client, {"hidden": np.asarray(hidden, dtype=np.float32)})
-        requests, all_prompt_logprobs = self.requests, result.prompt_logprobs
+        requests, all_prompt_logprobs, drafts = self.requests, result.prompt_logprobs, result.draft_token_ids
         on_computed = self._policy_hook("on_computed")
         for s, sampled, logprobs in zip(sched.scheduled, result.sampled_token_ids,
                                         result.logprobs or [None] * len(sched.scheduled)):
-            req = requests.get(s.req_id)
+            rid = s.req_id
+            req = requests.get(rid)
             if req is None:                    # ended while the step ran
                 continue
             req.num_computed_tokens += len(s.token_ids)
@@ -362,7 +365,7 @@ class Scheduler:
                 self.kv.trim(req)
                 if self.spec is not None:
                     self.spec.observe(req.request_id, s.num_spec_tokens, max(len(sampled) - 1, 0))
-            prompt_logprobs = all_prompt_logprobs.get(s.req_id) if all_prompt_logprobs else None
+            prompt_logprobs = all_prompt_logprobs.get(rid) if all_prompt_logprobs else None
             if prompt_logprobs:
                 req.num_prompt_logprobs += len(prompt_logprobs)
             new_tokens, status = self._append(req, sampled)
@@ -374,9 +377,9 @@ class Scheduler:
                 continue
             if status is not None:
                 self._finish(req, status)
-            elif s.req_id in result.draft_token_ids:    # to verify in its next step, within its limits
+            elif rid in drafts:                # to verify in its next step, within its limits
                 room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens) - 1
-                req.spec_token_ids = result.draft_token_ids[s.req_id][:max(room, 0)]
+                req.spec_token_ids = drafts[rid][:max(room, 0)]
             # positional, in field order (keywords double the cost of this once-per-request-per-step call)
             outputs.append(EngineCoreOutput(
                 req.request_id,                                     # request_id
@@ -397,16 +400,23 @@ class Scheduler:
         return None if getattr(hook, "__func__", None) is getattr(SchedulingPolicy, name) else hook
 
     def _append(self, req: Request, tokens: list[int]) -> tuple[list[int], RequestStatus | None]:
-        """Append tokens up to the first that ends the request; (the tokens appended, how it ended or None)."""
-        new_tokens, status = [], None
+        """Append tokens up to the first that ends the request; (the tokens appended, how it ended or None).
+        The token-level stop rules are here, not in a method of their own: they run once per token."""
+        num_appended, status = 0, None
         for token in tokens:
             req.append_token(token)
-            new_tokens.append(token)
-            status = self._check_stop(req, token)
-            if status is not None:
+            num_appended += 1
+            n = len(req.output_token_ids)
+            if token in req.stop_ids and n >= req.params.min_tokens:
+                if token in (req.params.stop_token_ids or ()):
+                    req.stop_reason = token
+                status = RequestStatus.FINISHED_STOPPED
+                break
+            if n >= req.max_tokens or len(req.all_token_ids) >= self.max_model_len:    # (req.num_tokens)
+                status = RequestStatus.FINISHED_LENGTH
                 break
         self.kv.cache_full_blocks(req)
-        return new_tokens, status
+        return tokens[:num_appended], status      # a copy: the caller's list is not handed on
 
     def append_forced(self, request_id: str, tokens: list[int]) -> tuple[list[int], RequestStatus | None]:
         """Append tokens that were not sampled (a grammar forced them: jump-forward); the next step computes
@@ -416,16 +426,6 @@ class Scheduler:
         if status is not None:
             self._finish(req, status)
         return new_tokens, status
-
-    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
-        n = len(req.output_token_ids)
-        if token in req.stop_ids and n >= req.params.min_tokens:
-            if token in (req.params.stop_token_ids or ()):
-                req.stop_reason = token
-            return RequestStatus.FINISHED_STOPPED
-        if n >= req.max_tokens or len(req.all_token_ids) >= self.max_model_len:    # (req.num_tokens)
-            return RequestStatus.FINISHED_LENGTH
-        return None
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         """End a request (stopped, length, or aborted) wherever it is, and give back its blocks."""

@@ -24,6 +24,9 @@ from kvflow.sim.cost_model import DTYPE_BYTES, CostModel, HardwareProfile
 from kvflow.sim.runner import SimRunner
 
 PARAMS = SamplingParams(max_tokens=1 << 30, ignore_eos=True)     # one object shared by every simulated request
+# ... and their stop ids (none: ignore_eos): one shared object, which the per-token stop check reads without
+# touching a set of each request's own
+NO_STOP_IDS: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -75,10 +78,9 @@ def engine_spec(config: EngineConfig, profile: HardwareProfile) -> EngineSpec:
 def queued_prefill_tokens(s: Scheduler) -> int:
     """Prompt tokens still to compute: every waiting request's, and the running ones' with more than one
     token left (a decode has exactly one). Once per step over the whole batch, so len() rather than the
-    Request properties (num_tokens = len(all_token_ids))."""
+    Request properties (num_tokens = len(all_token_ids)), and one list per queue."""
     queued = sum([len(r.all_token_ids) - r.num_computed_tokens for r in s.waiting])
-    left = [len(r.all_token_ids) - r.num_computed_tokens for r in s.running]
-    return queued + sum([n for n in left if n > 1])
+    return queued + sum([n for r in s.running if (n := len(r.all_token_ids) - r.num_computed_tokens) > 1])
 
 
 class SimReplica:
@@ -107,7 +109,7 @@ class SimReplica:
 
     def add(self, rid: str, prompt: list[int], max_tokens: int, arrival: float, user: str | None = None,
             outputs: list[int] | None = None) -> None:
-        req = Request(rid, prompt, PARAMS, set(), max_tokens, arrival, client=user)
+        req = Request(rid, prompt, PARAMS, NO_STOP_IDS, max_tokens, arrival, client=user)
         if outputs:                    # moved here after its first token (P/D): its outputs so far are known
             req.output_token_ids = list(outputs)
             req.all_token_ids += outputs
@@ -150,7 +152,7 @@ class SimReplica:
         if s.tpot_slo_s is not None:         # the step-time model is read only for a TPOT-sized budget
             s.record_step(sched, seconds)
         num_tokens = self.runner.last_tokens
-        if num_tokens >= 4 * len(sched) and num_tokens >= 64:   # as EngineCore: refine the prefill rate
+        if num_tokens >= 4 * len(sched.scheduled) and num_tokens >= 64:   # as EngineCore: refine the prefill rate
             self.cost.prefill_tokens_per_s += 0.2 * (num_tokens / seconds - self.cost.prefill_tokens_per_s)
         outputs = s.update_from_output(sched, result)
         ld = self.load

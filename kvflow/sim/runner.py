@@ -22,7 +22,7 @@ class SimRunner:
         self.cost = cost
         self.track_tables = track_tables       # keep block tables as the real runner does (tests; slower)
         self.seeds: dict[str, int] = {}
-        self.stop_ids: dict[str, frozenset[int]] = {}
+        self.stop_ids: dict[str, frozenset[int]] = {}   # of the requests that have any
         self.tables: dict[str, list[int]] = {}
         self.last_chunk: dict[str, int] = {}   # tokens of each request's latest prefill chunk (P/D transfer)
         self.num_steps = 0
@@ -37,7 +37,8 @@ class SimRunner:
             self.last_chunk.pop(rid, None)
         for new in sched.new_requests:
             self.seeds[new.req_id] = zlib.crc32(new.req_id.encode())
-            self.stop_ids[new.req_id] = frozenset(new.stop_ids)
+            if new.stop_ids:
+                self.stop_ids[new.req_id] = frozenset(new.stop_ids)
         req_ids, sampled = [], []
         seeds, last_chunk, stop_ids, track = self.seeds, self.last_chunk, self.stop_ids, self.track_tables
         rows = prefill = context = 0           # the step's shape, as cost_model.step_shape counts it
@@ -60,7 +61,7 @@ class SimRunner:
             req_ids.append(rid)
             if s.sample:
                 token = 1 + (seed + (start + n) * 2654435761) % (VOCAB - 1)
-                stops = stop_ids[rid]
+                stops = stop_ids.get(rid) if stop_ids else None   # (simulated requests have none)
                 while stops and token in stops:
                     token = 1 + token % (VOCAB - 1)
                 sampled.append([token])
