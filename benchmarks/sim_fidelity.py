@@ -21,7 +21,7 @@ import sys
 import time
 
 from kvflow.sim.cost_model import HardwareProfile
-from kvflow.sim.fidelity import fidelity
+from kvflow.sim.fidelity import ENSEMBLE, fidelity
 from kvflow.sim.workload import parse_workload
 
 DEFAULT_WORKLOAD = "random:n=64,rate=1.5,input=200,output=24,range=0.5,seed=0"
@@ -52,6 +52,10 @@ def main() -> int:
     if "metrics_placed" in result:     # several replicas: also with each request where the real run put it
         tables.append((f"the simulation with the real run's placement (its own router placed "
                        f"{result['placed_alike']} of {workload.n} requests alike):", result["metrics_placed"]))
+        tables.append((f"the median of {ENSEMBLE} simulations with step times "
+                       f"jittered by sigma {result['step_noise']} (the calibration's residuals); their ranges: "
+                       + ", ".join(f"{k} {lo:.1f}-{hi:.1f}" for k, (lo, hi) in result["ensemble_range"].items()),
+                       result["metrics_ensemble"]))
     for title, metrics in tables:
         if title:
             print(title)

@@ -231,6 +231,31 @@ def test_a_recorded_placement_replays_the_run():
     assert runs[0][1].rows == runs[1][1].rows
 
 
+def test_jittered_step_times_are_seeded_per_replica():
+    """step_noise: each replica's step times jittered from its own seeded generator: the same seed gives the same
+    run (split over workers or not), another seed another; fidelity's ensemble of such runs."""
+    from kvflow.sim.fidelity import ensemble
+    from kvflow.sim.parallel import simulate_parallel
+    profile = load_profile("a100")
+
+    def run(seed, workers=0):
+        config = EngineConfig.from_kwargs(replicas=4, num_kv_blocks=400, seed=seed)
+        requests = workload_requests(parse_workload("chat:n=120,rate=200,seed=4"))
+        if workers:
+            return simulate_parallel(config, profile, requests, workers, sync_s=1e-9, step_noise=0.05)[1]
+        return simulate(config, profile, requests, step_noise=0.05)[1]
+    base = simulate(EngineConfig.from_kwargs(replicas=4, num_kv_blocks=400), profile,
+                    workload_requests(parse_workload("chat:n=120,rate=200,seed=4")))[1]
+    assert run(1).rows == run(1).rows != run(2).rows != base.rows
+    assert sorted(run(1).rows) == sorted(run(1, workers=2).rows)
+    e = ensemble(EngineConfig.from_kwargs(replicas=2, num_kv_blocks=400), profile,
+                 parse_workload("random:n=40,rate=50,input=64,output=16,seed=1"), base.summary(None), runs=4)
+    lo, hi = e["ensemble_range"]["median_tpot_ms"]
+    assert e["step_noise"] > 0 and lo <= e["metrics_ensemble"]["median_tpot_ms"]["sim"] <= hi
+    with pytest.raises(ValueError, match="step_noise"):
+        simulate(EngineConfig.from_kwargs(replicas=2), profile, [], step_noise=-1)
+
+
 def test_load_tables_follow_every_load_change(monkeypatch):
     """The pools' LoadTables (least-load reads their kept values) match the loads at every route, in each
     shape that routes: replicas, P/D (both pools), serverless."""
@@ -362,6 +387,7 @@ def test_compare_and_cli(tmp_path):
     assert data["summary"]["completed"] == 20 and data["timeline"]["utilisation"]
     proc = subprocess.run([sys.executable, "-m", "kvflow", "sim", "--workload", "random:n=20,rate=8,input=64",
                            "--hardware", "h200", "--replicas", "2", "--num-kv-blocks", "512", "--workers", "2",
+                           "--step-noise", "0.02",
                            "--out-json", str(out)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["summary"]["completed"] == 20

@@ -26,6 +26,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--out-json", default=None, help="write the result (summary, timeline, config) here")
     p.add_argument("--plot", default=None, help="write a PNG here (needs matplotlib)")
+    p.add_argument("--step-noise", type=float, default=0.0,
+                   help="sigma of a log-normal factor on each step's time, per replica, seeded by --seed "
+                        "(default 0: the profile's times; docs/sim.md)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes to split the replicas over (colocated replicas only; default 1: one process)")
     p.add_argument("--sync-ms", type=float, default=None,
@@ -100,9 +103,10 @@ def cmd_sim(args) -> int:
     if args.workers > 1 or args.sync_ms is not None:      # each worker checks its replicas' blocks
         from kvflow.sim.parallel import SYNC_S, simulate_parallel
         sync_s = SYNC_S if args.sync_ms is None else args.sync_ms / 1e3
-        sim, rec = simulate_parallel(config, profile, requests, args.workers, sync_s, keep_itl=args.keep_itl)
+        sim, rec = simulate_parallel(config, profile, requests, args.workers, sync_s, keep_itl=args.keep_itl,
+                                     step_noise=args.step_noise)
     else:
-        sim, rec = simulate(config, profile, requests, keep_itl=args.keep_itl)
+        sim, rec = simulate(config, profile, requests, keep_itl=args.keep_itl, step_noise=args.step_noise)
         for r in sim.replicas():
             r.check()
     wall = time.perf_counter() - t0

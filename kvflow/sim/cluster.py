@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from kvflow.cluster.router import LoadTable, ReplicaLoad, RouteRequest, make_router
 from kvflow.config import EngineConfig
 from kvflow.memory.kv_cache_manager import extend_block_hashes
-from kvflow.sim.cost_model import HardwareProfile
+from kvflow.sim.cost_model import CostModel, HardwareProfile, Jittered
 from kvflow.sim.replica import SimReplica, engine_spec
 from kvflow.sim.report import Record, Recorder
 
@@ -69,8 +69,12 @@ class Pool:
 
 class Simulation:
     def __init__(self, config: EngineConfig, profile: HardwareProfile, track_tables: bool = False,
-                 keep_itl: int = 20000, bin_s: float | None = None):
-        self.config, self.profile = config, profile
+                 keep_itl: int = 20000, bin_s: float | None = None, step_noise: float = 0.0):
+        """`step_noise`: sigma of a log-normal factor on every step's time (cost_model.Jittered; each replica
+        draws from its own generator, seeded by the config's seed and its index); 0: the profile's times."""
+        if not step_noise >= 0:
+            raise ValueError(f"step_noise must be a non-negative number, got {step_noise!r}")
+        self.config, self.profile, self.step_noise = config, profile, step_noise
         self.spec = engine_spec(config, profile)
         self.cost = profile.cost_model()
         self.track_tables = track_tables
@@ -105,13 +109,19 @@ class Simulation:
             self.decode = None
 
     def _pool(self, n, router, opts, prefix_caching=None, base=0) -> Pool:
-        reps = [SimReplica(base + i, self.spec, self.cost, self.clock, prefix_caching, self.track_tables)
+        reps = [SimReplica(base + i, self.spec, self._cost(base + i), self.clock, prefix_caching, self.track_tables)
                 for i in range(n)]
         for i, r in enumerate(reps):
             r.load.index = i
             r.role = ("decode" if base else "prefill") if self.pd else "mixed"
             self.rec.replica_up(r.index, 0.0)
         return Pool(reps, make_router(router, n, **opts) if n > 1 else None, [True] * n)
+
+    def _cost(self, index: int) -> CostModel:
+        """Replica `index`'s step times (its own generator when they are jittered)."""
+        if not self.step_noise:
+            return self.cost
+        return Jittered(self.cost, self.step_noise, (self.config.model.seed or 0) * 1_000_003 + index)
 
     def clock(self) -> float:
         return self.now
@@ -277,7 +287,7 @@ class Simulation:
     # ---- serverless -------------------------------------------------------------------------------------------
 
     def _start_replica(self, i: int, delay: float) -> None:
-        self.prefill.replicas[i] = SimReplica(i, self.spec, self.cost, self.clock, None, self.track_tables)
+        self.prefill.replicas[i] = SimReplica(i, self.spec, self._cost(i), self.clock, None, self.track_tables)
         self.starting += 1
         if delay <= 0:
             self._ready(i)

@@ -22,7 +22,9 @@ swap bandwidth and a replica's cold start (serverless). No torch.
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 from dataclasses import asdict, dataclass, field
 
 PROFILE_DIR = os.path.join(os.path.dirname(__file__), "profiles")
@@ -164,6 +166,20 @@ class RooflineCost(CostModel):
 
 
 COST_MODELS: dict[str, type[CostModel]] = {"linear": LinearCost, "roofline": RooflineCost}
+
+
+class Jittered(CostModel):
+    """Another cost model's step times, each times exp(sigma * N(0, 1)) from a generator of its own (one per
+    replica: the draws do not depend on how replicas interleave). Real steps of one shape vary by a few percent
+    on a CPU; with several replicas that variation decides the router's ties, and so where requests go."""
+
+    def __init__(self, inner: CostModel, sigma: float, seed: int):
+        super().__init__(inner.profile)
+        self.inner, self.sigma, self.rng = inner, sigma, random.Random(seed)
+
+    def step_seconds(self, decode_rows, prefill_tokens, decode_context, prefill_pairs):
+        return self.inner.step_seconds(decode_rows, prefill_tokens, decode_context, prefill_pairs) * math.exp(
+            self.sigma * self.rng.gauss(0.0, 1.0))
 
 
 def step_shape(sched) -> tuple[int, int, int, float]:
