@@ -11,6 +11,8 @@ Shapes, as EngineConfig chooses them (a preset or flags):
                 async, the last prefill chunk's share; layerwise, one layer's share. On arrival the decode worker
                 adopts the blocks into its prefix cache (as kvflow/cluster/kv_transfer.import_blocks: at most
                 half its free blocks), so decode workers always run with the prefix cache on.
+                Mooncake's `early_rejection` refuses a request before any work, and its `kv_pool` shares
+                prompt blocks between prefill workers: kvflow/sim/pd.py.
   serverless    slots for up to `max_replicas`; every AUTOSCALE_S the autoscaler wants ceil(in flight /
                 target_ongoing_requests) replicas (within min/max). A start takes the profile's cold_start_s,
                 or WARM_FRACTION of it while a warm-pool process is free (the pool refills after cold_start_s).
@@ -29,6 +31,7 @@ from kvflow.cluster.router import LoadTable, ReplicaLoad, RouteRequest, make_rou
 from kvflow.config import EngineConfig
 from kvflow.memory.kv_cache_manager import extend_block_hashes
 from kvflow.sim.cost_model import CostModel, HardwareProfile, Jittered
+from kvflow.sim.pd import EarlyRejection, KVPool, read_pool
 from kvflow.sim.replica import SimReplica, engine_spec
 from kvflow.sim.report import Record, Recorder
 
@@ -86,6 +89,9 @@ class Simulation:
         self.serverless = config.serverless.serverless
         self.front: list[Record] = []              # serverless: requests waiting for a ready replica
         self._arrivals_done = False
+        self.kv_pool: KVPool | None = None           # P/D: the shared KV pool (kv_pool)
+        self.admission: EarlyRejection | None = None  # P/D: early_rejection
+        self.stalls: dict[int, float] = {}          # replica index -> seconds its next step waits for a pool read
         bs = self.spec.block_size
         router_opts = dict(block_size=bs, seed=config.model.seed)
         if self.pd:
@@ -95,6 +101,11 @@ class Simulation:
             per_block = self.cost.transfer_seconds(self.spec.block_bytes)
             for r in self.prefill.replicas:
                 r.load.extra["transfer_s_per_block"] = per_block
+            if config.disagg.kv_pool:
+                self.kv_pool = KVPool(config.disagg.kv_pool_bytes // self.spec.block_bytes)
+            if config.disagg.early_rejection:
+                self.admission = EarlyRejection(bs, config.scheduler.length_predictor)
+                self.rec.rejected = 0
         elif self.serverless:
             so = config.serverless
             self.prefill = Pool([None] * so.max_replicas, make_router(config.cluster.router, so.max_replicas,
@@ -204,6 +215,12 @@ class Simulation:
         if i is None:
             hashes = extend_block_hashes([], rec.prompt, self.spec.block_size)
             route = RouteRequest(rec.rid, hashes, len(rec.prompt), rec.max_tokens, rec.user)
+            if self.admission is not None:
+                capacity = sum(d.load.num_kv_blocks for d in self.decode.replicas)
+                why = self.admission.admit(rec.rid, len(rec.prompt), rec.max_tokens, rec.user, capacity)
+                if why:
+                    self.rec.reject(rec, why)
+                    return
             i = self.prefill.choose(route)
             if self.pd and self.config.disagg.kv_transfer != "sync":     # (a parallel run has no P/D)
                 rec.decode = self.decode.choose(route)
@@ -212,6 +229,14 @@ class Simulation:
                 d.load_changed()
         rec.replica = i
         r = self.prefill.replicas[i]
+        if self.kv_pool is not None:
+            read = read_pool(self.kv_pool, r.kv, hashes)
+            if read:
+                # As PDWorker._read_pool: a synchronous get on the worker's loop, so the worker's next step
+                # waits for it. Its bytes cross the P/D link (cost.transfer_seconds), as a hand-off's do.
+                load_s = self.cost.transfer_seconds(read * self.spec.block_bytes)
+                self.stalls[r.index] = self.stalls.get(r.index, 0.0) + load_s
+                self.kv_pool.load_s += load_s
         r.kv.hashes[rec.rid] = hashes       # the engine extends the same chain: no need to hash twice
         r.add(rec.rid, rec.prompt, 1 if self.pd else rec.max_tokens, rec.arrival, rec.user)
         r.load.outstanding_tokens += len(rec.prompt) + rec.max_tokens
@@ -229,6 +254,10 @@ class Simulation:
             self._outputs(r, outputs)
         r.busy = False
         if r.has_work():
+            if self.stalls and r.index in self.stalls:     # blocked on a KV pool read, then it steps
+                r.busy = True
+                self._push(self.now + self.stalls.pop(r.index), STEP_END, r, True)
+                return
             seconds = r.begin_step()
             if seconds is not None:
                 self.rec.busy(r.index, self.now, seconds, r.load.kv_cache_usage, len(r.scheduler.running))
@@ -253,14 +282,18 @@ class Simulation:
                 self._hand_off(r, rec, o.new_token_ids)
             else:
                 self.rec.done(rec, self.now)
+                if self.admission is not None:
+                    self.admission.forget(rec.rid)
 
     # ---- prefill -> decode ----------------------------------------------------------------------------------
 
     def _hand_off(self, r: SimReplica, rec: Record, first: list[int]) -> None:
         mode = self.config.disagg.kv_transfer
         full = self.cost.transfer_seconds(len(rec.prompt) * self.profile.kv_bytes_per_token)
+        hashes = extend_block_hashes([], rec.prompt, self.spec.block_size) if mode == "sync" or self.kv_pool else None
+        if self.kv_pool is not None:          # PDWorker._publish: the prompt's full blocks, at the hand-off
+            self.kv_pool.publish(r.index, hashes)
         if mode == "sync":
-            hashes = extend_block_hashes([], rec.prompt, self.spec.block_size)
             rec.decode = self.decode.choose(RouteRequest(rec.rid, hashes, len(rec.prompt), rec.max_tokens, rec.user))
             d = self.decode.replicas[rec.decode]
             d.load.num_assigned += 1

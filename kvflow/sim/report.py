@@ -48,6 +48,7 @@ class Recorder:
     end_s: float = 0.0
     bins: dict[int, list[float]] = field(default_factory=dict)   # bin -> [busy s, kv sum, running sum, n, up s]
     up_since: dict[int, float] = field(default_factory=dict)
+    rejected: int | None = None       # requests refused by early rejection (None: it is off)
 
     def __post_init__(self):
         self.width = self.bin_s or 1.0
@@ -92,6 +93,11 @@ class Recorder:
     def fail(self, rec: Record, why: str) -> None:
         self.records.pop(rec.rid, None)
         self.rows.append((rec.arrival, rec.prompt_len, 0, 0.0, 0.0, 0, 0, why))
+
+    def reject(self, rec: Record, why: str) -> None:
+        """Refused before any work (P/D early rejection): a failed row, counted apart."""
+        self.fail(rec, why)
+        self.rejected = (self.rejected or 0) + 1
 
     # ---- utilisation over time -----------------------------------------------------------------------------
 
@@ -169,6 +175,12 @@ class Recorder:
         m["prefix_cache_hit_rate"] = sum(row[5] for row in self.rows if not row[7]) / n_in if n_in else 0.0
         m["preempted_requests"] = sum(1 for row in self.rows if row[6])
         m["mean_kv_transfer_ms"] = 1e3 * self.transfer_s / max(m["completed"], 1)
+        if self.rejected is not None:
+            m["rejected"] = self.rejected
+        if getattr(sims, "kv_pool", None) is not None:
+            stats = sims.kv_pool.stats()
+            m["kv_pool_hit_blocks"], m["kv_pool_evictions"] = stats["hit_blocks"], stats["evictions"]
+            m["kv_pool_load_ms"] = 1e3 * stats["load_s"]
         if sims is not None:
             reps = sims.replicas()
             m["preemptions"] = sum(r.scheduler.num_preemptions for r in reps)
@@ -186,6 +198,10 @@ def format_table(summary: dict) -> str:
     for key, name, fmt in (("prefix_cache_hit_rate", "Prefix cache hit rate:", "{:.3f}"),
                            ("preemptions", "Preemptions:", "{}"), ("preempted_requests", "Preempted requests:", "{}"),
                            ("mean_kv_transfer_ms", "Mean KV transfer exposed (ms):", "{:.2f}"),
+                           ("rejected", "Early rejections (503):", "{}"),
+                           ("kv_pool_hit_blocks", "KV pool blocks read:", "{}"),
+                           ("kv_pool_evictions", "KV pool evictions:", "{}"),
+                           ("kv_pool_load_ms", "KV pool reads, total wait (ms):", "{:.2f}"),
                            ("num_steps", "Steps:", "{}"), ("mean_utilisation", "Mean replica utilisation:", "{:.3f}"),
                            ("replica_seconds", "Replica-seconds:", "{:.1f}")):
         if key in summary:

@@ -1,0 +1,120 @@
+"""Mooncake's two P/D features, as the simulator runs them (kvflow/sim/cluster.py calls these):
+
+  KVPool          the shared KV pool (`kv_pool`, `kv_pool_bytes`): kvflow/memory/host_store.py's HostKVStore
+                  without the arrays. Keyed by the engine's chained block hashes, least recently used out.
+                  A prefill worker publishes its prompt's full blocks at the hand-off, and reads the blocks
+                  the pool holds beyond its own prefix hit before a new request's prefill
+                  (kvflow/disagg/worker.py: _publish, _read_pool).
+  EarlyRejection  `early_rejection`: kvflow/disagg/client.py's DisaggClient._admit. Before any work, a request
+                  needs ceil((prompt + expected output) / block_size) decode KV blocks; it is refused (503) when
+                  the requests in flight plus it would need more than the decode workers hold.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+from kvflow.predict.base import make_predictor
+
+
+class KVPool:
+    """The pool's bookkeeping: which block hashes it holds, in LRU order (oldest first), at most `capacity`.
+    HostKVStore evicts by bytes; every block has the spec's block_bytes, so that is a count of blocks."""
+
+    def __init__(self, capacity: int):
+        if capacity < 0:
+            raise ValueError(f"kv_pool capacity must be a non-negative number of blocks, got {capacity!r}")
+        self.capacity = capacity
+        self.blocks: OrderedDict[int, None] = OrderedDict()
+        self.published: dict[int, set[int]] = {}   # prefill replica -> hashes it put (it never puts them again)
+        self.puts = self.lookups = self.hit_blocks = self.evictions = 0
+        self.load_s = 0.0                          # seconds prefill workers waited on reads
+
+    def publish(self, replica: int, hashes: list[int]) -> int:
+        """A prefill worker's hand-off (worker._publish): the prompt's full blocks it has not put before go in
+        (HostKVStore.put: ones already held move to the newest end; the oldest go while over capacity).
+        The real put is a fire-and-forget actor call: nothing of it is exposed. How many were new."""
+        mine = self.published.setdefault(replica, set())
+        todo = [h for h in hashes if h not in mine]
+        mine.update(todo)
+        new = 0
+        for h in todo:
+            if h in self.blocks:
+                self.blocks.move_to_end(h)
+            else:
+                self.blocks[h] = None
+                new += 1
+        while len(self.blocks) > self.capacity:
+            self.blocks.popitem(last=False)
+            self.evictions += 1
+        self.puts += new
+        return new
+
+    def get(self, hashes: list[int], skip: int) -> list[int]:
+        """HostKVStore.get: the longest held prefix of the chain (a walk from block 0 that stops at the first
+        gap), less the first `skip` blocks the caller holds; those returned become the most recently used."""
+        self.lookups += 1
+        n = 0
+        for h in hashes:
+            if h not in self.blocks:
+                break
+            n += 1
+        keys = hashes[skip:n]
+        for h in keys:
+            self.blocks.move_to_end(h)
+        self.hit_blocks += len(keys)
+        return keys
+
+    def stats(self) -> dict:
+        return {"blocks": len(self.blocks), "capacity_blocks": self.capacity, "puts": self.puts,
+                "lookups": self.lookups, "hit_blocks": self.hit_blocks, "evictions": self.evictions,
+                "load_s": self.load_s}
+
+
+def read_pool(pool: KVPool, kv, hashes: list[int]) -> int:
+    """worker._read_pool, before a new request's prefill on a worker whose KV manager is `kv`: the pool's
+    blocks beyond the worker's own leading prefix hit are adopted into its prefix cache (import_blocks: into
+    at most half its free blocks), where the scheduler finds them as a prefix hit. How many blocks were read
+    (all are moved, whether or not the cache had room for them)."""
+    local = 0
+    for h in hashes:                        # kv_transfer.cached_prefix
+        if kv.pool.lookup(h) is None:
+            break
+        local += 1
+    if local == len(hashes):
+        return 0
+    keys = pool.get(hashes, local)
+    if keys:
+        kv.adopt_blocks(keys, kv.pool.num_free // 2)
+    return len(keys)
+
+
+class EarlyRejection:
+    """DisaggClient._admit and _forget: the decode KV blocks the admitted requests are predicted to hold."""
+
+    def __init__(self, block_size: int, length_predictor: str | None):
+        self.block_size = block_size
+        # the frontend's predictor (fleet.frontend_predictor: the online one). It learns only from requests
+        # that end by a stop token; simulated requests end at max_tokens, so it keeps its prior, as it would.
+        self.predictor = make_predictor(length_predictor)
+        self.need: dict[str, int] = {}
+        self.needed_blocks = 0
+        self.rejected = 0
+
+    def admit(self, rid: str, prompt_len: int, max_tokens: int, user: str | None, capacity: int) -> str:
+        """Admit the request (""), or the reason it is refused. `capacity`: the decode workers' KV blocks."""
+        predicted = self.predictor.predict(prompt_len, user, {}).mean(cap=max_tokens)   # client._route_request
+        expected = min(max_tokens, predicted or max_tokens)
+        need = math.ceil((prompt_len + expected) / self.block_size)
+        if self.needed_blocks + need > capacity:
+            self.rejected += 1
+            return (f"early rejection (503): the decode workers have no KV memory for this request: it needs "
+                    f"about {need} blocks, {max(0, capacity - self.needed_blocks)} of {capacity} are free of the "
+                    f"requests in flight")
+        self.need[rid] = need
+        self.needed_blocks += need
+        return ""
+
+    def forget(self, rid: str) -> None:
+        """The request finished: its blocks are no longer needed."""
+        self.needed_blocks -= self.need.pop(rid, 0)
