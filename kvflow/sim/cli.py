@@ -29,6 +29,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--step-noise", type=float, default=0.0,
                    help="sigma of a log-normal factor on each step's time, per replica, seeded by --seed "
                         "(default 0: the profile's times; docs/sim.md)")
+    p.add_argument("--spec-acceptance", type=float, default=None,
+                   help="with --speculative-config: each draft token's chance to be accepted (default 0.7)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes to split the replicas over (colocated replicas only; default 1: one process)")
     p.add_argument("--sync-ms", type=float, default=None,
@@ -100,13 +102,16 @@ def cmd_sim(args) -> int:
     config = EngineConfig.from_kwargs(**_explicit_engine_kwargs(args))
     t0 = time.perf_counter()
     requests = workload_requests(workload, config.cache.block_size)
+    sim_options = {"step_noise": args.step_noise}
+    if args.spec_acceptance is not None:
+        sim_options["spec_acceptance"] = args.spec_acceptance
     if args.workers > 1 or args.sync_ms is not None:      # each worker checks its replicas' blocks
         from kvflow.sim.parallel import SYNC_S, simulate_parallel
         sync_s = SYNC_S if args.sync_ms is None else args.sync_ms / 1e3
         sim, rec = simulate_parallel(config, profile, requests, args.workers, sync_s, keep_itl=args.keep_itl,
-                                     step_noise=args.step_noise)
+                                     **sim_options)
     else:
-        sim, rec = simulate(config, profile, requests, keep_itl=args.keep_itl, step_noise=args.step_noise)
+        sim, rec = simulate(config, profile, requests, keep_itl=args.keep_itl, **sim_options)
         for r in sim.replicas():
             r.check()
     wall = time.perf_counter() - t0

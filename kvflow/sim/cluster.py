@@ -33,6 +33,7 @@ from kvflow.memory.kv_cache_manager import extend_block_hashes
 from kvflow.sim.cost_model import CostModel, HardwareProfile, Jittered
 from kvflow.sim.pd import EarlyRejection, KVPool, read_pool
 from kvflow.sim.replica import SimReplica, engine_spec
+from kvflow.sim.runner import DEFAULT_ACCEPTANCE
 from kvflow.sim.report import Record, Recorder
 
 AUTOSCALE_S = 1.0
@@ -72,12 +73,15 @@ class Pool:
 
 class Simulation:
     def __init__(self, config: EngineConfig, profile: HardwareProfile, track_tables: bool = False,
-                 keep_itl: int = 20000, bin_s: float | None = None, step_noise: float = 0.0):
+                 keep_itl: int = 20000, bin_s: float | None = None, step_noise: float = 0.0,
+                 spec_acceptance: float = DEFAULT_ACCEPTANCE):
         """`step_noise`: sigma of a log-normal factor on every step's time (cost_model.Jittered; each replica
-        draws from its own generator, seeded by the config's seed and its index); 0: the profile's times."""
+        draws from its own generator, seeded by the config's seed and its index); 0: the profile's times.
+        `spec_acceptance`: with speculative decoding, each draft token's chance to be accepted (runner.py)."""
         if not step_noise >= 0:
             raise ValueError(f"step_noise must be a non-negative number, got {step_noise!r}")
         self.config, self.profile, self.step_noise = config, profile, step_noise
+        self.spec_acceptance = spec_acceptance
         self.spec = engine_spec(config, profile)
         self.cost = profile.cost_model()
         self.track_tables = track_tables
@@ -120,8 +124,8 @@ class Simulation:
             self.decode = None
 
     def _pool(self, n, router, opts, prefix_caching=None, base=0) -> Pool:
-        reps = [SimReplica(base + i, self.spec, self._cost(base + i), self.clock, prefix_caching, self.track_tables)
-                for i in range(n)]
+        reps = [SimReplica(base + i, self.spec, self._cost(base + i), self.clock, prefix_caching, self.track_tables,
+                           self.spec_acceptance) for i in range(n)]
         for i, r in enumerate(reps):
             r.load.index = i
             r.role = ("decode" if base else "prefill") if self.pd else "mixed"
@@ -320,7 +324,8 @@ class Simulation:
     # ---- serverless -------------------------------------------------------------------------------------------
 
     def _start_replica(self, i: int, delay: float) -> None:
-        self.prefill.replicas[i] = SimReplica(i, self.spec, self._cost(i), self.clock, None, self.track_tables)
+        self.prefill.replicas[i] = SimReplica(i, self.spec, self._cost(i), self.clock, None, self.track_tables,
+                                              self.spec_acceptance)
         self.starting += 1
         if delay <= 0:
             self._ready(i)

@@ -27,6 +27,7 @@ from kvflow.memory.kv_cache_manager import extend_block_hashes
 from kvflow.sim.cluster import ARRIVE, GC_THRESHOLD, Simulation
 from kvflow.sim.cost_model import HardwareProfile
 from kvflow.sim.report import Record, Recorder
+from kvflow.sim.runner import DEFAULT_ACCEPTANCE
 
 SYNC_S = 1e-3       # default batch width: a few H100 decode steps' worth of staleness at most
 LOAD_FIELDS = ("num_running", "num_waiting", "kv_cache_usage", "num_assigned", "outstanding_tokens")
@@ -124,7 +125,8 @@ class _Local:
 
 def simulate_parallel(config: EngineConfig, profile: HardwareProfile, requests, workers: int = 2,
                       sync_s: float = SYNC_S, keep_itl: int = 20000, bin_s: float | None = None,
-                      step_noise: float = 0.0) -> tuple[Simulation, Recorder]:
+                      step_noise: float = 0.0,
+                      spec_acceptance: float = DEFAULT_ACCEPTANCE) -> tuple[Simulation, Recorder]:
     """As cluster.simulate, over `workers` processes (1: the same protocol in this process). The Simulation
     returned is the parent's: its router, and its replicas as the router saw them (their loads as last
     reported, their step and preemption counts as the workers ended)."""
@@ -134,15 +136,18 @@ def simulate_parallel(config: EngineConfig, profile: HardwareProfile, requests, 
         raise ValueError(f"sync_s must be positive, got {sync_s}")
 
     def make_sim() -> Simulation:
-        return Simulation(config, profile, keep_itl=keep_itl, bin_s=bin_s, step_noise=step_noise)
+        return Simulation(config, profile, keep_itl=keep_itl, bin_s=bin_s, step_noise=step_noise,
+                          spec_acceptance=spec_acceptance)
 
     sim = make_sim()
     if sim.pd or sim.serverless:
         raise ValueError("workers > 1 simulates colocated replicas only: run P/D and serverless with workers=1")
     n = len(sim.prefill.replicas)
     workers = min(workers, n)
-    shares = [range(k * n // workers, (k + 1) * n // workers) for k in range(workers)]
-    owner = [k for k, share in enumerate(shares) for _ in share]
+    # dealt round, not in blocks: a router that rotates through tied replicas sends a burst of arrivals to
+    # neighbouring indices, which then land on every worker alike
+    shares = [range(k, n, workers) for k in range(workers)]
+    owner = [i % workers for i in range(n)]
     procs, conns = [], []
     if workers == 1:
         conns.append(_Local(make_sim, shares[0]))

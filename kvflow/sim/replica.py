@@ -6,6 +6,12 @@ hardware profile (the KV blocks the profile's memory holds, the swap blocks, the
 kvflow.config.resolve does from a model. A step is two halves, as EngineCore.step: `begin_step` schedules
 and asks the runner for the step's seconds; `end_step`, that long later, feeds the runner's output back
 (Scheduler.record_step, Scheduler.update_from_output) and returns the engine core's outputs.
+
+Speculative decoding (`speculative_config`) runs the real scheduler's path (kvflow/spec/adaptive.py's
+SpecController, lookahead slots, the rollback of rejected drafts) against the simulated runner's drafts and
+verifications (kvflow/sim/runner.py; `spec_acceptance`: each draft's chance of acceptance). As EngineCore,
+every step then teaches the scheduler's step-time model (the controller's batch rule reads it), without the
+proposer's share, which the controller learns apart.
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from kvflow.scheduler.costs import PreemptionCost
 from kvflow.scheduler.policy import make_policy
 from kvflow.scheduler.scheduler import Scheduler
 from kvflow.sim.cost_model import DTYPE_BYTES, CostModel, HardwareProfile
-from kvflow.sim.runner import SimRunner
+from kvflow.sim.runner import DEFAULT_ACCEPTANCE, SimRunner
+from kvflow.spec.config import SpeculativeConfig
 
 PARAMS = SamplingParams(max_tokens=1 << 30, ignore_eos=True)     # one object shared by every simulated request
 # ... and their stop ids (none: ignore_eos): one shared object, which the per-token stop check reads without
@@ -46,12 +53,11 @@ class EngineSpec:
     enable_chunked_prefill: bool
     kv_reservation: str
     async_recovery: bool
+    speculative: SpeculativeConfig | None = None
 
 
 def engine_spec(config: EngineConfig, profile: HardwareProfile) -> EngineSpec:
     c, sc, m = config.cache, config.scheduler, profile.model
-    if config.speculative.speculative_config is not None:
-        raise ValueError("speculative_config: speculative decoding is not simulated")
     if c.kv_store_dir is not None:
         raise ValueError("kv_store_dir: the disk tier is not simulated")
     if sc.length_predictor not in (None, "online"):
@@ -72,7 +78,7 @@ def engine_spec(config: EngineConfig, profile: HardwareProfile) -> EngineSpec:
     return EngineSpec(c.block_size, num_blocks, num_swap, block_bytes, model_len, c.enable_prefix_caching,
                       sc.max_num_seqs, sc.max_num_batched_tokens, sc.preemption_mode, sc.scheduling_policy,
                       sc.client_weights, sc.tpot_slo_ms, sc.enable_chunked_prefill, sc.kv_reservation,
-                      sc.async_recovery)
+                      sc.async_recovery, config.speculative.parsed)
 
 
 def queued_prefill_tokens(s: Scheduler) -> int:
@@ -85,7 +91,8 @@ def queued_prefill_tokens(s: Scheduler) -> int:
 
 class SimReplica:
     def __init__(self, index: int, spec: EngineSpec, cost: CostModel, clock: Callable[[], float],
-                 prefix_caching: bool | None = None, track_tables: bool = False):
+                 prefix_caching: bool | None = None, track_tables: bool = False,
+                 spec_acceptance: float = DEFAULT_ACCEPTANCE):
         self.index, self.spec = index, spec
         caching = spec.enable_prefix_caching if prefix_caching is None else prefix_caching
         self.kv = KVCacheManager(spec.num_kv_blocks, spec.block_size, caching, spec.num_swap_blocks)
@@ -96,8 +103,8 @@ class SimReplica:
             self.kv, spec.max_num_seqs, spec.max_num_batched_tokens, spec.max_model_len, spec.preemption_mode,
             self.cost, clock=clock, policy=make_policy(spec.scheduling_policy, client_weights=spec.client_weights),
             tpot_slo_ms=spec.tpot_slo_ms, enable_chunked_prefill=spec.enable_chunked_prefill,
-            kv_reservation=spec.kv_reservation, async_recovery=spec.async_recovery)
-        self.runner = SimRunner(cost, track_tables)
+            kv_reservation=spec.kv_reservation, async_recovery=spec.async_recovery, speculative=spec.speculative)
+        self.runner = SimRunner(cost, track_tables, spec.speculative, spec_acceptance)
         self.load = ReplicaLoad(index, num_kv_blocks=spec.num_kv_blocks,
                                 extra={"prefill_tokens_per_s": prefill_rate, "queued_prefill_tokens": 0})
         self.loads: LoadTable | None = None   # the pool's table of loads (its router's view), told of changes
@@ -149,7 +156,10 @@ class SimReplica:
         self._step = None
         self.busy = False
         s = self.scheduler
-        if s.tpot_slo_s is not None:         # the step-time model is read only for a TPOT-sized budget
+        if s.spec is not None and result.draft_tokens:     # as EngineCore: the proposer's part of the step
+            s.spec.observe_draft(result.draft_seconds, result.draft_tokens)
+            seconds -= result.draft_seconds
+        if s.tpot_slo_s is not None or s.spec is not None:   # the step-time model's readers: budget, batch rule
             s.record_step(sched, seconds)
         num_tokens = self.runner.last_tokens
         if num_tokens >= 4 * len(sched.scheduled) and num_tokens >= 64:   # as EngineCore: refine the prefill rate
@@ -158,7 +168,7 @@ class SimReplica:
         ld = self.load
         ld.num_running, ld.num_waiting = len(s.running), len(s.waiting)
         ld.kv_cache_usage = 1.0 - self.kv.pool.num_free / self.kv.num_blocks
-        ld.outstanding_tokens = max(ld.outstanding_tokens - num_tokens, 0.0)
+        ld.outstanding_tokens = max(ld.outstanding_tokens - (num_tokens - self.runner.last_rejected), 0.0)
         ld.extra["queued_prefill_tokens"] = queued_prefill_tokens(s)
         ld.extra["prefill_tokens_per_s"] = self.cost.prefill_tokens_per_s
         self.load_changed()

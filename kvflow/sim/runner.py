@@ -5,8 +5,22 @@ Like ModelRunner it learns a request from `new_requests` on its first schedule, 
 request id (here: the seed of its made-up tokens, the block table it was told), applies `blocks_replaced`,
 and forgets a request when its id comes in `finished_req_ids`; a scheduled request it was never told about
 is an error, as in the real runner. A request that samples gets one token id (never one of its stop ids, so
-outputs end by length as with ignore_eos), drawn from a per-request deterministic sequence. `execute`
-returns the RunnerOutput and the step's seconds from the cost model. No torch.
+outputs end by length as with ignore_eos), drawn from a per-request deterministic sequence: the token at
+position p is `made_up_token(seed, p)`, the simulated target model's output. `execute` returns the
+RunnerOutput and the step's seconds from the cost model. No torch.
+
+Speculative decoding (the scheduler's `speculative=`; kvflow/spec): a request asked to draft
+(`num_draft_tokens` d) gets d made-up drafts for the positions after its last sampled token. Each draft is
+the target's own token at its position with probability `spec_acceptance` (a draw from the request's seed and
+the position, so a run is deterministic) and another token otherwise. A request verifying k drafts gets, as
+from the real rejection sampler with a greedy proposer, its leading drafts that equal the target's tokens
+plus one token: the target's at the first mismatch (the correction) or after the last draft (the bonus). So
+each draft is accepted with probability `spec_acceptance` until the first rejection, and the outputs are the
+same tokens with or without speculation. The proposer's time (RunnerOutput.draft_seconds, inside the step's):
+ngram none; layer_skip and draft_model their forwards as the real proposers run them (a catch-up forward,
+then one batched one-token forward per further draft), each priced as the target's step of that shape times
+the draft's share of the target's work: num_layers / the model's layers for layer_skip; for draft_model
+DRAFT_MODEL_RATIO, an assumption (the config names a file, not a size).
 """
 from __future__ import annotations
 
@@ -14,11 +28,51 @@ import zlib
 
 from kvflow.sim.cost_model import CostModel
 from kvflow.sim.workload import VOCAB
+from kvflow.spec.config import SpeculativeConfig
 from kvflow.step import RunnerOutput, SchedulerOutput
+
+DEFAULT_ACCEPTANCE = 0.7     # per-draft-token acceptance rate, when the simulation does not say
+DRAFT_MODEL_RATIO = 0.1      # assumed: a draft model's step costs this share of the target's (same shape)
+_M64 = (1 << 64) - 1
+
+
+def made_up_token(seed: int, pos: int, stops) -> int:
+    """The simulated target's token at position `pos` of the request with `seed` (never a stop id)."""
+    token = 1 + (seed + pos * 2654435761) % (VOCAB - 1)
+    while stops and token in stops:
+        token = 1 + token % (VOCAB - 1)
+    return token
+
+
+def draw(seed: int, pos: int) -> float:
+    """A uniform number in [0, 1) for (request seed, position): splitmix64's finalizer."""
+    x = (seed * 0x9E3779B97F4A7C15 + (pos + 1) * 0xD1B54A32D192ED03) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return (x ^ (x >> 31)) / 18446744073709551616.0
+
+
+def verify(drafts: list[int], seed: int, pos: int, stops) -> list[int]:
+    """The tokens a verification of `drafts` (from position `pos`) emits, as the rejection sampler with a
+    greedy proposer: the leading drafts that are the target's tokens, then the target's token at the first
+    mismatch (the correction) or after the last draft (the bonus)."""
+    tokens = []
+    for draft in drafts:
+        target = made_up_token(seed, pos, stops)
+        if draft != target:
+            break
+        tokens.append(target)
+        pos += 1
+    tokens.append(made_up_token(seed, pos, stops))
+    return tokens
 
 
 class SimRunner:
-    def __init__(self, cost: CostModel, track_tables: bool = False):
+    def __init__(self, cost: CostModel, track_tables: bool = False, speculative: SpeculativeConfig | None = None,
+                 spec_acceptance: float = DEFAULT_ACCEPTANCE):
+        a = spec_acceptance
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+            raise ValueError(f"spec_acceptance must be a number in [0, 1], got {a!r}")
         self.cost = cost
         self.track_tables = track_tables       # keep block tables as the real runner does (tests; slower)
         self.seeds: dict[str, int] = {}
@@ -27,7 +81,20 @@ class SimRunner:
         self.last_chunk: dict[str, int] = {}   # tokens of each request's latest prefill chunk (P/D transfer)
         self.num_steps = 0
         self.last_tokens = 0                   # tokens computed by the last step
+        self.last_rejected = 0                 # ... of which drafts the verification rejected
         self.busy_s = 0.0
+        self.acceptance = float(a)
+        self.spec_k = speculative.num_speculative_tokens if speculative is not None else 0
+        self.draft_ratio = 0.0                 # the proposer's forward vs the target's (0: ngram, no model)
+        self.draft_held: dict[str, int] | None = None   # draft_model: positions its own KV cache holds
+        if speculative is not None and speculative.method == "layer_skip":
+            total = cost.profile.model["num_layers"]
+            n = speculative.num_layers if speculative.num_layers is not None else max(1, total // 4)
+            if n > total:
+                raise ValueError(f"speculative_config.num_layers ({n}) must be at most the model's {total} layers")
+            self.draft_ratio = n / total
+        elif speculative is not None and speculative.method == "draft_model":
+            self.draft_ratio, self.draft_held = DRAFT_MODEL_RATIO, {}
 
     def execute(self, sched: SchedulerOutput) -> tuple[RunnerOutput, float]:
         for rid in sched.finished_req_ids:
@@ -35,13 +102,15 @@ class SimRunner:
             self.stop_ids.pop(rid, None)
             self.tables.pop(rid, None)
             self.last_chunk.pop(rid, None)
+            if self.draft_held is not None:
+                self.draft_held.pop(rid, None)
         for new in sched.new_requests:
             self.seeds[new.req_id] = zlib.crc32(new.req_id.encode())
             if new.stop_ids:
                 self.stop_ids[new.req_id] = frozenset(new.stop_ids)
-        req_ids, sampled = [], []
+        req_ids, sampled, drafts, asks = [], [], {}, []
         seeds, last_chunk, stop_ids, track = self.seeds, self.last_chunk, self.stop_ids, self.track_tables
-        rows = prefill = context = 0           # the step's shape, as cost_model.step_shape counts it
+        rows = prefill = context = rejected = 0   # the step's shape, as cost_model.step_shape counts it
         pairs = 0.0
         for s in sched.scheduled:
             rid = s.req_id
@@ -50,8 +119,8 @@ class SimRunner:
                 raise RuntimeError(f"request {rid!r} scheduled before the runner was told about it")
             if track:
                 self.tables[rid] = list(s.block_ids) if s.blocks_replaced else self.tables.get(rid, []) + s.block_ids
-            n, start = len(s.token_ids), s.num_computed_tokens
-            if n == 1 + s.num_spec_tokens:
+            n, start, k = len(s.token_ids), s.num_computed_tokens, s.num_spec_tokens
+            if n == 1 + k:
                 rows += n
                 context += n * (start + 1)
             else:
@@ -60,16 +129,69 @@ class SimRunner:
                 last_chunk[rid] = n
             req_ids.append(rid)
             if s.sample:
-                token = 1 + (seed + (start + n) * 2654435761) % (VOCAB - 1)
                 stops = stop_ids.get(rid) if stop_ids else None   # (simulated requests have none)
-                while stops and token in stops:
-                    token = 1 + token % (VOCAB - 1)
-                sampled.append([token])
+                if k:
+                    tokens = verify(s.token_ids[n - k:], seed, start + n - k, stops)
+                    rejected += k + 1 - len(tokens)
+                else:
+                    tokens = [made_up_token(seed, start + n, stops)]
+                sampled.append(tokens)
+                if s.num_draft_tokens:            # drafts for the positions after the last token sampled
+                    pos = start + n - k + len(tokens)
+                    drafts[rid], good = self._drafts(seed, pos, s.num_draft_tokens, stops)
+                    asks.append((rid, pos, s.num_draft_tokens, good))
             else:
                 sampled.append([])
         out = RunnerOutput(req_ids, sampled, [None] * len(req_ids))
         seconds = self.cost.step_seconds(rows, prefill, context, pairs) if req_ids else 0.0
+        if asks:                                  # the proposer runs inside the step, as in ModelRunner.execute
+            out.draft_token_ids = drafts
+            out.draft_tokens = sum(a[2] for a in asks)
+            out.draft_seconds = self._proposer_seconds(asks) if self.draft_ratio else 0.0
+            seconds += out.draft_seconds
         self.num_steps += bool(req_ids)
         self.last_tokens = rows + prefill
+        self.last_rejected = rejected
         self.busy_s += seconds
         return out, seconds
+
+    def _drafts(self, seed: int, pos: int, num: int, stops) -> tuple[list[int], int]:
+        """`num` drafts from position `pos`: the target's token where the draw accepts, another one elsewhere;
+        and how many lead before the first wrong one."""
+        out, good = [], -1
+        for p in range(pos, pos + num):
+            target = made_up_token(seed, p, stops)
+            token = target
+            if draw(seed, p) >= self.acceptance:   # a wrong guess: any other token (never a stop id)
+                good = len(out) if good < 0 else good
+                token = 1 + token % (VOCAB - 1)
+                while (stops and token in stops) or token == target:
+                    token = 1 + token % (VOCAB - 1)
+            out.append(token)
+        return out, num if good < 0 else good
+
+    def _proposer_seconds(self, asks: list[tuple[str, int, int, int]]) -> float:
+        """A model proposer's forwards for (request, tokens it knows L, drafts d, of which the target's
+        leading ones) as the real ones batch them:
+        a first forward over what its cache lacks (layer_skip: the last token, the rest are the target's
+        layers' K/V; draft_model: everything since what it holds, prompt chunks as prefill rows), then d - 1
+        one-token forwards; each priced as the target's step of that shape times draft_ratio."""
+        cost, held, k = self.cost, self.draft_held, self.spec_k
+        rows = prefill = context = 0
+        pairs = 0.0
+        for rid, L, d, good in asks:
+            valid = L - 1 if held is None else min(held.get(rid, 0), L - 1)
+            n = L - valid
+            if n <= k + 1:
+                rows += n
+                context += n * (valid + 1)
+            else:
+                prefill += n
+                pairs += n * (valid + n / 2)
+            if held is not None:              # its cache then holds the last token and the drafts it fed back
+                held[rid] = L + min(good, d - 1)
+        seconds = cost.step_seconds(rows, prefill, context, pairs)
+        for j in range(1, max(a[2] for a in asks)):
+            live = [L + j for _, L, d, _ in asks if d > j]
+            seconds += cost.step_seconds(len(live), 0, sum(live), 0.0)
+        return self.draft_ratio * seconds

@@ -1,0 +1,184 @@
+"""Speculative decoding in the simulator (kvflow/sim/runner.py, kvflow/sim/replica.py): the real scheduler's
+speculation path (SpecController, lookahead slots, rollback of rejected drafts) against the simulated
+runner's drafts and verifications. Fewer steps at high acceptance, as many at none; every request gets
+exactly its tokens; deterministic; every block comes back; and the same steps as the real engine."""
+import pytest
+
+from kvflow.config import EngineConfig
+from kvflow.sim.cluster import Simulation
+from kvflow.sim.cost_model import load_profile
+from kvflow.sim.replica import SimReplica, engine_spec
+from kvflow.sim.runner import SimRunner, draw
+from kvflow.sim.workload import parse_workload, workload_requests
+
+from .conftest import needs_default_model
+from .test_sim import all_blocks_back, fixed_profile
+
+NGRAM = '{"method": "ngram", "num_speculative_tokens": 4}'
+LAYER_SKIP = '{"method": "layer_skip", "num_speculative_tokens": 3, "adaptive": false}'
+
+
+def run(spec: str | None, acceptance: float, workload: str = "chat:n=40,rate=20,seed=4", **kw):
+    """One simulated replica (h100 profile) with speculation at `acceptance`: (simulation, recorder, steps)."""
+    config = EngineConfig.from_kwargs(speculative_config=spec, num_kv_blocks=kw.pop("num_kv_blocks", 2048), **kw)
+    sim = Simulation(config, load_profile("h100"))
+    for r in sim.replicas():            # (until the Simulation takes the option itself)
+        r.runner.acceptance = acceptance
+    rec = sim.run(workload_requests(parse_workload(workload)))
+    all_blocks_back(sim)
+    return sim, rec, sum(r.runner.num_steps for r in sim.replicas())
+
+
+def test_speculation_saves_steps_at_high_acceptance_and_backs_off_at_none():
+    _, plain, steps = run(None, 0.7)
+    want = sorted(r[2] for r in plain.rows)
+    for acceptance, lo, hi in ((0.9, 0.3, 0.75), (0.0, 0.97, 1.03)):
+        sim, rec, n = run(NGRAM, acceptance)
+        assert lo * steps <= n <= hi * steps, (acceptance, n, steps)
+        assert sorted(r[2] for r in rec.rows) == want          # every request: exactly its max_tokens
+        spec = sim.replicas()[0].scheduler.spec
+        assert spec.num_verifications > 0
+        if acceptance == 0.0:
+            assert spec.num_accepted == 0 and spec.num_verifications < 0.1 * steps   # paused: few tries
+
+
+def test_lookahead_under_memory_pressure_and_determinism():
+    """layer_skip writes its drafts' KV (lookahead slots); a tight cache preempts; twice the same result."""
+    first = run(LAYER_SKIP, 0.6, "random:n=30,rate=50,input=100,output=60,seed=2", num_kv_blocks=40)
+    again = run(LAYER_SKIP, 0.6, "random:n=30,rate=50,input=100,output=60,seed=2", num_kv_blocks=40)
+    assert first[1].rows == again[1].rows and first[2] == again[2]
+    sched = first[0].replicas()[0].scheduler
+    assert sched.num_preemptions > 0 and sched.spec.num_accepted > 0
+    assert all(r[2] == 60 for r in first[1].rows)
+
+
+def test_runner_drafts_and_verifies_by_the_contract():
+    """The runner verifies the drafts it proposed (as the scheduler kept them), returns the accepted ones and
+    one token, drafts as many as asked, a leading run at the acceptance rate; the proposer's time is inside
+    the step's."""
+    config = EngineConfig.from_kwargs(speculative_config=LAYER_SKIP, num_kv_blocks=64)
+    now = [0.0]
+    rep = SimReplica(0, engine_spec(config, fixed_profile()), fixed_profile().cost_model(), lambda: now[0],
+                     track_tables=True, spec_acceptance=0.5)
+    for i in range(4):
+        rep.add(f"q{i}", list(range(1 + i, 40 + i)), 200, 0.0)
+    proposed = {}
+    while rep.has_work():
+        seconds = rep.begin_step()
+        sched, result, _ = rep._step
+        for s, toks in zip(sched.scheduled, result.sampled_token_ids):
+            drafts = s.token_ids[len(s.token_ids) - s.num_spec_tokens:]
+            assert drafts == proposed.pop(s.req_id, [])[:s.num_spec_tokens]   # what it drafted, maybe cut
+            assert s.sample or not drafts
+            assert bool(toks) == s.sample and len(toks) <= len(drafts) + 1
+            assert toks[:-1] == drafts[:len(toks) - 1]                        # accepted drafts, then one token
+            assert rep.runner.tables[s.req_id] == rep.kv.block_ids(s.req_id)
+        assert {r: len(d) for r, d in result.draft_token_ids.items()} == \
+            {s.req_id: s.num_draft_tokens for s in sched.scheduled if s.num_draft_tokens}
+        assert 0 < result.draft_seconds < seconds if result.draft_tokens else result.draft_seconds == 0
+        proposed.update(result.draft_token_ids)
+        now[0] += seconds
+        rep.end_step()
+        for rid, d in list(proposed.items()):      # what the scheduler keeps to verify (within max_tokens)
+            proposed[rid] = rep.scheduler.requests[rid].spec_token_ids if rid in rep.scheduler.requests else []
+    spec = rep.scheduler.spec
+    # a leading run, each draft at 0.5: 0.5 + 0.25 + 0.125 accepted per verification of 3
+    assert 0.75 < spec.mean_accepted < 1.0 and rep.scheduler.step_time.ready
+    rep.check()
+    assert 0.68 < sum(draw(7, p) < 0.7 for p in range(5000)) / 5000 < 0.72
+    with pytest.raises(ValueError, match="spec_acceptance"):
+        SimRunner(fixed_profile().cost_model(), spec_acceptance=1.5)
+
+
+@needs_default_model
+@pytest.mark.slow
+@pytest.mark.parametrize("acceptance", [0.0, 1.0])
+def test_sim_takes_the_real_engines_steps_under_speculation(default_model_path, acceptance):
+    """The real EngineCore (the default model, greedy, ignore_eos) with its proposer replaced by one whose
+    drafts are all wrong (a token the greedy outputs never hold) or all right (the greedy outputs of a run
+    without speculation), and the simulated replica at acceptance 0 or 1, schedule the same requests,
+    tokens, proposals and drafts in the same steps: lookahead slots in a tight cache, preemption, the
+    rollback of rejected proposals, bonus tokens. Non-adaptive: the controller's batch rule reads measured
+    step times, which no simulation reproduces."""
+    import torch
+
+    from kvflow.engine.core import EngineCore
+    from kvflow.engine.input_processor import open_model
+    from kvflow.engine.wire import EngineCoreRequest
+    from kvflow.sampling.params import SamplingParams
+    opts = dict(num_kv_blocks=7, max_num_seqs=4, max_num_batched_tokens=48, preemption_mode="recompute",
+                num_threads=2)
+    prompts = [[7 + (i * 13 + j) % 900 for j in range(n)] for i, n in enumerate((20, 35, 50, 12, 70, 28))]
+    prompts[3] = prompts[1][:16] + prompts[3]                   # a shared prefix: a prefix-cache hit
+    max_tokens = [6, 9, 5, 8, 7, 10]
+    wrong = 48_000
+
+    def log_steps(scheduler, step):
+        steps, outputs = [], {}
+        orig = scheduler.schedule
+
+        def schedule():
+            out = orig()
+            if out.scheduled:
+                steps.append([(s.req_id, s.num_computed_tokens, len(s.token_ids), s.sample, s.num_spec_tokens,
+                               s.num_draft_tokens) for s in out.scheduled])
+            return out
+        scheduler.schedule = schedule
+        while scheduler.has_unfinished():
+            for o in step() or []:
+                outputs.setdefault(o.request_id, []).extend(o.new_token_ids)
+        return steps, outputs
+
+    def real_run(spec, proposer=None):
+        config = EngineConfig.from_kwargs(**opts, speculative_config=spec)
+        rc, reader, _ = open_model(config)
+        core = EngineCore.build(rc, reader)
+        if proposer is not None:
+            core.runner.proposer = proposer
+        for i, (p, m) in enumerate(zip(prompts, max_tokens)):
+            core.add_request(EngineCoreRequest(f"r{i}", p, SamplingParams(max_tokens=m, ignore_eos=True,
+                                                                          temperature=0.0), [], m, 0.0))
+        with torch.inference_mode():
+            steps, outputs = log_steps(core.scheduler, core.step)
+        core.check_blocks()
+        return core, steps, outputs
+
+    greedy = real_run(None)[2] if acceptance else None
+
+    class Proposer:                     # the real runner's proposer, replaced: every draft wrong, or right
+        def propose(self, requests):
+            if greedy is None:
+                return [[wrong] * r.num_tokens for r in requests]
+            done = [len(r.token_ids) - len(prompts[int(r.req_id[1:])]) for r in requests]
+            return [greedy[r.req_id][n:n + r.num_tokens] for r, n in zip(requests, done)]
+
+        def forget(self, req_id):
+            pass
+
+    core, real, outputs = real_run(LAYER_SKIP, Proposer())
+    assert greedy is None or outputs == greedy
+    assert all(wrong not in o for o in outputs.values())
+
+    now = [0.0]
+    rep = SimReplica(0, engine_spec(EngineConfig.from_kwargs(**opts, speculative_config=LAYER_SKIP),
+                                    fixed_profile()), fixed_profile().cost_model(), lambda: now[0],
+                     spec_acceptance=acceptance)
+    for i, (p, m) in enumerate(zip(prompts, max_tokens)):
+        rep.add(f"r{i}", p, m, 0.0)
+
+    def sim_step():
+        seconds = rep.begin_step()
+        if seconds is not None:
+            now[0] += seconds
+            return rep.end_step()[1]
+    simulated = log_steps(rep.scheduler, sim_step)[0]
+    rep.check()
+    assert simulated == real
+    sim_spec, real_spec = rep.scheduler.spec, core.scheduler.spec
+    assert real_spec.num_verifications > 0 and real_spec.num_accepted == (real_spec.num_proposed if acceptance else 0)
+    assert (sim_spec.num_verifications, sim_spec.num_proposed, sim_spec.num_accepted) == \
+        (real_spec.num_verifications, real_spec.num_proposed, real_spec.num_accepted)
+    assert rep.scheduler.num_preemptions == core.scheduler.num_preemptions
+    assert rep.kv.num_hits == core.kv.num_hits > 0
+    if not acceptance:
+        assert core.scheduler.num_preemptions > 0
