@@ -33,6 +33,17 @@ def all_blocks_back(sim) -> None:
         assert all(b.ref_count == 0 for b in r.kv.pool.blocks)
 
 
+def clocked_step(rep, now: list[float]):
+    """A function that runs one step of SimReplica `rep` on a hand-driven clock (`now[0]`, advanced by the
+    step's seconds) and returns its outputs (None when nothing was scheduled)."""
+    def step():
+        seconds = rep.begin_step()
+        if seconds is not None:
+            now[0] += seconds
+            return rep.end_step()[1]
+    return step
+
+
 # ---- the step contract ---------------------------------------------------------------------------------
 
 def test_sim_runner_follows_the_step_contract():
@@ -112,12 +123,7 @@ def test_sim_takes_the_real_engines_steps(default_model_path):
     for i, (p, m) in enumerate(zip(prompts, max_tokens)):
         rep.add(f"r{i}", p, m, 0.0)
 
-    def sim_step():
-        seconds = rep.begin_step()
-        if seconds is not None:
-            now[0] += seconds
-            rep.end_step()
-    simulated = log_steps(rep.scheduler, sim_step)
+    simulated = log_steps(rep.scheduler, clocked_step(rep, now))
     rep.check()
     assert simulated == real
     assert rep.scheduler.num_preemptions == core.scheduler.num_preemptions > 0

@@ -12,7 +12,7 @@ from kvflow.sim.runner import SimRunner, draw
 from kvflow.sim.workload import parse_workload, workload_requests
 
 from .conftest import needs_default_model
-from .test_sim import all_blocks_back, fixed_profile
+from .test_sim import all_blocks_back, clocked_step, fixed_profile
 
 NGRAM = '{"method": "ngram", "num_speculative_tokens": 4}'
 LAYER_SKIP = '{"method": "layer_skip", "num_speculative_tokens": 3, "adaptive": false}'
@@ -166,12 +166,7 @@ def test_sim_takes_the_real_engines_steps_under_speculation(default_model_path, 
     for i, (p, m) in enumerate(zip(prompts, max_tokens)):
         rep.add(f"r{i}", p, m, 0.0)
 
-    def sim_step():
-        seconds = rep.begin_step()
-        if seconds is not None:
-            now[0] += seconds
-            return rep.end_step()[1]
-    simulated = log_steps(rep.scheduler, sim_step)[0]
+    simulated = log_steps(rep.scheduler, clocked_step(rep, now))[0]
     rep.check()
     assert simulated == real
     sim_spec, real_spec = rep.scheduler.spec, core.scheduler.spec
