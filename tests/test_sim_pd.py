@@ -128,3 +128,35 @@ def test_kv_pool_lru_order():
     assert 3 not in pool.blocks and pool.puts == 4
     with pytest.raises(ValueError, match="kv_pool"):
         KVPool(-1)
+
+
+def test_elastic_roles_switch_as_the_clients_rule_says():
+    """pd_elastic: with decodes piling up on one decode worker and prompts short, a prefill worker becomes a
+    decode worker (after the rule's cooldown) and TPOT drops; with long prompts and short outputs a decode
+    worker becomes a prefill worker. Every request is answered once; every worker's blocks come back; the
+    routers only ever see a worker in its current role."""
+    from kvflow.disagg.elastic import COOLDOWN_S
+    from kvflow.sim.cost_model import load_profile
+
+    def run_pd(p, d, workload, elastic, **kw):
+        config = EngineConfig.from_kwargs(prefill_replicas=p, decode_replicas=d, pd_elastic=elastic,
+                                          num_kv_blocks=4000, **kw)
+        return simulate(config, load_profile("h100"), workload_requests(parse_workload(workload)))
+
+    decode_heavy = "random:n=600,rate=60,input=32,output=400,seed=1"
+    _, fixed = run_pd(3, 1, decode_heavy, False, max_num_seqs=32)
+    sim, rec = run_pd(3, 1, decode_heavy, True, max_num_seqs=32)
+    s = rec.summary(None, sim)
+    assert [(x.old, x.new) for x in sim.elastic.switches][:1] == [("prefill", "decode")]
+    assert sim.elastic.switches[0].time >= COOLDOWN_S and s["role_switches"] >= 1
+    assert s["completed"] == 600 and sorted(r[0] for r in rec.rows) == sorted(r[0] for r in fixed.rows)
+    assert s["median_tpot_ms"] < 0.7 * fixed.summary(None)["median_tpot_ms"]
+    roles = [r.role for r in sim.replicas()]
+    assert sim.prefill.ready == [x == "prefill" for x in roles] and sim.decode.ready == [x == "decode" for x in roles]
+    all_blocks_back(sim)
+    assert "Role switches (elastic P/D)" in format_table(s)
+
+    sim, rec = run_pd(1, 3, "random:n=600,rate=60,input=2000,output=8,seed=1", True)
+    assert ("decode", "prefill") in [(x.old, x.new) for x in sim.elastic.switches]
+    assert rec.summary(None, sim)["completed"] == 600
+    all_blocks_back(sim)

@@ -31,7 +31,7 @@ from kvflow.cluster.router import LoadTable, ReplicaLoad, RouteRequest, make_rou
 from kvflow.config import EngineConfig
 from kvflow.memory.kv_cache_manager import extend_block_hashes
 from kvflow.sim.cost_model import CostModel, HardwareProfile, Jittered
-from kvflow.sim.pd import EarlyRejection, KVPool, read_pool
+from kvflow.sim.pd import EarlyRejection, ElasticRoles, KVPool, read_pool
 from kvflow.sim.replica import SimReplica, engine_spec
 from kvflow.sim.runner import DEFAULT_ACCEPTANCE
 from kvflow.sim.report import Record, Recorder
@@ -96,12 +96,20 @@ class Simulation:
         self.kv_pool: KVPool | None = None           # P/D: the shared KV pool (kv_pool)
         self.admission: EarlyRejection | None = None  # P/D: early_rejection
         self.stalls: dict[int, float] = {}          # replica index -> seconds its next step waits for a pool read
+        self.prefilling: set[str] = set()           # P/D: requests in their prefill phase (hand off when it ends)
+        self.elastic: ElasticRoles | None = None     # P/D: pd_elastic
         bs = self.spec.block_size
         router_opts = dict(block_size=bs, seed=config.model.seed)
         if self.pd:
             p, d = config.disagg.prefill_replicas, config.disagg.decode_replicas
-            self.prefill = self._pool(p, config.cluster.router, router_opts)
-            self.decode = self._pool(d, config.disagg.pd_policy, router_opts, prefix_caching=True, base=p)
+            if config.disagg.pd_elastic:     # every worker in both pools, routable in its role's only
+                self.prefill = self._pool(p + d, config.cluster.router, router_opts, prefix_caching=True)
+                self.decode = Pool(self.prefill.replicas, make_router(config.disagg.pd_policy, p + d, **router_opts),
+                                   [True] * (p + d))
+                self.elastic = ElasticRoles(self.prefill, self.decode, p, config.scheduler)
+            else:
+                self.prefill = self._pool(p, config.cluster.router, router_opts)
+                self.decode = self._pool(d, config.disagg.pd_policy, router_opts, prefix_caching=True, base=p)
             per_block = self.cost.transfer_seconds(self.spec.block_bytes)
             for r in self.prefill.replicas:
                 r.load.extra["transfer_s_per_block"] = per_block
@@ -194,7 +202,8 @@ class Simulation:
                 self.warm_free += 1
 
     def replicas(self) -> list[SimReplica]:
-        pools = [self.prefill] + ([self.decode] if self.decode else [])
+        shared = self.decode is not None and self.decode.replicas is self.prefill.replicas    # (pd_elastic)
+        pools = [self.prefill] + ([self.decode] if self.decode and not shared else [])
         return [r for p in pools for r in p.replicas if r is not None]
 
     def _next_arrival(self) -> None:
@@ -219,8 +228,8 @@ class Simulation:
         if i is None:
             hashes = extend_block_hashes([], rec.prompt, self.spec.block_size)
             route = RouteRequest(rec.rid, hashes, len(rec.prompt), rec.max_tokens, rec.user)
-            if self.admission is not None:
-                capacity = sum(d.load.num_kv_blocks for d in self.decode.replicas)
+            if self.admission is not None:      # the decode workers' blocks (those in that role, when elastic)
+                capacity = sum(d.load.num_kv_blocks for d, up in zip(self.decode.replicas, self.decode.ready) if up)
                 why = self.admission.admit(rec.rid, len(rec.prompt), rec.max_tokens, rec.user, capacity)
                 if why:
                     self.rec.reject(rec, why)
@@ -233,6 +242,8 @@ class Simulation:
                 d.load_changed()
         rec.replica = i
         r = self.prefill.replicas[i]
+        if self.pd:
+            self.prefilling.add(rec.rid)
         if self.kv_pool is not None:
             read = read_pool(self.kv_pool, r.kv, hashes)
             if read:
@@ -256,6 +267,8 @@ class Simulation:
         if not start:
             _, outputs = r.end_step()
             self._outputs(r, outputs)
+            if self.elastic is not None:
+                self.elastic.check(self.now)
         r.busy = False
         if r.has_work():
             if self.stalls and r.index in self.stalls:     # blocked on a KV pool read, then it steps
@@ -270,7 +283,6 @@ class Simulation:
         r.idle_since = self.now
 
     def _outputs(self, r: SimReplica, outputs) -> None:
-        prefill_side = self.pd and r.role == "prefill"
         records, tokens, now = self.rec.records, self.rec.tokens, self.now     # (once per step, not per output)
         for o in outputs:
             rec = records[o.request_id]
@@ -278,6 +290,8 @@ class Simulation:
                 tokens(rec, now, len(o.new_token_ids), o.num_cached_tokens, o.num_preemptions)
             if o.finish_reason is None:
                 continue
+            prefill_side = self.pd and rec.rid in self.prefilling      # (its phase, whatever r's role is now)
+            self.prefilling.discard(rec.rid)
             pool = self.prefill if (prefill_side or not self.pd) else self.decode
             r.finished(0.0)
             if pool.router is not None:

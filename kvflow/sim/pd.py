@@ -5,6 +5,8 @@
                   A prefill worker publishes its prompt's full blocks at the hand-off, and reads the blocks
                   the pool holds beyond its own prefix hit before a new request's prefill
                   (kvflow/disagg/worker.py: _publish, _read_pool).
+  ElasticRoles    `pd_elastic` (SplitWise, TetriInfer): DisaggClient's role switches by kvflow/disagg/elastic.py's
+                  rule, on the simulation's clock. Every worker is in both pools; only its role's router sees it.
   EarlyRejection  `early_rejection`: kvflow/disagg/client.py's DisaggClient._admit. Before any work, a request
                   needs ceil((prompt + expected output) / block_size) decode KV blocks; it is refused (503) when
                   the requests in flight plus it would need more than the decode workers hold.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+from kvflow.disagg.elastic import RoleSwitch, choose_switch
 from kvflow.predict.base import make_predictor
 
 
@@ -118,3 +121,32 @@ class EarlyRejection:
     def forget(self, rid: str) -> None:
         """The request finished: its blocks are no longer needed."""
         self.needed_blocks -= self.need.pop(rid, 0)
+
+
+class ElasticRoles:
+    """pd_elastic: the prefill and decode pools hold the same workers; a worker is healthy only in the pool of
+    its role. As in DisaggClient a role is a label: a worker that switches finishes what it holds (a request
+    hands off when its own prefill phase ends, whatever the worker's role is by then) and gets the other
+    phase's requests from then on. The rule is checked after every step's outputs, as the client checks it
+    as outputs arrive."""
+
+    def __init__(self, prefill, decode, num_prefill: int, sched_opts):
+        self.prefill, self.decode, self.sched_opts = prefill, decode, sched_opts
+        self.switches: list[RoleSwitch] = []
+        self.last = 0.0
+        for i in range(len(prefill.replicas)):
+            self.set_role(i, "prefill" if i < num_prefill else "decode")
+
+    def set_role(self, i: int, role: str) -> None:
+        self.prefill.replicas[i].role = role
+        mine, other = (self.prefill, self.decode) if role == "prefill" else (self.decode, self.prefill)
+        other.set_ready(i, False)
+        mine.set_ready(i, True)          # (last: the worker then reports its load to this pool's table)
+
+    def check(self, now: float) -> None:
+        reps = self.prefill.replicas
+        switch = choose_switch([r.role for r in reps], [r.load for r in reps], self.sched_opts, now - self.last)
+        if switch is not None:
+            self.set_role(switch.worker, switch.new)
+            self.last = switch.time = now
+            self.switches.append(switch)

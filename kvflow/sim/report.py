@@ -177,6 +177,8 @@ class Recorder:
         m["mean_kv_transfer_ms"] = 1e3 * self.transfer_s / max(m["completed"], 1)
         if self.rejected is not None:
             m["rejected"] = self.rejected
+        if getattr(sims, "elastic", None) is not None:
+            m["role_switches"] = len(sims.elastic.switches)
         if getattr(sims, "kv_pool", None) is not None:
             stats = sims.kv_pool.stats()
             m["kv_pool_hit_blocks"], m["kv_pool_evictions"] = stats["hit_blocks"], stats["evictions"]
@@ -199,6 +201,7 @@ def format_table(summary: dict) -> str:
                            ("preemptions", "Preemptions:", "{}"), ("preempted_requests", "Preempted requests:", "{}"),
                            ("mean_kv_transfer_ms", "Mean KV transfer exposed (ms):", "{:.2f}"),
                            ("rejected", "Early rejections (503):", "{}"),
+                           ("role_switches", "Role switches (elastic P/D):", "{}"),
                            ("kv_pool_hit_blocks", "KV pool blocks read:", "{}"),
                            ("kv_pool_evictions", "KV pool evictions:", "{}"),
                            ("kv_pool_load_ms", "KV pool reads, total wait (ms):", "{:.2f}"),
