@@ -280,6 +280,11 @@ class Simulation:
                 self.rec.busy(r.index, self.now, seconds, r.load.kv_cache_usage, len(r.scheduler.running))
                 self._push(self.now + seconds, STEP_END, r)
                 return
+            wake = r.wake_at()
+            if wake is not None:       # its requests wait on disk-tier reads: it steps again when one is in
+                r.busy = True
+                self._push(wake, STEP_END, r, True)
+                return
         r.idle_since = self.now
 
     def _outputs(self, r: SimReplica, outputs) -> None:

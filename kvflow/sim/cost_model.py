@@ -58,6 +58,7 @@ class HardwareProfile:
     kv_cache_bytes: int = 1 << 30      # KV budget of one replica (device)
     link_bytes_per_s: float = 10e9     # prefill -> decode KV transfer
     swap_bytes_per_s: float = 4e9      # device <-> host (swap tier)
+    disk_bytes_per_s: float = 2e9      # reads from the disk tier of the prefix cache (an NVMe drive)
     cold_start_s: float = 5.0          # a serverless replica from nothing to serving
     fit: dict = field(default_factory=dict)     # calibration quality (steps, R^2, median relative error)
 
@@ -69,7 +70,7 @@ class HardwareProfile:
         for key in ("num_layers", "num_kv_heads", "head_dim", "num_params"):
             if not isinstance(self.model.get(key), int) or self.model[key] <= 0:
                 raise ValueError(f"model.{key} must be a positive integer, got {self.model.get(key)!r}")
-        for key in ("kv_cache_bytes", "link_bytes_per_s", "swap_bytes_per_s"):
+        for key in ("kv_cache_bytes", "link_bytes_per_s", "swap_bytes_per_s", "disk_bytes_per_s"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)!r}")
         if self.cold_start_s < 0:

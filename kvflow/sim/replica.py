@@ -27,6 +27,7 @@ from kvflow.scheduler.costs import PreemptionCost
 from kvflow.scheduler.policy import make_policy
 from kvflow.scheduler.scheduler import Scheduler
 from kvflow.sim.cost_model import DTYPE_BYTES, CostModel, HardwareProfile
+from kvflow.sim.disk import SimDiskTier
 from kvflow.sim.runner import DEFAULT_ACCEPTANCE, SimRunner
 from kvflow.spec.config import SpeculativeConfig
 
@@ -54,12 +55,11 @@ class EngineSpec:
     kv_reservation: str
     async_recovery: bool
     speculative: SpeculativeConfig | None = None
+    num_disk_blocks: int = 0           # the disk tier's size in blocks (kv_store_dir; 0: none)
 
 
 def engine_spec(config: EngineConfig, profile: HardwareProfile) -> EngineSpec:
     c, sc, m = config.cache, config.scheduler, profile.model
-    if c.kv_store_dir is not None:
-        raise ValueError("kv_store_dir: the disk tier is not simulated")
     if sc.length_predictor not in (None, "online"):
         raise ValueError("length_predictor: only the online predictor is simulated (a file needs the model)")
     itemsize = DTYPE_BYTES[profile.dtype]
@@ -78,7 +78,8 @@ def engine_spec(config: EngineConfig, profile: HardwareProfile) -> EngineSpec:
     return EngineSpec(c.block_size, num_blocks, num_swap, block_bytes, model_len, c.enable_prefix_caching,
                       sc.max_num_seqs, sc.max_num_batched_tokens, sc.preemption_mode, sc.scheduling_policy,
                       sc.client_weights, sc.tpot_slo_ms, sc.enable_chunked_prefill, sc.kv_reservation,
-                      sc.async_recovery, config.speculative.parsed)
+                      sc.async_recovery, config.speculative.parsed,
+                      c.kv_store_max_bytes // block_bytes if c.kv_store_dir is not None else 0)
 
 
 def queued_prefill_tokens(s: Scheduler) -> int:
@@ -95,7 +96,9 @@ class SimReplica:
                  spec_acceptance: float = DEFAULT_ACCEPTANCE):
         self.index, self.spec = index, spec
         caching = spec.enable_prefix_caching if prefix_caching is None else prefix_caching
-        self.kv = KVCacheManager(spec.num_kv_blocks, spec.block_size, caching, spec.num_swap_blocks)
+        disk = (SimDiskTier(spec.num_disk_blocks, spec.block_bytes / cost.profile.disk_bytes_per_s, clock)
+                if spec.num_disk_blocks else None)
+        self.kv = KVCacheManager(spec.num_kv_blocks, spec.block_size, caching, spec.num_swap_blocks, disk)
         prefill_rate = 1.0 / max(cost.step_seconds(0, 1024, 0, 1024 * 512) / 1024, 1e-9)
         self.cost = PreemptionCost(spec.block_bytes, prefill_tokens_per_s=prefill_rate,
                                    swap_bytes_per_s=cost.profile.swap_bytes_per_s)
@@ -140,7 +143,7 @@ class SimReplica:
         sched = self.scheduler.schedule()
         result, seconds = self.runner.execute(sched)      # finished ids and block ops apply even when empty
         if not sched.scheduled:
-            if self.scheduler.waiting and not self.scheduler.running:
+            if self.scheduler.waiting and not self.scheduler.running and not self.scheduler.num_loading:
                 req = self.scheduler.waiting[0]
                 raise ValueError(f"cannot schedule request {req.request_id!r} ({req.num_tokens} tokens) with "
                                  f"{self.kv.pool.num_free} of {self.kv.num_blocks} KV blocks free: num_kv_blocks "
@@ -149,6 +152,10 @@ class SimReplica:
         self._step = (sched, result, seconds)
         self.busy = True
         return seconds
+
+    def wake_at(self) -> float | None:
+        """With nothing scheduled: when a disk-tier read its waiting requests need ends (None: no such read)."""
+        return self.kv.disk.wake_at() if self.kv.disk is not None and self.scheduler.num_loading else None
 
     def end_step(self):
         """Apply the finished step; (its SchedulerOutput, the engine core's outputs)."""

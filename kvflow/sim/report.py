@@ -187,6 +187,8 @@ class Recorder:
             reps = sims.replicas()
             m["preemptions"] = sum(r.scheduler.num_preemptions for r in reps)
             m["num_steps"] = sum(r.runner.num_steps for r in reps)
+            if any(r.kv.disk is not None for r in reps):
+                m["disk_hit_tokens"] = sum(r.kv.num_disk_hits for r in reps)
             up = sum(b[4] for b in self.bins.values())
             m["replica_seconds"] = up
             m["mean_utilisation"] = sum(b[0] for b in self.bins.values()) / up if up else 0.0
@@ -202,6 +204,7 @@ def format_table(summary: dict) -> str:
                            ("mean_kv_transfer_ms", "Mean KV transfer exposed (ms):", "{:.2f}"),
                            ("rejected", "Early rejections (503):", "{}"),
                            ("role_switches", "Role switches (elastic P/D):", "{}"),
+                           ("disk_hit_tokens", "Disk tier hits (tokens):", "{}"),
                            ("kv_pool_hit_blocks", "KV pool blocks read:", "{}"),
                            ("kv_pool_evictions", "KV pool evictions:", "{}"),
                            ("kv_pool_load_ms", "KV pool reads, total wait (ms):", "{:.2f}"),
