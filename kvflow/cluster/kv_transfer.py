@@ -77,9 +77,4 @@ def import_blocks(core, hashes: list[int], arrays: list[np.ndarray], dtypes: lis
 
 def cached_prefix(core, hashes: list[int]) -> int:
     """How many leading blocks of this chain the core's prefix cache holds."""
-    n = 0
-    for h in hashes:
-        if core.kv.pool.lookup(h) is None:
-            break
-        n += 1
-    return n
+    return core.kv.cached_prefix(hashes)

@@ -120,6 +120,15 @@ class KVCacheManager:
             return 0
         return (req.num_tokens - 1) // self.block_size
 
+    def cached_prefix(self, hashes: list[int]) -> int:
+        """How many leading blocks of this chain of block hashes the prefix cache holds."""
+        n = 0
+        for h in hashes:
+            if self.pool.lookup(h) is None:
+                break
+            n += 1
+        return n
+
     def get_computed_blocks(self, req: Request) -> list[Block]:
         """Cached blocks that start this request's tokens."""
         hits = []

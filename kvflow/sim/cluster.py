@@ -117,7 +117,6 @@ class Simulation:
                 self.kv_pool = KVPool(config.disagg.kv_pool_bytes // self.spec.block_bytes)
             if config.disagg.early_rejection:
                 self.admission = EarlyRejection(bs, config.scheduler.length_predictor)
-                self.rec.rejected = 0
         elif self.serverless:
             so = config.serverless
             self.prefill = Pool([None] * so.max_replicas, make_router(config.cluster.router, so.max_replicas,
@@ -232,7 +231,7 @@ class Simulation:
                 capacity = sum(d.load.num_kv_blocks for d, up in zip(self.decode.replicas, self.decode.ready) if up)
                 why = self.admission.admit(rec.rid, len(rec.prompt), rec.max_tokens, rec.user, capacity)
                 if why:
-                    self.rec.reject(rec, why)
+                    self.rec.fail(rec, why)
                     return
             i = self.prefill.choose(route)
             if self.pd and self.config.disagg.kv_transfer != "sync":     # (a parallel run has no P/D)

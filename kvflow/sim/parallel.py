@@ -4,9 +4,9 @@ the router runs in the parent, on the loads the workers last reported (`kvflow s
 Replicas only meet at the router, so the run goes in batches of arrivals. A batch starts at the next arrival
 time T and holds the arrivals before T + sync_s. First every worker runs its replicas' events before T and
 reports the loads that changed (and which requests finished, for a router with state); then the router places
-the batch's requests on those loads, counting what it places as it goes (requests assigned and waiting, prompt
-tokens queued, tokens outstanding: the fields a replica's `add` changes). That is the real cluster client's
-position too (kvflow/cluster/client.py): it routes on the load each replica reported after its last step plus
+the batch's requests on those loads, counting what it places as it goes (SimReplica.count_placed, and the
+tokens outstanding that Simulation._route adds). That is the real cluster client's position too
+(kvflow/cluster/client.py): it routes on the load each replica reported after its last step plus
 its own count of what it sent since. So a request sees the loads of up to sync_s before it arrives; as sync_s
 goes to 0 the run becomes the one-process simulation's.
 
@@ -221,12 +221,8 @@ def _drive(sim: Simulation, requests, sync_s: float, owner: list[int], conns) ->
         routed = [[] for _ in conns]
         for r, hashes in batch:
             i = pool.choose(RouteRequest(r.rid, hashes, r.prompt_len, r.max_tokens, r.user))
-            ld = reps[i].load          # what SimReplica.add and Simulation._route count for it
-            ld.num_assigned += 1
-            ld.num_waiting += 1
-            ld.extra["queued_prefill_tokens"] += r.prompt_len
-            ld.outstanding_tokens += r.prompt_len + r.max_tokens
-            pool.loads.update(i)
+            reps[i].load.outstanding_tokens += r.prompt_len + r.max_tokens     # as Simulation._route counts it
+            reps[i].count_placed(r.prompt_len)                                # and SimReplica.add
             routed[owner[i]].append((r.rid, r.arrival, r.prompt, r.max_tokens, r.user, r.itl is not None, i, hashes))
 
 

@@ -79,11 +79,7 @@ def read_pool(pool: KVPool, kv, hashes: list[int]) -> int:
     blocks beyond the worker's own leading prefix hit are adopted into its prefix cache (import_blocks: into
     at most half its free blocks), where the scheduler finds them as a prefix hit. How many blocks were read
     (all are moved, whether or not the cache had room for them)."""
-    local = 0
-    for h in hashes:                        # kv_transfer.cached_prefix
-        if kv.pool.lookup(h) is None:
-            break
-        local += 1
+    local = kv.cached_prefix(hashes)
     if local == len(hashes):
         return 0
     keys = pool.get(hashes, local)

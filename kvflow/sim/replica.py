@@ -125,9 +125,14 @@ class SimReplica:
             req.all_token_ids += outputs
             req.num_prompt_logprobs = len(prompt)
         self.scheduler.add_request(req)
+        self.count_placed(len(prompt))
+
+    def count_placed(self, num_prompt: int) -> None:
+        """The load fields a request placed here changes (kvflow/sim/parallel.py's router counts them on its
+        view of a replica that another process runs)."""
         self.load.num_assigned += 1
         self.load.num_waiting += 1
-        self.load.extra["queued_prefill_tokens"] += len(prompt)
+        self.load.extra["queued_prefill_tokens"] += num_prompt
         self.load_changed()
 
     def load_changed(self) -> None:

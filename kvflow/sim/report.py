@@ -48,7 +48,6 @@ class Recorder:
     end_s: float = 0.0
     bins: dict[int, list[float]] = field(default_factory=dict)   # bin -> [busy s, kv sum, running sum, n, up s]
     up_since: dict[int, float] = field(default_factory=dict)
-    rejected: int | None = None       # requests refused by early rejection (None: it is off)
 
     def __post_init__(self):
         self.width = self.bin_s or 1.0
@@ -93,11 +92,6 @@ class Recorder:
     def fail(self, rec: Record, why: str) -> None:
         self.records.pop(rec.rid, None)
         self.rows.append((rec.arrival, rec.prompt_len, 0, 0.0, 0.0, 0, 0, why))
-
-    def reject(self, rec: Record, why: str) -> None:
-        """Refused before any work (P/D early rejection): a failed row, counted apart."""
-        self.fail(rec, why)
-        self.rejected = (self.rejected or 0) + 1
 
     # ---- utilisation over time -----------------------------------------------------------------------------
 
@@ -175,8 +169,8 @@ class Recorder:
         m["prefix_cache_hit_rate"] = sum(row[5] for row in self.rows if not row[7]) / n_in if n_in else 0.0
         m["preempted_requests"] = sum(1 for row in self.rows if row[6])
         m["mean_kv_transfer_ms"] = 1e3 * self.transfer_s / max(m["completed"], 1)
-        if self.rejected is not None:
-            m["rejected"] = self.rejected
+        if getattr(sims, "admission", None) is not None:
+            m["rejected"] = sims.admission.rejected
         if getattr(sims, "elastic", None) is not None:
             m["role_switches"] = len(sims.elastic.switches)
         if getattr(sims, "kv_pool", None) is not None:
