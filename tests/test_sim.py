@@ -403,6 +403,9 @@ def test_compare_and_cli(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kvflow", "sim", "--workload", "chat:rate=0"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "rate" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "kvflow", "sim", "calibrate", "--out", str(tmp_path / "p.json"),
+                           "--together", "0"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--together" in proc.stderr
 
 
 @needs_default_model
@@ -449,3 +452,52 @@ def test_fleet_replay_answers_every_request_once(default_model_path):
     for core in cores:
         assert not core.has_unfinished()
         core.check_blocks()
+
+
+@needs_default_model
+def test_calibration_of_engines_stepping_together(default_model_path):
+    """calibrate's `together`: two engines run the plan at once, each on its own thread; every step of both is
+    a sample, the engines end with nothing held, and an error on one thread comes back as that error (the
+    other, keeping it company, stops) instead of a hang."""
+    from kvflow.sim.calibrate import build_core, fit, measure_core, measure_together
+    built = [build_core({"num_threads": 1, "max_num_seqs": 4}) for _ in range(2)]
+    plan = ((2, 24, 6), (1, 80, 3))
+    alone = measure_core(*built[0][:2], plan)
+    samples = measure_together([b[:2] for b in built], plan)
+    assert abs(len(samples) - 2 * len(alone)) <= 4 and all(t > 0 for _, t in samples)
+    assert fit(samples)[1]["r2"] > 0.5
+    for core, _, _ in built:
+        assert not core.has_unfinished()
+        core.check_blocks()
+    core = built[1][0]
+    step, calls = core.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("step 5 failed")
+        return step()
+    core.step = failing_step
+    with pytest.raises(RuntimeError, match="step 5 failed"):
+        measure_together([b[:2] for b in built], plan)
+    core.step = step
+    while core.has_unfinished():          # what the failed step left
+        core.step()
+    for core, _, _ in built:
+        core.check_blocks()
+
+
+def test_overlap_ratios_split_a_fleets_steps_by_company():
+    """fidelity.overlap_ratios: a fleet's real steps against a profile, those alone apart from those beside
+    another replica's step."""
+    from kvflow.sim.cost_model import roofline_profile
+    from kvflow.sim.fidelity import overlap_ratios
+    profile = roofline_profile("h100")
+    shape = (4, 0, 800, 0.0)
+    p = profile.cost_model().step_seconds(*shape)
+    steps = [(shape, 1.2 * p, 0, 0.0), (shape, 1.2 * p, 1, 0.01 * p),     # both at once
+             (shape, p, 0, 10 * p), (shape, p, 1, 20 * p),                  # each alone
+             (shape, 2.0 * p, 0, 30 * p), (shape, p, 1, 31.5 * p)]          # half overlapped: neither group
+    out = overlap_ratios({"h100": profile}, steps)
+    assert out["steps"] == {"alone": 2, "beside": 2}
+    assert out["h100"] == {"alone": 1.0, "beside": 1.2}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import platform
 import time
 
@@ -165,20 +166,75 @@ def model_spec(rc) -> dict:
                 max_model_len=rc.max_model_len)
 
 
+def measure_together(cores, plan=DEFAULT_PLAN, repeats: int = 1) -> list[tuple[tuple, float]]:
+    """Run the plan on several (core, rc) at once, each on its own thread pinned to its own core (as
+    replay_fleet's replicas run; one core each when the process has enough), each with its own prompts: every
+    step measured beside the others' steps, which is how replicas sharing one machine step (its memory
+    bandwidth and caches are shared; a one-engine calibration does not see that). A core that finishes its
+    plan first keeps stepping small batches, unmeasured, until every core has finished. The samples of all."""
+    import threading
+
+    from kvflow.engine.wire import EngineCoreRequest
+    from kvflow.sampling.params import SamplingParams
+    cpus = sorted(os.sched_getaffinity(0))
+    results: list[list | BaseException] = [[] for _ in cores]
+    left = [len(cores)]
+    lock = threading.Lock()
+
+    def run(i: int, core, rc) -> None:
+        try:
+            if len(cpus) >= len(cores):
+                os.sched_setaffinity(0, [cpus[i]])      # this thread only (Linux)
+            try:
+                results[i] = measure_core(core, rc, plan, repeats, seed=1000 * i)
+            finally:
+                with lock:
+                    left[0] -= 1
+            n = 0
+            while left[0]:                              # keep the others company, unmeasured
+                core.add_request(EngineCoreRequest(f"busy-{n}", list(range(1, 65)), SamplingParams(
+                    max_tokens=16, ignore_eos=True, temperature=0.0), [], 16, time.monotonic()))
+                n += 1
+                while core.has_unfinished():
+                    core.step()
+        except BaseException as e:                      # surfaced below, after the join
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i, c, rc), daemon=True) for i, (c, rc) in enumerate(cores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return [s for r in results for s in r]
+
+
 def calibrate(engine_kwargs: dict, name: str | None = None, plan=DEFAULT_PLAN, repeats: int = 1,
-              core=None) -> HardwareProfile:
-    """Measure and fit; `core`: (core, rc, build seconds) of build_core, to reuse an engine."""
+              cores=None, together: int = 1) -> HardwareProfile:
+    """Measure and fit. `together`: engines measured at once (measure_together; 1: one engine alone), for a
+    profile of replicas that share this machine. `cores`: (core, rc, build seconds) of build_core for each,
+    to reuse engines (built when not given)."""
     from kvflow.platform import cpu_info
-    core, rc, build_s = core or build_core(engine_kwargs)
-    samples = measure_core(core, rc, plan, repeats)
+    if together < 1:
+        raise ValueError(f"together: at least 1 engine, got {together}")
+    cores = list(cores or [build_core(engine_kwargs) for _ in range(together)])
+    core, rc, build_s = cores[0]
+    if len(cores) == 1:
+        samples = measure_core(core, rc, plan, repeats)
+    else:
+        samples = measure_together([(c, r) for c, r, _ in cores], plan, repeats)
     swap = core.scheduler.cost.swap_bytes_per_s
     coef, quality = fit(samples)
+    quality["engines_together"] = len(cores)
     cpu = cpu_info().model or platform.processor() or platform.machine()
     threads = rc.config.parallel.num_threads
     device = rc.config.model.device
+    alone = "" if len(cores) == 1 else f", {len(cores)} engines stepping at once on their own cores"
     return HardwareProfile(
         name=name or f"{device}-{rc.arch.model_type}-{rc.dtype}", kind="linear",
-        source=(f"calibrated on this machine: {cpu} ({device}, {threads or 'default'} threads), "
+        source=(f"calibrated on this machine: {cpu} ({device}, {threads or 'default'} threads{alone}), "
                 f"{time.strftime('%Y-%m-%d')}, model {rc.model_path.rsplit('/', 1)[-1]} {rc.dtype} "
                 f"quantization {rc.config.model.quantization}; {quality['num_steps']} measured EngineCore steps; "
                 f"P/D link = the measured swap bandwidth (one machine)"),

@@ -45,6 +45,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                  "makes it built in)")
     c.add_argument("--name", default=None, help="the profile's name (default: device-model-dtype)")
     c.add_argument("--repeats", type=int, default=1, help="measured passes of the plan (default 1)")
+    c.add_argument("--together", type=int, default=1, metavar="N",
+                   help="measure N engines stepping at once, each on its own core: a profile for N replicas "
+                        "sharing this machine (default 1: one engine alone)")
     c.add_argument("--roofline", default=None, metavar="GPU",
                    help="instead of measuring: write GPU's roofline profile (h100, h200, a100) for the default model")
     add_engine_args(c)
@@ -136,7 +139,10 @@ def cmd_calibrate(args) -> int:
         from kvflow.sim.calibrate import calibrate
         if args.repeats < 1:
             raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
-        profile = calibrate(_explicit_engine_kwargs(args), args.name, repeats=args.repeats)
+        if args.together < 1:
+            raise ValueError(f"--together must be at least 1, got {args.together}")
+        profile = calibrate(_explicit_engine_kwargs(args), args.name, repeats=args.repeats,
+                            together=args.together)
     if args.name:
         profile.name = args.name
     profile.save(args.out)

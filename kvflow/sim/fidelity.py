@@ -26,15 +26,19 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
              warm: bool = True, replicas: int = 1, router: str = "least-load") -> dict:
     """`warm`: serve the workload once unmeasured first (the engine's first call of each batch shape selects
     kernels and grows buffers, up to ~0.7 s on a CPU: a cold run measures that, not steady serving).
-    `replicas` > 1: that many engines (one calibrated; they are alike), each on its own thread and core,
-    behind `router`, against the simulator's `replicas` and `router`."""
+    `replicas` > 1: that many engines, each on its own thread and core, behind `router`, against the
+    simulator's `replicas` and `router`; calibrated as they serve, all stepping at once (calibrate's
+    `together`), and also the first alone (`metrics_alone`: the simulation with that profile)."""
     from kvflow.config import EngineConfig
     from kvflow.sim.cluster import Simulation
     t0 = time.perf_counter()
-    core, rc, build_s = build_core(engine_kwargs)
-    profile = calibrate(engine_kwargs, "fidelity", plan, repeats, core=(core, rc, build_s))
+    built = [build_core(engine_kwargs) for _ in range(replicas)]
+    core, rc, _ = built[0]
+    profile = calibrate(engine_kwargs, "fidelity", plan, repeats, cores=built[:1])
+    if replicas > 1:       # the fleet's engines step at once: calibrated so, beside the one-engine profile
+        alone, profile = profile, calibrate(engine_kwargs, "fidelity", plan, repeats, cores=built)
     t_cal = time.perf_counter() - t0
-    cores = [core] + [build_core(engine_kwargs)[0] for _ in range(replicas - 1)]
+    cores = [c for c, _, _ in built]
     if warm:
         for c in cores:
             replay(c, workload_requests(workload))
@@ -49,8 +53,7 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
                                       steps, placed)
         cpu_share = float("nan")
     t_real = time.perf_counter() - t1
-    model = profile.cost_model()          # measured / calibrated time of the real run's own steps: ~1 when the
-    step_ratio = float(np.median([t / model.step_seconds(*shape) for shape, t in steps])) if steps else 1.0
+    step_ratio = _step_ratio(profile, steps)   # the real run's own steps / their calibrated time: ~1 when the
     for c in cores:
         c.check_blocks()
     real_m = compute_metrics(real, duration)
@@ -63,6 +66,12 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
         sim.prefill.router = Recording(sim.prefill.router)
     rows = compare_metrics(real_m, sim.run(workload_requests(workload)).summary(None, sim))
     extra = {}
+    if replicas > 1:       # the same simulation with the profile of one engine calibrated alone
+        extra["alone_profile"] = dataclasses.asdict(alone)
+        extra["real_step_ratio_alone"] = round(_step_ratio(alone, steps), 3)
+        extra["real_step_ratio_overlap"] = overlap_ratios({"together": profile, "alone": alone}, steps)
+        extra["metrics_alone"] = compare_metrics(real_m, Simulation(config, alone).run(
+            workload_requests(workload)).summary(None))
     if placed:        # the simulation again with each request where the real run put it: its step times alone
         extra["placed_alike"] = sum(a == b for a, b in zip(placed, sim.prefill.router.placed))
         sim = Simulation(config, profile)
@@ -73,6 +82,32 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
             "real_run_s": round(t_real, 1), "real_cpu_share": round(cpu_share, 3),
             "real_step_ratio": round(step_ratio, 3),    # machine ran as fast as during the calibration
             "real_duration_s": round(duration, 2), "metrics": rows, "ok": all(v["ok"] for v in rows.values())}
+
+
+def _step_ratio(profile, steps) -> float:
+    """The median over `steps` ((shape, seconds, ...)) of measured / calibrated time."""
+    model = profile.cost_model()
+    return float(np.median([s[1] / model.step_seconds(*s[0]) for s in steps])) if steps else 1.0
+
+
+def overlap_ratios(profiles: dict, steps) -> dict:
+    """A fleet's real steps (replay_fleet's (shape, seconds, replica, start)) against each profile, split by
+    whether another replica was stepping: {profile name: {"alone": ratio, "beside": ratio}}, "alone" over
+    the steps overlapped less than 10% of their time by another's, "beside" over those overlapped more than
+    90%; with them, each group's number of steps."""
+    spans = [(start, start + t, i) for _, t, i, start in steps]
+    by_start = sorted(spans)
+    starts = [a for a, _, _ in by_start]
+    longest = max((b - a for a, b, _ in spans), default=0.0)
+    groups: dict[str, list] = {"alone": [], "beside": []}
+    for step, (a, b, i) in zip(steps, spans):
+        lo, hi = np.searchsorted(starts, a - longest), np.searchsorted(starts, b)
+        shared = sum(min(b, y) - max(a, x) for x, y, j in by_start[lo:hi] if j != i and y > a)
+        share = shared / (b - a) if b > a else 0.0
+        if share < 0.1 or share > 0.9:
+            groups["alone" if share < 0.1 else "beside"].append(step)
+    out = {name: {g: round(_step_ratio(p, s), 3) for g, s in groups.items()} for name, p in profiles.items()}
+    return {**out, "steps": {g: len(s) for g, s in groups.items()}}
 
 
 def ensemble(config, profile, workload: WorkloadSpec, real_m: dict, runs: int = ENSEMBLE) -> dict:

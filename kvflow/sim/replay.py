@@ -97,8 +97,9 @@ def replay(core, requests, steps: list | None = None):
 
 def replay_fleet(cores, requests, router_name: str, block_size: int, steps: list | None = None,
                  placed: list | None = None):
-    """Serve `requests` on the EngineCores `cores` behind the router `router_name`; as `replay`. `placed`: a
-    list to append each request's replica to, in arrival order."""
+    """Serve `requests` on the EngineCores `cores` behind the router `router_name`; as `replay`, but each of
+    `steps` is (shape, seconds, replica, start s). `placed`: a list to append each request's replica to, in
+    arrival order."""
     from kvflow.cluster.router import ReplicaLoad, RouteRequest, make_router
     from kvflow.memory.kv_cache_manager import extend_block_hashes
     reqs = list(requests)
@@ -137,12 +138,13 @@ def replay_fleet(cores, requests, router_name: str, block_size: int, steps: list
                     return
                 continue
             mine: list = []
+            start = time.perf_counter() - t0
             outputs = _step(core, mine)
             now = time.perf_counter() - t0
             s = core.scheduler
             with lock:
                 if steps is not None:
-                    steps.extend(mine)
+                    steps.extend((shape, t, i, start) for shape, t in mine)
                 finished = stamps.add(outputs, now)
                 ld = loads[i]
                 ld.num_running, ld.num_waiting = len(s.running), len(s.waiting)
