@@ -11,8 +11,8 @@ learns each request's table incrementally (`block_update`). No torch here.
 """
 from __future__ import annotations
 
-import hashlib
 import struct
+from hashlib import blake2b
 
 from kvflow.memory.block_pool import Block, BlockPool
 from kvflow.memory.swap_tier import SwapTier
@@ -21,9 +21,15 @@ from kvflow.request import Request
 from kvflow.step import BlockOp
 
 
+_PACKERS: dict[int, struct.Struct] = {}     # "<q{n}i" by n, compiled once rather than per block
+
+
 def hash_block(parent_hash: int | None, token_ids: list[int]) -> int:
-    data = struct.pack(f"<q{len(token_ids)}i", parent_hash or 0, *token_ids)
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+    packer = _PACKERS.get(len(token_ids))
+    if packer is None:
+        packer = _PACKERS[len(token_ids)] = struct.Struct(f"<q{len(token_ids)}i")
+    data = packer.pack(parent_hash or 0, *token_ids)
+    return int.from_bytes(blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
 def extend_block_hashes(hashes: list[int], token_ids: list[int], block_size: int) -> list[int]:

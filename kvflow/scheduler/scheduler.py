@@ -402,17 +402,19 @@ class Scheduler:
     def _append(self, req: Request, tokens: list[int]) -> tuple[list[int], RequestStatus | None]:
         """Append tokens up to the first that ends the request; (the tokens appended, how it ended or None).
         The token-level stop rules are here, not in a method of their own: they run once per token."""
+        outputs, known, stop_ids = req.output_token_ids, req.all_token_ids, req.stop_ids
         num_appended, status = 0, None
         for token in tokens:
-            req.append_token(token)
+            outputs.append(token)      # req.append_token(token), without the call
+            known.append(token)
             num_appended += 1
-            n = len(req.output_token_ids)
-            if token in req.stop_ids and n >= req.params.min_tokens:
+            n = len(outputs)
+            if token in stop_ids and n >= req.params.min_tokens:
                 if token in (req.params.stop_token_ids or ()):
                     req.stop_reason = token
                 status = RequestStatus.FINISHED_STOPPED
                 break
-            if n >= req.max_tokens or len(req.all_token_ids) >= self.max_model_len:    # (req.num_tokens)
+            if n >= req.max_tokens or len(known) >= self.max_model_len:    # (req.num_tokens)
                 status = RequestStatus.FINISHED_LENGTH
                 break
         self.kv.cache_full_blocks(req)
