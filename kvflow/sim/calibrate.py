@@ -213,25 +213,29 @@ def measure_together(cores, plan=DEFAULT_PLAN, repeats: int = 1) -> list[tuple[t
 
 def calibrate(engine_kwargs: dict, name: str | None = None, plan=DEFAULT_PLAN, repeats: int = 1,
               cores=None, together: int = 1) -> HardwareProfile:
-    """Measure and fit. `together`: engines measured at once (measure_together; 1: one engine alone), for a
-    profile of replicas that share this machine. `cores`: (core, rc, build seconds) of build_core for each,
-    to reuse engines (built when not given)."""
+    """Measure and fit one engine alone. `together` > 1: a profile of that many replicas sharing this machine:
+    then the plan again on that many engines at once (measure_together), and the profile's corun_slowdown is
+    the median of those steps' times over the alone fit's. `cores`: (core, rc, build seconds) of build_core
+    for each engine, to reuse engines (built when not given; their number is `together`)."""
     from kvflow.platform import cpu_info
     if together < 1:
         raise ValueError(f"together: at least 1 engine, got {together}")
     cores = list(cores or [build_core(engine_kwargs) for _ in range(together)])
     core, rc, build_s = cores[0]
-    if len(cores) == 1:
-        samples = measure_core(core, rc, plan, repeats)
-    else:
-        samples = measure_together([(c, r) for c, r, _ in cores], plan, repeats)
+    samples = measure_core(core, rc, plan, repeats)
     swap = core.scheduler.cost.swap_bytes_per_s
     coef, quality = fit(samples)
-    quality["engines_together"] = len(cores)
+    slowdown = 1.0
+    if len(cores) > 1:
+        beside = measure_together([(c, r) for c, r, _ in cores], plan, repeats)
+        slowdown = float(np.median([t / (np.array(features(shape, quality["knee_tokens"])) @ coef)
+                                    for shape, t in beside]))
+        quality["corun_steps"] = len(beside)
     cpu = cpu_info().model or platform.processor() or platform.machine()
     threads = rc.config.parallel.num_threads
     device = rc.config.model.device
-    alone = "" if len(cores) == 1 else f", {len(cores)} engines stepping at once on their own cores"
+    alone = "" if len(cores) == 1 else (f"; {len(cores)} engines stepping at once on their own cores took "
+                                        f"{slowdown:.3f}x the time of one alone")
     return HardwareProfile(
         name=name or f"{device}-{rc.arch.model_type}-{rc.dtype}", kind="linear",
         source=(f"calibrated on this machine: {cpu} ({device}, {threads or 'default'} threads{alone}), "
@@ -240,4 +244,6 @@ def calibrate(engine_kwargs: dict, name: str | None = None, plan=DEFAULT_PLAN, r
                 f"P/D link = the measured swap bandwidth (one machine)"),
         model=model_spec(rc), dtype=rc.dtype if rc.dtype in ("bfloat16", "float32") else "bfloat16",
         params={"coef": coef, "knee_tokens": quality["knee_tokens"]},
-        kv_cache_bytes=int(rc.num_kv_blocks * rc.block_bytes), link_bytes_per_s=swap, swap_bytes_per_s=swap, cold_start_s=round(build_s, 3), fit=quality)
+        kv_cache_bytes=int(rc.num_kv_blocks * rc.block_bytes), link_bytes_per_s=swap, swap_bytes_per_s=swap,
+        cold_start_s=round(build_s, 3), fit=quality, replicas_per_machine=len(cores),
+        corun_slowdown=round(slowdown, 4))

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from kvflow.cluster.router import LoadTable, ReplicaLoad, RouteRequest, make_router
 from kvflow.config import EngineConfig
 from kvflow.memory.kv_cache_manager import extend_block_hashes
-from kvflow.sim.cost_model import CostModel, HardwareProfile, Jittered
+from kvflow.sim.cost_model import CostModel, HardwareProfile, SharedMachine, replica_cost
 from kvflow.sim.pd import EarlyRejection, ElasticRoles, KVPool, read_pool
 from kvflow.sim.replica import SimReplica, engine_spec
 from kvflow.sim.runner import DEFAULT_ACCEPTANCE
@@ -98,6 +98,7 @@ class Simulation:
         self.stalls: dict[int, float] = {}          # replica index -> seconds its next step waits for a pool read
         self.prefilling: set[str] = set()           # P/D: requests in their prefill phase (hand off when it ends)
         self.elastic: ElasticRoles | None = None     # P/D: pd_elastic
+        self.machines: dict[int, SharedMachine] = {}   # replicas sharing a machine (replica_cost)
         bs = self.spec.block_size
         router_opts = dict(block_size=bs, seed=config.model.seed)
         if self.pd:
@@ -140,10 +141,7 @@ class Simulation:
         return Pool(reps, make_router(router, n, **opts) if n > 1 else None, [True] * n)
 
     def _cost(self, index: int) -> CostModel:
-        """Replica `index`'s step times (its own generator when they are jittered)."""
-        if not self.step_noise:
-            return self.cost
-        return Jittered(self.cost, self.step_noise, (self.config.model.seed or 0) * 1_000_003 + index)
+        return replica_cost(self.cost, index, self.clock, self.machines, self.step_noise, self.config.model.seed)
 
     def clock(self) -> float:
         return self.now

@@ -61,6 +61,10 @@ class HardwareProfile:
     disk_bytes_per_s: float = 2e9      # reads from the disk tier of the prefix cache (an NVMe drive)
     cold_start_s: float = 5.0          # a serverless replica from nothing to serving
     fit: dict = field(default_factory=dict)     # calibration quality (steps, R^2, median relative error)
+    # replicas that share one machine's memory system (CPU cores; `kvflow sim calibrate --together N`): a step
+    # beside k of the n - 1 others' takes 1 + (corun_slowdown - 1) * k / (n - 1) times its time alone
+    replicas_per_machine: int = 1
+    corun_slowdown: float = 1.0
 
     def __post_init__(self):
         if self.kind not in COST_MODELS:
@@ -75,6 +79,10 @@ class HardwareProfile:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)!r}")
         if self.cold_start_s < 0:
             raise ValueError(f"cold_start_s must be >= 0, got {self.cold_start_s!r}")
+        if not (isinstance(self.replicas_per_machine, int) and self.replicas_per_machine >= 1):
+            raise ValueError(f"replicas_per_machine must be an integer >= 1, got {self.replicas_per_machine!r}")
+        if not self.corun_slowdown > 0:
+            raise ValueError(f"corun_slowdown must be positive, got {self.corun_slowdown!r}")
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -123,6 +131,11 @@ class CostModel:
 
     def transfer_seconds(self, num_bytes: float) -> float:
         return num_bytes / self.profile.link_bytes_per_s
+
+    def step_started(self, seconds: float) -> float:
+        """A step priced `seconds` starts now on the replica this model prices: how long it will take (alone on
+        its machine: as priced; OnSharedMachine: slower beside the machine's other replicas' steps)."""
+        return seconds
 
 
 class LinearCost(CostModel):
@@ -181,6 +194,51 @@ class Jittered(CostModel):
     def step_seconds(self, decode_rows, prefill_tokens, decode_context, prefill_pairs):
         return self.inner.step_seconds(decode_rows, prefill_tokens, decode_context, prefill_pairs) * math.exp(
             self.sigma * self.rng.gauss(0.0, 1.0))
+
+
+class SharedMachine:
+    """The replicas of one machine (profile.replicas_per_machine of them): when each one's current step ends."""
+
+    def __init__(self, size: int, slowdown: float):
+        self.busy_until, self.slowdown = [-math.inf] * size, slowdown
+
+
+class OnSharedMachine(CostModel):
+    """Another cost model, for one replica of a SharedMachine: a step that starts while k of the machine's
+    n - 1 other replicas are stepping takes 1 + (slowdown - 1) * k / (n - 1) times as long (they share the
+    memory bandwidth and caches; the calibration measured `slowdown` with all n stepping at once). Priced at
+    its start: a neighbour's step that starts later does not slow it."""
+
+    def __init__(self, inner: CostModel, machine: SharedMachine, slot: int, clock):
+        super().__init__(inner.profile)
+        self.inner, self.machine, self.slot, self.clock = inner, machine, slot, clock
+
+    def step_seconds(self, decode_rows, prefill_tokens, decode_context, prefill_pairs):
+        return self.inner.step_seconds(decode_rows, prefill_tokens, decode_context, prefill_pairs)
+
+    def transfer_seconds(self, num_bytes: float) -> float:
+        return self.inner.transfer_seconds(num_bytes)
+
+    def step_started(self, seconds: float) -> float:
+        now, m = self.clock(), self.machine
+        beside = sum(t > now for t in m.busy_until) - (m.busy_until[self.slot] > now)
+        seconds *= 1.0 + (m.slowdown - 1.0) * beside / (len(m.busy_until) - 1)
+        m.busy_until[self.slot] = now + seconds
+        return seconds
+
+
+def replica_cost(cost: CostModel, index: int, clock, machines: dict, step_noise: float = 0.0,
+                 seed: int | None = None) -> CostModel:
+    """Replica `index`'s step times: `cost`, jittered by a generator of its own (`step_noise`: Jittered), and
+    slower beside the other replicas of its machine when the profile puts n > 1 on one (replicas i // n share
+    machine i, kept in `machines`: OnSharedMachine)."""
+    if step_noise:
+        cost = Jittered(cost, step_noise, (seed or 0) * 1_000_003 + index)
+    n = cost.profile.replicas_per_machine
+    if n > 1:
+        machine = machines.setdefault(index // n, SharedMachine(n, cost.profile.corun_slowdown))
+        cost = OnSharedMachine(cost, machine, index % n, clock)
+    return cost
 
 
 def step_shape(sched) -> tuple[int, int, int, float]:

@@ -27,22 +27,21 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     """`warm`: serve the workload once unmeasured first (the engine's first call of each batch shape selects
     kernels and grows buffers, up to ~0.7 s on a CPU: a cold run measures that, not steady serving).
     `replicas` > 1: that many engines, each on its own thread and core, behind `router`, against the
-    simulator's `replicas` and `router`; calibrated as they serve, all stepping at once (calibrate's
-    `together`), and also the first alone (`metrics_alone`: the simulation with that profile)."""
+    simulator's `replicas` and `router` on one simulated machine (calibrate's `together`: the profile's
+    co-run slowdown); `metrics_alone`: the simulation without it."""
     from kvflow.config import EngineConfig
     from kvflow.sim.cluster import Simulation
-    t0 = time.perf_counter()
     built = [build_core(engine_kwargs) for _ in range(replicas)]
     core, rc, _ = built[0]
-    profile = calibrate(engine_kwargs, "fidelity", plan, repeats, cores=built[:1])
-    if replicas > 1:       # the fleet's engines step at once: calibrated so, beside the one-engine profile
-        alone, profile = profile, calibrate(engine_kwargs, "fidelity", plan, repeats, cores=built)
-    t_cal = time.perf_counter() - t0
     cores = [c for c, _, _ in built]
     if warm:
         for c in cores:
             replay(c, workload_requests(workload))
             c.reset_prefix_cache()
+    t0 = time.perf_counter()      # calibrated just before the real run: the machine's speed drifts by minutes
+    profile = calibrate(engine_kwargs, "fidelity", plan, repeats, cores=built)   # and their co-run slowdown
+    alone = dataclasses.replace(profile, replicas_per_machine=1, corun_slowdown=1.0)
+    t_cal = time.perf_counter() - t0
     t1 = time.perf_counter()
     steps, placed = [], []
     if replicas == 1:
@@ -53,7 +52,7 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
                                       steps, placed)
         cpu_share = float("nan")
     t_real = time.perf_counter() - t1
-    step_ratio = _step_ratio(profile, steps)   # the real run's own steps / their calibrated time: ~1 when the
+    step_ratio = _step_ratio(alone, steps)   # the real run's own steps / their calibrated time alone: ~1 when the
     for c in cores:
         c.check_blocks()
     real_m = compute_metrics(real, duration)
@@ -66,10 +65,8 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
         sim.prefill.router = Recording(sim.prefill.router)
     rows = compare_metrics(real_m, sim.run(workload_requests(workload)).summary(None, sim))
     extra = {}
-    if replicas > 1:       # the same simulation with the profile of one engine calibrated alone
-        extra["alone_profile"] = dataclasses.asdict(alone)
-        extra["real_step_ratio_alone"] = round(_step_ratio(alone, steps), 3)
-        extra["real_step_ratio_overlap"] = overlap_ratios({"together": profile, "alone": alone}, steps)
+    if replicas > 1:       # the same simulation without the co-run slowdown (each replica as if alone)
+        extra["real_step_ratio_overlap"] = overlap_ratios(alone, steps)
         extra["metrics_alone"] = compare_metrics(real_m, Simulation(config, alone).run(
             workload_requests(workload)).summary(None))
     if placed:        # the simulation again with each request where the real run put it: its step times alone
@@ -90,11 +87,10 @@ def _step_ratio(profile, steps) -> float:
     return float(np.median([s[1] / model.step_seconds(*s[0]) for s in steps])) if steps else 1.0
 
 
-def overlap_ratios(profiles: dict, steps) -> dict:
-    """A fleet's real steps (replay_fleet's (shape, seconds, replica, start)) against each profile, split by
-    whether another replica was stepping: {profile name: {"alone": ratio, "beside": ratio}}, "alone" over
-    the steps overlapped less than 10% of their time by another's, "beside" over those overlapped more than
-    90%; with them, each group's number of steps."""
+def overlap_ratios(profile, steps) -> dict:
+    """A fleet's real steps (replay_fleet's (shape, seconds, replica, start)) against `profile`, split by whether
+    another replica was stepping: "alone" over the steps overlapped less than 10% of their time by another's,
+    "beside" over those overlapped more than 90%; with each group's number of steps."""
     spans = [(start, start + t, i) for _, t, i, start in steps]
     by_start = sorted(spans)
     starts = [a for a, _, _ in by_start]
@@ -106,8 +102,8 @@ def overlap_ratios(profiles: dict, steps) -> dict:
         share = shared / (b - a) if b > a else 0.0
         if share < 0.1 or share > 0.9:
             groups["alone" if share < 0.1 else "beside"].append(step)
-    out = {name: {g: round(_step_ratio(p, s), 3) for g, s in groups.items()} for name, p in profiles.items()}
-    return {**out, "steps": {g: len(s) for g, s in groups.items()}}
+    return {**{g: round(_step_ratio(profile, s), 3) for g, s in groups.items()},
+            "steps": {g: len(s) for g, s in groups.items()}}
 
 
 def ensemble(config, profile, workload: WorkloadSpec, real_m: dict, runs: int = ENSEMBLE) -> dict:

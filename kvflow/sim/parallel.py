@@ -142,9 +142,11 @@ def simulate_parallel(config: EngineConfig, profile: HardwareProfile, requests, 
     sim = make_sim()
     if sim.pd or sim.serverless:
         raise ValueError("workers > 1 simulates colocated replicas only: run P/D and serverless with workers=1")
-    n = len(sim.prefill.replicas)
-    workers = min(workers, n)
-    shares = [range(k * n // workers, (k + 1) * n // workers) for k in range(workers)]   # (dealt round: no faster)
+    n, m = len(sim.prefill.replicas), profile.replicas_per_machine   # a machine's replicas share a worker
+    machines = -(-n // m)
+    workers = min(workers, machines)
+    cuts = [min(k * machines // workers * m, n) for k in range(workers + 1)]
+    shares = [range(cuts[k], cuts[k + 1]) for k in range(workers)]       # (dealt round: no faster)
     owner = [k for k, share in enumerate(shares) for _ in share]
     procs, conns = [], []
     if workers == 1:

@@ -1,0 +1,119 @@
+"""Replicas that share one machine: the calibration of engines stepping together (kvflow sim calibrate
+--together), the simulator's co-run model (cost_model.OnSharedMachine), and the fidelity check's split of a
+real fleet's steps by whether another replica was stepping."""
+import pytest
+
+from kvflow.config import EngineConfig
+from kvflow.sim.cluster import simulate
+from kvflow.sim.cost_model import OnSharedMachine, SharedMachine, roofline_profile
+from kvflow.sim.workload import parse_workload, workload_requests
+
+from .conftest import needs_default_model
+from .test_sim import all_blocks_back, fixed_profile
+
+
+def test_a_step_beside_its_machines_others_is_slower():
+    """OnSharedMachine: priced at its start by how many of the machine's other replicas are stepping then."""
+    now = [0.0]
+    machine = SharedMachine(3, slowdown=1.6)
+    inner = roofline_profile("h100").cost_model()
+    a, b, c = (OnSharedMachine(inner, machine, k, lambda: now[0]) for k in range(3))
+    assert a.step_seconds(4, 0, 800, 0.0) == inner.step_seconds(4, 0, 800, 0.0)
+    assert a.step_started(1.0) == 1.0                       # the others idle
+    assert b.step_started(1.0) == pytest.approx(1.3)        # one of two others stepping: half the slowdown
+    assert c.step_started(1.0) == pytest.approx(1.6)        # both
+    now[0] = 1.2                                            # a has ended; b and c still step
+    assert a.step_started(2.0) == pytest.approx(3.2)
+    now[0] = 10.0
+    assert b.step_started(1.0) == 1.0
+
+
+def test_simulated_replicas_on_one_machine():
+    """A profile with replicas_per_machine: at a slowdown of 1 the simulation is the plain one; above it, steps
+    of replicas that share a machine take longer when they overlap (TPOT grows, and more with load), replicas
+    on machines of their own do not; and a parallel run keeps each machine's replicas in one worker."""
+    from kvflow.sim.parallel import simulate_parallel
+
+    def run(rate, profile, replicas=2, **kw):
+        config = EngineConfig.from_kwargs(replicas=replicas, num_kv_blocks=400)
+        sim, rec = simulate(config, profile, workload_requests(parse_workload(
+            f"random:n=60,rate={rate},input=64,output=16,seed=2")), **kw)
+        all_blocks_back(sim)
+        return rec.summary(None)
+
+    plain = fixed_profile(0.01)
+    for rate in (1, 200):
+        base = run(rate, plain)
+        assert run(rate, fixed_profile(0.01, replicas_per_machine=2, corun_slowdown=1.0)) == base
+        slow = run(rate, fixed_profile(0.01, replicas_per_machine=2, corun_slowdown=1.5))
+        assert slow["completed"] == 60 and slow["median_tpot_ms"] > base["median_tpot_ms"]
+        assert slow["median_tpot_ms"] <= 1.5 * base["median_tpot_ms"] + 1e-6
+    busy = run(200, fixed_profile(0.01, replicas_per_machine=2, corun_slowdown=1.5))
+    assert busy["median_tpot_ms"] == pytest.approx(15.0, rel=0.05)      # both always stepping
+    light = run(1, fixed_profile(0.01, replicas_per_machine=2, corun_slowdown=1.5))
+    assert light["median_tpot_ms"] < 0.95 * busy["median_tpot_ms"]       # often alone
+    assert run(200, fixed_profile(0.01, replicas_per_machine=1, corun_slowdown=1.5)) == run(200, plain)
+
+    shared = fixed_profile(0.01, replicas_per_machine=2, corun_slowdown=1.4)
+    config = EngineConfig.from_kwargs(replicas=6, num_kv_blocks=400)
+
+    def requests():
+        return workload_requests(parse_workload("chat:n=200,rate=400,seed=3"))
+    _, one = simulate_parallel(config, shared, requests(), workers=1, sync_s=2e-3)
+    _, split = simulate_parallel(config, shared, requests(), workers=2, sync_s=2e-3)
+    assert sorted(split.rows) == sorted(one.rows)
+
+
+def test_profile_fields_are_checked():
+    with pytest.raises(ValueError, match="replicas_per_machine"):
+        fixed_profile(replicas_per_machine=0)
+    with pytest.raises(ValueError, match="corun_slowdown"):
+        fixed_profile(corun_slowdown=0.0)
+
+
+@needs_default_model
+def test_calibration_of_engines_stepping_together(default_model_path, monkeypatch):
+    """calibrate with two engines: the fit from one alone, then the plan on both at once, each on its own
+    thread (every step of both measured); the engines end with nothing held, and an error on one thread comes
+    back as that error (the other, keeping it company, stops) instead of a hang."""
+    from kvflow.sim import calibrate as cal
+    monkeypatch.setattr(cal, "SWEEP", (8, 9, 16, 17))       # a short plan: the test is the protocol
+    built = [cal.build_core({"num_threads": 1, "max_num_seqs": 4}) for _ in range(2)]
+    plan = ((2, 24, 6), (1, 80, 3))
+    profile = cal.calibrate({}, "pair", plan, cores=built)
+    assert profile.replicas_per_machine == 2 and 0.5 < profile.corun_slowdown < 3.0
+    assert abs(profile.fit["corun_steps"] - 2 * profile.fit["num_steps"]) <= 4
+    assert "stepping at once" in profile.source
+    for core, _, _ in built:
+        assert not core.has_unfinished()
+        core.check_blocks()
+    core = built[1][0]
+    step, calls = core.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("step 5 failed")
+        return step()
+    core.step = failing_step
+    with pytest.raises(RuntimeError, match="step 5 failed"):
+        cal.measure_together([b[:2] for b in built], plan)
+    core.step = step
+    while core.has_unfinished():          # what the failed step left
+        core.step()
+    for core, _, _ in built:
+        core.check_blocks()
+
+
+def test_overlap_ratios_split_a_fleets_steps_by_company():
+    """fidelity.overlap_ratios: a fleet's real steps against a profile, those alone apart from those beside
+    another replica's step."""
+    from kvflow.sim.cost_model import roofline_profile
+    from kvflow.sim.fidelity import overlap_ratios
+    profile = roofline_profile("h100")
+    shape = (4, 0, 800, 0.0)
+    p = profile.cost_model().step_seconds(*shape)
+    steps = [(shape, 1.2 * p, 0, 0.0), (shape, 1.2 * p, 1, 0.01 * p),     # both at once
+             (shape, p, 0, 10 * p), (shape, p, 1, 20 * p),                  # each alone
+             (shape, 2.0 * p, 0, 30 * p), (shape, p, 1, 31.5 * p)]          # half overlapped: neither group
+    assert overlap_ratios(profile, steps) == {"alone": 1.0, "beside": 1.2, "steps": {"alone": 2, "beside": 2}}
