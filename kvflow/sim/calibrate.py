@@ -14,6 +14,7 @@ the fit's quality. With fidelity.py and replay.py, the only modules of kvflow.si
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -22,7 +23,7 @@ import time
 
 import numpy as np
 
-from kvflow.sim.cost_model import HardwareProfile
+from kvflow.sim.cost_model import HardwareProfile, step_ratio
 
 logger = logging.getLogger("kvflow")
 
@@ -225,25 +226,24 @@ def calibrate(engine_kwargs: dict, name: str | None = None, plan=DEFAULT_PLAN, r
     samples = measure_core(core, rc, plan, repeats)
     swap = core.scheduler.cost.swap_bytes_per_s
     coef, quality = fit(samples)
-    slowdown = 1.0
-    if len(cores) > 1:
-        beside = measure_together([(c, r) for c, r, _ in cores], plan, repeats)
-        slowdown = float(np.median([t / (np.array(features(shape, quality["knee_tokens"])) @ coef)
-                                    for shape, t in beside]))
-        quality["corun_steps"] = len(beside)
     cpu = cpu_info().model or platform.processor() or platform.machine()
     threads = rc.config.parallel.num_threads
     device = rc.config.model.device
-    alone = "" if len(cores) == 1 else (f"; {len(cores)} engines stepping at once on their own cores took "
-                                        f"{slowdown:.3f}x the time of one alone")
-    return HardwareProfile(
+    profile = HardwareProfile(
         name=name or f"{device}-{rc.arch.model_type}-{rc.dtype}", kind="linear",
-        source=(f"calibrated on this machine: {cpu} ({device}, {threads or 'default'} threads{alone}), "
+        source=(f"calibrated on this machine: {cpu} ({device}, {threads or 'default'} threads), "
                 f"{time.strftime('%Y-%m-%d')}, model {rc.model_path.rsplit('/', 1)[-1]} {rc.dtype} "
                 f"quantization {rc.config.model.quantization}; {quality['num_steps']} measured EngineCore steps; "
                 f"P/D link = the measured swap bandwidth (one machine)"),
         model=model_spec(rc), dtype=rc.dtype if rc.dtype in ("bfloat16", "float32") else "bfloat16",
         params={"coef": coef, "knee_tokens": quality["knee_tokens"]},
         kv_cache_bytes=int(rc.num_kv_blocks * rc.block_bytes), link_bytes_per_s=swap, swap_bytes_per_s=swap,
-        cold_start_s=round(build_s, 3), fit=quality, replicas_per_machine=len(cores),
-        corun_slowdown=round(slowdown, 4))
+        cold_start_s=round(build_s, 3), fit=quality)
+    if len(cores) == 1:
+        return profile
+    beside = measure_together([(c, r) for c, r, _ in cores], plan, repeats)
+    slowdown = step_ratio(profile, beside)
+    quality["corun_steps"] = len(beside)
+    return dataclasses.replace(profile, replicas_per_machine=len(cores), corun_slowdown=round(slowdown, 4),
+                               source=f"{profile.source}; {len(cores)} engines stepping at once on their own "
+                                      f"cores took {slowdown:.3f}x the time of one alone")

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import statistics
 from dataclasses import asdict, dataclass, field
 
 PROFILE_DIR = os.path.join(os.path.dirname(__file__), "profiles")
@@ -239,6 +240,14 @@ def replica_cost(cost: CostModel, index: int, clock, machines: dict, step_noise:
         machine = machines.setdefault(index // n, SharedMachine(n, cost.profile.corun_slowdown))
         cost = OnSharedMachine(cost, machine, index % n, clock)
     return cost
+
+
+def step_ratio(profile: HardwareProfile, steps) -> float:
+    """The median over measured `steps` ((shape, seconds, ...)) of their time over `profile`'s (1.0: none)."""
+    if not steps:
+        return 1.0
+    model = profile.cost_model()
+    return statistics.median(s[1] / model.step_seconds(*s[0]) for s in steps)
 
 
 def step_shape(sched) -> tuple[int, int, int, float]:

@@ -14,6 +14,7 @@ import numpy as np
 from kvflow.bench.metrics import compute_metrics
 from kvflow.cluster.router import RouteRequest, Router
 from kvflow.sim.calibrate import DEFAULT_PLAN, build_core, calibrate
+from kvflow.sim.cost_model import step_ratio
 from kvflow.sim.replay import replay, replay_fleet
 from kvflow.sim.workload import WorkloadSpec, workload_requests
 
@@ -52,7 +53,7 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
                                       steps, placed)
         cpu_share = float("nan")
     t_real = time.perf_counter() - t1
-    step_ratio = _step_ratio(alone, steps)   # the real run's own steps / their calibrated time alone: ~1 when the
+    ratio = step_ratio(alone, steps)   # the real run's own steps / their calibrated time alone: ~1 when the
     for c in cores:
         c.check_blocks()
     real_m = compute_metrics(real, duration)
@@ -77,14 +78,8 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
         extra.update(ensemble(config, profile, workload, real_m))
     return {**extra, "profile": dataclasses.asdict(profile), "calibration_s": round(t_cal, 1),
             "real_run_s": round(t_real, 1), "real_cpu_share": round(cpu_share, 3),
-            "real_step_ratio": round(step_ratio, 3),    # machine ran as fast as during the calibration
+            "real_step_ratio": round(ratio, 3),    # machine ran as fast as during the calibration
             "real_duration_s": round(duration, 2), "metrics": rows, "ok": all(v["ok"] for v in rows.values())}
-
-
-def _step_ratio(profile, steps) -> float:
-    """The median over `steps` ((shape, seconds, ...)) of measured / calibrated time."""
-    model = profile.cost_model()
-    return float(np.median([s[1] / model.step_seconds(*s[0]) for s in steps])) if steps else 1.0
 
 
 def overlap_ratios(profile, steps) -> dict:
@@ -102,7 +97,7 @@ def overlap_ratios(profile, steps) -> dict:
         share = shared / (b - a) if b > a else 0.0
         if share < 0.1 or share > 0.9:
             groups["alone" if share < 0.1 else "beside"].append(step)
-    return {**{g: round(_step_ratio(profile, s), 3) for g, s in groups.items()},
+    return {**{g: round(step_ratio(profile, s), 3) for g, s in groups.items()},
             "steps": {g: len(s) for g, s in groups.items()}}
 
 
