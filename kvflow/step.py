@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from kvflow.sampling.params import SamplingParams
 
 
-@dataclass
+@dataclass(slots=True)
 class BlockOp:
     """Move KV blocks: `kind` names the handler (a tier registers its kinds with the runner), `src` and
     `dst` are block ids or tier keys, pairwise. Ops are applied in order, before the step's forward pass.
@@ -39,7 +39,7 @@ class BlockOp:
     dst: list[int]
 
 
-@dataclass
+@dataclass(slots=True)
 class NewRequestData:
     """What the runner must know about a request, sent on its first schedule."""
     req_id: str
@@ -48,7 +48,7 @@ class NewRequestData:
     stop_ids: list[int]
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     """One request's work in a step."""
     req_id: str
@@ -68,7 +68,7 @@ class ScheduledRequest:
         return len(self.token_ids)
 
 
-@dataclass
+@dataclass(slots=True)
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     new_requests: list[NewRequestData] = field(default_factory=list)
@@ -87,7 +87,7 @@ class SchedulerOutput:
 LogprobEntry = tuple[list[tuple[int, float]], int]
 
 
-@dataclass
+@dataclass(slots=True)
 class RunnerOutput:
     """Per scheduled request, in the order of SchedulerOutput.scheduled."""
     req_ids: list[str] = field(default_factory=list)

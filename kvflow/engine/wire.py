@@ -23,7 +23,7 @@ from kvflow.sampling.params import SamplingParams
 from kvflow.structured.params import StructuredOutputsParams
 
 
-@dataclass
+@dataclass(slots=True)
 class EngineCoreRequest:
     """A request as the frontend hands it to the engine core (one per sample of an n > 1 request)."""
     request_id: str
@@ -40,7 +40,7 @@ class EngineCoreRequest:
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class EngineCoreOutput:
     request_id: str
     new_token_ids: list[int]
@@ -55,7 +55,7 @@ class EngineCoreOutput:
     prompt_logprobs: list | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class EngineStats:
     """A snapshot of the core's load, sent to the frontend with every step (Prometheus gauges)."""
     num_running: int = 0

@@ -54,6 +54,9 @@ class KVCacheManager:
         self.swapped: dict[str, list[Block]] = {}    # swap-tier blocks of preempted requests
         self.loading: dict[str, list[int]] = {}      # tier keys fetched for requests waiting on them
         self._sent: dict[str, int] = {}              # blocks of each table the runner knows
+        # tables that got or gave blocks by `fork` (until released): only these can hold a shared block where
+        # their next tokens go (prefix hits are full blocks before it), so only their writes are checked for CoW
+        self._forked: set[str] = set()
         self.ops: list[BlockOp] = []
         self.num_queries = self.num_hits = 0         # prefix-cache lookups and hits, in tokens
         self.num_cow_copies = 0
@@ -225,7 +228,8 @@ class KVCacheManager:
         are short.
 
         Copy-on-write: if the block the new tokens start in is shared (a forked sample's prompt tail), the
-        request gets its own copy of it first."""
+        request gets its own copy of it first. Only a table in `_forked` can hold one: the others' shared
+        blocks are prefix-cache blocks, which are full and computed, so before the first uncomputed token."""
         rid = req.request_id
         table = self.tables.get(rid)
         if table is None:
@@ -238,8 +242,10 @@ class KVCacheManager:
             cow = False
         else:                          # (the per-step case: a running request's next tokens)
             num_revived = 0
-            i = num_computed // bs
-            cow = i < num_held and table[i].ref_count > 1
+            cow = False                # (the per-step case leaves the block unread: a cache miss per request)
+            if rid in self._forked:
+                i = num_computed // bs
+                cow = i < num_held and table[i].ref_count > 1
             if num_needed <= 0 and not cow:
                 return True            # its blocks already hold them: nothing to take or copy
         if max(num_needed, 0) + num_revived + cow > self.pool.num_free:
@@ -270,6 +276,7 @@ class KVCacheManager:
         self.hashes[dst.request_id] = self.hashes.get(src, [])[:num_tokens // bs]
         self.num_cached_blocks[dst.request_id] = min(self.num_cached_blocks.get(src, 0), num_tokens // bs)
         self._replaced(dst.request_id)
+        self._forked.update((src, dst.request_id))
         dst.num_computed_tokens = num_tokens
 
     def swap_out(self, req: Request) -> bool:
@@ -318,6 +325,7 @@ class KVCacheManager:
     def _release_table(self, req_id: str) -> None:
         self.pool.release(self.tables.pop(req_id, [])[::-1])
         self.num_cached_blocks.pop(req_id, None)
+        self._forked.discard(req_id)
         self._replaced(req_id)
 
     def free(self, req: Request) -> None:

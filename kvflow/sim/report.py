@@ -16,7 +16,7 @@ from kvflow.bench.metrics import RequestResult, compute_metrics, format_summary
 MAX_BINS = 200
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Record:
     rid: str
     arrival: float
