@@ -38,6 +38,9 @@ def main() -> int:
     p.add_argument("--replicas", type=int, default=1,
                    help="engines serving the workload, each on its own thread and core, behind --router")
     p.add_argument("--router", default="least-load")
+    p.add_argument("--no-served", action="store_true",
+                   help="keep the plan's fit as it is (default: scale it to the steps of the workload with the "
+                        "next seed, served just before the real run)")
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--save-profile", default=None, help="write the fresh calibration (a hardware profile) here")
     args = p.parse_args()
@@ -45,7 +48,7 @@ def main() -> int:
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     result = fidelity({"num_threads": args.threads, "max_num_seqs": args.max_num_seqs}, workload,
-                      repeats=args.repeats, replicas=args.replicas, router=args.router)
+                      repeats=args.repeats, replicas=args.replicas, router=args.router, served=not args.no_served)
     result.update(workload=args.workload, wall_s=round(time.perf_counter() - t0, 1), load_avg_before=load0,
                   load_avg_after=os.getloadavg()[0], cpu_count=os.cpu_count())
     tables = [("", result["metrics"])]
@@ -53,6 +56,14 @@ def main() -> int:
         tables[0] = (f"the simulation, {args.replicas} replicas on one machine (calibrated stepping at once: "
                      f"{result['profile']['corun_slowdown']:.3f}x slower than alone):", result["metrics"])
         tables.append(("the simulation with each replica as if alone on its machine:", result["metrics_alone"]))
+    if "metrics_plan" in result:       # the plan's fit, before scaling it to served steps
+        fit = result["profile"]["fit"]
+        tables.append((f"the simulation with the plan's fit alone (served steps took "
+                       f"{fit['served_over_plan_fit_decode']:.3f}x it (decodes), "
+                       f"{fit['served_over_plan_fit_prefill']:.3f}x (steps with a prefill)"
+                       + (f"; co-run slowdown {fit['plan_corun_slowdown']:.3f} from the plan, "
+                          f"{fit['served_corun_slowdown']:.3f} served" if "served_corun_slowdown" in fit else "")
+                       + "):", result["metrics_plan"]))
     if "metrics_placed" in result:     # several replicas: also with each request where the real run put it
         tables.append((f"the simulation with the real run's placement (its own router placed "
                        f"{result['placed_alike']} of {workload.n} requests alike):", result["metrics_placed"]))

@@ -1,6 +1,8 @@
 """Replicas that share one machine: the calibration of engines stepping together (kvflow sim calibrate
 --together), the simulator's co-run model (cost_model.OnSharedMachine), and the fidelity check's split of a
 real fleet's steps by whether another replica was stepping."""
+import dataclasses
+
 import pytest
 
 from kvflow.config import EngineConfig
@@ -87,6 +89,10 @@ def test_calibration_of_engines_stepping_together(default_model_path, monkeypatc
     for core, _, _ in built:
         assert not core.has_unfinished()
         core.check_blocks()
+    one = cal.calibrate({}, "one", plan, cores=built[:1], workload=parse_workload(     # then fitted with served
+        "random:n=8,rate=8,input=40,output=10,range=0.5,seed=1"))                    # steps (calibrate --workload)
+    assert one.fit["served_steps"] >= 20 and one.fit["plan_steps"] == one.fit["num_steps"] - one.fit["served_steps"]
+    assert "fitted again with" in one.source and one.replicas_per_machine == 1
     core = built[1][0]
     step, calls = core.step, []
 
@@ -106,10 +112,10 @@ def test_calibration_of_engines_stepping_together(default_model_path, monkeypatc
 
 
 def test_overlap_ratios_split_a_fleets_steps_by_company():
-    """fidelity.overlap_ratios: a fleet's real steps against a profile, those alone apart from those beside
+    """calibrate.overlap_ratios: a fleet's real steps against a profile, those alone apart from those beside
     another replica's step."""
     from kvflow.sim.cost_model import roofline_profile
-    from kvflow.sim.fidelity import overlap_ratios
+    from kvflow.sim.calibrate import overlap_ratios
     profile = roofline_profile("h100")
     shape = (4, 0, 800, 0.0)
     p = profile.cost_model().step_seconds(*shape)
@@ -117,3 +123,42 @@ def test_overlap_ratios_split_a_fleets_steps_by_company():
              (shape, p, 0, 10 * p), (shape, p, 1, 20 * p),                  # each alone
              (shape, 2.0 * p, 0, 30 * p), (shape, p, 1, 31.5 * p)]          # half overlapped: neither group
     assert overlap_ratios(profile, steps) == {"alone": 1.0, "beside": 1.2, "steps": {"alone": 2, "beside": 2}}
+
+
+def test_a_fit_refitted_with_served_steps():
+    """calibrate.served_profile: the plan's steps and the served ones fitted together (a fleet's: those with
+    no other replica stepping), and a fleet's co-run slowdown from its own steps beside another's over those
+    alone; too few steps of either kind, or a roofline profile, are refused with the field named."""
+    from kvflow.sim.calibrate import served_profile
+    truth = fixed_profile(step_s=0.004, per_token=2e-4)
+    truth.params["coef"] = [0.004, 0.002, 2e-4, 0.003, 0.5]
+    model = truth.cost_model()
+    plan = [(s, model.step_seconds(*s)) for s in
+            [(r, p, 150 * r, p * p / 2) for r in (0, 1, 4, 9) for p in (0, 24, 200) if r or p]]
+    profile = dataclasses.replace(truth, params={**truth.params, "knee_tokens": []})     # the plan's exact fit
+    served = [((r, 0, 120 * r, 0.0), 1.1 * model.step_seconds(r, 0, 120 * r, 0.0)) for r in (1, 2, 3)] * 20
+    one = served_profile(profile, plan, served, "w")      # served decodes 10% slower than the plan's
+    assert one.fit["served_over_plan_fit_decode"] == pytest.approx(1.1, rel=1e-3)
+    assert one.fit["served_steps"] == 60 and one.fit["plan_steps"] == len(plan)
+    assert one.cost_model().step_seconds(2, 0, 240, 0.0) == pytest.approx(1.1 * model.step_seconds(2, 0, 240, 0.0),
+                                                                        rel=0.02)
+    assert one.corun_slowdown == 1.0 and "fitted again with 60 steps served of w" in one.source
+    t, fleet = 0.0, []             # replica 0 steps alone at the plan's times, then both at once 1.2x slower
+    for shape, d in served:
+        fleet.append((shape, d / 1.1, 0, t))
+        t += d + 1.0
+    for shape, d in served:
+        fleet += [(shape, 1.2 * d / 1.1, 0, t), (shape, 1.2 * d / 1.1, 1, t)]
+        t += d + 1.0
+    paired = dataclasses.replace(profile, replicas_per_machine=2, corun_slowdown=1.05)
+    two = served_profile(paired, plan, fleet)
+    assert two.corun_slowdown == pytest.approx(1.2, rel=1e-3) and two.fit["served_alone_steps"] == 60
+    assert two.fit["plan_corun_slowdown"] == 1.05 and two.replicas_per_machine == 2
+    kept = served_profile(paired, plan, fleet[:70])        # ten steps beside: too few to measure it
+    assert kept.corun_slowdown == 1.05 and "served_corun_slowdown" not in kept.fit
+    with pytest.raises(ValueError, match="steps"):
+        served_profile(profile, plan, fleet[:5])
+    with pytest.raises(ValueError, match="steps"):
+        served_profile(profile, plan, fleet[60:])          # none alone
+    with pytest.raises(ValueError, match="profile"):
+        served_profile(roofline_profile("h100"), plan, fleet)

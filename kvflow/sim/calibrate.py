@@ -11,6 +11,12 @@ buffers). The six coefficients (kvflow.sim.cost_model's linear model) are fitted
 each candidate set of knees (KNEES), and the best fit kept; the profile also records the
 engine's build time (a serverless cold start), the swap bandwidth the runner measured, the KV budget, and
 the fit's quality. With fidelity.py and replay.py, the only modules of kvflow.sim that import torch (via the engine).
+
+A plan's steps run back to back; a served replica's do not (it idles between arrivals, its batches are the
+workload's, and beside it another replica may be stepping), and they take a few percent longer than the same
+shapes in the plan. `workload` (fit_served): after the plan, the engines serve that workload in real time
+(replay.py) and the fit is scaled to its steps: their median time over the fit's (steps alone, for a fleet),
+and for a fleet the co-run slowdown from its own steps beside another's over those alone.
 """
 from __future__ import annotations
 
@@ -213,17 +219,22 @@ def measure_together(cores, plan=DEFAULT_PLAN, repeats: int = 1) -> list[tuple[t
 
 
 def calibrate(engine_kwargs: dict, name: str | None = None, plan=DEFAULT_PLAN, repeats: int = 1,
-              cores=None, together: int = 1) -> HardwareProfile:
+              cores=None, together: int = 1, workload=None, router: str = "least-load",
+              samples: list | None = None) -> HardwareProfile:
     """Measure and fit one engine alone. `together` > 1: a profile of that many replicas sharing this machine:
     then the plan again on that many engines at once (measure_together), and the profile's corun_slowdown is
     the median of those steps' times over the alone fit's. `cores`: (core, rc, build seconds) of build_core
-    for each engine, to reuse engines (built when not given; their number is `together`)."""
+    for each engine, to reuse engines (built when not given; their number is `together`). `workload` (a
+    WorkloadSpec or a trace file's path): then scaled to that workload's served steps (fit_served; a fleet behind `router`)."""
     from kvflow.platform import cpu_info
     if together < 1:
         raise ValueError(f"together: at least 1 engine, got {together}")
     cores = list(cores or [build_core(engine_kwargs) for _ in range(together)])
     core, rc, build_s = cores[0]
-    samples = measure_core(core, rc, plan, repeats)
+    measured = measure_core(core, rc, plan, repeats)
+    if samples is not None:
+        samples.extend(measured)
+    samples = measured
     swap = core.scheduler.cost.swap_bytes_per_s
     coef, quality = fit(samples)
     cpu = cpu_info().model or platform.processor() or platform.machine()
@@ -239,11 +250,99 @@ def calibrate(engine_kwargs: dict, name: str | None = None, plan=DEFAULT_PLAN, r
         params={"coef": coef, "knee_tokens": quality["knee_tokens"]},
         kv_cache_bytes=int(rc.num_kv_blocks * rc.block_bytes), link_bytes_per_s=swap, swap_bytes_per_s=swap,
         cold_start_s=round(build_s, 3), fit=quality)
-    if len(cores) == 1:
-        return profile
-    beside = measure_together([(c, r) for c, r, _ in cores], plan, repeats)
-    slowdown = step_ratio(profile, beside)
-    quality["corun_steps"] = len(beside)
-    return dataclasses.replace(profile, replicas_per_machine=len(cores), corun_slowdown=round(slowdown, 4),
-                               source=f"{profile.source}; {len(cores)} engines stepping at once on their own "
-                                      f"cores took {slowdown:.3f}x the time of one alone")
+    if len(cores) > 1:
+        beside = measure_together([(c, r) for c, r, _ in cores], plan, repeats)
+        slowdown = step_ratio(profile, beside)
+        quality["corun_steps"] = len(beside)
+        profile = dataclasses.replace(profile, replicas_per_machine=len(cores), corun_slowdown=round(slowdown, 4),
+                                      source=f"{profile.source}; {len(cores)} engines stepping at once on their "
+                                             f"own cores took {slowdown:.3f}x the time of one alone")
+    if workload is not None:
+        from kvflow.sim.workload import workload_requests
+        label = (workload if isinstance(workload, str)
+                 else f"{workload.kind}:n={workload.n},rate={workload.rate},seed={workload.seed}")
+        profile = fit_served(profile, samples, cores, workload_requests(workload), router, label)
+    return profile
+
+
+def fit_served(profile: HardwareProfile, plan_samples, cores, requests, router: str = "least-load",
+               label: str = "a workload", steps: list | None = None) -> HardwareProfile:
+    """Serve `requests` (SimRequests) in real time on the engines `cores` ((core, rc, ...) of build_core; one:
+    replay, several: replay_fleet behind `router`) and refit `profile` on `plan_samples` (its plan's measured
+    steps) and theirs (served_profile); the served steps are appended to `steps` when given. The engines' prefix
+    caches are emptied afterwards."""
+    from kvflow.sim.replay import replay, replay_fleet
+    steps = [] if steps is None else steps
+    engines = [c[0] for c in cores]
+    if len(engines) == 1:
+        replay(engines[0], requests, steps)
+    else:
+        replay_fleet(engines, requests, router, cores[0][1].config.cache.block_size, steps)
+    for core in engines:
+        core.check_blocks()
+        core.reset_prefix_cache()
+    return served_profile(profile, plan_samples, steps, label)
+
+
+def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "a workload",
+                   min_steps: int = 20) -> HardwareProfile:
+    """`profile` (a linear fit of `plan_samples`) fitted again on those and measured served `steps`: (shape,
+    seconds) of one engine, or (shape, seconds, replica, start s) of a fleet (replay_fleet's), of which only
+    the steps with no other replica stepping (overlap_groups) join the fit, and the fleet's corun_slowdown
+    becomes the median time over the new fit of its steps beside another's over that of those alone (when
+    there are `min_steps` of each; else the profile's is kept). The fit records how the served steps compared
+    with the plan's fit, decode-only steps and steps with a prefill apart."""
+    if profile.kind != "linear":
+        raise ValueError(f"profile: only a linear (calibrated) cost model is fitted to served steps, "
+                         f"got {profile.kind!r}")
+    if len(steps) < min_steps:
+        raise ValueError(f"steps: at least {min_steps} served steps are needed to fit, got {len(steps)}")
+    fleet = len(steps[0]) > 2
+    groups = overlap_groups(steps) if fleet else {"alone": list(steps), "beside": []}
+    alone, beside = groups["alone"], groups["beside"]
+    if len(alone) < min_steps:
+        raise ValueError(f"steps: at least {min_steps} served steps with no other replica stepping are needed, "
+                         f"got {len(alone)} (a lighter workload has more)")
+    coef, quality = fit([*plan_samples, *((s[0], s[1]) for s in alone)])
+    fitted = dataclasses.replace(profile, params={**profile.params, "coef": coef, "knee_tokens": quality["knee_tokens"]})
+    quality.update(plan_steps=len(plan_samples), served_steps=len(steps), served_alone_steps=len(alone),
+                   **{f"served_over_plan_fit_{kind}": round(step_ratio(profile, [s for s in alone if (s[0][1] > 0) == pre]), 4)
+                      for kind, pre in (("decode", False), ("prefill", True))},
+                   served_over_fit=round(step_ratio(fitted, alone), 4))
+    for key in ("corun_steps",):
+        if key in profile.fit:
+            quality[key] = profile.fit[key]
+    slowdown = profile.corun_slowdown
+    if fleet and len(beside) >= min_steps:
+        slowdown = round(step_ratio(fitted, beside) / step_ratio(fitted, alone), 4)
+        quality.update(served_corun_slowdown=slowdown, plan_corun_slowdown=profile.corun_slowdown,
+                       served_beside_steps=len(beside))
+    return dataclasses.replace(fitted, corun_slowdown=slowdown, fit=quality,
+                               source=f"{profile.source}; fitted again with {len(alone)} steps served of {label}"
+                                      + (f" (co-run slowdown {slowdown:.3f} from {len(beside)} of them beside "
+                                         f"another's)" if "served_corun_slowdown" in quality else ""))
+
+
+def overlap_groups(steps) -> dict[str, list]:
+    """A fleet's real steps (replay_fleet's (shape, seconds, replica, start)) by whether another replica was
+    stepping: "alone" the steps overlapped less than 10% of their time by another's, "beside" those overlapped
+    more than 90% (the rest in neither)."""
+    spans = [(start, start + t, i) for _, t, i, start in steps]
+    by_start = sorted(spans)
+    starts = [a for a, _, _ in by_start]
+    longest = max((b - a for a, b, _ in spans), default=0.0)
+    groups: dict[str, list] = {"alone": [], "beside": []}
+    for step, (a, b, i) in zip(steps, spans):
+        lo, hi = np.searchsorted(starts, a - longest), np.searchsorted(starts, b)
+        shared = sum(min(b, y) - max(a, x) for x, y, j in by_start[lo:hi] if j != i and y > a)
+        share = shared / (b - a) if b > a else 0.0
+        if share < 0.1 or share > 0.9:
+            groups["alone" if share < 0.1 else "beside"].append(step)
+    return groups
+
+
+def overlap_ratios(profile, steps) -> dict:
+    """A fleet's real steps against `profile` (step_ratio), split by overlap_groups; with each group's size."""
+    groups = overlap_groups(steps)
+    return {**{g: round(step_ratio(profile, s), 3) for g, s in groups.items()},
+            "steps": {g: len(s) for g, s in groups.items()}}

@@ -48,6 +48,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--together", type=int, default=1, metavar="N",
                    help="measure N engines stepping at once, each on its own core: a profile for N replicas "
                         "sharing this machine (default 1: one engine alone)")
+    c.add_argument("--workload", default=None, metavar="W",
+                   help="then serve workload W (KIND:key=value,... or a trace file; the engines of --together behind --router) in "
+                        "real time and scale the fit to its steps (docs/sim.md)")
     c.add_argument("--roofline", default=None, metavar="GPU",
                    help="instead of measuring: write GPU's roofline profile (h100, h200, a100) for the default model")
     add_engine_args(c)
@@ -141,8 +144,11 @@ def cmd_calibrate(args) -> int:
             raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
         if args.together < 1:
             raise ValueError(f"--together must be at least 1, got {args.together}")
-        profile = calibrate(_explicit_engine_kwargs(args), args.name, repeats=args.repeats,
-                            together=args.together)
+        from kvflow.sim.workload import parse_workload
+        workload = parse_workload(args.workload) if args.workload else None
+        kw = _explicit_engine_kwargs(args)
+        profile = calibrate(kw, args.name, repeats=args.repeats, together=args.together, workload=workload,
+                            router=kw.get("router") or "least-load")
     if args.name:
         profile.name = args.name
     profile.save(args.out)

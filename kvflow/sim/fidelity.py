@@ -13,7 +13,7 @@ import numpy as np
 
 from kvflow.bench.metrics import compute_metrics
 from kvflow.cluster.router import RouteRequest, Router
-from kvflow.sim.calibrate import DEFAULT_PLAN, build_core, calibrate
+from kvflow.sim.calibrate import DEFAULT_PLAN, build_core, calibrate, fit_served, overlap_ratios
 from kvflow.sim.cost_model import step_ratio
 from kvflow.sim.replay import replay, replay_fleet
 from kvflow.sim.workload import WorkloadSpec, workload_requests
@@ -24,14 +24,15 @@ KEYS = (("output_throughput", 0.10), ("median_ttft_ms", 0.10), ("median_tpot_ms"
 
 
 def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, repeats: int = 1,
-             warm: bool = True, replicas: int = 1, router: str = "least-load") -> dict:
+             warm: bool = True, replicas: int = 1, router: str = "least-load", served: bool = True) -> dict:
     """`warm`: serve the workload once unmeasured first (the engine's first call of each batch shape selects
     kernels and grows buffers, up to ~0.7 s on a CPU: a cold run measures that, not steady serving).
     `replicas` > 1: that many engines, each on its own thread and core, behind `router`, against the
     simulator's `replicas` and `router` on one simulated machine (calibrate's `together`: the profile's
-    co-run slowdown); `metrics_alone`: the simulation without it."""
+    co-run slowdown); `metrics_alone`: the simulation without it. `served`: the plan's fit is then fitted
+    again with the steps of the same workload with another seed, served just before the real run
+    (calibrate.fit_served); `metrics_plan`: the simulation with the plan's fit alone."""
     from kvflow.config import EngineConfig
-    from kvflow.sim.cluster import Simulation
     built = [build_core(engine_kwargs) for _ in range(replicas)]
     core, rc, _ = built[0]
     cores = [c for c, _, _ in built]
@@ -40,7 +41,13 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
             replay(c, workload_requests(workload))
             c.reset_prefix_cache()
     t0 = time.perf_counter()      # calibrated just before the real run: the machine's speed drifts by minutes
-    profile = calibrate(engine_kwargs, "fidelity", plan, repeats, cores=built)   # and their co-run slowdown
+    plan_steps: list = []
+    plan_profile = profile = calibrate(engine_kwargs, "fidelity", plan, repeats, cores=built,  # (co-run too)
+                                       samples=plan_steps)
+    served_steps: list = []
+    if served:                    # a held-out draw of the workload: not the one compared
+        profile = fit_served(profile, plan_steps, built, workload_requests(dataclasses.replace(workload, seed=workload.seed + 1)),
+                             router, f"the workload with seed {workload.seed + 1}", served_steps)
     alone = dataclasses.replace(profile, replicas_per_machine=1, corun_slowdown=1.0)
     t_cal = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -58,47 +65,41 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
         c.check_blocks()
     real_m = compute_metrics(real, duration)
     fleet = {"replicas": replicas, "router": router} if replicas > 1 else {}
-    config = EngineConfig.from_kwargs(**{**engine_kwargs, "num_kv_blocks": rc.num_kv_blocks,
-                                         "max_model_len": rc.max_model_len, **fleet,
-                                         "enable_prefix_caching": rc.config.cache.enable_prefix_caching})
-    sim = Simulation(config, profile)
-    if placed:                         # note where the simulation's own router places each request
-        sim.prefill.router = Recording(sim.prefill.router)
-    rows = compare_metrics(real_m, sim.run(workload_requests(workload)).summary(None, sim))
+    sim_kwargs = {**engine_kwargs, "num_kv_blocks": rc.num_kv_blocks, "max_model_len": rc.max_model_len, **fleet,
+                  "enable_prefix_caching": rc.config.cache.enable_prefix_caching}
+    config = EngineConfig.from_kwargs(**sim_kwargs)
+    rows, recorded = simulated(config, profile, workload, real_m, record=bool(placed))
     extra = {}
+    if served:
+        extra["metrics_plan"] = simulated(config, plan_profile, workload, real_m)[0]
     if replicas > 1:       # the same simulation without the co-run slowdown (each replica as if alone)
         extra["real_step_ratio_overlap"] = overlap_ratios(alone, steps)
-        extra["metrics_alone"] = compare_metrics(real_m, Simulation(config, alone).run(
-            workload_requests(workload)).summary(None))
+        extra["metrics_alone"] = simulated(config, alone, workload, real_m)[0]
     if placed:        # the simulation again with each request where the real run put it: its step times alone
-        extra["placed_alike"] = sum(a == b for a, b in zip(placed, sim.prefill.router.placed))
-        sim = Simulation(config, profile)
-        sim.prefill.router = Placement(placed)
-        extra["metrics_placed"] = compare_metrics(real_m, sim.run(workload_requests(workload)).summary(None, sim))
+        extra["placed_alike"] = sum(a == b for a, b in zip(placed, recorded.placed))
+        extra["metrics_placed"] = simulated(config, profile, workload, real_m, Placement(placed))[0]
         extra.update(ensemble(config, profile, workload, real_m))
+    extra["record"] = {"plan_profile": dataclasses.asdict(plan_profile), "real_metrics": real_m,   # to study
+                       "sim_kwargs": sim_kwargs, "workload": dataclasses.asdict(workload),
+                       "plan_steps": plan_steps, "served_steps": served_steps, "real_steps": steps}   # offline
     return {**extra, "profile": dataclasses.asdict(profile), "calibration_s": round(t_cal, 1),
             "real_run_s": round(t_real, 1), "real_cpu_share": round(cpu_share, 3),
             "real_step_ratio": round(ratio, 3),    # machine ran as fast as during the calibration
             "real_duration_s": round(duration, 2), "metrics": rows, "ok": all(v["ok"] for v in rows.values())}
 
 
-def overlap_ratios(profile, steps) -> dict:
-    """A fleet's real steps (replay_fleet's (shape, seconds, replica, start)) against `profile`, split by whether
-    another replica was stepping: "alone" over the steps overlapped less than 10% of their time by another's,
-    "beside" over those overlapped more than 90%; with each group's number of steps."""
-    spans = [(start, start + t, i) for _, t, i, start in steps]
-    by_start = sorted(spans)
-    starts = [a for a, _, _ in by_start]
-    longest = max((b - a for a, b, _ in spans), default=0.0)
-    groups: dict[str, list] = {"alone": [], "beside": []}
-    for step, (a, b, i) in zip(steps, spans):
-        lo, hi = np.searchsorted(starts, a - longest), np.searchsorted(starts, b)
-        shared = sum(min(b, y) - max(a, x) for x, y, j in by_start[lo:hi] if j != i and y > a)
-        share = shared / (b - a) if b > a else 0.0
-        if share < 0.1 or share > 0.9:
-            groups["alone" if share < 0.1 else "beside"].append(step)
-    return {**{g: round(step_ratio(profile, s), 3) for g, s in groups.items()},
-            "steps": {g: len(s) for g, s in groups.items()}}
+def simulated(config, profile, workload: WorkloadSpec, real_m: dict, router: Router | None = None,
+              record: bool = False):
+    """(compare_metrics of the simulation of `workload` against `real_m`, the Recording router or None); with
+    `router` in place of the configured one, or (`record`) the configured one noting where it places each."""
+    from kvflow.sim.cluster import Simulation
+    sim = Simulation(config, profile)
+    if record:
+        router = Recording(sim.prefill.router)
+    if router is not None:
+        sim.prefill.router = router
+    rows = compare_metrics(real_m, sim.run(workload_requests(workload)).summary(None, sim))
+    return rows, router if record else None
 
 
 def ensemble(config, profile, workload: WorkloadSpec, real_m: dict, runs: int = ENSEMBLE) -> dict:
