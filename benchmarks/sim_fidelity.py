@@ -53,8 +53,11 @@ def main() -> int:
                   load_avg_after=os.getloadavg()[0], cpu_count=os.cpu_count())
     tables = [("", result["metrics"])]
     if "metrics_alone" in result:      # several replicas: with the co-run slowdown (above) and without
+        by_kind = "; ".join(f"a {own} beside a {other} {x:.3f}x" for own, row in result["profile"]["corun_by_kind"].items()
+                            for other, x in row.items())
         tables[0] = (f"the simulation, {args.replicas} replicas on one machine (calibrated stepping at once: "
-                     f"{result['profile']['corun_slowdown']:.3f}x slower than alone):", result["metrics"])
+                     f"{result['profile']['corun_slowdown']:.3f}x slower than alone"
+                     + (f"; {by_kind}" if by_kind else "") + "):", result["metrics"])
         tables.append(("the simulation with each replica as if alone on its machine:", result["metrics_alone"]))
     if "metrics_plan" in result:       # the plan's fit, before scaling it to served steps
         fit = result["profile"]["fit"]

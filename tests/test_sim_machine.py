@@ -30,6 +30,28 @@ def test_a_step_beside_its_machines_others_is_slower():
     assert b.step_started(1.0) == 1.0
 
 
+def test_a_steps_slowdown_by_the_kinds_of_both_steps():
+    """corun_by_kind: a decode beside another replica's decode is slowed by its own figure, beside a prefill by
+    another; a pair the profile lacks takes corun_slowdown."""
+    from types import SimpleNamespace as NS
+    decode = NS(scheduled=[NS(token_ids=[5], num_spec_tokens=0), NS(token_ids=[7, 8], num_spec_tokens=1)])
+    prefill = NS(scheduled=[NS(token_ids=[5], num_spec_tokens=0), NS(token_ids=[1, 2, 3], num_spec_tokens=0)])
+    now = [0.0]
+    machine = SharedMachine(2, slowdown=1.1, by_kind={"decode": {"decode": 1.4, "prefill": 1.05}})
+    inner = roofline_profile("h100").cost_model()
+    a, b = (OnSharedMachine(inner, machine, k, lambda: now[0]) for k in range(2))
+    assert a.step_started(1.0, decode) == 1.0
+    assert b.step_started(1.0, decode) == pytest.approx(1.4)       # a decode beside a decode
+    now[0] = 1.2                                                  # a has ended; b steps until 1.4
+    assert a.step_started(1.0, prefill) == pytest.approx(1.1)     # a prefill beside a decode: not given
+    now[0] = 1.5                                                  # b has ended; a steps until 2.3
+    assert b.step_started(1.0, decode) == pytest.approx(1.05)     # a decode beside a prefill
+    with pytest.raises(ValueError, match="corun_by_kind"):
+        fixed_profile(corun_by_kind={"decode": {"prefil": 1.2}})
+    with pytest.raises(ValueError, match="corun_by_kind"):
+        fixed_profile(corun_by_kind={"decode": {"decode": 0}})
+
+
 def test_simulated_replicas_on_one_machine():
     """A profile with replicas_per_machine: at a slowdown of 1 the simulation is the plain one; above it, steps
     of replicas that share a machine take longer when they overlap (TPOT grows, and more with load), replicas
@@ -154,6 +176,7 @@ def test_a_fit_refitted_with_served_steps():
     two = served_profile(paired, plan, fleet)
     assert two.corun_slowdown == pytest.approx(1.2, rel=1e-3) and two.fit["served_alone_steps"] == 60
     assert two.fit["plan_corun_slowdown"] == 1.05 and two.replicas_per_machine == 2
+    assert two.corun_by_kind == {"decode": {"decode": pytest.approx(1.2, rel=1e-3)}}    # the only pair served
     kept = served_profile(paired, plan, fleet[:70])        # ten steps beside: too few to measure it
     assert kept.corun_slowdown == 1.05 and "served_corun_slowdown" not in kept.fit
     with pytest.raises(ValueError, match="steps"):

@@ -23,13 +23,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import platform
 import time
 
 import numpy as np
 
-from kvflow.sim.cost_model import HardwareProfile, step_ratio
+from kvflow.sim.cost_model import STEP_KINDS, HardwareProfile, step_ratio
 
 logger = logging.getLogger("kvflow")
 
@@ -290,7 +291,8 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
     seconds) of one engine, or (shape, seconds, replica, start s) of a fleet (replay_fleet's), of which only
     the steps with no other replica stepping (overlap_groups) join the fit, and the fleet's corun_slowdown
     becomes the median time over the new fit of its steps beside another's over that of those alone (when
-    there are `min_steps` of each; else the profile's is kept). The fit records how the served steps compared
+    there are `min_steps` of each; else the profile's is kept), and corun_by_kind the same for each pair of
+    step kinds (a decode beside another replica's decode, ...) with `min_steps` of it. The fit records how the served steps compared
     with the plan's fit, decode-only steps and steps with a prefill apart."""
     if profile.kind != "linear":
         raise ValueError(f"profile: only a linear (calibrated) cost model is fitted to served steps, "
@@ -312,12 +314,19 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
     for key in ("corun_steps",):
         if key in profile.fit:
             quality[key] = profile.fit[key]
-    slowdown = profile.corun_slowdown
+    slowdown, by_kind = profile.corun_slowdown, {}
     if fleet and len(beside) >= min_steps:
-        slowdown = round(step_ratio(fitted, beside) / step_ratio(fitted, alone), 4)
+        base = step_ratio(fitted, alone)
+        slowdown = round(step_ratio(fitted, beside) / base, 4)
         quality.update(served_corun_slowdown=slowdown, plan_corun_slowdown=profile.corun_slowdown,
                        served_beside_steps=len(beside))
-    return dataclasses.replace(fitted, corun_slowdown=slowdown, fit=quality,
+        for own in STEP_KINDS:              # by the kinds of the pair, where there are enough steps of it
+            for other in STEP_KINDS:
+                cell = [s for s in groups[f"beside {other}"] if (s[0][1] > 0) == (own == "prefill")]
+                if len(cell) >= min_steps:
+                    by_kind.setdefault(own, {})[other] = round(step_ratio(fitted, cell) / base, 4)
+                quality[f"served_{own}_beside_{other}_steps"] = len(cell)
+    return dataclasses.replace(fitted, corun_slowdown=slowdown, corun_by_kind=by_kind, fit=quality,
                                source=f"{profile.source}; fitted again with {len(alone)} steps served of {label}"
                                       + (f" (co-run slowdown {slowdown:.3f} from {len(beside)} of them beside "
                                          f"another's)" if "served_corun_slowdown" in quality else ""))
@@ -326,23 +335,32 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
 def overlap_groups(steps) -> dict[str, list]:
     """A fleet's real steps (replay_fleet's (shape, seconds, replica, start)) by whether another replica was
     stepping: "alone" the steps overlapped less than 10% of their time by another's, "beside" those overlapped
-    more than 90% (the rest in neither)."""
-    spans = [(start, start + t, i) for _, t, i, start in steps]
+    more than 90% (the rest in neither), and of those "beside decode" / "beside prefill" the ones overlapped
+    more than 90% by other replicas' steps of that kind (decode rows only / any prefill tokens)."""
+    spans = [(start, start + t, i, "prefill" if shape[1] > 0 else "decode") for shape, t, i, start in steps]
     by_start = sorted(spans)
-    starts = [a for a, _, _ in by_start]
-    longest = max((b - a for a, b, _ in spans), default=0.0)
-    groups: dict[str, list] = {"alone": [], "beside": []}
-    for step, (a, b, i) in zip(steps, spans):
+    starts = [a for a, _, _, _ in by_start]
+    longest = max((b - a for a, b, _, _ in spans), default=0.0)
+    groups: dict[str, list] = {"alone": [], "beside": [], "beside decode": [], "beside prefill": []}
+    for step, (a, b, i, _) in zip(steps, spans):
         lo, hi = np.searchsorted(starts, a - longest), np.searchsorted(starts, b)
-        shared = sum(min(b, y) - max(a, x) for x, y, j in by_start[lo:hi] if j != i and y > a)
-        share = shared / (b - a) if b > a else 0.0
-        if share < 0.1 or share > 0.9:
-            groups["alone" if share < 0.1 else "beside"].append(step)
+        shared = {"decode": 0.0, "prefill": 0.0}
+        for x, y, j, kind in by_start[lo:hi]:
+            if j != i and y > a:
+                shared[kind] += min(b, y) - max(a, x)
+        d = b - a if b > a else math.inf
+        if sum(shared.values()) < 0.1 * d:
+            groups["alone"].append(step)
+        elif sum(shared.values()) > 0.9 * d:
+            groups["beside"].append(step)
+            for kind, t in shared.items():
+                if t > 0.9 * d:
+                    groups[f"beside {kind}"].append(step)
     return groups
 
 
 def overlap_ratios(profile, steps) -> dict:
     """A fleet's real steps against `profile` (step_ratio), split by overlap_groups; with each group's size."""
     groups = overlap_groups(steps)
-    return {**{g: round(step_ratio(profile, s), 3) for g, s in groups.items()},
-            "steps": {g: len(s) for g, s in groups.items()}}
+    return {**{g: round(step_ratio(profile, groups[g]), 3) for g in ("alone", "beside")},
+            "steps": {g: len(groups[g]) for g in ("alone", "beside")}}

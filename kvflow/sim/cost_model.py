@@ -66,6 +66,10 @@ class HardwareProfile:
     # beside k of the n - 1 others' takes 1 + (corun_slowdown - 1) * k / (n - 1) times its time alone
     replicas_per_machine: int = 1
     corun_slowdown: float = 1.0
+    # by the kinds of the two steps (measured from served steps: calibrate --workload): {own: {neighbour's:
+    # slowdown}}, kinds "decode" (decode rows only) and "prefill" (any prefill tokens); a pair it lacks takes
+    # corun_slowdown. On a CPU a decode beside another decode slows most: both stream the weights from memory
+    corun_by_kind: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in COST_MODELS:
@@ -84,6 +88,11 @@ class HardwareProfile:
             raise ValueError(f"replicas_per_machine must be an integer >= 1, got {self.replicas_per_machine!r}")
         if not self.corun_slowdown > 0:
             raise ValueError(f"corun_slowdown must be positive, got {self.corun_slowdown!r}")
+        for own, row in self.corun_by_kind.items():
+            if own not in STEP_KINDS or not isinstance(row, dict) or any(
+                    k not in STEP_KINDS or not (isinstance(v, (int, float)) and v > 0) for k, v in row.items()):
+                raise ValueError(f"corun_by_kind must map a step kind ({', '.join(STEP_KINDS)}) to a map of step "
+                                 f"kinds to positive slowdowns, got {self.corun_by_kind!r}")
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -133,9 +142,10 @@ class CostModel:
     def transfer_seconds(self, num_bytes: float) -> float:
         return num_bytes / self.profile.link_bytes_per_s
 
-    def step_started(self, seconds: float) -> float:
-        """A step priced `seconds` starts now on the replica this model prices: how long it will take (alone on
-        its machine: as priced; OnSharedMachine: slower beside the machine's other replicas' steps)."""
+    def step_started(self, seconds: float, sched=None) -> float:
+        """A step priced `seconds` (of SchedulerOutput `sched`) starts now on the replica this model prices: how
+        long it will take (alone on its machine: as priced; OnSharedMachine: slower beside the machine's other
+        replicas' steps)."""
         return seconds
 
 
@@ -198,17 +208,23 @@ class Jittered(CostModel):
 
 
 class SharedMachine:
-    """The replicas of one machine (profile.replicas_per_machine of them): when each one's current step ends."""
+    """The replicas of one machine (profile.replicas_per_machine of them): when each one's current step ends,
+    and its kind (step_kind)."""
 
-    def __init__(self, size: int, slowdown: float):
-        self.busy_until, self.slowdown = [-math.inf] * size, slowdown
+    def __init__(self, size: int, slowdown: float, by_kind: dict | None = None):
+        self.busy_until, self.kinds = [-math.inf] * size, ["decode"] * size
+        self.slowdown, self.by_kind = slowdown, by_kind or {}
+
+    def factor(self, own: str, neighbour: str) -> float:
+        return self.by_kind.get(own, {}).get(neighbour, self.slowdown)
 
 
 class OnSharedMachine(CostModel):
-    """Another cost model, for one replica of a SharedMachine: a step that starts while k of the machine's
-    n - 1 other replicas are stepping takes 1 + (slowdown - 1) * k / (n - 1) times as long (they share the
-    memory bandwidth and caches; the calibration measured `slowdown` with all n stepping at once). Priced at
-    its start: a neighbour's step that starts later does not slow it."""
+    """Another cost model, for one replica of a SharedMachine: a step of kind a that starts while others of
+    the machine's n - 1 other replicas are stepping takes 1 + sum over them of (slowdown(a, b) - 1) / (n - 1)
+    times as long, b each one's step kind (they share the memory bandwidth and caches; slowdown(a, b) was
+    measured with both stepping: corun_by_kind, else corun_slowdown). Priced at its start: a neighbour's step
+    that starts later does not slow it."""
 
     def __init__(self, inner: CostModel, machine: SharedMachine, slot: int, clock):
         super().__init__(inner.profile)
@@ -220,11 +236,12 @@ class OnSharedMachine(CostModel):
     def transfer_seconds(self, num_bytes: float) -> float:
         return self.inner.transfer_seconds(num_bytes)
 
-    def step_started(self, seconds: float) -> float:
+    def step_started(self, seconds: float, sched=None) -> float:
         now, m = self.clock(), self.machine
-        beside = sum(t > now for t in m.busy_until) - (m.busy_until[self.slot] > now)
-        seconds *= 1.0 + (m.slowdown - 1.0) * beside / (len(m.busy_until) - 1)
-        m.busy_until[self.slot] = now + seconds
+        own = step_kind(sched) if sched is not None else "decode"
+        extra = sum(m.factor(own, m.kinds[j]) - 1.0 for j, t in enumerate(m.busy_until) if t > now and j != self.slot)
+        seconds *= 1.0 + extra / (len(m.busy_until) - 1)
+        m.busy_until[self.slot], m.kinds[self.slot] = now + seconds, own
         return seconds
 
 
@@ -237,7 +254,8 @@ def replica_cost(cost: CostModel, index: int, clock, machines: dict, step_noise:
         cost = Jittered(cost, step_noise, (seed or 0) * 1_000_003 + index)
     n = cost.profile.replicas_per_machine
     if n > 1:
-        machine = machines.setdefault(index // n, SharedMachine(n, cost.profile.corun_slowdown))
+        machine = machines.setdefault(index // n, SharedMachine(n, cost.profile.corun_slowdown,
+                                                                cost.profile.corun_by_kind))
         cost = OnSharedMachine(cost, machine, index % n, clock)
     return cost
 
@@ -248,6 +266,15 @@ def step_ratio(profile: HardwareProfile, steps) -> float:
         return 1.0
     model = profile.cost_model()
     return statistics.median(s[1] / model.step_seconds(*s[0]) for s in steps)
+
+
+STEP_KINDS = ("decode", "prefill")
+
+
+def step_kind(sched) -> str:
+    """"prefill" when a SchedulerOutput computes any prompt tokens (a row of more tokens than a decode and its
+    drafts), else "decode" (as step_shape counts them)."""
+    return "prefill" if any(len(s.token_ids) != 1 + s.num_spec_tokens for s in sched.scheduled) else "decode"
 
 
 def step_shape(sched) -> tuple[int, int, int, float]:
