@@ -38,9 +38,9 @@ def main() -> int:
     p.add_argument("--replicas", type=int, default=1,
                    help="engines serving the workload, each on its own thread and core, behind --router")
     p.add_argument("--router", default="least-load")
-    p.add_argument("--no-served", action="store_true",
-                   help="keep the plan's fit as it is (default: scale it to the steps of the workload with the "
-                        "next seed, served just before the real run)")
+    p.add_argument("--served", choices=("auto", "on", "off"), default="auto",
+                   help="fit the model again with the steps of the workload's next seed, served just before the real "
+                        "run (auto, the default: with several replicas)")
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--save-profile", default=None, help="write the fresh calibration (a hardware profile) here")
     args = p.parse_args()
@@ -48,13 +48,14 @@ def main() -> int:
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     result = fidelity({"num_threads": args.threads, "max_num_seqs": args.max_num_seqs}, workload,
-                      repeats=args.repeats, replicas=args.replicas, router=args.router, served=not args.no_served)
+                      repeats=args.repeats, replicas=args.replicas, router=args.router,
+                      served={"auto": None, "on": True, "off": False}[args.served])
     result.update(workload=args.workload, wall_s=round(time.perf_counter() - t0, 1), load_avg_before=load0,
                   load_avg_after=os.getloadavg()[0], cpu_count=os.cpu_count())
     tables = [("", result["metrics"])]
     if "metrics_alone" in result:      # several replicas: with the co-run slowdown (above) and without
-        by_kind = "; ".join(f"a {own} beside a {other} {x:.3f}x" for own, row in result["profile"]["corun_by_kind"].items()
-                            for other, x in row.items())
+        by_kind = "; ".join(f"a {own} beside a {other} {x:.3f}x"
+                            for own, row in result["profile"]["corun_by_kind"].items() for other, x in row.items())
         tables[0] = (f"the simulation, {args.replicas} replicas on one machine (calibrated stepping at once: "
                      f"{result['profile']['corun_slowdown']:.3f}x slower than alone"
                      + (f"; {by_kind}" if by_kind else "") + "):", result["metrics"])

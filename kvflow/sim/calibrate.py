@@ -226,7 +226,8 @@ def calibrate(engine_kwargs: dict, name: str | None = None, plan=DEFAULT_PLAN, r
     then the plan again on that many engines at once (measure_together), and the profile's corun_slowdown is
     the median of those steps' times over the alone fit's. `cores`: (core, rc, build seconds) of build_core
     for each engine, to reuse engines (built when not given; their number is `together`). `workload` (a
-    WorkloadSpec or a trace file's path): then scaled to that workload's served steps (fit_served; a fleet behind `router`)."""
+    WorkloadSpec or a trace file's path): then fitted again with that workload's served steps (fit_served; a
+    fleet behind `router`). `samples`: a list to append the plan's measured steps to."""
     from kvflow.platform import cpu_info
     if together < 1:
         raise ValueError(f"together: at least 1 engine, got {together}")
@@ -292,8 +293,8 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
     the steps with no other replica stepping (overlap_groups) join the fit, and the fleet's corun_slowdown
     becomes the median time over the new fit of its steps beside another's over that of those alone (when
     there are `min_steps` of each; else the profile's is kept), and corun_by_kind the same for each pair of
-    step kinds (a decode beside another replica's decode, ...) with `min_steps` of it. The fit records how the served steps compared
-    with the plan's fit, decode-only steps and steps with a prefill apart."""
+    step kinds (a decode beside another replica's decode, ...) with `min_steps` of it. The fit records how the
+    served steps compared with the plan's fit, decode-only steps and steps with a prefill apart."""
     if profile.kind != "linear":
         raise ValueError(f"profile: only a linear (calibrated) cost model is fitted to served steps, "
                          f"got {profile.kind!r}")
@@ -306,14 +307,14 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
         raise ValueError(f"steps: at least {min_steps} served steps with no other replica stepping are needed, "
                          f"got {len(alone)} (a lighter workload has more)")
     coef, quality = fit([*plan_samples, *((s[0], s[1]) for s in alone)])
-    fitted = dataclasses.replace(profile, params={**profile.params, "coef": coef, "knee_tokens": quality["knee_tokens"]})
+    fitted = dataclasses.replace(profile, params={**profile.params, "coef": coef,
+                                                  "knee_tokens": quality["knee_tokens"]})
     quality.update(plan_steps=len(plan_samples), served_steps=len(steps), served_alone_steps=len(alone),
-                   **{f"served_over_plan_fit_{kind}": round(step_ratio(profile, [s for s in alone if (s[0][1] > 0) == pre]), 4)
-                      for kind, pre in (("decode", False), ("prefill", True))},
-                   served_over_fit=round(step_ratio(fitted, alone), 4))
-    for key in ("corun_steps",):
-        if key in profile.fit:
-            quality[key] = profile.fit[key]
+                   served_over_fit=round(step_ratio(fitted, alone), 4),
+                   **{f"served_over_plan_fit_{kind}": round(step_ratio(
+                       profile, [s for s in alone if (s[0][1] > 0) == (kind == "prefill")]), 4) for kind in STEP_KINDS})
+    if "corun_steps" in profile.fit:
+        quality["corun_steps"] = profile.fit["corun_steps"]
     slowdown, by_kind = profile.corun_slowdown, {}
     if fleet and len(beside) >= min_steps:
         base = step_ratio(fitted, alone)

@@ -49,8 +49,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="measure N engines stepping at once, each on its own core: a profile for N replicas "
                         "sharing this machine (default 1: one engine alone)")
     c.add_argument("--workload", default=None, metavar="W",
-                   help="then serve workload W (KIND:key=value,... or a trace file; the engines of --together behind --router) in "
-                        "real time and scale the fit to its steps (docs/sim.md)")
+                   help="then serve workload W (KIND:key=value,... or a trace file; the engines of --together behind "
+                        "--router) in real time and fit the model again with its steps (docs/sim.md)")
     c.add_argument("--roofline", default=None, metavar="GPU",
                    help="instead of measuring: write GPU's roofline profile (h100, h200, a100) for the default model")
     add_engine_args(c)

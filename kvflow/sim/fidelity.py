@@ -24,15 +24,17 @@ KEYS = (("output_throughput", 0.10), ("median_ttft_ms", 0.10), ("median_tpot_ms"
 
 
 def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, repeats: int = 1,
-             warm: bool = True, replicas: int = 1, router: str = "least-load", served: bool = True) -> dict:
+             warm: bool = True, replicas: int = 1, router: str = "least-load", served: bool | None = None) -> dict:
     """`warm`: serve the workload once unmeasured first (the engine's first call of each batch shape selects
     kernels and grows buffers, up to ~0.7 s on a CPU: a cold run measures that, not steady serving).
     `replicas` > 1: that many engines, each on its own thread and core, behind `router`, against the
     simulator's `replicas` and `router` on one simulated machine (calibrate's `together`: the profile's
     co-run slowdown); `metrics_alone`: the simulation without it. `served`: the plan's fit is then fitted
     again with the steps of the same workload with another seed, served just before the real run
-    (calibrate.fit_served); `metrics_plan`: the simulation with the plan's fit alone."""
+    (calibrate.fit_served); `metrics_plan`: the simulation with the plan's fit alone. By default only with
+    several replicas (one engine alone: its plan's fit did as well or better in three runs; benchmarks/README.md)."""
     from kvflow.config import EngineConfig
+    served = replicas > 1 if served is None else served
     built = [build_core(engine_kwargs) for _ in range(replicas)]
     core, rc, _ = built[0]
     cores = [c for c, _, _ in built]
@@ -46,9 +48,10 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
                                        samples=plan_steps)
     served_steps: list = []
     if served:                    # a held-out draw of the workload: not the one compared
-        profile = fit_served(profile, plan_steps, built, workload_requests(dataclasses.replace(workload, seed=workload.seed + 1)),
-                             router, f"the workload with seed {workload.seed + 1}", served_steps)
-    alone = dataclasses.replace(profile, replicas_per_machine=1, corun_slowdown=1.0)
+        held_out = dataclasses.replace(workload, seed=workload.seed + 1)
+        profile = fit_served(profile, plan_steps, built, workload_requests(held_out), router,
+                             f"the workload with seed {held_out.seed}", served_steps)
+    alone = dataclasses.replace(profile, replicas_per_machine=1, corun_slowdown=1.0, corun_by_kind={})
     t_cal = time.perf_counter() - t0
     t1 = time.perf_counter()
     steps, placed = [], []
