@@ -60,7 +60,7 @@ def main() -> int:
                      f"{result['profile']['corun_slowdown']:.3f}x slower than alone"
                      + (f"; {by_kind}" if by_kind else "") + "):", result["metrics"])
         tables.append(("the simulation with each replica as if alone on its machine:", result["metrics_alone"]))
-    if "metrics_plan" in result:       # the plan's fit, before scaling it to served steps
+    if "metrics_plan" in result:       # the plan's fit, before fitting it again with served steps
         fit = result["profile"]["fit"]
         tables.append((f"the simulation with the plan's fit alone (served steps took "
                        f"{fit['served_over_plan_fit_decode']:.3f}x it (decodes), "

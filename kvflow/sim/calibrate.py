@@ -13,10 +13,11 @@ engine's build time (a serverless cold start), the swap bandwidth the runner mea
 the fit's quality. With fidelity.py and replay.py, the only modules of kvflow.sim that import torch (via the engine).
 
 A plan's steps run back to back; a served replica's do not (it idles between arrivals, its batches are the
-workload's, and beside it another replica may be stepping), and they take a few percent longer than the same
-shapes in the plan. `workload` (fit_served): after the plan, the engines serve that workload in real time
-(replay.py) and the fit is scaled to its steps: their median time over the fit's (steps alone, for a fleet),
-and for a fleet the co-run slowdown from its own steps beside another's over those alone.
+workload's, and beside it another replica may be stepping), and their times differ from the same shapes' in the
+plan (single-row decodes of a two-replica fleet here: ~13% longer). `workload` (fit_served): after the plan, the
+engines serve that workload in real time (replay.py) and the model is fitted again on the plan's steps and the
+served ones (a fleet's with no other replica stepping); a fleet's co-run slowdown comes from its own steps
+beside another's over those alone, in all and per pair of step kinds (served_profile).
 """
 from __future__ import annotations
 
@@ -236,9 +237,8 @@ def calibrate(engine_kwargs: dict, name: str | None = None, plan=DEFAULT_PLAN, r
     measured = measure_core(core, rc, plan, repeats)
     if samples is not None:
         samples.extend(measured)
-    samples = measured
     swap = core.scheduler.cost.swap_bytes_per_s
-    coef, quality = fit(samples)
+    coef, quality = fit(measured)
     cpu = cpu_info().model or platform.processor() or platform.machine()
     threads = rc.config.parallel.num_threads
     device = rc.config.model.device
@@ -263,7 +263,7 @@ def calibrate(engine_kwargs: dict, name: str | None = None, plan=DEFAULT_PLAN, r
         from kvflow.sim.workload import workload_requests
         label = (workload if isinstance(workload, str)
                  else f"{workload.kind}:n={workload.n},rate={workload.rate},seed={workload.seed}")
-        profile = fit_served(profile, samples, cores, workload_requests(workload), router, label)
+        profile = fit_served(profile, measured, cores, workload_requests(workload), router, label)
     return profile
 
 

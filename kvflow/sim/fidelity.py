@@ -32,7 +32,8 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     co-run slowdown); `metrics_alone`: the simulation without it. `served`: the plan's fit is then fitted
     again with the steps of the same workload with another seed, served just before the real run
     (calibrate.fit_served); `metrics_plan`: the simulation with the plan's fit alone. By default only with
-    several replicas (one engine alone: its plan's fit did as well or better in three runs; benchmarks/README.md)."""
+    several replicas (one engine alone: its plan's fit did as well or better in three runs; see
+    benchmarks/README.md)."""
     from kvflow.config import EngineConfig
     served = replicas > 1 if served is None else served
     built = [build_core(engine_kwargs) for _ in range(replicas)]
