@@ -33,9 +33,7 @@ def test_a_step_beside_its_machines_others_is_slower():
 def test_a_steps_slowdown_by_the_kinds_of_both_steps():
     """corun_by_kind: a decode beside another replica's decode is slowed by its own figure, beside a prefill by
     another; a pair the profile lacks takes corun_slowdown."""
-    from types import SimpleNamespace as NS
-    decode = NS(scheduled=[NS(token_ids=[5], num_spec_tokens=0), NS(token_ids=[7, 8], num_spec_tokens=1)])
-    prefill = NS(scheduled=[NS(token_ids=[5], num_spec_tokens=0), NS(token_ids=[1, 2, 3], num_spec_tokens=0)])
+    decode, prefill = 0, 3                                        # the steps' prompt tokens
     now = [0.0]
     machine = SharedMachine(2, slowdown=1.1, by_kind={"decode": {"decode": 1.4, "prefill": 1.05}})
     inner = roofline_profile("h100").cost_model()

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from kvflow.sim.cost_model import STEP_KINDS, HardwareProfile, step_ratio
+from kvflow.sim.cost_model import STEP_KINDS, HardwareProfile, step_kind, step_ratio
 
 logger = logging.getLogger("kvflow")
 
@@ -309,21 +309,21 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
     coef, quality = fit([*plan_samples, *((s[0], s[1]) for s in alone)])
     fitted = dataclasses.replace(profile, params={**profile.params, "coef": coef,
                                                   "knee_tokens": quality["knee_tokens"]})
+    base = step_ratio(fitted, alone)
     quality.update(plan_steps=len(plan_samples), served_steps=len(steps), served_alone_steps=len(alone),
-                   served_over_fit=round(step_ratio(fitted, alone), 4),
+                   served_over_fit=round(base, 4),
                    **{f"served_over_plan_fit_{kind}": round(step_ratio(
-                       profile, [s for s in alone if (s[0][1] > 0) == (kind == "prefill")]), 4) for kind in STEP_KINDS})
+                       profile, [s for s in alone if step_kind(s[0][1]) == kind]), 4) for kind in STEP_KINDS})
     if "corun_steps" in profile.fit:
         quality["corun_steps"] = profile.fit["corun_steps"]
     slowdown, by_kind = profile.corun_slowdown, {}
     if fleet and len(beside) >= min_steps:
-        base = step_ratio(fitted, alone)
         slowdown = round(step_ratio(fitted, beside) / base, 4)
         quality.update(served_corun_slowdown=slowdown, plan_corun_slowdown=profile.corun_slowdown,
                        served_beside_steps=len(beside))
         for own in STEP_KINDS:              # by the kinds of the pair, where there are enough steps of it
             for other in STEP_KINDS:
-                cell = [s for s in groups[f"beside {other}"] if (s[0][1] > 0) == (own == "prefill")]
+                cell = [s for s in groups[f"beside {other}"] if step_kind(s[0][1]) == own]
                 if len(cell) >= min_steps:
                     by_kind.setdefault(own, {})[other] = round(step_ratio(fitted, cell) / base, 4)
                 quality[f"served_{own}_beside_{other}_steps"] = len(cell)
@@ -338,7 +338,7 @@ def overlap_groups(steps) -> dict[str, list]:
     stepping: "alone" the steps overlapped less than 10% of their time by another's, "beside" those overlapped
     more than 90% (the rest in neither), and of those "beside decode" / "beside prefill" the ones overlapped
     more than 90% by other replicas' steps of that kind (decode rows only / any prefill tokens)."""
-    spans = [(start, start + t, i, "prefill" if shape[1] > 0 else "decode") for shape, t, i, start in steps]
+    spans = [(start, start + t, i, step_kind(shape[1])) for shape, t, i, start in steps]
     by_start = sorted(spans)
     starts = [a for a, _, _, _ in by_start]
     longest = max((b - a for a, b, _, _ in spans), default=0.0)

@@ -142,10 +142,10 @@ class CostModel:
     def transfer_seconds(self, num_bytes: float) -> float:
         return num_bytes / self.profile.link_bytes_per_s
 
-    def step_started(self, seconds: float, sched=None) -> float:
-        """A step priced `seconds` (of SchedulerOutput `sched`) starts now on the replica this model prices: how
-        long it will take (alone on its machine: as priced; OnSharedMachine: slower beside the machine's other
-        replicas' steps)."""
+    def step_started(self, seconds: float, prefill_tokens: int = 0) -> float:
+        """A step priced `seconds` (computing `prefill_tokens` prompt tokens) starts now on the replica this model
+        prices: how long it will take (alone on its machine: as priced; OnSharedMachine: slower beside the
+        machine's other replicas' steps)."""
         return seconds
 
 
@@ -236,9 +236,9 @@ class OnSharedMachine(CostModel):
     def transfer_seconds(self, num_bytes: float) -> float:
         return self.inner.transfer_seconds(num_bytes)
 
-    def step_started(self, seconds: float, sched=None) -> float:
+    def step_started(self, seconds: float, prefill_tokens: int = 0) -> float:
         now, m = self.clock(), self.machine
-        own = step_kind(sched) if sched is not None else "decode"
+        own = step_kind(prefill_tokens)
         extra = sum(m.factor(own, m.kinds[j]) - 1.0 for j, t in enumerate(m.busy_until) if t > now and j != self.slot)
         seconds *= 1.0 + extra / (len(m.busy_until) - 1)
         m.busy_until[self.slot], m.kinds[self.slot] = now + seconds, own
@@ -271,10 +271,10 @@ def step_ratio(profile: HardwareProfile, steps) -> float:
 STEP_KINDS = ("decode", "prefill")
 
 
-def step_kind(sched) -> str:
-    """"prefill" when a SchedulerOutput computes any prompt tokens (a row of more tokens than a decode and its
-    drafts), else "decode" (as step_shape counts them)."""
-    return "prefill" if any(len(s.token_ids) != 1 + s.num_spec_tokens for s in sched.scheduled) else "decode"
+def step_kind(prefill_tokens: int) -> str:
+    """A step's kind (STEP_KINDS) by its prefill tokens (step_shape's second number): "prefill" when it computes
+    any prompt tokens, else "decode"."""
+    return "prefill" if prefill_tokens else "decode"
 
 
 def step_shape(sched) -> tuple[int, int, int, float]:

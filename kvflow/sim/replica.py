@@ -154,7 +154,7 @@ class SimReplica:
                                  f"{self.kv.pool.num_free} of {self.kv.num_blocks} KV blocks free: num_kv_blocks "
                                  f"is too small for this workload")
             return None
-        seconds = self.runner.cost.step_started(seconds, sched)   # beside its machine's other replicas' steps
+        seconds = self.runner.cost.step_started(seconds, self.runner.last_prefill)   # beside its machine's others
         self._step = (sched, result, seconds)
         self.busy = True
         return seconds

@@ -81,6 +81,7 @@ class SimRunner:
         self.last_chunk: dict[str, int] = {}   # tokens of each request's latest prefill chunk (P/D transfer)
         self.num_steps = 0
         self.last_tokens = 0                   # tokens computed by the last step
+        self.last_prefill = 0                  # ... of which prompt tokens
         self.last_rejected = 0                 # ... of which drafts the verification rejected
         self.busy_s = 0.0
         self.acceptance = float(a)
@@ -151,6 +152,7 @@ class SimRunner:
             seconds += out.draft_seconds
         self.num_steps += bool(req_ids)
         self.last_tokens = rows + prefill
+        self.last_prefill = prefill
         self.last_rejected = rejected
         self.busy_s += seconds
         return out, seconds
