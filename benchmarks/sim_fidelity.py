@@ -41,6 +41,9 @@ def main() -> int:
     p.add_argument("--served", choices=("auto", "on", "off"), default="auto",
                    help="fit the model again with the steps of the workload's next seed, served just before the real "
                         "run (auto, the default: with several replicas)")
+    p.add_argument("--real-runs", type=int, default=3,
+                   help="serve the workload this many times (default 3) and compare with each metric's median over "
+                        "the runs (their own spread is printed: the real system's run-to-run variation)")
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--save-profile", default=None, help="write the fresh calibration (a hardware profile) here")
     args = p.parse_args()
@@ -49,10 +52,16 @@ def main() -> int:
     t0 = time.perf_counter()
     result = fidelity({"num_threads": args.threads, "max_num_seqs": args.max_num_seqs}, workload,
                       repeats=args.repeats, replicas=args.replicas, router=args.router,
-                      served={"auto": None, "on": True, "off": False}[args.served])
+                      served={"auto": None, "on": True, "off": False}[args.served], real_runs=args.real_runs)
     result.update(workload=args.workload, wall_s=round(time.perf_counter() - t0, 1), load_avg_before=load0,
                   load_avg_after=os.getloadavg()[0], cpu_count=os.cpu_count())
     tables = [("", result["metrics"])]
+    if "real_runs" in result:
+        print(f"{args.real_runs} real runs (the real column below: their median); each run's metrics, and the "
+              f"farthest run from the median:")
+        for key in result["real_spread"]:
+            print(f"  {key:<20}" + "".join(f"{r[key]:>10.2f}" for r in result["real_runs"])
+                  + f"   {result['real_spread'][key]:>7.1%}")
     if "metrics_alone" in result:      # several replicas: with the co-run slowdown (above) and without
         by_kind = "; ".join(f"a {own} beside a {other} {x:.3f}x"
                             for own, row in result["profile"]["corun_by_kind"].items() for other, x in row.items())

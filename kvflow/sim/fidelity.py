@@ -24,7 +24,8 @@ KEYS = (("output_throughput", 0.10), ("median_ttft_ms", 0.10), ("median_tpot_ms"
 
 
 def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, repeats: int = 1,
-             warm: bool = True, replicas: int = 1, router: str = "least-load", served: bool | None = None) -> dict:
+             warm: bool = True, replicas: int = 1, router: str = "least-load", served: bool | None = None,
+             real_runs: int = 1) -> dict:
     """`warm`: serve the workload once unmeasured first (the engine's first call of each batch shape selects
     kernels and grows buffers, up to ~0.7 s on a CPU: a cold run measures that, not steady serving).
     `replicas` > 1: that many engines, each on its own thread and core, behind `router`, against the
@@ -33,7 +34,10 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     again with the steps of the same workload with another seed, served just before the real run
     (calibrate.fit_served); `metrics_plan`: the simulation with the plan's fit alone. By default only with
     several replicas (one engine alone: its plan's fit did as well or better in three runs; see
-    benchmarks/README.md)."""
+    benchmarks/README.md). `real_runs` > 1: the workload is served that many times, one after another, and
+    the simulation is compared with each metric's median over them; `real_spread` says how far the real runs
+    themselves fell from that median (the real system's own run-to-run variation: a bound below which no
+    simulation of it can be judged)."""
     from kvflow.config import EngineConfig
     served = replicas > 1 if served is None else served
     built = [build_core(engine_kwargs) for _ in range(replicas)]
@@ -54,26 +58,27 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
                              f"the workload with seed {held_out.seed}", served_steps)
     alone = dataclasses.replace(profile, replicas_per_machine=1, corun_slowdown=1.0, corun_by_kind={})
     t_cal = time.perf_counter() - t0
+    if real_runs < 1:
+        raise ValueError(f"real_runs must be at least 1, got {real_runs}")
     t1 = time.perf_counter()
-    steps, placed = [], []
-    if replicas == 1:
-        real, duration = replay(core, workload_requests(workload), steps)
-        cpu_share = replay.cpu_share
-    else:
-        real, duration = replay_fleet(cores, workload_requests(workload), router, rc.config.cache.block_size,
-                                      steps, placed)
-        cpu_share = float("nan")
+    runs = [serve_once(cores, workload, router, rc.config.cache.block_size) for _ in range(real_runs)]
     t_real = time.perf_counter() - t1
+    real_m, steps, placed, duration, cpu_share = runs[0]
+    if real_runs > 1:
+        real_m = {key: float(np.median([r[0][key] for r in runs])) for key, _ in KEYS}
     ratio = step_ratio(alone, steps)   # the real run's own steps / their calibrated time alone: ~1 when the
     for c in cores:
         c.check_blocks()
-    real_m = compute_metrics(real, duration)
     fleet = {"replicas": replicas, "router": router} if replicas > 1 else {}
     sim_kwargs = {**engine_kwargs, "num_kv_blocks": rc.num_kv_blocks, "max_model_len": rc.max_model_len, **fleet,
                   "enable_prefix_caching": rc.config.cache.enable_prefix_caching}
     config = EngineConfig.from_kwargs(**sim_kwargs)
     rows, recorded = simulated(config, profile, workload, real_m, record=bool(placed))
     extra = {}
+    if real_runs > 1:
+        extra["real_runs"] = [{key: round(r[0][key], 3) for key, _ in KEYS} for r in runs]
+        extra["real_spread"] = {key: round(max(abs(r[0][key] - real_m[key]) for r in runs) / real_m[key], 4)
+                                if real_m[key] else 0.0 for key, _ in KEYS}
     if served:
         extra["metrics_plan"] = simulated(config, plan_profile, workload, real_m)[0]
     if replicas > 1:       # the same simulation without the co-run slowdown (each replica as if alone)
@@ -85,11 +90,27 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
         extra.update(ensemble(config, profile, workload, real_m))
     extra["record"] = {"plan_profile": dataclasses.asdict(plan_profile), "real_metrics": real_m,   # to study
                        "sim_kwargs": sim_kwargs, "workload": dataclasses.asdict(workload),
-                       "plan_steps": plan_steps, "served_steps": served_steps, "real_steps": steps}   # offline
+                       "plan_steps": plan_steps, "served_steps": served_steps, "real_steps": steps,   # offline
+                       "real_runs": [{"metrics": r[0], "steps": r[1], "placed": r[2]} for r in runs[1:]]}
     return {**extra, "profile": dataclasses.asdict(profile), "calibration_s": round(t_cal, 1),
             "real_run_s": round(t_real, 1), "real_cpu_share": round(cpu_share, 3),
             "real_step_ratio": round(ratio, 3),    # machine ran as fast as during the calibration
             "real_duration_s": round(duration, 2), "metrics": rows, "ok": all(v["ok"] for v in rows.values())}
+
+
+def serve_once(cores, workload: WorkloadSpec, router: str, block_size: int):
+    """One real run of `workload` (replay; several cores: replay_fleet behind `router`): (bench serve's
+    metrics, its steps, where each request went (several cores), duration s, CPU share (one core))."""
+    steps, placed = [], []
+    if len(cores) == 1:
+        real, duration = replay(cores[0], workload_requests(workload), steps)
+        cpu_share = replay.cpu_share
+    else:
+        real, duration = replay_fleet(cores, workload_requests(workload), router, block_size, steps, placed)
+        cpu_share = float("nan")
+    for c in cores:
+        c.reset_prefix_cache()
+    return compute_metrics(real, duration), steps, placed, duration, cpu_share
 
 
 def simulated(config, profile, workload: WorkloadSpec, real_m: dict, router: Router | None = None,
