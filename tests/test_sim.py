@@ -76,6 +76,34 @@ def test_sim_runner_follows_the_step_contract():
         rep.runner.execute(SchedulerOutput(scheduled=[ScheduledRequest("ghost", 0, [1], [0])]))
 
 
+def test_sim_runner_charges_block_ops():
+    """A step's block ops (swaps out and in here) add their bytes at the profile's host-link rate to the
+    forward's time, as ModelRunner applies them before its forward; a GPU's device-to-device copy reads and
+    writes its HBM instead."""
+    config = EngineConfig.from_kwargs(num_kv_blocks=9, max_num_seqs=3, max_num_batched_tokens=32,
+                                      preemption_mode="swap", num_swap_blocks=64)
+    profile = fixed_profile(swap_bytes_per_s=1e8)
+    spec = engine_spec(config, profile)
+    now = [0.0]
+    rep = SimReplica(0, spec, profile.cost_model(), lambda: now[0])
+    for i, n in enumerate((40, 25, 60, 10)):
+        rep.add(f"q{i}", list(range(1 + i, 1 + i + n)), 12, 0.0)
+    moved = 0
+    while rep.has_work():
+        seconds = rep.begin_step()
+        if seconds is None:
+            continue
+        blocks = sum(len(op.src) for op in rep._step[0].block_ops)
+        assert seconds == pytest.approx(0.01 + blocks * spec.block_bytes / 1e8)
+        moved += blocks
+        now[0] += seconds
+        rep.end_step()
+    assert moved > 0 and rep.scheduler.num_swapped_out > 0
+    gpu = roofline_profile("h100").cost_model()
+    assert gpu.block_op_seconds("copy", 1e6) == pytest.approx(2e6 / gpu.bytes_per_s)
+    assert gpu.block_op_seconds("swap_in", 1e6) == pytest.approx(1e6 / gpu.profile.swap_bytes_per_s)
+
+
 @needs_default_model
 @pytest.mark.slow
 def test_sim_takes_the_real_engines_steps(default_model_path):

@@ -142,6 +142,13 @@ class CostModel:
     def transfer_seconds(self, num_bytes: float) -> float:
         return num_bytes / self.profile.link_bytes_per_s
 
+    def block_op_seconds(self, kind: str, num_bytes: float) -> float:
+        """A step's BlockOp of `kind` moving `num_bytes` (kvflow/engine/block_ops.py: every kind is a copy of
+        whole blocks in memory, before the forward: device <-> swap tier, device -> device, and the disk tier's
+        host side; its files are read and written off the step). At the host link's (swap) rate: on a CPU
+        device and host memory are one."""
+        return num_bytes / self.profile.swap_bytes_per_s
+
     def step_started(self, seconds: float, prefill_tokens: int = 0) -> float:
         """A step priced `seconds` (computing `prefill_tokens` prompt tokens) starts now on the replica this model
         prices: how long it will take (alone on its machine: as priced; OnSharedMachine: slower beside the
@@ -189,6 +196,10 @@ class RooflineCost(CostModel):
         num_bytes = self.weight_bytes + decode_context * self.kv_token_bytes
         return self.launch_s + max(flops / self.flops_per_s, num_bytes / self.bytes_per_s)
 
+    def block_op_seconds(self, kind: str, num_bytes: float) -> float:
+        """A device -> device copy reads and writes HBM; the others cross the host link (swap_bytes_per_s)."""
+        return 2 * num_bytes / self.bytes_per_s if kind == "copy" else super().block_op_seconds(kind, num_bytes)
+
 
 COST_MODELS: dict[str, type[CostModel]] = {"linear": LinearCost, "roofline": RooflineCost}
 
@@ -205,6 +216,9 @@ class Jittered(CostModel):
     def step_seconds(self, decode_rows, prefill_tokens, decode_context, prefill_pairs):
         return self.inner.step_seconds(decode_rows, prefill_tokens, decode_context, prefill_pairs) * math.exp(
             self.sigma * self.rng.gauss(0.0, 1.0))
+
+    def block_op_seconds(self, kind: str, num_bytes: float) -> float:
+        return self.inner.block_op_seconds(kind, num_bytes)
 
 
 class SharedMachine:
@@ -235,6 +249,9 @@ class OnSharedMachine(CostModel):
 
     def transfer_seconds(self, num_bytes: float) -> float:
         return self.inner.transfer_seconds(num_bytes)
+
+    def block_op_seconds(self, kind: str, num_bytes: float) -> float:
+        return self.inner.block_op_seconds(kind, num_bytes)
 
     def step_started(self, seconds: float, prefill_tokens: int = 0) -> float:
         now, m = self.clock(), self.machine

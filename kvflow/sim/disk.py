@@ -7,8 +7,8 @@ drive it unchanged.
   fetch     one reader, as the store's reader thread: the keys not yet read queue behind what it is reading,
             each taking block bytes / the profile's disk_bytes_per_s; None while any of them is still being
             read (the request waits in the loading-KV state), then how many leading keys are still held
-  load_op   the runner takes the staged blocks (their transfer into the cache is not charged, as the
-            simulated runner charges no block op)
+  load_op   the runner takes the staged blocks (their copy into the cache is part of the step that loads
+            them, as every block op: SimRunner)
 
 Each simulated replica has its own tier (the real one is a directory that engines on one machine may share).
 Nothing persists between simulations.

@@ -107,7 +107,7 @@ class SimReplica:
             self.cost, clock=clock, policy=make_policy(spec.scheduling_policy, client_weights=spec.client_weights),
             tpot_slo_ms=spec.tpot_slo_ms, enable_chunked_prefill=spec.enable_chunked_prefill,
             kv_reservation=spec.kv_reservation, async_recovery=spec.async_recovery, speculative=spec.speculative)
-        self.runner = SimRunner(cost, track_tables, spec.speculative, spec_acceptance)
+        self.runner = SimRunner(cost, track_tables, spec.speculative, spec_acceptance, spec.block_bytes)
         self.load = ReplicaLoad(index, num_kv_blocks=spec.num_kv_blocks,
                                 extra={"prefill_tokens_per_s": prefill_rate, "queued_prefill_tokens": 0})
         self.loads: LoadTable | None = None   # the pool's table of loads (its router's view), told of changes

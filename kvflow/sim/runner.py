@@ -7,7 +7,8 @@ and forgets a request when its id comes in `finished_req_ids`; a scheduled reque
 is an error, as in the real runner. A request that samples gets one token id (never one of its stop ids, so
 outputs end by length as with ignore_eos), drawn from a per-request deterministic sequence: the token at
 position p is `made_up_token(seed, p)`, the simulated target model's output. `execute` returns the
-RunnerOutput and the step's seconds from the cost model. No torch.
+RunnerOutput and the step's seconds from the cost model: its forward's, plus its block ops' (swaps, copies
+and the disk tier's host copies: CostModel.block_op_seconds, `block_bytes` a block). No torch.
 
 Speculative decoding (the scheduler's `speculative=`; kvflow/spec): a request asked to draft
 (`num_draft_tokens` d) gets d made-up drafts for the positions after its last sampled token. Each draft is
@@ -69,11 +70,11 @@ def verify(drafts: list[int], seed: int, pos: int, stops) -> list[int]:
 
 class SimRunner:
     def __init__(self, cost: CostModel, track_tables: bool = False, speculative: SpeculativeConfig | None = None,
-                 spec_acceptance: float = DEFAULT_ACCEPTANCE):
+                 spec_acceptance: float = DEFAULT_ACCEPTANCE, block_bytes: int = 0):
         a = spec_acceptance
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
             raise ValueError(f"spec_acceptance must be a number in [0, 1], got {a!r}")
-        self.cost = cost
+        self.cost, self.block_bytes = cost, block_bytes
         self.track_tables = track_tables       # keep block tables as the real runner does (tests; slower)
         self.seeds: dict[str, int] = {}
         self.stop_ids: dict[str, frozenset[int]] = {}   # of the requests that have any
@@ -145,6 +146,8 @@ class SimRunner:
                 sampled.append([])
         out = RunnerOutput(req_ids, sampled, [None] * len(req_ids))
         seconds = self.cost.step_seconds(rows, prefill, context, pairs) if req_ids else 0.0
+        for op in sched.block_ops:                # applied before the forward, as ModelRunner.execute does
+            seconds += self.cost.block_op_seconds(op.kind, len(op.src) * self.block_bytes)
         if asks:                                  # the proposer runs inside the step, as in ModelRunner.execute
             out.draft_token_ids = drafts
             out.draft_tokens = sum(a[2] for a in asks)
