@@ -464,6 +464,13 @@ def test_fidelity_against_a_fresh_calibration(default_model_path):
         assert m[key]["rel_error"] < 0.25, (key, m)
 
 
+def test_fidelity_real_runs_must_be_a_positive_integer():
+    from kvflow.sim.fidelity import fidelity
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="real_runs"):     # before any engine is built
+            fidelity({}, parse_workload("random:n=2"), real_runs=bad)
+
+
 @needs_default_model
 def test_fleet_replay_answers_every_request_once(default_model_path):
     """The real side of a multi-replica fidelity check: two EngineCores on their own threads behind the real

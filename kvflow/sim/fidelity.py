@@ -39,6 +39,8 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     themselves fell from that median (the real system's own run-to-run variation: a bound below which no
     simulation of it can be judged)."""
     from kvflow.config import EngineConfig
+    if isinstance(real_runs, bool) or not isinstance(real_runs, int) or real_runs < 1:
+        raise ValueError(f"real_runs must be an integer >= 1, got {real_runs!r}")
     served = replicas > 1 if served is None else served
     built = [build_core(engine_kwargs) for _ in range(replicas)]
     core, rc, _ = built[0]
@@ -58,17 +60,13 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
                              f"the workload with seed {held_out.seed}", served_steps)
     alone = dataclasses.replace(profile, replicas_per_machine=1, corun_slowdown=1.0, corun_by_kind={})
     t_cal = time.perf_counter() - t0
-    if real_runs < 1:
-        raise ValueError(f"real_runs must be at least 1, got {real_runs}")
     t1 = time.perf_counter()
     runs = [serve_once(cores, workload, router, rc.config.cache.block_size) for _ in range(real_runs)]
     t_real = time.perf_counter() - t1
-    real_m, steps, placed, duration, cpu_share = runs[0]
+    real_m, steps, placed, duration, cpu_share = runs[0]      # the steps and placement studied: the first run's
     if real_runs > 1:
-        real_m = {key: float(np.median([r[0][key] for r in runs])) for key, _ in KEYS}
+        real_m = {key: float(np.median([r[0][key] for r in runs])) for key in real_m}
     ratio = step_ratio(alone, steps)   # the real run's own steps / their calibrated time alone: ~1 when the
-    for c in cores:
-        c.check_blocks()
     fleet = {"replicas": replicas, "router": router} if replicas > 1 else {}
     sim_kwargs = {**engine_kwargs, "num_kv_blocks": rc.num_kv_blocks, "max_model_len": rc.max_model_len, **fleet,
                   "enable_prefix_caching": rc.config.cache.enable_prefix_caching}
@@ -108,7 +106,8 @@ def serve_once(cores, workload: WorkloadSpec, router: str, block_size: int):
     else:
         real, duration = replay_fleet(cores, workload_requests(workload), router, block_size, steps, placed)
         cpu_share = float("nan")
-    for c in cores:
+    for c in cores:          # every block free, cached or held; then the next run starts with an empty cache
+        c.check_blocks()
         c.reset_prefix_cache()
     return compute_metrics(real, duration), steps, placed, duration, cpu_share
 
