@@ -273,16 +273,9 @@ def fit_served(profile: HardwareProfile, plan_samples, cores, requests, router: 
     replay, several: replay_fleet behind `router`) and refit `profile` on `plan_samples` (its plan's measured
     steps) and theirs (served_profile); the served steps are appended to `steps` when given. The engines' prefix
     caches are emptied afterwards."""
-    from kvflow.sim.replay import replay, replay_fleet
+    from kvflow.sim.replay import serve
     steps = [] if steps is None else steps
-    engines = [c[0] for c in cores]
-    if len(engines) == 1:
-        replay(engines[0], requests, steps)
-    else:
-        replay_fleet(engines, requests, router, cores[0][1].config.cache.block_size, steps)
-    for core in engines:
-        core.check_blocks()
-        core.reset_prefix_cache()
+    serve([c[0] for c in cores], requests, router, cores[0][1].config.cache.block_size, steps)
     return served_profile(profile, plan_samples, steps, label)
 
 

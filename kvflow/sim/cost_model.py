@@ -204,21 +204,38 @@ class RooflineCost(CostModel):
 COST_MODELS: dict[str, type[CostModel]] = {"linear": LinearCost, "roofline": RooflineCost}
 
 
-class Jittered(CostModel):
+class Wrapped(CostModel):
+    """Another cost model, every price its own until a subclass changes one (Jittered, OnSharedMachine)."""
+
+    def __init__(self, inner: CostModel):
+        super().__init__(inner.profile)
+        self.inner = inner
+
+    def step_seconds(self, decode_rows, prefill_tokens, decode_context, prefill_pairs):
+        return self.inner.step_seconds(decode_rows, prefill_tokens, decode_context, prefill_pairs)
+
+    def transfer_seconds(self, num_bytes: float) -> float:
+        return self.inner.transfer_seconds(num_bytes)
+
+    def block_op_seconds(self, kind: str, num_bytes: float) -> float:
+        return self.inner.block_op_seconds(kind, num_bytes)
+
+    def step_started(self, seconds: float, prefill_tokens: int = 0) -> float:
+        return self.inner.step_started(seconds, prefill_tokens)
+
+
+class Jittered(Wrapped):
     """Another cost model's step times, each times exp(sigma * N(0, 1)) from a generator of its own (one per
     replica: the draws do not depend on how replicas interleave). Real steps of one shape vary by a few percent
     on a CPU; with several replicas that variation decides the router's ties, and so where requests go."""
 
     def __init__(self, inner: CostModel, sigma: float, seed: int):
-        super().__init__(inner.profile)
-        self.inner, self.sigma, self.rng = inner, sigma, random.Random(seed)
+        super().__init__(inner)
+        self.sigma, self.rng = sigma, random.Random(seed)
 
     def step_seconds(self, decode_rows, prefill_tokens, decode_context, prefill_pairs):
         return self.inner.step_seconds(decode_rows, prefill_tokens, decode_context, prefill_pairs) * math.exp(
             self.sigma * self.rng.gauss(0.0, 1.0))
-
-    def block_op_seconds(self, kind: str, num_bytes: float) -> float:
-        return self.inner.block_op_seconds(kind, num_bytes)
 
 
 class SharedMachine:
@@ -233,7 +250,7 @@ class SharedMachine:
         return self.by_kind.get(own, {}).get(neighbour, self.slowdown)
 
 
-class OnSharedMachine(CostModel):
+class OnSharedMachine(Wrapped):
     """Another cost model, for one replica of a SharedMachine: a step of kind a that starts while others of
     the machine's n - 1 other replicas are stepping takes 1 + sum over them of (slowdown(a, b) - 1) / (n - 1)
     times as long, b each one's step kind (they share the memory bandwidth and caches; slowdown(a, b) was
@@ -241,17 +258,8 @@ class OnSharedMachine(CostModel):
     that starts later does not slow it."""
 
     def __init__(self, inner: CostModel, machine: SharedMachine, slot: int, clock):
-        super().__init__(inner.profile)
-        self.inner, self.machine, self.slot, self.clock = inner, machine, slot, clock
-
-    def step_seconds(self, decode_rows, prefill_tokens, decode_context, prefill_pairs):
-        return self.inner.step_seconds(decode_rows, prefill_tokens, decode_context, prefill_pairs)
-
-    def transfer_seconds(self, num_bytes: float) -> float:
-        return self.inner.transfer_seconds(num_bytes)
-
-    def block_op_seconds(self, kind: str, num_bytes: float) -> float:
-        return self.inner.block_op_seconds(kind, num_bytes)
+        super().__init__(inner)
+        self.machine, self.slot, self.clock = machine, slot, clock
 
     def step_started(self, seconds: float, prefill_tokens: int = 0) -> float:
         now, m = self.clock(), self.machine

@@ -15,7 +15,7 @@ from kvflow.bench.metrics import compute_metrics
 from kvflow.cluster.router import RouteRequest, Router
 from kvflow.sim.calibrate import DEFAULT_PLAN, build_core, calibrate, fit_served, overlap_ratios
 from kvflow.sim.cost_model import step_ratio
-from kvflow.sim.replay import replay, replay_fleet
+from kvflow.sim.replay import replay, serve
 from kvflow.sim.workload import WorkloadSpec, workload_requests
 
 ENSEMBLE = 16          # jittered runs of the simulation (several replicas: ensemble())
@@ -43,7 +43,7 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
         raise ValueError(f"real_runs must be an integer >= 1, got {real_runs!r}")
     served = replicas > 1 if served is None else served
     built = [build_core(engine_kwargs) for _ in range(replicas)]
-    core, rc, _ = built[0]
+    rc = built[0][1]
     cores = [c for c, _, _ in built]
     if warm:
         for c in cores:
@@ -97,18 +97,11 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
 
 
 def serve_once(cores, workload: WorkloadSpec, router: str, block_size: int):
-    """One real run of `workload` (replay; several cores: replay_fleet behind `router`): (bench serve's
-    metrics, its steps, where each request went (several cores), duration s, CPU share (one core))."""
+    """One real run of `workload` (replay.serve: several cores behind `router`): (bench serve's metrics, its
+    steps, where each request went (several cores), duration s, CPU share (one core))."""
     steps, placed = [], []
-    if len(cores) == 1:
-        real, duration = replay(cores[0], workload_requests(workload), steps)
-        cpu_share = replay.cpu_share
-    else:
-        real, duration = replay_fleet(cores, workload_requests(workload), router, block_size, steps, placed)
-        cpu_share = float("nan")
-    for c in cores:          # every block free, cached or held; then the next run starts with an empty cache
-        c.check_blocks()
-        c.reset_prefix_cache()
+    real, duration = serve(cores, workload_requests(workload), router, block_size, steps, placed)
+    cpu_share = replay.cpu_share if len(cores) == 1 else float("nan")
     return compute_metrics(real, duration), steps, placed, duration, cpu_share
 
 

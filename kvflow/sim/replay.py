@@ -6,6 +6,8 @@ serve` would measure, without the HTTP and detokenization around it. Imports tor
   replay_fleet  several, each stepping on its own thread (and its own core when there are enough), each
                 request placed by kvflow's real router on loads kept as the simulator keeps them (requests
                 routed and not finished; each replica's running, waiting and KV use after its last step)
+  serve         either, by the number of cores, then each core's block invariant checked and its prefix
+                cache emptied (the next run starts cold)
 """
 from __future__ import annotations
 
@@ -171,3 +173,18 @@ def replay_fleet(cores, requests, router_name: str, block_size: int, steps: list
     if errors:
         raise errors[0]
     return stamps.results, time.perf_counter() - t0
+
+
+def serve(cores, requests, router_name: str, block_size: int, steps: list | None = None,
+          placed: list | None = None):
+    """`requests` served by `cores`: one EngineCore by `replay`, several by `replay_fleet` behind `router_name`
+    (`placed` then gets each request's replica). Afterwards every core's blocks are free, cached or held
+    (check_blocks) and its prefix cache is emptied. Returns (RequestResults in arrival order, duration s)."""
+    if len(cores) == 1:
+        out = replay(cores[0], requests, steps)
+    else:
+        out = replay_fleet(cores, requests, router_name, block_size, steps, placed)
+    for core in cores:
+        core.check_blocks()
+        core.reset_prefix_cache()
+    return out
