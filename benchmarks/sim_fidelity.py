@@ -44,6 +44,10 @@ def main() -> int:
     p.add_argument("--real-runs", type=int, default=3,
                    help="serve the workload this many times (default 3) and compare with each metric's median over "
                         "the runs (their own spread is printed: the real system's run-to-run variation)")
+    p.add_argument("--load", type=float, default=None,
+                   help="serve the workload at this fraction of the fleet's capacity (the requests/s its simulation "
+                        "on the fresh calibration serves with every request at once) instead of its own rate: the "
+                        "same distance from saturation however fast the machine is that day")
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--save-profile", default=None, help="write the fresh calibration (a hardware profile) here")
     args = p.parse_args()
@@ -52,10 +56,14 @@ def main() -> int:
     t0 = time.perf_counter()
     result = fidelity({"num_threads": args.threads, "max_num_seqs": args.max_num_seqs}, workload,
                       repeats=args.repeats, replicas=args.replicas, router=args.router,
-                      served={"auto": None, "on": True, "off": False}[args.served], real_runs=args.real_runs)
+                      served={"auto": None, "on": True, "off": False}[args.served], real_runs=args.real_runs,
+                      load=args.load)
     result.update(workload=args.workload, wall_s=round(time.perf_counter() - t0, 1), load_avg_before=load0,
                   load_avg_after=os.getloadavg()[0], cpu_count=os.cpu_count())
     tables = [("", result["metrics"])]
+    if "load" in result:
+        print(f"capacity {result['capacity_rps']:.3f} req/s (simulated on the fresh calibration); served at "
+              f"{result['load']:.0%} of it: {result['rate']:.3f} req/s")
     if "real_runs" in result:
         print(f"{args.real_runs} real runs (the real column below: their median); each run's metrics, and the "
               f"farthest run from the median:")

@@ -469,6 +469,26 @@ def test_fidelity_real_runs_must_be_a_positive_integer():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="real_runs"):     # before any engine is built
             fidelity({}, parse_workload("random:n=2"), real_runs=bad)
+    for bad in (0, -0.5, 10, True, "0.5"):
+        with pytest.raises(ValueError, match="load"):
+            fidelity({}, parse_workload("random:n=2"), load=bad)
+
+
+def test_capacity_is_the_rate_a_fleet_saturates_at():
+    """fidelity's `load` rests on capacity(): below it the simulated fleet keeps up with the arrivals, above it
+    the requests served per second stop rising with the rate."""
+    from kvflow.sim.fidelity import capacity
+    config = EngineConfig.from_kwargs(num_kv_blocks=256, max_num_seqs=8, replicas=2)
+    profile = load_profile("cpu")
+    workload = parse_workload("random:n=200,rate=1,input=120,output=16,range=0.5,seed=4")
+    cap = capacity(config, profile, workload)
+    assert cap == capacity(config, profile, workload) > 0      # deterministic
+
+    def served(load):
+        wl = WorkloadSpec(**{**workload.__dict__, "rate": load * cap})
+        return simulate(config, profile, workload_requests(wl))[1].summary(None)["request_throughput"]
+    assert served(0.5) == pytest.approx(0.5 * cap, rel=0.15)
+    assert served(1.5) == pytest.approx(cap, rel=0.15) and served(3.0) == pytest.approx(cap, rel=0.15)
 
 
 @needs_default_model

@@ -7,6 +7,7 @@ the engine)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import numpy as np
@@ -25,7 +26,7 @@ KEYS = (("output_throughput", 0.10), ("median_ttft_ms", 0.10), ("median_tpot_ms"
 
 def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, repeats: int = 1,
              warm: bool = True, replicas: int = 1, router: str = "least-load", served: bool | None = None,
-             real_runs: int = 1) -> dict:
+             real_runs: int = 1, load: float | None = None) -> dict:
     """`warm`: serve the workload once unmeasured first (the engine's first call of each batch shape selects
     kernels and grows buffers, up to ~0.7 s on a CPU: a cold run measures that, not steady serving).
     `replicas` > 1: that many engines, each on its own thread and core, behind `router`, against the
@@ -37,10 +38,15 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     benchmarks/README.md). `real_runs` > 1: the workload is served that many times, one after another, and
     the simulation is compared with each metric's median over them; `real_spread` says how far the real runs
     themselves fell from that median (the real system's own run-to-run variation: a bound below which no
-    simulation of it can be judged)."""
+    simulation of it can be judged). `load`: the workload's rate becomes this fraction of the requests/s the
+    fleet serves at most (capacity(): its simulation with every request at once, on the plan's fresh fit), so
+    that the check runs at the same distance from saturation however fast the machine is that day (this one's
+    speed halved from one day to the next; near capacity a few percent of it moves TPOT by tens)."""
     from kvflow.config import EngineConfig
     if isinstance(real_runs, bool) or not isinstance(real_runs, int) or real_runs < 1:
         raise ValueError(f"real_runs must be an integer >= 1, got {real_runs!r}")
+    if load is not None and (isinstance(load, bool) or not isinstance(load, (int, float)) or not 0 < load < 10):
+        raise ValueError(f"load must be a fraction of the fleet's capacity in (0, 10), got {load!r}")
     served = replicas > 1 if served is None else served
     built = [build_core(engine_kwargs) for _ in range(replicas)]
     rc = built[0][1]
@@ -53,6 +59,15 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     plan_steps: list = []
     plan_profile = profile = calibrate(engine_kwargs, "fidelity", plan, repeats, cores=built,  # (co-run too)
                                        samples=plan_steps)
+    fleet = {"replicas": replicas, "router": router} if replicas > 1 else {}
+    sim_kwargs = {**engine_kwargs, "num_kv_blocks": rc.num_kv_blocks, "max_model_len": rc.max_model_len, **fleet,
+                  "enable_prefix_caching": rc.config.cache.enable_prefix_caching}
+    config = EngineConfig.from_kwargs(**sim_kwargs)
+    extra: dict = {}
+    if load is not None:        # the served and real runs at `load` of what the fresh fit says the fleet serves
+        cap = capacity(config, profile, workload)
+        workload = dataclasses.replace(workload, rate=load * cap)
+        extra.update(load=load, capacity_rps=round(cap, 4), rate=round(workload.rate, 4))
     served_steps: list = []
     if served:                    # a held-out draw of the workload: not the one compared
         held_out = dataclasses.replace(workload, seed=workload.seed + 1)
@@ -67,12 +82,7 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     if real_runs > 1:
         real_m = {key: float(np.median([r[0][key] for r in runs])) for key in real_m}
     ratio = step_ratio(alone, steps)   # the real run's own steps / their calibrated time alone: ~1 when the
-    fleet = {"replicas": replicas, "router": router} if replicas > 1 else {}
-    sim_kwargs = {**engine_kwargs, "num_kv_blocks": rc.num_kv_blocks, "max_model_len": rc.max_model_len, **fleet,
-                  "enable_prefix_caching": rc.config.cache.enable_prefix_caching}
-    config = EngineConfig.from_kwargs(**sim_kwargs)
     rows, recorded = simulated(config, profile, workload, real_m, record=bool(placed))
-    extra = {}
     if real_runs > 1:
         extra["real_runs"] = [{key: round(r[0][key], 3) for key, _ in KEYS} for r in runs]
         extra["real_spread"] = {key: round(max(abs(r[0][key] - real_m[key]) for r in runs) / real_m[key], 4)
@@ -103,6 +113,14 @@ def serve_once(cores, workload: WorkloadSpec, router: str, block_size: int):
     real, duration = serve(cores, workload_requests(workload), router, block_size, steps, placed)
     cpu_share = replay.cpu_share if len(cores) == 1 else float("nan")
     return compute_metrics(real, duration), steps, placed, duration, cpu_share
+
+
+def capacity(config, profile, workload: WorkloadSpec) -> float:
+    """The requests/s `config`'s fleet serves at most on `profile`: its simulation of `workload` with every
+    request arriving at once (rate inf), the completed requests over the time it takes to serve them all."""
+    from kvflow.sim.cluster import simulate
+    sim = simulate(config, profile, workload_requests(dataclasses.replace(workload, rate=math.inf)))[1]
+    return sim.summary(None)["request_throughput"]
 
 
 def simulated(config, profile, workload: WorkloadSpec, real_m: dict, router: Router | None = None,
