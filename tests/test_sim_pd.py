@@ -97,11 +97,32 @@ def test_pool_read_is_exposed_on_the_worker():
     """The read blocks the worker's loop: its step starts after bytes / link bandwidth."""
     config = EngineConfig.from_kwargs(**PD, kv_pool=True)
     profile = fixed_profile(0.01, 0.0, link_bytes_per_s=1e6)      # a slow link: the load shows in the TTFT
-    sim, rec = simulate(config, profile, shared_prefix(2))
+    sim, rec = simulate(config, profile, shared_prefix(2, gap=20.0))     # (after the first put has landed)
     load_s = 20 * engine_spec(config, profile).block_bytes / 1e6
-    _, plain = simulate(EngineConfig.from_kwargs(**PD), profile, shared_prefix(2))
+    _, plain = simulate(EngineConfig.from_kwargs(**PD), profile, shared_prefix(2, gap=20.0))
     assert rec.rows[1][3] == pytest.approx(plain.rows[1][3] + load_s)
     assert sim.kv_pool.stats()["load_s"] == pytest.approx(load_s)
+
+
+def test_pool_put_lands_after_the_link_and_its_copy_delays_the_hand_off():
+    """worker._publish: the worker's loop copies the blocks out (the hand-off, and so the first request's
+    decode, waits bytes / swap bandwidth), then the fire-and-forget put crosses the link: a prefill worker
+    that looks before it lands does not find them."""
+    config = EngineConfig.from_kwargs(**PD, kv_pool=True)
+    profile = fixed_profile(0.01, 0.0, link_bytes_per_s=1e6, swap_bytes_per_s=2e6)
+    nbytes = 20 * engine_spec(config, profile).block_bytes           # the 320-token prefix's 20 blocks
+    put_s, land_s = nbytes / 2e6, nbytes / 2e6 + nbytes / 1e6
+    early = shared_prefix(2, gap=0.9 * land_s)
+    sim, rec = simulate(config, profile, early)
+    assert [row[5] for row in rec.rows] == [0, 0]                    # the second looked before the put landed
+    assert sim.kv_pool.stats()["put_s"] == pytest.approx(2 * put_s)  # each worker put the prefix once
+    _, plain = simulate(EngineConfig.from_kwargs(**PD), profile, early)
+    e2e = 4                                                          # (rows: ..., e2e at index 4)
+    assert rec.rows[0][e2e] == pytest.approx(plain.rows[0][e2e] + put_s)
+    late = shared_prefix(2, gap=1.1 * land_s)
+    sim, rec = simulate(config, profile, late)
+    assert [row[5] for row in rec.rows] == [0, 320]                  # after it landed: read from the pool
+    all_blocks_back(sim)
 
 
 def test_pool_respects_its_capacity_and_evicts_the_oldest():
@@ -119,12 +140,14 @@ def test_pool_respects_its_capacity_and_evicts_the_oldest():
 
 def test_kv_pool_lru_order():
     pool = KVPool(3)
-    pool.publish(0, [1, 2, 3])
-    assert pool.get([1, 2, 9], 0) == [1, 2]                         # the walk stops at the first gap
-    pool.publish(1, [4])                                            # 3 is now the oldest: out
+    pool.put(pool.publish(0, [1, 2, 3]), lands_at=1.0)
+    assert pool.get([1, 2, 9], 0, now=0.5) == []                    # on its way
+    assert pool.get([1, 2, 9], 0, now=1.0) == [1, 2]                # the walk stops at the first gap
+    pool.put(pool.publish(1, [4]), lands_at=2.0)                    # 3 is now the oldest: out
+    assert pool.get([4], 0, now=2.0) == [4]
     assert list(pool.blocks) == [1, 2, 4] and pool.evictions == 1
     assert pool.get([1, 2, 4], 1) == [2, 4]                         # less the blocks the caller holds
-    pool.publish(0, [3])                                            # worker 0 put 3 before: never again
+    assert pool.publish(0, [3]) == []                               # worker 0 put 3 before: never again
     assert 3 not in pool.blocks and pool.puts == 4
     with pytest.raises(ValueError, match="kv_pool"):
         KVPool(-1)

@@ -31,7 +31,7 @@ from kvflow.cluster.router import LoadTable, ReplicaLoad, RouteRequest, make_rou
 from kvflow.config import EngineConfig
 from kvflow.memory.kv_cache_manager import extend_block_hashes
 from kvflow.sim.cost_model import CostModel, HardwareProfile, SharedMachine, replica_cost
-from kvflow.sim.pd import EarlyRejection, ElasticRoles, KVPool, read_pool
+from kvflow.sim.pd import EarlyRejection, ElasticRoles, KVPool, put_pool, read_pool
 from kvflow.sim.replica import SimReplica, engine_spec
 from kvflow.sim.runner import DEFAULT_ACCEPTANCE
 from kvflow.sim.report import Record, Recorder
@@ -95,7 +95,7 @@ class Simulation:
         self._arrivals_done = False
         self.kv_pool: KVPool | None = None           # P/D: the shared KV pool (kv_pool)
         self.admission: EarlyRejection | None = None  # P/D: early_rejection
-        self.stalls: dict[int, float] = {}          # replica index -> seconds its next step waits for a pool read
+        self.stalls: dict[int, float] = {}      # replica index -> seconds its next step waits (KV pool read, put)
         self.prefilling: set[str] = set()           # P/D: requests in their prefill phase (hand off when it ends)
         self.elastic: ElasticRoles | None = None     # P/D: pd_elastic
         self.machines: dict[int, SharedMachine] = {}   # replicas sharing a machine (replica_cost)
@@ -241,14 +241,8 @@ class Simulation:
         r = self.prefill.replicas[i]
         if self.pd:
             self.prefilling.add(rec.rid)
-        if self.kv_pool is not None:
-            read = read_pool(self.kv_pool, r.kv, hashes)
-            if read:
-                # As PDWorker._read_pool: a synchronous get on the worker's loop, so the worker's next step
-                # waits for it. Its bytes cross the P/D link (cost.transfer_seconds), as a hand-off's do.
-                load_s = self.cost.transfer_seconds(read * self.spec.block_bytes)
-                self.stalls[r.index] = self.stalls.get(r.index, 0.0) + load_s
-                self.kv_pool.load_s += load_s
+        if self.kv_pool is not None:       # the worker's next step waits for the read
+            self._stall(r, read_pool(self.kv_pool, r.kv, hashes, self.now, self.cost, self.spec.block_bytes))
         r.kv.hashes[rec.rid] = hashes       # the engine extends the same chain: no need to hash twice
         r.add(rec.rid, rec.prompt, 1 if self.pd else rec.max_tokens, rec.arrival, rec.user)
         r.load.outstanding_tokens += len(rec.prompt) + rec.max_tokens
@@ -267,11 +261,11 @@ class Simulation:
             if self.elastic is not None:
                 self.elastic.check(self.now)
         r.busy = False
+        if self.stalls and r.index in self.stalls:     # its loop reads from or puts to the KV pool first
+            r.busy = True
+            self._push(self.now + self.stalls.pop(r.index), STEP_END, r, True)
+            return
         if r.has_work():
-            if self.stalls and r.index in self.stalls:     # blocked on a KV pool read, then it steps
-                r.busy = True
-                self._push(self.now + self.stalls.pop(r.index), STEP_END, r, True)
-                return
             seconds = r.begin_step()
             if seconds is not None:
                 self.rec.busy(r.index, self.now, seconds, r.load.kv_cache_usage, len(r.scheduler.running))
@@ -311,8 +305,10 @@ class Simulation:
         mode = self.config.disagg.kv_transfer
         full = self.cost.transfer_seconds(len(rec.prompt) * self.profile.kv_bytes_per_token)
         hashes = extend_block_hashes([], rec.prompt, self.spec.block_size) if mode == "sync" or self.kv_pool else None
-        if self.kv_pool is not None:          # PDWorker._publish: the prompt's full blocks, at the hand-off
-            self.kv_pool.publish(r.index, hashes)
+        put_s = 0.0
+        if self.kv_pool is not None:          # (the worker's next step and this hand-off wait for the copy)
+            put_s = put_pool(self.kv_pool, r.index, hashes, self.now, self.cost, self.spec.block_bytes)
+            self._stall(r, put_s)
         if mode == "sync":
             rec.decode = self.decode.choose(RouteRequest(rec.rid, hashes, len(rec.prompt), rec.max_tokens, rec.user))
             d = self.decode.replicas[rec.decode]
@@ -325,7 +321,11 @@ class Simulation:
         else:
             exposed = full / self.profile.model["num_layers"]
         rec.transfer_s = exposed
-        self._push(self.now + exposed, KV_ARRIVE, rec, list(first))
+        self._push(self.now + put_s + exposed, KV_ARRIVE, rec, list(first))
+
+    def _stall(self, r: SimReplica, seconds: float) -> None:
+        if seconds:
+            self.stalls[r.index] = self.stalls.get(r.index, 0.0) + seconds
 
     def _kv_arrive(self, rec: Record, first: list[int]) -> None:
         d = self.decode.replicas[rec.decode]

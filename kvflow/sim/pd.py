@@ -2,9 +2,10 @@
 
   KVPool          the shared KV pool (`kv_pool`, `kv_pool_bytes`): kvflow/memory/host_store.py's HostKVStore
                   without the arrays. Keyed by the engine's chained block hashes, least recently used out.
-                  A prefill worker publishes its prompt's full blocks at the hand-off, and reads the blocks
-                  the pool holds beyond its own prefix hit before a new request's prefill
-                  (kvflow/disagg/worker.py: _publish, _read_pool).
+                  A prefill worker publishes its prompt's full blocks at the hand-off (its loop copies them
+                  out; they land in the pool after crossing the link), and reads the blocks the pool holds
+                  beyond its own prefix hit before a new request's prefill (kvflow/disagg/worker.py:
+                  _publish, _read_pool).
   ElasticRoles    `pd_elastic` (SplitWise, TetriInfer): DisaggClient's role switches by kvflow/disagg/elastic.py's
                   rule, on the simulation's clock. Every worker is in both pools; only its role's router sees it.
   EarlyRejection  `early_rejection`: kvflow/disagg/client.py's DisaggClient._admit. Before any work, a request
@@ -13,6 +14,7 @@
 """
 from __future__ import annotations
 
+import heapq
 import math
 from collections import OrderedDict
 
@@ -22,7 +24,8 @@ from kvflow.predict.base import make_predictor
 
 class KVPool:
     """The pool's bookkeeping: which block hashes it holds, in LRU order (oldest first), at most `capacity`.
-    HostKVStore evicts by bytes; every block has the spec's block_bytes, so that is a count of blocks."""
+    HostKVStore evicts by bytes; every block has the spec's block_bytes, so that is a count of blocks. A put
+    is on its way (`in_flight`) until it lands."""
 
     def __init__(self, capacity: int):
         if capacity < 0:
@@ -30,32 +33,46 @@ class KVPool:
         self.capacity = capacity
         self.blocks: OrderedDict[int, None] = OrderedDict()
         self.published: dict[int, set[int]] = {}   # prefill replica -> hashes it put (it never puts them again)
-        self.puts = self.lookups = self.hit_blocks = self.evictions = 0
+        self.in_flight: list[tuple[float, int, list[int]]] = []    # (lands at, order, hashes), a heap
+        self.puts = self.lookups = self.hit_blocks = self.evictions = self.num_puts = 0
         self.load_s = 0.0                          # seconds prefill workers waited on reads
+        self.put_s = 0.0                           # seconds prefill workers spent copying blocks out to put
 
-    def publish(self, replica: int, hashes: list[int]) -> int:
-        """A prefill worker's hand-off (worker._publish): the prompt's full blocks it has not put before go in
-        (HostKVStore.put: ones already held move to the newest end; the oldest go while over capacity).
-        The real put is a fire-and-forget actor call: nothing of it is exposed. How many were new."""
+    def publish(self, replica: int, hashes: list[int]) -> list[int]:
+        """A prefill worker's hand-off (worker._publish): the prompt's full blocks it has not put before. It puts
+        them now (put()) and never again."""
         mine = self.published.setdefault(replica, set())
         todo = [h for h in hashes if h not in mine]
         mine.update(todo)
-        new = 0
-        for h in todo:
-            if h in self.blocks:
-                self.blocks.move_to_end(h)
-            else:
-                self.blocks[h] = None
-                new += 1
-        while len(self.blocks) > self.capacity:
-            self.blocks.popitem(last=False)
-            self.evictions += 1
-        self.puts += new
-        return new
+        return todo
 
-    def get(self, hashes: list[int], skip: int) -> list[int]:
-        """HostKVStore.get: the longest held prefix of the chain (a walk from block 0 that stops at the first
-        gap), less the first `skip` blocks the caller holds; those returned become the most recently used."""
+    def put(self, hashes: list[int], lands_at: float) -> None:
+        """A put of `hashes` (the real one: a fire-and-forget actor call, its arrays crossing the link) that
+        reaches the pool at `lands_at`: no lookup finds them before."""
+        if hashes:
+            self.num_puts += 1
+            heapq.heappush(self.in_flight, (lands_at, self.num_puts, hashes))
+
+    def land(self, now: float) -> None:
+        """The puts that reached the pool by `now` go in, in the order they landed (HostKVStore.put: blocks
+        already held move to the newest end; the oldest go while over capacity)."""
+        while self.in_flight and self.in_flight[0][0] <= now:
+            new = 0
+            for h in heapq.heappop(self.in_flight)[2]:
+                if h in self.blocks:
+                    self.blocks.move_to_end(h)
+                else:
+                    self.blocks[h] = None
+                    new += 1
+            while len(self.blocks) > self.capacity:
+                self.blocks.popitem(last=False)
+                self.evictions += 1
+            self.puts += new
+
+    def get(self, hashes: list[int], skip: int, now: float = math.inf) -> list[int]:
+        """HostKVStore.get at `now`: the longest held prefix of the chain (a walk from block 0 that stops at the
+        first gap), less the first `skip` blocks the caller holds; those returned become the most recently used."""
+        self.land(now)
         self.lookups += 1
         n = 0
         for h in hashes:
@@ -69,23 +86,43 @@ class KVPool:
         return keys
 
     def stats(self) -> dict:
+        """Its counts once every put has landed (at a simulation's end)."""
+        self.land(math.inf)
         return {"blocks": len(self.blocks), "capacity_blocks": self.capacity, "puts": self.puts,
                 "lookups": self.lookups, "hit_blocks": self.hit_blocks, "evictions": self.evictions,
-                "load_s": self.load_s}
+                "load_s": self.load_s, "put_s": self.put_s}
 
 
-def read_pool(pool: KVPool, kv, hashes: list[int]) -> int:
-    """worker._read_pool, before a new request's prefill on a worker whose KV manager is `kv`: the pool's
-    blocks beyond the worker's own leading prefix hit are adopted into its prefix cache (import_blocks: into
-    at most half its free blocks), where the scheduler finds them as a prefix hit. How many blocks were read
-    (all are moved, whether or not the cache had room for them)."""
+def read_pool(pool: KVPool, kv, hashes: list[int], now: float, cost, block_bytes: int) -> float:
+    """worker._read_pool at `now`, before a new request's prefill on a worker whose KV manager is `kv`: the
+    pool's blocks beyond the worker's own leading prefix hit are adopted into its prefix cache (import_blocks:
+    into at most half its free blocks), where the scheduler finds them as a prefix hit; all it reads are moved,
+    whether or not the cache had room. A synchronous get on the worker's loop: the seconds its next step waits
+    (the bytes cross the P/D link, cost.transfer_seconds, as a hand-off's do)."""
     local = kv.cached_prefix(hashes)
     if local == len(hashes):
-        return 0
-    keys = pool.get(hashes, local)
-    if keys:
-        kv.adopt_blocks(keys, kv.pool.num_free // 2)
-    return len(keys)
+        return 0.0
+    keys = pool.get(hashes, local, now)
+    if not keys:
+        return 0.0
+    kv.adopt_blocks(keys, kv.pool.num_free // 2)
+    load_s = cost.transfer_seconds(len(keys) * block_bytes)
+    pool.load_s += load_s
+    return load_s
+
+
+def put_pool(pool: KVPool, replica: int, hashes: list[int], now: float, cost, block_bytes: int) -> float:
+    """worker._publish at a hand-off at `now`: the worker's loop copies the blocks it has not put before out of
+    its cache, and they land in the pool after crossing the link. The copy's seconds (the worker's next step
+    and the hand-off wait for it)."""
+    todo = pool.publish(replica, hashes)
+    if not todo:
+        return 0.0
+    nbytes = len(todo) * block_bytes
+    put_s = cost.block_op_seconds("swap_out", nbytes)
+    pool.put(todo, now + put_s + cost.transfer_seconds(nbytes))
+    pool.put_s += put_s
+    return put_s
 
 
 class EarlyRejection:
