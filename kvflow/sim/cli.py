@@ -18,6 +18,7 @@ def default_hardware() -> str:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from kvflow.sim.search import DEFAULT_BUDGET
     from kvflow.entrypoints.cli_args import add_engine_args
     p = subparsers.add_parser("sim", help="simulate kvflow's real scheduler, KV manager and router at cluster scale",
                               description="Run a workload through kvflow's real Scheduler, KVCacheManager and "
@@ -63,6 +64,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                         "mooncake,deepflow", help="comma-separated presets (kvflow's own row is added)")
     m.add_argument("--gpus", type=int, default=2, help="devices per runtime (default 2)")
     m.add_argument("--rates", default=None, help="comma-separated request rates (default: the workload's)")
+    m.add_argument("--search-budget", type=int, default=DEFAULT_BUDGET,
+                   help=f"configurations to simulate in search of kvflow's best for this workload and these devices, "
+                        f"the last row (default {DEFAULT_BUDGET}; 0: no search)")
     m.add_argument("--out-json", default=None, help="write the comparison here")
     m.add_argument("--plot", default=None, help="write the goodput-vs-load PNG here (needs matplotlib)")
     add_engine_args(m)
@@ -171,7 +175,9 @@ def cmd_compare(args) -> int:
         except ValueError:
             raise ValueError(f"--rates must be comma-separated numbers, got {args.rates!r}") from None
     overrides = _explicit_engine_kwargs(argparse.Namespace(**{**vars(args), "preset": None}))
-    result = compare(presets, workload, profile, args.gpus, rates, goodput, overrides)
+    if args.search_budget < 0:
+        raise ValueError(f"--search-budget must be a non-negative number of configurations, got {args.search_budget}")
+    result = compare(presets, workload, profile, args.gpus, rates, goodput, overrides, args.search_budget)
     print(format_compare(result))
     if args.out_json:
         save_json(result, args.out_json)

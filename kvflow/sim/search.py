@@ -1,0 +1,134 @@
+"""kvflow's best configuration for one workload, one hardware profile and one device budget: the last row of
+`kvflow sim compare`, found by the simulator.
+
+Each of the survey's runtimes fixes its options one way (kvflow/presets.py); kvflow has them all, so for a given
+workload it can choose. The search is a coordinate descent:
+
+  space      every option a preset sets (chunked prefill and its token budget, the scheduling policy, the KV
+             reservation, preemption, async recovery, prefix caching, the routers, the P/D transfer, the KV
+             pool, early rejection), each with kvflow's default, the values the presets give it, and for the
+             routers and scheduling policies every one registered; and the shape: `gpus` colocated replicas,
+             or p prefill and gpus - p decode workers. Options given on the command line are fixed, not
+             searched. Serverless is not a shape here (scale-to-zero trades latency for idle devices, which
+             goodput does not count).
+  objective  goodput summed over the rates (the area under compare's plot), then output throughput at the
+             highest rate: larger is better
+  start      the best of the configurations already simulated (kvflow's defaults and the presets compare ran,
+             serverless aside), so the result is never worse than any runtime it contains
+  moves      each option in turn takes each of its values, the others fixed, and keeps the best; passes until
+             one improves nothing or `budget` configurations have been simulated. A configuration the engine
+             refuses (ValueError: an option pair it does not allow) is skipped, and so is one the workload
+             cannot run on.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from kvflow.cluster.router import ROUTERS
+from kvflow.config import EngineConfig, field_sections
+from kvflow.presets import PRESETS
+from kvflow.scheduler.policy import POLICIES
+
+SHAPE_KEYS = ("replicas", "prefill_replicas", "decode_replicas", "serverless")
+PD_ONLY = ("pd_policy", "kv_transfer", "kv_pool", "early_rejection")     # meaningless without P/D workers
+TOKEN_BUDGETS = (256, 512, 1024, 2048)
+DEFAULT_BUDGET = 80
+
+
+def default(key: str):
+    """kvflow's default for the flat option `key`."""
+    section = field_sections()[key]
+    return getattr(getattr(EngineConfig(), section), key)
+
+
+def search_space(gpus: int, fixed: dict | None = None) -> dict[str, list]:
+    """Option -> the values tried, kvflow's default first; "shape" -> the serving shapes of `gpus` devices.
+    The options in `fixed` are left out."""
+    fixed = fixed or {}
+    values: dict[str, list] = {}
+    for opts in PRESETS.values():
+        for key, value in opts.items():
+            if key not in SHAPE_KEYS and key not in fixed:
+                values.setdefault(key, [])
+    extra = {"router": list(ROUTERS), "pd_policy": list(ROUTERS), "scheduling_policy": list(POLICIES),
+             "max_num_batched_tokens": list(TOKEN_BUDGETS)}
+    for key in values:
+        seen = [default(key)] + [o[key] for o in PRESETS.values() if key in o] + extra.get(key, [])
+        values[key] = list(dict.fromkeys(seen))          # in order, once each
+    shapes = [{"replicas": gpus}] + [{"prefill_replicas": p, "decode_replicas": gpus - p} for p in range(1, gpus)]
+    return {"shape": shapes, **values}
+
+
+def canonical(options: dict) -> dict:
+    """`options` without what changes nothing: an option at kvflow's default, and the P/D options of colocated
+    replicas. Two configurations are the same one when their canonical options are equal."""
+    pd = bool(options.get("prefill_replicas"))
+    return {k: v for k, v in options.items()
+            if k in SHAPE_KEYS or (pd or k not in PD_ONLY) and v != default(k)}
+
+
+def score(points: list[dict]) -> tuple[float, float]:
+    """The objective of a configuration's points ({rate, summary} per rate): larger is better."""
+    return (round(sum(p["summary"].get("goodput", 0.0) for p in points), 9),
+            round(points[-1]["summary"]["output_throughput"], 9))
+
+
+@dataclasses.dataclass
+class Candidate:
+    options: dict                 # flat engine options, the shape's included
+    points: list[dict]            # compare's {rate, summary} per rate
+    score: tuple[float, float]
+
+
+def search(evaluate, gpus: int, fixed: dict | None, start: list[tuple[str, dict, list]],
+           budget: int = DEFAULT_BUDGET) -> dict:
+    """Coordinate descent from the best of `start` ((name, options, points) already simulated).
+    `evaluate(options)` simulates one configuration at every rate and returns its points (or raises ValueError).
+    Returns {"options", "points", "score", "evaluations" (simulated here), "skipped" ([options, why]), "start"
+    (the name it started from), "trail" (the options and score it started from, then each improvement)}."""
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+        raise ValueError(f"search budget must be a non-negative integer of configurations, got {budget!r}")
+    space = search_space(gpus, fixed)
+    seen: dict[tuple, Candidate | None] = {}
+    skipped: list = []
+
+    def key(options: dict) -> tuple:
+        return tuple(sorted(canonical(options).items(), key=lambda kv: kv[0]))
+
+    if not start:
+        raise ValueError("search: no configuration to start from")
+    first = None
+    for name, options, points in start:
+        cand = Candidate(canonical(options), points, score(points))
+        seen.setdefault(key(options), cand)
+        if first is None or cand.score > first[1].score:
+            first = (name, cand)
+    origin, best = first
+    trail = [{"options": best.options, "score": best.score}]
+    evaluations = 0
+    improved = True
+    while improved and evaluations < budget:
+        improved = False
+        for name, choices in space.items():
+            for choice in choices:
+                move = dict(choice) if name == "shape" else {name: choice}
+                base = {k: v for k, v in best.options.items() if name != "shape" or k not in SHAPE_KEYS}
+                options = canonical({**base, **move})
+                k = key(options)
+                if k in seen:
+                    continue
+                if evaluations >= budget:
+                    break
+                evaluations += 1
+                try:
+                    points = evaluate(options)
+                except ValueError as e:
+                    seen[k] = None
+                    skipped.append([options, str(e)])
+                    continue
+                seen[k] = cand = Candidate(options, points, score(points))
+                if cand.score > best.score:
+                    best, improved = cand, True
+                    trail.append({"options": best.options, "score": best.score})
+    return {"options": best.options, "points": best.points, "score": best.score, "evaluations": evaluations,
+            "skipped": skipped, "start": origin, "trail": trail}
