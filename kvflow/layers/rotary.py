@@ -26,7 +26,12 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None = None):
         super().__init__()
         self.head_dim, self.max_position, self.theta, self.scaling = head_dim, max_position, theta, scaling
-        self.build(None)
+        if torch.empty(0).is_meta:      # built on the meta device (models/loader.py), which then calls build()
+            # for real: computing the tables here would cost ~1.4 s of meta-tensor decompositions at start
+            self.register_buffer("cos", torch.empty(max_position, head_dim), persistent=False)
+            self.register_buffer("sin", torch.empty(max_position, head_dim), persistent=False)
+        else:
+            self.build(None)
 
     def build(self, device: torch.device | str | None) -> None:
         """(Re)compute the cos/sin tables, in fp32 (also after the model was built on the meta device)."""

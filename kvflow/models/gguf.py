@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
@@ -63,10 +65,33 @@ _GPT2_PRE = ("default", "gpt-2", "gpt2", "olmo", "jais")
 _TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 2, 3, 4
 
 
+_READERS: OrderedDict[tuple, gguf.GGUFReader] = OrderedDict()   # (real path, size, mtime) -> its reader
+_READERS_LOCK = threading.Lock()
+MAX_READERS = 4
+
+
 def read_gguf(path: str) -> gguf.GGUFReader:
-    """Open and validate a GGUF file; raises FileNotFoundError or ValueError with the reason."""
+    """Open and validate a GGUF file; raises FileNotFoundError or ValueError with the reason. The reader is kept
+    for the file as it is now (path, size, modification time): gguf's reader parses every metadata entry, the
+    tokenizer's ~100,000 strings one by one (5 s for the default model on a 2-core Zen 3), and one engine
+    reads the file for its config, its weights and its tokenizer. Readers only read (a memory map)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    with _READERS_LOCK:
+        if key in _READERS:
+            _READERS.move_to_end(key)
+            return _READERS[key]
+    reader = _open_gguf(path)
+    with _READERS_LOCK:
+        _READERS[key] = reader
+        while len(_READERS) > MAX_READERS:
+            _READERS.popitem(last=False)
+    return reader
+
+
+def _open_gguf(path: str) -> gguf.GGUFReader:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # bad magic, truncated header, empty file, ...
