@@ -179,6 +179,21 @@ def test_unsupported_architecture(tmp_path):
         assert arch in str(info.value)
 
 
+def test_reader_is_kept_while_the_file_is_unchanged(tmp_path):
+    """read_gguf keeps one reader per file as it is: the same object again, a fresh one once the file changed
+    (its size or modification time), and an error once it is gone."""
+    path = _write_gguf(tmp_path / "t.gguf", "llama", lambda w: w.add_block_count(1),
+                       {"token_embd.weight": np.zeros((8, 4))})
+    first = read_gguf(path)
+    assert read_gguf(path) is first and read_gguf(str(tmp_path / "." / "t.gguf")) is first
+    _write_gguf(path, "llama", lambda w: w.add_block_count(2), {"token_embd.weight": np.ones((16, 4))})
+    again = read_gguf(path)
+    assert again is not first and again.fields["llama.block_count"].contents() == 2
+    os.remove(path)
+    with pytest.raises(FileNotFoundError):
+        read_gguf(path)
+
+
 # ---------------------------------------------------------------- tiny synthetic models
 
 _GGUF_SUFFIX = {  # HF name suffix -> GGUF name suffix, written independently of the module under test
