@@ -23,6 +23,7 @@ workload it can choose. The search is a coordinate descent:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from kvflow.cluster.router import ROUTERS
 from kvflow.config import EngineConfig, field_sections
@@ -35,8 +36,9 @@ TOKEN_BUDGETS = (256, 512, 1024, 2048)
 DEFAULT_BUDGET = 80
 
 
+@functools.cache
 def default(key: str):
-    """kvflow's default for the flat option `key`."""
+    """kvflow's default for the flat option `key` (canonical() asks for every option of every candidate)."""
     section = field_sections()[key]
     return getattr(getattr(EngineConfig(), section), key)
 
@@ -45,16 +47,12 @@ def search_space(gpus: int, fixed: dict | None = None) -> dict[str, list]:
     """Option -> the values tried, kvflow's default first; "shape" -> the serving shapes of `gpus` devices.
     The options in `fixed` are left out."""
     fixed = fixed or {}
-    values: dict[str, list] = {}
-    for opts in PRESETS.values():
-        for key, value in opts.items():
-            if key not in SHAPE_KEYS and key not in fixed:
-                values.setdefault(key, [])
+    keys = dict.fromkeys(k for opts in PRESETS.values() for k in opts if k not in SHAPE_KEYS and k not in fixed)
     extra = {"router": list(ROUTERS), "pd_policy": list(ROUTERS), "scheduling_policy": list(POLICIES),
              "max_num_batched_tokens": list(TOKEN_BUDGETS)}
-    for key in values:
-        seen = [default(key)] + [o[key] for o in PRESETS.values() if key in o] + extra.get(key, [])
-        values[key] = list(dict.fromkeys(seen))          # in order, once each
+    values = {key: list(dict.fromkeys([default(key)] + [o[key] for o in PRESETS.values() if key in o]
+                                      + extra.get(key, [])))      # in order, once each
+              for key in keys}
     shapes = [{"replicas": gpus}] + [{"prefill_replicas": p, "decode_replicas": gpus - p} for p in range(1, gpus)]
     return {"shape": shapes, **values}
 
