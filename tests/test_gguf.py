@@ -194,6 +194,40 @@ def test_reader_is_kept_while_the_file_is_unchanged(tmp_path):
         read_gguf(path)
 
 
+@pytest.mark.parametrize("endian", [gguf.GGUFEndian.LITTLE, gguf.GGUFEndian.BIG])
+def test_reader_reads_what_ggufs_own_reader_reads(tmp_path, endian):
+    """kvflow's header reader (models/gguf_file.py) against gguf's GGUFReader on a file with every metadata
+    value type, arrays, a quantized and a plain tensor, in either byte order."""
+    from kvflow.models.gguf_file import GGUFFile
+    path = str(tmp_path / "all.gguf")
+    writer = gguf.GGUFWriter(path, "llama", endianess=endian)
+    writer.add_uint8("t.u8", 200), writer.add_int8("t.i8", -5), writer.add_uint16("t.u16", 60000)
+    writer.add_int16("t.i16", -300), writer.add_uint32("t.u32", 4_000_000_000), writer.add_int32("t.i32", -7)
+    writer.add_uint64("t.u64", 2**40), writer.add_int64("t.i64", -(2**40)), writer.add_float32("t.f32", 1e-5)
+    writer.add_float64("t.f64", 0.1), writer.add_bool("t.bool", True), writer.add_string("t.str", "naïve ✓")
+    writer.add_array("t.strs", ["a", "", "çé", "<|im_end|>"]), writer.add_array("t.ints", [3, -1, 7])
+    writer.add_array("t.floats", [0.5, -2.25])
+    rows = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    writer.add_tensor("blk.0.ffn_up.weight", gguf.quants.quantize(rows, gguf.GGMLQuantizationType.Q8_0),
+                      raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("output_norm.weight", np.arange(64, dtype=np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+    assert list(ours.fields) == [k for k in theirs.fields if not k.startswith("GGUF.")]
+    for key, field in ours.fields.items():
+        assert field.contents() == theirs.fields[key].contents(), key
+        assert list(field.types) == theirs.fields[key].types, key
+    assert ours.fields["t.strs"].contents() == ["a", "", "çé", "<|im_end|>"]
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert (a.name, a.tensor_type, a.n_elements, a.n_bytes, a.data_offset) == \
+            (b.name, b.tensor_type, b.n_elements, b.n_bytes, b.data_offset)
+        assert list(a.shape) == list(b.shape) and a.data.shape == b.data.shape
+        assert np.array_equal(gguf.quants.dequantize(a.data, a.tensor_type),
+                              gguf.quants.dequantize(b.data, b.tensor_type))
+    assert np.array_equal(ours.tensors[1].data, np.arange(64, dtype=np.float32))
+
+
 # ---------------------------------------------------------------- tiny synthetic models
 
 _GGUF_SUFFIX = {  # HF name suffix -> GGUF name suffix, written independently of the module under test

@@ -21,6 +21,7 @@ import gguf
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
+from kvflow.models.gguf_file import GGUFFile
 from kvflow.models.registry import GGUF_ARCHITECTURES, SUPPORTED_ARCHITECTURES
 
 if TYPE_CHECKING:
@@ -65,16 +66,15 @@ _GPT2_PRE = ("default", "gpt-2", "gpt2", "olmo", "jais")
 _TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 2, 3, 4
 
 
-_READERS: OrderedDict[tuple, gguf.GGUFReader] = OrderedDict()   # (real path, size, mtime) -> its reader
+_READERS: OrderedDict[tuple, GGUFFile] = OrderedDict()   # (real path, size, mtime) -> its reader
 _READERS_LOCK = threading.Lock()
 MAX_READERS = 4
 
 
-def read_gguf(path: str) -> gguf.GGUFReader:
+def read_gguf(path: str) -> GGUFFile:
     """Open and validate a GGUF file; raises FileNotFoundError or ValueError with the reason. The reader is kept
-    for the file as it is now (path, size, modification time): gguf's reader parses every metadata entry, the
-    tokenizer's ~100,000 strings one by one (5 s for the default model on a 2-core Zen 3), and one engine
-    reads the file for its config, its weights and its tokenizer. Readers only read (a memory map)."""
+    for the file as it is now (path, size, modification time): one engine reads the file for its config, its
+    weights and its tokenizer. Readers only read (a memory map)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
     st = os.stat(path)
@@ -91,9 +91,9 @@ def read_gguf(path: str) -> gguf.GGUFReader:
     return reader
 
 
-def _open_gguf(path: str) -> gguf.GGUFReader:
+def _open_gguf(path: str) -> GGUFFile:
     try:
-        reader = gguf.GGUFReader(path)
+        reader = GGUFFile(path)
     except Exception as e:  # bad magic, truncated header, empty file, ...
         raise ValueError(f"{path} is not a valid GGUF file: {e}") from e
     size = os.path.getsize(path)
@@ -153,7 +153,7 @@ def gguf_hf_config(reader) -> dict:
         tokens, embedding = reader.fields.get("tokenizer.ggml.tokens"), _tensor(reader, "token_embd.weight")
         if tokens is None and embedding is None:
             raise ValueError(f"GGUF has no {arch}.vocab_size, tokenizer.ggml.tokens or token_embd.weight")
-        vocab_size = len(tokens.data) if tokens is not None else int(embedding.shape[1])  # [hidden, vocab]
+        vocab_size = len(tokens.contents()) if tokens is not None else int(embedding.shape[1])  # [hidden, vocab]
     head_dim = int(get("attention.key_length", hidden // heads))
     rope_theta = _f32(get("rope.freq_base", 10000.0))
     model_type, hf_architecture = GGUF_ARCHITECTURES[arch]
