@@ -160,7 +160,8 @@ def replay_fleet(cores, requests, router_name: str, block_size: int, steps: list
         time.sleep(max(r.arrival_s - (time.perf_counter() - t0), 0.0))
         hashes = extend_block_hashes([], r.prompt_token_ids, block_size)
         with lock:
-            i = router.route(RouteRequest(f"fid-{k}", hashes, len(r.prompt_token_ids), r.output_len), loads)
+            i = router.route(RouteRequest(f"fid-{k}", hashes, len(r.prompt_token_ids), r.output_len, r.user),
+                              loads)
             loads[i].num_assigned += 1
             loads[i].num_waiting += 1
         if placed is not None:
