@@ -1,6 +1,7 @@
 """The cluster simulator (kvflow/sim): the simulated runner drives the real scheduler through the step
 contract; a simulated run takes the same steps as the real engine; presets load and run; traces round-trip;
 same seed, same result; every KV block comes back."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -512,4 +513,12 @@ def test_fleet_replay_answers_every_request_once(default_model_path):
     assert {id(core) for core, _ in served} == {id(c) for c in cores}                         # both used
     for core in cores:
         assert not core.has_unfinished()
+        core.check_blocks()
+    # the router sees each request's user, as the simulator's does: the session router keeps a user on one replica
+    sessions = [dataclasses.replace(r, user=f"user-{k // 4}") for k, r in enumerate(reqs)]
+    placed: list[int] = []
+    replay_fleet(cores, sessions, "session", 16, placed=placed)
+    by_user = {u: {i for r, i in zip(sessions, placed) if r.user == u} for u in ("user-0", "user-1")}
+    assert all(len(replicas) == 1 for replicas in by_user.values()), by_user
+    for core in cores:
         core.check_blocks()
