@@ -6,6 +6,7 @@ process on the cores slows the real run (not the simulated one).
 
     python benchmarks/sim_fidelity.py                                   # ~2-3 minutes on 2 cores
     python benchmarks/sim_fidelity.py --workload random:n=40,rate=2,input=256,output=32,range=0.5 --threads 2
+    python benchmarks/sim_fidelity.py --replicas 2 --load 0.5 --workload random:n=64,input=200,output=24,range=0.5,seed=42
 
 Measured (AMD EPYC, 2 shared cores, load average 4.4 -> 3.4, --threads 1, the default workload): throughput
 +1.1%, median TTFT 0.9%, median TPOT 2.3%, p99 TTFT 15.2%, p99 TPOT 13.6% (all within target). With
@@ -37,7 +38,10 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=1, help="measured calibration passes")
     p.add_argument("--replicas", type=int, default=1,
                    help="engines serving the workload, each on its own thread and core, behind --router")
-    p.add_argument("--router", default="least-load")
+    p.add_argument("--router", default="round-robin",
+                   help="the fleet's router (default round-robin: it places each request by its arrival order, so "
+                        "the real runs and the simulation place alike; least-load's ties go by which step ended "
+                        "first, and the real system does not reproduce its own placement from run to run)")
     p.add_argument("--served", choices=("auto", "on", "off"), default="auto",
                    help="fit the model again with the steps of the workload's next seed, served just before the real "
                         "run (auto, the default: with several replicas)")

@@ -25,7 +25,7 @@ KEYS = (("output_throughput", 0.10), ("median_ttft_ms", 0.10), ("median_tpot_ms"
 
 
 def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, repeats: int = 1,
-             warm: bool = True, replicas: int = 1, router: str = "least-load", served: bool | None = None,
+             warm: bool = True, replicas: int = 1, router: str = "round-robin", served: bool | None = None,
              real_runs: int = 1, load: float | None = None) -> dict:
     """`warm`: serve the workload once unmeasured first (the engine's first call of each batch shape selects
     kernels and grows buffers, up to ~0.7 s on a CPU: a cold run measures that, not steady serving).
