@@ -47,7 +47,6 @@ class GGUFFile:
     """Raises ValueError for a file that is not GGUF or whose header is cut short."""
 
     def __init__(self, path: str):
-        self.path = path
         self._mmap = np.memmap(path, mode="r")
         self._buf = memoryview(self._mmap)
         try:
@@ -138,8 +137,9 @@ class GGUFFile:
         else:
             dtype, count, shape = np.dtype(np.uint8), n_bytes, quant_shape_to_byte_shape(shape, ggml_type)
         end = data_offset + count * dtype.itemsize
-        data = (self._mmap[data_offset:end].view(dtype).reshape(shape) if end <= len(self._mmap)
-                else np.zeros(0, np.uint8))   # past the end: read_gguf names the tensor
+        if end > len(self._mmap):
+            raise ValueError(f"tensor {name} runs past the end of the file (truncated download?)")
+        data = self._mmap[data_offset:end].view(dtype).reshape(shape)
         return ReaderTensor(name=name, tensor_type=ggml_type, shape=np.array(dims, dtype=np.uint64),
                             n_elements=n_elements, n_bytes=n_bytes, data_offset=data_offset, data=data,
                             field=None)

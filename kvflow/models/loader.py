@@ -78,7 +78,7 @@ def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: str, max
     with torch.device("meta"), _default_dtype(dtype):
         model = model_class(cfg.model_type)(cfg, max_position, backend)
     # to_empty's empty_like on meta tensors imports torch's symbolic shapes (sympy, ~0.6 s): allocate directly
-    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device), recurse=True)
+    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     for m in model.modules():                 # buffers are not in checkpoints: rebuild them for real
         if isinstance(m, RotaryEmbedding):
             m.build(device)
