@@ -74,6 +74,10 @@ def main() -> int:
         for key in result["real_spread"]:
             print(f"  {key:<20}" + "".join(f"{r[key]:>10.2f}" for r in result["real_runs"])
                   + f"   {result['real_spread'][key]:>7.1%}")
+    m = result["machine"]
+    print("the machine itself (kvflow/sim/probe.py, no kvflow code; before the calibration, then after each real "
+          "run): " + "; ".join(f"{k} " + ", ".join(f"{p[k]:.2f}" for p in m["probes"]) + f" (spread {v:.1%})"
+                               for k, v in m["spread"].items()))
     if "metrics_alone" in result:      # several replicas: with the co-run slowdown (above) and without
         by_kind = "; ".join(f"a {own} beside a {other} {x:.3f}x"
                             for own, row in result["profile"]["corun_by_kind"].items() for other, x in row.items())

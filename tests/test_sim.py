@@ -459,12 +459,25 @@ def test_fidelity_against_a_fresh_calibration(default_model_path, monkeypatch):
     for key, row in m.items():
         assert row["real"] == pytest.approx(sum(r[key] for r in result["real_runs"]) / 2, rel=1e-3, abs=1e-3)
     assert result["profile"]["fit"]["num_steps"] >= 40 and result["profile"]["fit"]["r2"] > 0.8
+    probes = result["machine"]["probes"]            # the machine's own speed: before, and after each real run
+    assert len(probes) == 3 and all(p["memory_ms"] > 0 and p["python_ms"] > 0 for p in probes)
     ratio = result["real_step_ratio"]     # the real run's steps against their calibrated times
     if not 0.8 < ratio < 1.25:
         pytest.skip(f"the machine changed speed between calibration and the run (its steps took {ratio:.2f}x "
                     f"their calibrated time: other processes on the shared cores): not comparable ({m})")
     for key in ("output_throughput", "median_ttft_ms", "median_tpot_ms", "p99_tpot_ms"):
         assert m[key]["rel_error"] < 0.25, (key, m)
+
+
+def test_machine_probe_times_its_two_kernels_and_their_spread():
+    from kvflow.sim.probe import probe, spread
+    p = probe(matrix_mb=4, repeats=3)
+    assert set(p) == {"memory_ms", "python_ms"} and p["memory_ms"] > 0 and p["python_ms"] > 0
+    assert spread([{"memory_ms": 10.0, "python_ms": 4.0}, {"memory_ms": 12.0, "python_ms": 4.0}]) == {
+        "memory_ms": 0.2, "python_ms": 0.0}
+    assert spread([p]) == {"memory_ms": 0.0, "python_ms": 0.0}
+    with pytest.raises(ValueError, match="repeats"):
+        probe(repeats=0)
 
 
 def test_fidelity_real_runs_must_be_a_positive_integer():

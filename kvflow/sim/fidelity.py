@@ -16,6 +16,7 @@ from kvflow.bench.metrics import compute_metrics
 from kvflow.cluster.router import RouteRequest, Router
 from kvflow.sim.calibrate import DEFAULT_PLAN, build_core, calibrate, fit_served, overlap_ratios
 from kvflow.sim.cost_model import step_ratio
+from kvflow.sim.probe import probe, spread
 from kvflow.sim.replay import replay, serve
 from kvflow.sim.workload import WorkloadSpec, workload_requests
 
@@ -41,7 +42,9 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     simulation of it can be judged). `load`: the workload's rate becomes this fraction of the requests/s the
     fleet serves at most (capacity(): its simulation with every request at once, on the plan's fresh fit), so
     that the check runs at the same distance from saturation however fast the machine is that day (this one's
-    speed halved from one day to the next; near capacity a few percent of it moves TPOT by tens)."""
+    speed halved from one day to the next; near capacity a few percent of it moves TPOT by tens). `machine`:
+    probe.py's timings of two fixed kernels with no kvflow code, before the calibration and after each real
+    run, and their spread: how far the machine itself moved during the check."""
     from kvflow.config import EngineConfig
     if isinstance(real_runs, bool) or not isinstance(real_runs, int) or real_runs < 1:
         raise ValueError(f"real_runs must be an integer >= 1, got {real_runs!r}")
@@ -55,6 +58,7 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
         for c in cores:
             replay(c, workload_requests(workload))
             c.reset_prefix_cache()
+    probes = [probe()]            # the machine's own speed (no kvflow code): now and after each real run
     t0 = time.perf_counter()      # calibrated just before the real run: the machine's speed drifts by minutes
     plan_steps: list = []
     plan_profile = profile = calibrate(engine_kwargs, "fidelity", plan, repeats, cores=built,  # (co-run too)
@@ -76,7 +80,10 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     alone = dataclasses.replace(profile, replicas_per_machine=1, corun_slowdown=1.0, corun_by_kind={})
     t_cal = time.perf_counter() - t0
     t1 = time.perf_counter()
-    runs = [serve_once(cores, workload, router, rc.config.cache.block_size) for _ in range(real_runs)]
+    runs = []
+    for _ in range(real_runs):
+        runs.append(serve_once(cores, workload, router, rc.config.cache.block_size))
+        probes.append(probe())
     t_real = time.perf_counter() - t1
     real_m, steps, placed, duration, cpu_share = runs[0]      # the steps and placement studied: the first run's
     if real_runs > 1:
@@ -96,6 +103,7 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
         extra["placed_alike"] = sum(a == b for a, b in zip(placed, recorded.placed))
         extra["metrics_placed"] = simulated(config, profile, workload, real_m, Placement(placed))[0]
         extra.update(ensemble(config, profile, workload, real_m))
+    extra["machine"] = {"probes": probes, "spread": spread(probes)}
     extra["record"] = {"plan_profile": dataclasses.asdict(plan_profile), "real_metrics": real_m,   # to study
                        "sim_kwargs": sim_kwargs, "workload": dataclasses.asdict(workload),
                        "plan_steps": plan_steps, "served_steps": served_steps, "real_steps": steps,   # offline
