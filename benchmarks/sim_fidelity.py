@@ -52,6 +52,9 @@ def main() -> int:
                    help="serve the workload at this fraction of the fleet's capacity (the requests/s its simulation "
                         "on the fresh calibration serves with every request at once) instead of its own rate: the "
                         "same distance from saturation however fast the machine is that day")
+    p.add_argument("--bracket", action="store_true",
+                   help="serve the held-out workload again after the real runs and also report the simulation on a fit "
+                        "of both served runs' steps (before and after the real runs: the machine drifts)")
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--save-profile", default=None, help="write the fresh calibration (a hardware profile) here")
     args = p.parse_args()
@@ -61,7 +64,7 @@ def main() -> int:
     result = fidelity({"num_threads": args.threads, "max_num_seqs": args.max_num_seqs}, workload,
                       repeats=args.repeats, replicas=args.replicas, router=args.router,
                       served={"auto": None, "on": True, "off": False}[args.served], real_runs=args.real_runs,
-                      load=args.load)
+                      load=args.load, bracket=args.bracket)
     result.update(workload=args.workload, wall_s=round(time.perf_counter() - t0, 1), load_avg_before=load0,
                   load_avg_after=os.getloadavg()[0], cpu_count=os.cpu_count())
     tables = [("", result["metrics"])]
@@ -93,6 +96,9 @@ def main() -> int:
                        + (f"; co-run slowdown {fit['plan_corun_slowdown']:.3f} from the plan, "
                           f"{fit['served_corun_slowdown']:.3f} served" if "served_corun_slowdown" in fit else "")
                        + "):", result["metrics_plan"]))
+    if "metrics_bracket" in result:    # fitted with the held-out workload served before and after the real runs
+        tables.append(("the simulation fitted with the held-out workload served before and after the real runs:",
+                       result["metrics_bracket"]))
     if "metrics_placed" in result:     # several replicas: also with each request where the real run put it
         tables.append((f"the simulation with the real run's placement (its own router placed "
                        f"{result['placed_alike']} of {workload.n} requests alike):", result["metrics_placed"]))

@@ -453,8 +453,10 @@ def test_fidelity_against_a_fresh_calibration(default_model_path, monkeypatch):
     monkeypatch.setattr(cal, "SWEEP", (24, 25, 32, 33, 64, 65))     # the kernel switches seen so far (x86)
     plan = ((1, 32, 12), (4, 96, 12), (1, 300, 4), (12, 24, 12), (2, 160, 8), (3, 64, 6), (1, 120, 4))
     result = fidelity({"num_threads": 1, "max_num_seqs": 8}, parse_workload(
-        "random:n=12,rate=1000,input=96,output=12,range=0.5,seed=1"), plan, real_runs=2)
+        "random:n=12,rate=1000,input=96,output=12,range=0.5,seed=1"), plan, real_runs=2, served=True, bracket=True)
     m = result["metrics"]
+    assert set(result["metrics_bracket"]) == set(m)     # also fitted with the held-out run after the real runs
+    assert len(result["record"]["served_after_steps"]) >= 12
     assert len(result["real_runs"]) == 2 and set(result["real_spread"]) == set(m)   # compared with their median
     for key, row in m.items():
         assert row["real"] == pytest.approx(sum(r[key] for r in result["real_runs"]) / 2, rel=1e-3, abs=1e-3)
@@ -488,6 +490,8 @@ def test_fidelity_real_runs_must_be_a_positive_integer():
     for bad in (0, -0.5, 10, True, "0.5"):
         with pytest.raises(ValueError, match="load"):
             fidelity({}, parse_workload("random:n=2"), load=bad)
+    with pytest.raises(ValueError, match="bracket needs served"):
+        fidelity({}, parse_workload("random:n=2"), served=False, bracket=True)
 
 
 def test_capacity_is_the_rate_a_fleet_saturates_at():

@@ -14,7 +14,7 @@ import numpy as np
 
 from kvflow.bench.metrics import compute_metrics
 from kvflow.cluster.router import RouteRequest, Router
-from kvflow.sim.calibrate import DEFAULT_PLAN, build_core, calibrate, fit_served, overlap_ratios
+from kvflow.sim.calibrate import DEFAULT_PLAN, build_core, calibrate, fit_served, overlap_ratios, served_profile
 from kvflow.sim.cost_model import step_ratio
 from kvflow.sim.probe import probe, spread
 from kvflow.sim.replay import replay, serve
@@ -27,7 +27,7 @@ KEYS = (("output_throughput", 0.10), ("median_ttft_ms", 0.10), ("median_tpot_ms"
 
 def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, repeats: int = 1,
              warm: bool = True, replicas: int = 1, router: str = "round-robin", served: bool | None = None,
-             real_runs: int = 1, load: float | None = None) -> dict:
+             real_runs: int = 1, load: float | None = None, bracket: bool = False) -> dict:
     """`warm`: serve the workload once unmeasured first (the engine's first call of each batch shape selects
     kernels and grows buffers, up to ~0.7 s on a CPU: a cold run measures that, not steady serving).
     `replicas` > 1: that many engines, each on its own thread and core, behind `router`, against the
@@ -44,13 +44,18 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     that the check runs at the same distance from saturation however fast the machine is that day (this one's
     speed halved from one day to the next; near capacity a few percent of it moves TPOT by tens). `machine`:
     probe.py's timings of two fixed kernels with no kvflow code, before the calibration and after each real
-    run, and their spread: how far the machine itself moved during the check."""
+    run, and their spread: how far the machine itself moved during the check. `bracket` (with `served`): the
+    held-out workload is served again after the real runs, and `metrics_bracket` is the simulation on a fit of
+    the plan's steps and both served runs' (a calibration on either side of the real runs, as a drifting
+    instrument is calibrated before and after a measurement)."""
     from kvflow.config import EngineConfig
     if isinstance(real_runs, bool) or not isinstance(real_runs, int) or real_runs < 1:
         raise ValueError(f"real_runs must be an integer >= 1, got {real_runs!r}")
     if load is not None and (isinstance(load, bool) or not isinstance(load, (int, float)) or not 0 < load < 10):
         raise ValueError(f"load must be a fraction of the fleet's capacity in (0, 10), got {load!r}")
     served = replicas > 1 if served is None else served
+    if bracket and not served:
+        raise ValueError("bracket needs served: the held-out workload is served before and after the real runs")
     built = [build_core(engine_kwargs) for _ in range(replicas)]
     rc = built[0][1]
     cores = [c for c, _, _ in built]
@@ -87,7 +92,18 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     t_real = time.perf_counter() - t1
     real_m, steps, placed, duration, cpu_share = runs[0]      # the steps and placement studied: the first run's
     if real_runs > 1:
-        real_m = {key: float(np.median([r[0][key] for r in runs])) for key in real_m}
+        real_m = _median(runs)
+    if served and bracket:        # the held-out workload again, after: its steps start after the first's ended
+        after: list = []
+        serve(cores, workload_requests(held_out), router, rc.config.cache.block_size, after)
+        extra["served_after_steps"] = after
+        if after and len(after[0]) > 2:       # a fleet's steps: (shape, s, replica, start s)
+            shift = max(s[3] + s[1] for s in served_steps) + 1.0
+            after = [(*s[:3], s[3] + shift) for s in after]
+        both = served_steps + after
+        extra["metrics_bracket"] = simulated(config, served_profile(
+            plan_profile, plan_steps, both, f"the workload with seed {held_out.seed}, before and after"), workload,
+            real_m)[0]
     ratio = step_ratio(alone, steps)   # the real run's own steps / their calibrated time alone: ~1 when the
     rows, recorded = simulated(config, profile, workload, real_m, record=bool(placed))
     if real_runs > 1:
@@ -107,11 +123,17 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     extra["record"] = {"plan_profile": dataclasses.asdict(plan_profile), "real_metrics": real_m,   # to study
                        "sim_kwargs": sim_kwargs, "workload": dataclasses.asdict(workload),
                        "plan_steps": plan_steps, "served_steps": served_steps, "real_steps": steps,   # offline
+                       "served_after_steps": extra.pop("served_after_steps", []),
                        "real_runs": [{"metrics": r[0], "steps": r[1], "placed": r[2]} for r in runs[1:]]}
     return {**extra, "profile": dataclasses.asdict(profile), "calibration_s": round(t_cal, 1),
             "real_run_s": round(t_real, 1), "real_cpu_share": round(cpu_share, 3),
             "real_step_ratio": round(ratio, 3),    # machine ran as fast as during the calibration
             "real_duration_s": round(duration, 2), "metrics": rows, "ok": all(v["ok"] for v in rows.values())}
+
+
+def _median(runs) -> dict:
+    """Each metric's median over real runs (serve_once's)."""
+    return {key: float(np.median([r[0][key] for r in runs])) for key in runs[0][0]}
 
 
 def serve_once(cores, workload: WorkloadSpec, router: str, block_size: int):
