@@ -6,7 +6,9 @@
 
 The workload is `chat` at a rate that keeps the replicas about 60% busy (so steps batch as in a loaded
 fleet), the router least-load (or --router), each replica with --num-kv-blocks blocks (a GPU-sized default
-would allocate a BlockPool of 32k blocks per replica)."""
+would allocate a BlockPool of 32k blocks per replica). `machine_python_ms`: kvflow/sim/probe.py's pure-Python
+loop before and after the run (the simulator is interpreter bound; on a shared machine the loop's time moves by
+tens of percent between runs, and the wall time with it)."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +22,7 @@ from kvflow.config import EngineConfig
 from kvflow.sim.cluster import simulate
 from kvflow.sim.cost_model import load_profile
 from kvflow.sim.parallel import simulate_parallel
+from kvflow.sim.probe import probe
 from kvflow.sim.workload import WorkloadSpec, workload_requests
 
 
@@ -38,6 +41,7 @@ def main() -> int:
     config = EngineConfig.from_kwargs(replicas=args.replicas, router=args.router, num_kv_blocks=args.num_kv_blocks)
     workload = WorkloadSpec(kind="chat", n=args.requests, rate=args.rate_per_replica * args.replicas, seed=0)
     prof = cProfile.Profile() if args.profile else None
+    before = probe()          # the machine's own speed (no kvflow code): shared cores change it by tens of percent
     t0 = time.perf_counter()
     if prof:
         prof.enable()
@@ -53,7 +57,8 @@ def main() -> int:
     out = {"replicas": args.replicas, "requests": args.requests, "workers": args.workers, "wall_s": round(wall, 1),
            "requests_per_wall_s": round(args.requests / wall, 1), "steps": s["num_steps"],
            "simulated_s": round(rec.end_s, 1), "completed": s["completed"],
-           "mean_utilisation": round(s["mean_utilisation"], 3), "median_ttft_ms": round(s["median_ttft_ms"], 2)}
+           "mean_utilisation": round(s["mean_utilisation"], 3), "median_ttft_ms": round(s["median_ttft_ms"], 2),
+           "machine_python_ms": [before["python_ms"], probe()["python_ms"]]}   # before and after (probe.py)
     print(json.dumps(out))
     if prof:
         pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(25)
