@@ -50,36 +50,6 @@ def test_a_steps_slowdown_by_the_kinds_of_both_steps():
         fixed_profile(corun_by_kind={"decode": {"decode": 0}})
 
 
-def test_a_decodes_slowdown_on_its_fixed_cost():
-    """corun_part "fixed": a decode beside another's decode takes (f - 1) x its model's fixed cost longer, a one-row
-    and an eight-row decode alike; a step with a prefill is still slowed as a whole; a roofline (no fixed term)
-    as a whole too."""
-    decode, prefill = 0, 3
-    profile = fixed_profile(step_s=0.01, corun_part="fixed")
-    profile.params["coef"] = [0.01, 0.004, 1e-3, 0.0, 0.0]
-    model = profile.cost_model()
-    assert model.fixed_seconds() == 0.01
-    now = [0.0]
-    machine = SharedMachine(2, slowdown=1.1, by_kind={"decode": {"decode": 1.5}})
-    a, b = (OnSharedMachine(model, machine, k, lambda: now[0]) for k in range(2))
-    assert a.step_started(100.0, prefill) == 100.0                  # alone
-    one, eight = model.step_seconds(1, 0, 0, 0.0), model.step_seconds(8, 0, 0, 0.0)
-    assert b.step_started(one, decode) == pytest.approx(one + 0.1 * 0.01)          # beside a prefill: 1.1 ...
-    now[0] = 1.0                 # b has ended; a still steps (a prefill)
-    assert b.step_started(eight, decode) == pytest.approx(eight + 0.1 * 0.01)      # ... on the fixed cost alike
-    assert b.step_started(2.0, prefill) == pytest.approx(2.0 * 1.1)                # a prefill: as a whole
-    now[0] = 500.0
-    a.step_started(one, decode)
-    assert b.step_started(eight, decode) == pytest.approx(eight + 0.5 * 0.01)      # beside a decode: 1.5
-    roof = dataclasses.replace(roofline_profile("h100"), corun_part="fixed").cost_model()
-    machine = SharedMachine(2, slowdown=1.5)
-    c, d = (OnSharedMachine(roof, machine, k, lambda: now[0]) for k in range(2))
-    c.step_started(1.0, decode)
-    assert d.step_started(1.0, decode) == pytest.approx(1.5)
-    with pytest.raises(ValueError, match="corun_part"):
-        fixed_profile(corun_part="weights")
-
-
 def test_simulated_replicas_on_one_machine():
     """A profile with replicas_per_machine: at a slowdown of 1 the simulation is the plain one; above it, steps
     of replicas that share a machine take longer when they overlap (TPOT grows, and more with load), replicas
@@ -204,17 +174,7 @@ def test_a_fit_refitted_with_served_steps():
     two = served_profile(paired, plan, fleet)
     assert two.corun_slowdown == pytest.approx(1.2, rel=1e-3) and two.fit["served_alone_steps"] == 60
     assert two.fit["plan_corun_slowdown"] == 1.05 and two.replicas_per_machine == 2
-    # a decode's figures on the fit's fixed cost (the pooled one for the pair not served): the median served
-    # shape (two rows) beside a decode is priced as measured, 1.2x its time alone
-    f = 1 + 0.2 * model.step_seconds(2, 0, 240, 0.0) / 0.004
-    assert two.corun_part == "fixed"
-    assert two.corun_by_kind == {"decode": {"decode": pytest.approx(f, rel=1e-2), "prefill": pytest.approx(f, rel=1e-2)}}
-    now = [0.0]
-    machine = SharedMachine(2, two.corun_slowdown, two.corun_by_kind)
-    a, b = (OnSharedMachine(two.cost_model(), machine, k, lambda: now[0]) for k in range(2))
-    p2 = two.cost_model().step_seconds(2, 0, 240, 0.0)
-    a.step_started(p2)
-    assert b.step_started(p2) == pytest.approx(1.2 * model.step_seconds(2, 0, 240, 0.0), rel=2e-2)
+    assert two.corun_by_kind == {"decode": {"decode": pytest.approx(1.2, rel=1e-3)}}    # the only pair served
     kept = served_profile(paired, plan, fleet[:70])        # ten steps beside: too few to measure it
     assert kept.corun_slowdown == 1.05 and "served_corun_slowdown" not in kept.fit
     with pytest.raises(ValueError, match="steps"):

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import platform
-import statistics
 import time
 
 import numpy as np
@@ -287,10 +286,7 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
     the steps with no other replica stepping (overlap_groups) join the fit, and the fleet's corun_slowdown
     becomes the median time over the new fit of its steps beside another's over that of those alone (when
     there are `min_steps` of each; else the profile's is kept), and corun_by_kind the same for each pair of
-    step kinds (a decode beside another replica's decode, ...) with `min_steps` of it. A decode's figures are
-    then on the new fit's fixed cost (corun_part "fixed", _fixed_factor: beside a decode a one-row decode slows
-    several times more than an eight-row one, and the held-out workload's mix of them need not be the compared
-    one's), the figure of all its steps beside another's where a pair has too few. The fit records how the
+    step kinds (a decode beside another replica's decode, ...) with `min_steps` of it. The fit records how the
     served steps compared with the plan's fit, decode-only steps and steps with a prefill apart."""
     if profile.kind != "linear":
         raise ValueError(f"profile: only a linear (calibrated) cost model is fitted to served steps, "
@@ -313,35 +309,21 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
                        profile, [s for s in alone if step_kind(s[0][1]) == kind]), 4) for kind in STEP_KINDS})
     if "corun_steps" in profile.fit:
         quality["corun_steps"] = profile.fit["corun_steps"]
-    slowdown, by_kind, part = profile.corun_slowdown, {}, profile.corun_part
+    slowdown, by_kind = profile.corun_slowdown, {}
     if fleet and len(beside) >= min_steps:
         slowdown = round(step_ratio(fitted, beside) / base, 4)
         quality.update(served_corun_slowdown=slowdown, plan_corun_slowdown=profile.corun_slowdown,
                        served_beside_steps=len(beside))
-        decodes = [s for s in beside if step_kind(s[0][1]) == "decode"]
-        part = "fixed" if coef[0] > 0 and len(decodes) >= min_steps else "step"
         for own in STEP_KINDS:              # by the kinds of the pair, where there are enough steps of it
             for other in STEP_KINDS:
                 cell = [s for s in groups[f"beside {other}"] if step_kind(s[0][1]) == own]
-                if own == "decode" and part == "fixed":      # on the fixed cost; the pooled figure if too few
-                    by_kind.setdefault(own, {})[other] = _fixed_factor(fitted, cell if len(cell) >= min_steps
-                                                                       else decodes, base)
-                elif len(cell) >= min_steps:
+                if len(cell) >= min_steps:
                     by_kind.setdefault(own, {})[other] = round(step_ratio(fitted, cell) / base, 4)
                 quality[f"served_{own}_beside_{other}_steps"] = len(cell)
-    return dataclasses.replace(fitted, corun_slowdown=slowdown, corun_by_kind=by_kind, corun_part=part, fit=quality,
+    return dataclasses.replace(fitted, corun_slowdown=slowdown, corun_by_kind=by_kind, fit=quality,
                                source=f"{profile.source}; fitted again with {len(alone)} steps served of {label}"
                                       + (f" (co-run slowdown {slowdown:.3f} from {len(beside)} of them beside "
                                          f"another's)" if "served_corun_slowdown" in quality else ""))
-
-
-def _fixed_factor(profile: HardwareProfile, steps, base: float) -> float:
-    """The co-run factor f of decode `steps` beside another's on `profile`'s fixed cost (corun_part "fixed"):
-    1 + the median of (seconds - base x price alone) / (base x fixed cost); at least 0.01."""
-    model = profile.cost_model()
-    fixed = model.fixed_seconds()
-    extra = statistics.median((s[1] - base * model.step_seconds(*s[0])) / (base * fixed) for s in steps)
-    return round(max(1.0 + extra, 0.01), 4)
 
 
 def overlap_groups(steps) -> dict[str, list]:
