@@ -78,6 +78,7 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
         workload = dataclasses.replace(workload, rate=load * cap)
         extra.update(load=load, capacity_rps=round(cap, 4), rate=round(workload.rate, 4))
     served_steps: list = []
+    served_after: list = []       # (bracket) the held-out workload's steps served after the real runs
     if served:                    # a held-out draw of the workload: not the one compared
         held_out = dataclasses.replace(workload, seed=workload.seed + 1)
         profile = fit_served(profile, plan_steps, built, workload_requests(held_out), router,
@@ -92,11 +93,10 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     t_real = time.perf_counter() - t1
     real_m, steps, placed, duration, cpu_share = runs[0]      # the steps and placement studied: the first run's
     if real_runs > 1:
-        real_m = _median(runs)
+        real_m = {key: float(np.median([r[0][key] for r in runs])) for key in real_m}
     if served and bracket:        # the held-out workload again, after: its steps start after the first's ended
-        after: list = []
-        serve(cores, workload_requests(held_out), router, rc.config.cache.block_size, after)
-        extra["served_after_steps"] = after
+        serve(cores, workload_requests(held_out), router, rc.config.cache.block_size, served_after)
+        after = served_after
         if after and len(after[0]) > 2:       # a fleet's steps: (shape, s, replica, start s)
             shift = max(s[3] + s[1] for s in served_steps) + 1.0
             after = [(*s[:3], s[3] + shift) for s in after]
@@ -123,17 +123,12 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     extra["record"] = {"plan_profile": dataclasses.asdict(plan_profile), "real_metrics": real_m,   # to study
                        "sim_kwargs": sim_kwargs, "workload": dataclasses.asdict(workload),
                        "plan_steps": plan_steps, "served_steps": served_steps, "real_steps": steps,   # offline
-                       "served_after_steps": extra.pop("served_after_steps", []),
+                       "served_after_steps": served_after,
                        "real_runs": [{"metrics": r[0], "steps": r[1], "placed": r[2]} for r in runs[1:]]}
     return {**extra, "profile": dataclasses.asdict(profile), "calibration_s": round(t_cal, 1),
             "real_run_s": round(t_real, 1), "real_cpu_share": round(cpu_share, 3),
             "real_step_ratio": round(ratio, 3),    # machine ran as fast as during the calibration
             "real_duration_s": round(duration, 2), "metrics": rows, "ok": all(v["ok"] for v in rows.values())}
-
-
-def _median(runs) -> dict:
-    """Each metric's median over real runs (serve_once's)."""
-    return {key: float(np.median([r[0][key] for r in runs])) for key in runs[0][0]}
 
 
 def serve_once(cores, workload: WorkloadSpec, router: str, block_size: int):
