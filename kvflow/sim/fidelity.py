@@ -96,11 +96,9 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
         real_m = {key: float(np.median([r[0][key] for r in runs])) for key in real_m}
     if served and bracket:        # the held-out workload again, after: its steps start after the first's ended
         serve(cores, workload_requests(held_out), router, rc.config.cache.block_size, served_after)
-        after = served_after
-        if after and len(after[0]) > 2:       # a fleet's steps: (shape, s, replica, start s)
-            shift = max(s[3] + s[1] for s in served_steps) + 1.0
-            after = [(*s[:3], s[3] + shift) for s in after]
-        both = served_steps + after
+        shift = max((s[3] + s[1] for s in served_steps if len(s) > 2), default=0.0) + 1.0
+        both = served_steps + [(*s[:3], s[3] + shift) if len(s) > 2 else s   # a fleet's: (shape, s, replica,
+                               for s in served_after]                          # start s), after the first's
         extra["metrics_bracket"] = simulated(config, served_profile(
             plan_profile, plan_steps, both, f"the workload with seed {held_out.seed}, before and after"), workload,
             real_m)[0]
