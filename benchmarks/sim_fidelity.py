@@ -96,6 +96,10 @@ def main() -> int:
                        + (f"; co-run slowdown {fit['plan_corun_slowdown']:.3f} from the plan, "
                           f"{fit['served_corun_slowdown']:.3f} served" if "served_corun_slowdown" in fit else "")
                        + "):", result["metrics_plan"]))
+    if "metrics_insample" in result:   # fitted with the real runs' own steps: the simulator's error alone
+        tables.append(("the simulation fitted with the real runs' own steps (in-sample, not a prediction: the "
+                       "simulator's own error, without the machine's drift since the calibration):",
+                       result["metrics_insample"]))
     if "metrics_bracket" in result:    # fitted with the held-out workload served before and after the real runs
         tables.append(("the simulation fitted with the held-out workload served before and after the real runs:",
                        result["metrics_bracket"]))

@@ -456,6 +456,7 @@ def test_fidelity_against_a_fresh_calibration(default_model_path, monkeypatch):
         "random:n=12,rate=1000,input=96,output=12,range=0.5,seed=1"), plan, real_runs=2, served=True, bracket=True)
     m = result["metrics"]
     assert set(result["metrics_bracket"]) == set(m)     # also fitted with the held-out run after the real runs
+    assert set(result["metrics_insample"]) == set(m)    # and with the real runs' own steps
     assert len(result["record"]["served_after_steps"]) >= 12
     assert len(result["real_runs"]) == 2 and set(result["real_spread"]) == set(m)   # compared with their median
     for key, row in m.items():

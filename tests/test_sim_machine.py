@@ -7,7 +7,7 @@ import pytest
 
 from kvflow.config import EngineConfig
 from kvflow.sim.cluster import simulate
-from kvflow.sim.cost_model import OnSharedMachine, SharedMachine, roofline_profile
+from kvflow.sim.cost_model import OnSharedMachine, SharedMachine, roofline_profile, step_ratio
 from kvflow.sim.workload import parse_workload, workload_requests
 
 from .conftest import needs_default_model
@@ -177,6 +177,17 @@ def test_a_fit_refitted_with_served_steps():
     assert two.corun_by_kind == {"decode": {"decode": pytest.approx(1.2, rel=1e-3)}}    # the only pair served
     kept = served_profile(paired, plan, fleet[:70])        # ten steps beside: too few to measure it
     assert kept.corun_slowdown == 1.05 and "served_corun_slowdown" not in kept.fit
+    t, slow = 0.0, []              # the same, with the steps alone 10% over the plan's: the fit (on relative
+    for shape, d in served:        # error, with the plan's) lies between them, then is scaled to meet them
+        slow.append((shape, d, 0, t))
+        t += d + 1.0
+    for shape, d in served:
+        slow += [(shape, 1.2 * d, 0, t), (shape, 1.2 * d, 1, t)]
+        t += d + 1.0
+    three = served_profile(paired, plan, slow)
+    assert three.fit["served_over_fit"] > 1.0     # what the fit alone left between it and the steps alone
+    assert step_ratio(three, slow[:60]) == pytest.approx(1.0, rel=1e-3)      # (the 60 alone)
+    assert three.corun_by_kind == {"decode": {"decode": pytest.approx(1.2, rel=1e-3)}}
     with pytest.raises(ValueError, match="steps"):
         served_profile(profile, plan, fleet[:5])
     with pytest.raises(ValueError, match="steps"):

@@ -286,8 +286,11 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
     the steps with no other replica stepping (overlap_groups) join the fit, and the fleet's corun_slowdown
     becomes the median time over the new fit of its steps beside another's over that of those alone (when
     there are `min_steps` of each; else the profile's is kept), and corun_by_kind the same for each pair of
-    step kinds (a decode beside another replica's decode, ...) with `min_steps` of it. The fit records how the
-    served steps compared with the plan's fit, decode-only steps and steps with a prefill apart."""
+    step kinds (a decode beside another replica's decode, ...) with `min_steps` of it. A fleet's fit is then
+    scaled by the median time of its steps alone over it (served_over_fit; a fit on relative error with the
+    plan's steps need not meet them): the co-run figures are over those, so a step alone is priced where a
+    co-run figure's 1.0 is. The fit records how the served steps compared with the plan's fit, decode-only
+    steps and steps with a prefill apart."""
     if profile.kind != "linear":
         raise ValueError(f"profile: only a linear (calibrated) cost model is fitted to served steps, "
                          f"got {profile.kind!r}")
@@ -303,6 +306,8 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
     fitted = dataclasses.replace(profile, params={**profile.params, "coef": coef,
                                                   "knee_tokens": quality["knee_tokens"]})
     base = step_ratio(fitted, alone)
+    if fleet:       # the co-run figures below are over the steps alone: the fit prices those where they ran
+        fitted = dataclasses.replace(fitted, params={**fitted.params, "coef": [c * base for c in coef]})
     quality.update(plan_steps=len(plan_samples), served_steps=len(steps), served_alone_steps=len(alone),
                    served_over_fit=round(base, 4),
                    **{f"served_over_plan_fit_{kind}": round(step_ratio(
@@ -311,14 +316,14 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
         quality["corun_steps"] = profile.fit["corun_steps"]
     slowdown, by_kind = profile.corun_slowdown, {}
     if fleet and len(beside) >= min_steps:
-        slowdown = round(step_ratio(fitted, beside) / base, 4)
+        slowdown = round(step_ratio(fitted, beside), 4)
         quality.update(served_corun_slowdown=slowdown, plan_corun_slowdown=profile.corun_slowdown,
                        served_beside_steps=len(beside))
         for own in STEP_KINDS:              # by the kinds of the pair, where there are enough steps of it
             for other in STEP_KINDS:
                 cell = [s for s in groups[f"beside {other}"] if step_kind(s[0][1]) == own]
                 if len(cell) >= min_steps:
-                    by_kind.setdefault(own, {})[other] = round(step_ratio(fitted, cell) / base, 4)
+                    by_kind.setdefault(own, {})[other] = round(step_ratio(fitted, cell), 4)
                 quality[f"served_{own}_beside_{other}_steps"] = len(cell)
     return dataclasses.replace(fitted, corun_slowdown=slowdown, corun_by_kind=by_kind, fit=quality,
                                source=f"{profile.source}; fitted again with {len(alone)} steps served of {label}"

@@ -47,7 +47,9 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     run, and their spread: how far the machine itself moved during the check. `bracket` (with `served`): the
     held-out workload is served again after the real runs, and `metrics_bracket` is the simulation on a fit of
     the plan's steps and both served runs' (a calibration on either side of the real runs, as a drifting
-    instrument is calibrated before and after a measurement)."""
+    instrument is calibrated before and after a measurement). With `served`, `metrics_insample` is the
+    simulation on a fit of the plan's steps and the real runs' own (not a prediction of them: what is left of
+    its error is the simulator's, not the machine's drift since the calibration)."""
     from kvflow.config import EngineConfig
     if isinstance(real_runs, bool) or not isinstance(real_runs, int) or real_runs < 1:
         raise ValueError(f"real_runs must be an integer >= 1, got {real_runs!r}")
@@ -96,12 +98,9 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
         real_m = {key: float(np.median([r[0][key] for r in runs])) for key in real_m}
     if served and bracket:        # the held-out workload again, after: its steps start after the first's ended
         serve(cores, workload_requests(held_out), router, rc.config.cache.block_size, served_after)
-        shift = max((s[3] + s[1] for s in served_steps if len(s) > 2), default=0.0) + 1.0
-        both = served_steps + [(*s[:3], s[3] + shift) if len(s) > 2 else s   # a fleet's: (shape, s, replica,
-                               for s in served_after]                          # start s), after the first's
         extra["metrics_bracket"] = simulated(config, served_profile(
-            plan_profile, plan_steps, both, f"the workload with seed {held_out.seed}, before and after"), workload,
-            real_m)[0]
+            plan_profile, plan_steps, in_sequence(served_steps, served_after),
+            f"the workload with seed {held_out.seed}, before and after"), workload, real_m)[0]
     ratio = step_ratio(alone, steps)   # the real run's own steps / their calibrated time alone: ~1 when the
     rows, recorded = simulated(config, profile, workload, real_m, record=bool(placed))
     if real_runs > 1:
@@ -110,6 +109,10 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
                                 if real_m[key] else 0.0 for key, _ in KEYS}
     if served:
         extra["metrics_plan"] = simulated(config, plan_profile, workload, real_m)[0]
+        # not a prediction: the fit of the real runs' own steps, which the machine's drift since the held-out
+        # run does not reach; what is left is the simulator's (scheduling, co-run model), not the calibration's
+        extra["metrics_insample"] = simulated(config, served_profile(
+            plan_profile, plan_steps, in_sequence(*(r[1] for r in runs)), "the real runs"), workload, real_m)[0]
     if replicas > 1:       # the same simulation without the co-run slowdown (each replica as if alone)
         extra["real_step_ratio_overlap"] = overlap_ratios(alone, steps)
         extra["metrics_alone"] = simulated(config, alone, workload, real_m)[0]
@@ -127,6 +130,16 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
             "real_run_s": round(t_real, 1), "real_cpu_share": round(cpu_share, 3),
             "real_step_ratio": round(ratio, 3),    # machine ran as fast as during the calibration
             "real_duration_s": round(duration, 2), "metrics": rows, "ok": all(v["ok"] for v in rows.values())}
+
+
+def in_sequence(*runs) -> list:
+    """The steps of served runs as one run: a fleet's (shape, s, replica, start s) each shifted to start a
+    second after the previous run's last step ended (one engine's (shape, s) as they are)."""
+    out: list = []
+    for steps in runs:
+        shift = max((s[3] + s[1] for s in out if len(s) > 2), default=-1.0) + 1.0 if out else 0.0
+        out += [(*s[:3], s[3] + shift) if len(s) > 2 else s for s in steps]
+    return out
 
 
 def serve_once(cores, workload: WorkloadSpec, router: str, block_size: int):
