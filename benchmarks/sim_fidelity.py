@@ -77,6 +77,10 @@ def main() -> int:
         for key in result["real_spread"]:
             print(f"  {key:<20}" + "".join(f"{r[key]:>10.2f}" for r in result["real_runs"])
                   + f"   {result['real_spread'][key]:>7.1%}")
+    print("each real run's median band (its 45th and 55th percentiles over its median: where a twentieth of the "
+          "requests crossing it would put it): " + "; ".join(
+              ", ".join(f"{k.split('_')[1].upper()} {lo:+.1%}/{hi:+.1%}" for k, (lo, hi) in band.items())
+              for band in result["real_median_band"]))
     m = result["machine"]
     print("the machine itself (kvflow/sim/probe.py, no kvflow code; before the calibration, then after each real "
           "run): " + "; ".join(f"{k} " + ", ".join(f"{p[k]:.2f}" for p in m["probes"]) + f" (spread {v:.1%})"

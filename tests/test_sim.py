@@ -457,6 +457,8 @@ def test_fidelity_against_a_fresh_calibration(default_model_path, monkeypatch):
     m = result["metrics"]
     assert set(result["metrics_bracket"]) == set(m)     # also fitted with the held-out run after the real runs
     assert set(result["metrics_insample"]) == set(m)    # and with the real runs' own steps
+    bands = result["real_median_band"]                  # each run's median, a twentieth of the requests away
+    assert len(bands) == 2 and all(lo <= 0.0 <= hi for b in bands for lo, hi in b.values())
     assert len(result["record"]["served_after_steps"]) >= 12
     assert len(result["real_runs"]) == 2 and set(result["real_spread"]) == set(m)   # compared with their median
     for key, row in m.items():
@@ -481,6 +483,14 @@ def test_machine_probe_times_its_two_kernels_and_their_spread():
     assert spread([p]) == {"memory_ms": 0.0, "python_ms": 0.0}
     with pytest.raises(ValueError, match="repeats"):
         probe(repeats=0)
+
+
+def test_median_band_is_where_a_twentieth_of_the_values_crossing_the_median_puts_it():
+    from kvflow.sim.fidelity import median_band
+    assert median_band([10.0] * 40) == [0.0, 0.0]
+    lo, hi = median_band([20.0] * 27 + [60.0] * 24)        # two modes, the median at the top of the lower:
+    assert lo == 0.0 and hi == pytest.approx(2.0)           # two requests crossing it triple it
+    assert median_band([]) == [0.0, 0.0]
 
 
 def test_fidelity_real_runs_must_be_a_positive_integer():

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from kvflow.bench.metrics import compute_metrics
+from kvflow.bench.metrics import compute_metrics, tpot
 from kvflow.cluster.router import RouteRequest, Router
 from kvflow.sim.calibrate import DEFAULT_PLAN, build_core, calibrate, fit_served, overlap_ratios, served_profile
 from kvflow.sim.cost_model import step_ratio
@@ -39,8 +39,10 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     benchmarks/README.md). `real_runs` > 1: the workload is served that many times, one after another, and
     the simulation is compared with each metric's median over them; `real_spread` says how far the real runs
     themselves fell from that median (the real system's own run-to-run variation: a bound below which no
-    simulation of it can be judged). `load`: the workload's rate becomes this fraction of the requests/s the
-    fleet serves at most (capacity(): its simulation with every request at once, on the plan's fresh fit), so
+    simulation of it can be judged); `real_median_band`, each run's median_band of TTFT and TPOT (how far its
+    median moves when a twentieth of the requests cross it). `load`: the workload's rate becomes this
+    fraction of the requests/s the fleet serves at most (capacity(): its simulation with every request at
+    once, on the plan's fresh fit), so
     that the check runs at the same distance from saturation however fast the machine is that day (this one's
     speed halved from one day to the next; near capacity a few percent of it moves TPOT by tens). `machine`:
     probe.py's timings of two fixed kernels with no kvflow code, before the calibration and after each real
@@ -93,7 +95,7 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
         runs.append(serve_once(cores, workload, router, rc.config.cache.block_size))
         probes.append(probe())
     t_real = time.perf_counter() - t1
-    real_m, steps, placed, duration, cpu_share = runs[0]      # the steps and placement studied: the first run's
+    real_m, steps, placed, duration, cpu_share, _ = runs[0]   # the steps and placement studied: the first run's
     if real_runs > 1:
         real_m = {key: float(np.median([r[0][key] for r in runs])) for key in real_m}
     if served and bracket:        # the held-out workload again, after: its steps start after the first's ended
@@ -107,6 +109,7 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
         extra["real_runs"] = [{key: round(r[0][key], 3) for key, _ in KEYS} for r in runs]
         extra["real_spread"] = {key: round(max(abs(r[0][key] - real_m[key]) for r in runs) / real_m[key], 4)
                                 if real_m[key] else 0.0 for key, _ in KEYS}
+    extra["real_median_band"] = [r[5] for r in runs]
     if served:
         extra["metrics_plan"] = simulated(config, plan_profile, workload, real_m)[0]
         # not a prediction: the fit of the real runs' own steps, which the machine's drift since the held-out
@@ -144,11 +147,25 @@ def in_sequence(*runs) -> list:
 
 def serve_once(cores, workload: WorkloadSpec, router: str, block_size: int):
     """One real run of `workload` (replay.serve: several cores behind `router`): (bench serve's metrics, its
-    steps, where each request went (several cores), duration s, CPU share (one core))."""
+    steps, where each request went (several cores), duration s, CPU share (one core), its medians' bands)."""
     steps, placed = [], []
     real, duration = serve(cores, workload_requests(workload), router, block_size, steps, placed)
     cpu_share = replay.cpu_share if len(cores) == 1 else float("nan")
-    return compute_metrics(real, duration), steps, placed, duration, cpu_share
+    ok = [r for r in real if r.success]
+    band = {"median_ttft_ms": median_band([r.ttft for r in ok]),
+            "median_tpot_ms": median_band([t for t in map(tpot, ok) if t is not None])}
+    return compute_metrics(real, duration), steps, placed, duration, cpu_share, band
+
+
+def median_band(values) -> list[float]:
+    """The 45th and 55th percentiles of `values` relative to their median, minus 1: where the median goes when
+    a twentieth of them cross it. Wider than a target, and the median cannot be judged to it: a few requests
+    that move (a decode that meets a prompt's step or not) move it further."""
+    a = np.asarray(values, dtype=float)
+    if not a.size or np.median(a) <= 0:
+        return [0.0, 0.0]
+    mid = float(np.median(a))
+    return [round(float(np.percentile(a, q)) / mid - 1.0, 4) for q in (45, 55)]
 
 
 def capacity(config, profile, workload: WorkloadSpec) -> float:
