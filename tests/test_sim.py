@@ -459,6 +459,7 @@ def test_fidelity_against_a_fresh_calibration(default_model_path, monkeypatch):
     assert set(result["metrics_insample"]) == set(m)    # and with the real runs' own steps
     bands = result["real_median_band"]                  # each run's median, a twentieth of the requests away
     assert len(bands) == 2 and all(lo <= 0.0 <= hi for b in bands for lo, hi in b.values())
+    assert [len(r) for r in result["record"]["real_requests"]] == [12, 12]    # each request's TTFT and TPOT
     assert len(result["record"]["served_after_steps"]) >= 12
     assert len(result["real_runs"]) == 2 and set(result["real_spread"]) == set(m)   # compared with their median
     for key, row in m.items():

@@ -109,7 +109,9 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
         extra["real_runs"] = [{key: round(r[0][key], 3) for key, _ in KEYS} for r in runs]
         extra["real_spread"] = {key: round(max(abs(r[0][key] - real_m[key]) for r in runs) / real_m[key], 4)
                                 if real_m[key] else 0.0 for key, _ in KEYS}
-    extra["real_median_band"] = [r[5] for r in runs]
+    extra["real_median_band"] = [{"median_ttft_ms": median_band([q[0] for q in r[5]]),
+                                  "median_tpot_ms": median_band([q[1] for q in r[5] if q[1] is not None])}
+                                 for r in runs]
     if served:
         extra["metrics_plan"] = simulated(config, plan_profile, workload, real_m)[0]
         # not a prediction: the fit of the real runs' own steps, which the machine's drift since the held-out
@@ -127,7 +129,7 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     extra["record"] = {"plan_profile": dataclasses.asdict(plan_profile), "real_metrics": real_m,   # to study
                        "sim_kwargs": sim_kwargs, "workload": dataclasses.asdict(workload),
                        "plan_steps": plan_steps, "served_steps": served_steps, "real_steps": steps,   # offline
-                       "served_after_steps": served_after,
+                       "served_after_steps": served_after, "real_requests": [r[5] for r in runs],
                        "real_runs": [{"metrics": r[0], "steps": r[1], "placed": r[2]} for r in runs[1:]]}
     return {**extra, "profile": dataclasses.asdict(profile), "calibration_s": round(t_cal, 1),
             "real_run_s": round(t_real, 1), "real_cpu_share": round(cpu_share, 3),
@@ -147,14 +149,14 @@ def in_sequence(*runs) -> list:
 
 def serve_once(cores, workload: WorkloadSpec, router: str, block_size: int):
     """One real run of `workload` (replay.serve: several cores behind `router`): (bench serve's metrics, its
-    steps, where each request went (several cores), duration s, CPU share (one core), its medians' bands)."""
+    steps, where each request went (several cores), duration s, CPU share (one core), each request's TTFT and
+    TPOT in ms (None: one token), in arrival order)."""
     steps, placed = [], []
     real, duration = serve(cores, workload_requests(workload), router, block_size, steps, placed)
     cpu_share = replay.cpu_share if len(cores) == 1 else float("nan")
-    ok = [r for r in real if r.success]
-    band = {"median_ttft_ms": median_band([r.ttft for r in ok]),
-            "median_tpot_ms": median_band([t for t in map(tpot, ok) if t is not None])}
-    return compute_metrics(real, duration), steps, placed, duration, cpu_share, band
+    per_request = [(round(r.ttft * 1e3, 3), None if t is None else round(t * 1e3, 3))
+                   for r, t in zip(real, map(tpot, real)) if r.success]
+    return compute_metrics(real, duration), steps, placed, duration, cpu_share, per_request
 
 
 def median_band(values) -> list[float]:
