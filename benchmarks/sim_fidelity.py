@@ -81,6 +81,11 @@ def main() -> int:
           "requests crossing it would put it): " + "; ".join(
               ", ".join(f"{k.split('_')[1].upper()} {lo:+.1%}/{hi:+.1%}" for k, (lo, hi) in band.items())
               for band in result["real_median_band"]))
+    corr = result["per_request_corr"]
+    print("request by request, the correlation of each request's TTFT / TPOT with each real run's: " + "; ".join(
+        f"{name} " + ", ".join("-" if c is None else f"{c['ttft']}/{c['tpot']}" for c in runs)
+        for name, runs in [("the simulation", corr["simulation"]), ("in-sample", corr.get("insample", [])),
+                           ("the real runs with each other", corr["real"])] if runs))
     m = result["machine"]
     print("the machine itself (kvflow/sim/probe.py, no kvflow code; before the calibration, then after each real "
           "run): " + "; ".join(f"{k} " + ", ".join(f"{p[k]:.2f}" for p in m["probes"]) + f" (spread {v:.1%})"

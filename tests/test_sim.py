@@ -460,6 +460,9 @@ def test_fidelity_against_a_fresh_calibration(default_model_path, monkeypatch):
     bands = result["real_median_band"]                  # each run's median, a twentieth of the requests away
     assert len(bands) == 2 and all(lo <= 0.0 <= hi for b in bands for lo, hi in b.values())
     assert [len(r) for r in result["record"]["real_requests"]] == [12, 12]    # each request's TTFT and TPOT
+    corr = result["per_request_corr"]           # request by request: simulated and in-sample vs each real run
+    assert set(corr) == {"simulation", "insample", "real"} and [len(corr[k]) for k in corr] == [2, 2, 1]
+    assert all(-1.0 <= r <= 1.0 for runs in corr.values() for c in runs for r in c.values() if r is not None)
     assert len(result["record"]["served_after_steps"]) >= 12
     assert len(result["real_runs"]) == 2 and set(result["real_spread"]) == set(m)   # compared with their median
     for key, row in m.items():
@@ -492,6 +495,14 @@ def test_median_band_is_where_a_twentieth_of_the_values_crossing_the_median_puts
     lo, hi = median_band([20.0] * 27 + [60.0] * 24)        # two modes, the median at the top of the lower:
     assert lo == 0.0 and hi == pytest.approx(2.0)           # two requests crossing it triple it
     assert median_band([]) == [0.0, 0.0]
+
+
+def test_request_correlation_compares_two_runs_request_by_request():
+    from kvflow.sim.fidelity import request_correlation
+    a = [(100.0, 20.0), (200.0, 60.0), (300.0, None), (400.0, 40.0)]
+    assert request_correlation(a, [(2 * t, 3 * p if p else None) for t, p in a]) == {"ttft": 1.0, "tpot": 1.0}
+    assert request_correlation(a, [(-t, 20.0) for t, _ in a]) == {"ttft": -1.0, "tpot": None}   # no spread
+    assert request_correlation(a, a[:3]) is None          # not the same requests
 
 
 def test_fidelity_real_runs_must_be_a_positive_integer():

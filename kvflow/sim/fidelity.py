@@ -40,7 +40,9 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     the simulation is compared with each metric's median over them; `real_spread` says how far the real runs
     themselves fell from that median (the real system's own run-to-run variation: a bound below which no
     simulation of it can be judged); `real_median_band`, each run's median_band of TTFT and TPOT (how far its
-    median moves when a twentieth of the requests cross it). `load`: the workload's rate becomes this
+    median moves when a twentieth of the requests cross it); `per_request_corr`, the correlation of each
+    request's TTFT and TPOT between the simulation (and the in-sample one) and each real run, and between the
+    real runs. `load`: the workload's rate becomes this
     fraction of the requests/s the fleet serves at most (capacity(): its simulation with every request at
     once, on the plan's fresh fit), so
     that the check runs at the same distance from saturation however fast the machine is that day (this one's
@@ -116,8 +118,15 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
         extra["metrics_plan"] = simulated(config, plan_profile, workload, real_m)[0]
         # not a prediction: the fit of the real runs' own steps, which the machine's drift since the held-out
         # run does not reach; what is left is the simulator's (scheduling, co-run model), not the calibration's
-        extra["metrics_insample"] = simulated(config, served_profile(
-            plan_profile, plan_steps, in_sequence(*(r[1] for r in runs)), "the real runs"), workload, real_m)[0]
+        insample = served_profile(plan_profile, plan_steps, in_sequence(*(r[1] for r in runs)), "the real runs")
+        extra["metrics_insample"] = simulated(config, insample, workload, real_m)[0]
+    # request by request: the simulation's TTFT and TPOT against each real run's, and the real runs' own
+    extra["per_request_corr"] = {
+        name: [request_correlation(r[5], each) for r in runs]
+        for name, each in [("simulation", simulated_requests(config, profile, workload))]
+        + ([("insample", simulated_requests(config, insample, workload))] if served else [])}
+    extra["per_request_corr"]["real"] = [request_correlation(runs[i][5], runs[j][5])
+                                         for i in range(len(runs)) for j in range(i + 1, len(runs))]
     if replicas > 1:       # the same simulation without the co-run slowdown (each replica as if alone)
         extra["real_step_ratio_overlap"] = overlap_ratios(alone, steps)
         extra["metrics_alone"] = simulated(config, alone, workload, real_m)[0]
@@ -168,6 +177,32 @@ def median_band(values) -> list[float]:
         return [0.0, 0.0]
     mid = float(np.median(a))
     return [round(float(np.percentile(a, q)) / mid - 1.0, 4) for q in (45, 55)]
+
+
+def simulated_requests(config, profile, workload: WorkloadSpec) -> list[tuple]:
+    """Each request's (TTFT ms, TPOT ms or None: one token) in the simulation of `workload`, in arrival order
+    (as serve_once's; requests refused or failed left out). Empty when two requests arrive at one instant (the
+    report's rows, in finish order, do not say which came first)."""
+    from kvflow.sim.cluster import Simulation
+    rows = sorted((r for r in Simulation(config, profile).run(workload_requests(workload)).rows if not r[7]),
+                  key=lambda row: row[0])
+    if len({row[0] for row in rows}) < len(rows):
+        return []
+    return [(row[3] * 1e3, (row[4] - row[3]) / (row[2] - 1) * 1e3 if row[2] > 1 else None) for row in rows]
+
+
+def request_correlation(a: list[tuple], b: list[tuple]) -> dict | None:
+    """Pearson's r of two runs' per-request TTFT and of their TPOT ((ttft, tpot) per request, arrival order):
+    how alike they put each request, whatever their medians. None when they are not the same requests in one
+    order (their number differs), a metric's None when it has no spread in either run."""
+    if len(a) != len(b):
+        return None
+    out = {}
+    for j, key in enumerate(("ttft", "tpot")):
+        pairs = np.array([(x[j], y[j]) for x, y in zip(a, b) if x[j] is not None and y[j] is not None]).reshape(-1, 2)
+        ok = len(pairs) >= 3 and pairs[:, 0].std() > 0 and pairs[:, 1].std() > 0
+        out[key] = round(float(np.corrcoef(pairs[:, 0], pairs[:, 1])[0, 1]), 3) if ok else None
+    return out
 
 
 def capacity(config, profile, workload: WorkloadSpec) -> float:
