@@ -42,11 +42,10 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     simulation of it can be judged); `real_median_band`, each run's median_band of TTFT and TPOT (how far its
     median moves when a twentieth of the requests cross it); `per_request_corr`, the correlation of each
     request's TTFT and TPOT between the simulation (and the in-sample one) and each real run, and between the
-    real runs. `load`: the workload's rate becomes this
-    fraction of the requests/s the fleet serves at most (capacity(): its simulation with every request at
-    once, on the plan's fresh fit), so
-    that the check runs at the same distance from saturation however fast the machine is that day (this one's
-    speed halved from one day to the next; near capacity a few percent of it moves TPOT by tens). `machine`:
+    real runs. `load`: the workload's rate becomes this fraction of the requests/s the fleet serves at most
+    (capacity(): its simulation with every request at once, on the plan's fresh fit), so that the check runs
+    at the same distance from saturation however fast the machine is that day (this one's speed halved from
+    one day to the next; near capacity a few percent of it moves TPOT by tens). `machine`:
     probe.py's timings of two fixed kernels with no kvflow code, before the calibration and after each real
     run, and their spread: how far the machine itself moved during the check. `bracket` (with `served`): the
     held-out workload is served again after the real runs, and `metrics_bracket` is the simulation on a fit of
@@ -151,7 +150,7 @@ def in_sequence(*runs) -> list:
     second after the previous run's last step ended (one engine's (shape, s) as they are)."""
     out: list = []
     for steps in runs:
-        shift = max((s[3] + s[1] for s in out if len(s) > 2), default=-1.0) + 1.0 if out else 0.0
+        shift = max((s[3] + s[1] for s in out if len(s) > 2), default=-1.0) + 1.0     # (0.0 for the first)
         out += [(*s[:3], s[3] + shift) if len(s) > 2 else s for s in steps]
     return out
 
@@ -194,7 +193,8 @@ def simulated_requests(config, profile, workload: WorkloadSpec) -> list[tuple]:
 def request_correlation(a: list[tuple], b: list[tuple]) -> dict | None:
     """Pearson's r of two runs' per-request TTFT and of their TPOT ((ttft, tpot) per request, arrival order):
     how alike they put each request, whatever their medians. None when they are not the same requests in one
-    order (their number differs), a metric's None when it has no spread in either run."""
+    order (their number differs); a metric's None when fewer than three requests have it in both, or it does
+    not vary in one of the runs."""
     if len(a) != len(b):
         return None
     out = {}
