@@ -105,7 +105,7 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
             plan_profile, plan_steps, in_sequence(served_steps, served_after),
             f"the workload with seed {held_out.seed}, before and after"), workload, real_m)[0]
     ratio = step_ratio(alone, steps)   # the real run's own steps / their calibrated time alone: ~1 when the
-    rows, recorded = simulated(config, profile, workload, real_m, record=bool(placed))
+    rows, recorded, sim_requests = simulated(config, profile, workload, real_m, record=bool(placed))
     if real_runs > 1:
         extra["real_runs"] = [{key: round(r[0][key], 3) for key, _ in KEYS} for r in runs]
         extra["real_spread"] = {key: round(max(abs(r[0][key] - real_m[key]) for r in runs) / real_m[key], 4)
@@ -118,14 +118,13 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
         # not a prediction: the fit of the real runs' own steps, which the machine's drift since the held-out
         # run does not reach; what is left is the simulator's (scheduling, co-run model), not the calibration's
         insample = served_profile(plan_profile, plan_steps, in_sequence(*(r[1] for r in runs)), "the real runs")
-        extra["metrics_insample"] = simulated(config, insample, workload, real_m)[0]
+        extra["metrics_insample"], _, insample_requests = simulated(config, insample, workload, real_m)
     # request by request: the simulation's TTFT and TPOT against each real run's, and the real runs' own
-    extra["per_request_corr"] = {
-        name: [request_correlation(r[5], each) for r in runs]
-        for name, each in [("simulation", simulated_requests(config, profile, workload))]
-        + ([("insample", simulated_requests(config, insample, workload))] if served else [])}
-    extra["per_request_corr"]["real"] = [request_correlation(runs[i][5], runs[j][5])
-                                         for i in range(len(runs)) for j in range(i + 1, len(runs))]
+    corr = extra["per_request_corr"] = {"simulation": [request_correlation(r[5], sim_requests) for r in runs]}
+    if served:
+        corr["insample"] = [request_correlation(r[5], insample_requests) for r in runs]
+    corr["real"] = [request_correlation(runs[i][5], runs[j][5])
+                    for i in range(len(runs)) for j in range(i + 1, len(runs))]
     if replicas > 1:       # the same simulation without the co-run slowdown (each replica as if alone)
         extra["real_step_ratio_overlap"] = overlap_ratios(alone, steps)
         extra["metrics_alone"] = simulated(config, alone, workload, real_m)[0]
@@ -172,19 +171,17 @@ def median_band(values) -> list[float]:
     a twentieth of them cross it. Wider than a target, and the median cannot be judged to it: a few requests
     that move (a decode that meets a prompt's step or not) move it further."""
     a = np.asarray(values, dtype=float)
-    if not a.size or np.median(a) <= 0:
+    mid = float(np.median(a)) if a.size else 0.0
+    if mid <= 0:
         return [0.0, 0.0]
-    mid = float(np.median(a))
     return [round(float(np.percentile(a, q)) / mid - 1.0, 4) for q in (45, 55)]
 
 
-def simulated_requests(config, profile, workload: WorkloadSpec) -> list[tuple]:
-    """Each request's (TTFT ms, TPOT ms or None: one token) in the simulation of `workload`, in arrival order
-    (as serve_once's; requests refused or failed left out). Empty when two requests arrive at one instant (the
+def request_times(rec) -> list[tuple]:
+    """Each request's (TTFT ms, TPOT ms or None: one token) in a simulation's Recorder, in arrival order (as
+    serve_once's; requests refused or failed left out). Empty when two requests arrive at one instant (the
     report's rows, in finish order, do not say which came first)."""
-    from kvflow.sim.cluster import Simulation
-    rows = sorted((r for r in Simulation(config, profile).run(workload_requests(workload)).rows if not r[7]),
-                  key=lambda row: row[0])
+    rows = sorted((r for r in rec.rows if not r[7]), key=lambda row: row[0])
     if len({row[0] for row in rows}) < len(rows):
         return []
     return [(row[3] * 1e3, (row[4] - row[3]) / (row[2] - 1) * 1e3 if row[2] > 1 else None) for row in rows]
@@ -215,16 +212,17 @@ def capacity(config, profile, workload: WorkloadSpec) -> float:
 
 def simulated(config, profile, workload: WorkloadSpec, real_m: dict, router: Router | None = None,
               record: bool = False):
-    """(compare_metrics of the simulation of `workload` against `real_m`, the Recording router or None); with
-    `router` in place of the configured one, or (`record`) the configured one noting where it places each."""
+    """(compare_metrics of the simulation of `workload` against `real_m`, the Recording router or None, each
+    request's times: request_times); with `router` in place of the configured one, or (`record`) the
+    configured one noting where it places each."""
     from kvflow.sim.cluster import Simulation
     sim = Simulation(config, profile)
     if record:
         router = Recording(sim.prefill.router)
     if router is not None:
         sim.prefill.router = router
-    rows = compare_metrics(real_m, sim.run(workload_requests(workload)).summary(None, sim))
-    return rows, router if record else None
+    rec = sim.run(workload_requests(workload))
+    return compare_metrics(real_m, rec.summary(None, sim)), router if record else None, request_times(rec)
 
 
 def ensemble(config, profile, workload: WorkloadSpec, real_m: dict, runs: int = ENSEMBLE) -> dict:
