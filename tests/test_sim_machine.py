@@ -174,7 +174,8 @@ def test_a_fit_refitted_with_served_steps():
     two = served_profile(paired, plan, fleet)
     assert two.corun_slowdown == pytest.approx(1.2, rel=1e-3) and two.fit["served_alone_steps"] == 60
     assert two.fit["plan_corun_slowdown"] == 1.05 and two.replicas_per_machine == 2
-    assert two.corun_by_kind == {"decode": {"decode": pytest.approx(1.2, rel=1e-3)}}    # the only pair served
+    assert two.corun_by_kind == {"decode": {"decode": pytest.approx(1.2, rel=1e-3),       # the only pair served,
+                                            "prefill": pytest.approx(1.2, rel=1e-3)}}    # and a decode's figure
     kept = served_profile(paired, plan, fleet[:70])        # ten steps beside: too few to measure it
     assert kept.corun_slowdown == 1.05 and "served_corun_slowdown" not in kept.fit
     t, slow = 0.0, []              # the same, with the steps alone 10% over the plan's: the fit (on relative
@@ -187,10 +188,43 @@ def test_a_fit_refitted_with_served_steps():
     three = served_profile(paired, plan, slow)
     assert three.fit["served_over_fit"] > 1.0     # what the fit alone left between it and the steps alone
     assert step_ratio(three, slow[:60]) == pytest.approx(1.0, rel=1e-3)      # (the 60 alone)
-    assert three.corun_by_kind == {"decode": {"decode": pytest.approx(1.2, rel=1e-3)}}
+    assert three.corun_by_kind["decode"]["decode"] == pytest.approx(1.2, rel=1e-3)
     with pytest.raises(ValueError, match="steps"):
         served_profile(profile, plan, fleet[:5])
     with pytest.raises(ValueError, match="steps"):
         served_profile(profile, plan, fleet[60:])          # none alone
     with pytest.raises(ValueError, match="profile"):
         served_profile(roofline_profile("h100"), plan, fleet)
+
+
+def test_a_pair_of_step_kinds_with_too_few_steps_takes_its_own_kinds_figure():
+    """calibrate.served_profile: a pair of step kinds served too seldom to measure (a prefill beside a
+    decode) takes the figure of its own kind's steps beside any other, not the figure of all kinds (which the
+    many decodes make: a compute-bound prefill would be priced as slowed as a memory-bound decode)."""
+    from kvflow.sim.calibrate import served_profile
+    truth = fixed_profile(step_s=0.004, per_token=2e-4)
+    model = truth.cost_model()
+    plan = [(s, model.step_seconds(*s)) for s in [(r, p, 150 * r, p * p / 2) for r in (0, 1, 4) for p in (0, 200)
+                                                  if r or p]]
+    decode, prefill = (2, 0, 240, 0.0), (0, 200, 0, 20000.0)
+    d, p = model.step_seconds(*decode), model.step_seconds(*prefill)
+    t, fleet = 0.0, []
+    for _ in range(60):            # decodes alone, then beside a decode 1.2x slower
+        fleet.append((decode, d, 0, t))
+        t += d + 1.0
+    for _ in range(60):
+        fleet += [(decode, 1.2 * d, 0, t), (decode, 1.2 * d, 1, t)]
+        t += d + 1.0
+    for _ in range(12):            # prefills beside a prefill (24 steps), unslowed
+        fleet += [(prefill, p, 0, t), (prefill, p, 1, t)]
+        t += p + 1.0
+    for _ in range(10):            # prefills beside a decode as long (10: too few for the pair), unslowed
+        fleet += [(prefill, p, 0, t), (decode, p, 1, t)]
+        t += p + 1.0
+    paired = dataclasses.replace(truth, replicas_per_machine=2)
+    prof = served_profile(paired, plan, fleet)
+    assert prof.corun_slowdown == pytest.approx(1.2, rel=1e-3)            # all kinds: the decodes'
+    assert prof.fit["served_prefill_beside_decode_steps"] == 10 and prof.fit["served_prefill_beside_steps"] == 34
+    assert prof.corun_by_kind["prefill"] == {"prefill": pytest.approx(1.0, rel=1e-3),
+                                             "decode": pytest.approx(1.0, rel=1e-3)}    # its own kind's figure
+    assert prof.corun_by_kind["decode"]["decode"] == pytest.approx(1.2, rel=1e-3)

@@ -286,11 +286,13 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
     the steps with no other replica stepping (overlap_groups) join the fit, and the fleet's corun_slowdown
     becomes the median time over the new fit of its steps beside another's over that of those alone (when
     there are `min_steps` of each; else the profile's is kept), and corun_by_kind the same for each pair of
-    step kinds (a decode beside another replica's decode, ...) with `min_steps` of it. A fleet's fit is then
-    scaled by the median time of its steps alone over it (served_over_fit; a fit on relative error with the
-    plan's steps need not meet them): the co-run figures are over those, so a step alone is priced where a
-    co-run figure's 1.0 is. The fit records how the served steps compared with the plan's fit, decode-only
-    steps and steps with a prefill apart."""
+    step kinds (a decode beside another replica's decode, ...) with `min_steps` of it, else for the step's own
+    kind beside any (steps with a prefill are long and few, and seldom wholly beside one kind; they are
+    compute bound and barely slowed, so the figure of all kinds, which the decodes make, would overprice
+    them). A fleet's fit is then scaled by the median time of its steps alone over it (served_over_fit; a
+    fit on relative error with the plan's steps need not meet them): the co-run figures are over those, so a
+    step alone is priced where a co-run figure's 1.0 is. The fit records how the served steps compared with
+    the plan's fit, decode-only steps and steps with a prefill apart."""
     if profile.kind != "linear":
         raise ValueError(f"profile: only a linear (calibrated) cost model is fitted to served steps, "
                          f"got {profile.kind!r}")
@@ -319,12 +321,15 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
         slowdown = round(step_ratio(fitted, beside), 4)
         quality.update(served_corun_slowdown=slowdown, plan_corun_slowdown=profile.corun_slowdown,
                        served_beside_steps=len(beside))
-        for own in STEP_KINDS:              # by the kinds of the pair, where there are enough steps of it
+        for own in STEP_KINDS:              # by the kinds of the pair, where there are enough steps of it,
+            pooled = [s for s in beside if step_kind(s[0][1]) == own]     # else by its own kind beside any
             for other in STEP_KINDS:
                 cell = [s for s in groups[f"beside {other}"] if step_kind(s[0][1]) == own]
-                if len(cell) >= min_steps:
-                    by_kind.setdefault(own, {})[other] = round(step_ratio(fitted, cell), 4)
+                if len(cell) >= min_steps or len(pooled) >= min_steps:
+                    by_kind.setdefault(own, {})[other] = round(step_ratio(
+                        fitted, cell if len(cell) >= min_steps else pooled), 4)
                 quality[f"served_{own}_beside_{other}_steps"] = len(cell)
+            quality[f"served_{own}_beside_steps"] = len(pooled)
     return dataclasses.replace(fitted, corun_slowdown=slowdown, corun_by_kind=by_kind, fit=quality,
                                source=f"{profile.source}; fitted again with {len(alone)} steps served of {label}"
                                       + (f" (co-run slowdown {slowdown:.3f} from {len(beside)} of them beside "
