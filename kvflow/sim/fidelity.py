@@ -50,9 +50,10 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     run, and their spread: how far the machine itself moved during the check. `bracket` (with `served`): the
     held-out workload is served again after the real runs, and `metrics_bracket` is the simulation on a fit of
     the plan's steps and both served runs' (a calibration on either side of the real runs, as a drifting
-    instrument is calibrated before and after a measurement). With `served`, `metrics_insample` is the
-    simulation on a fit of the plan's steps and the real runs' own (not a prediction of them: what is left of
-    its error is the simulator's, not the machine's drift since the calibration)."""
+    instrument is calibrated before and after a measurement). `metrics_insample` is the simulation on a fit of
+    the plan's steps and the real runs' own (not a prediction of them: what is left of its error is the
+    simulator's, not the machine's drift since the calibration; absent when the real runs have too few steps
+    to fit)."""
     from kvflow.config import EngineConfig
     if isinstance(real_runs, bool) or not isinstance(real_runs, int) or real_runs < 1:
         raise ValueError(f"real_runs must be an integer >= 1, got {real_runs!r}")
@@ -115,13 +116,16 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
                                  for r in runs]
     if served:
         extra["metrics_plan"] = simulated(config, plan_profile, workload, real_m)[0]
-        # not a prediction: the fit of the real runs' own steps, which the machine's drift since the held-out
-        # run does not reach; what is left is the simulator's (scheduling, co-run model), not the calibration's
+    # not a prediction: the fit of the real runs' own steps, which the machine's drift since the calibration
+    # does not reach; what is left is the simulator's (scheduling, co-run model), not the calibration's
+    try:
         insample = served_profile(plan_profile, plan_steps, in_sequence(*(r[1] for r in runs)), "the real runs")
-        extra["metrics_insample"], _, insample_requests = simulated(config, insample, workload, real_m)
+    except ValueError:            # too few real steps (alone) to fit: no in-sample figures
+        insample = None
     # request by request: the simulation's TTFT and TPOT against each real run's, and the real runs' own
     corr = extra["per_request_corr"] = {"simulation": [request_correlation(r[5], sim_requests) for r in runs]}
-    if served:
+    if insample is not None:
+        extra["metrics_insample"], _, insample_requests = simulated(config, insample, workload, real_m)
         corr["insample"] = [request_correlation(r[5], insample_requests) for r in runs]
     corr["real"] = [request_correlation(runs[i][5], runs[j][5])
                     for i in range(len(runs)) for j in range(i + 1, len(runs))]
