@@ -325,9 +325,9 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
             pooled = [s for s in beside if step_kind(s[0][1]) == own]     # else by its own kind beside any
             for other in STEP_KINDS:
                 cell = [s for s in groups[f"beside {other}"] if step_kind(s[0][1]) == own]
-                if len(cell) >= min_steps or len(pooled) >= min_steps:
-                    by_kind.setdefault(own, {})[other] = round(step_ratio(
-                        fitted, cell if len(cell) >= min_steps else pooled), 4)
+                measured = cell if len(cell) >= min_steps else pooled
+                if len(measured) >= min_steps:
+                    by_kind.setdefault(own, {})[other] = round(step_ratio(fitted, measured), 4)
                 quality[f"served_{own}_beside_{other}_steps"] = len(cell)
             quality[f"served_{own}_beside_steps"] = len(pooled)
     return dataclasses.replace(fitted, corun_slowdown=slowdown, corun_by_kind=by_kind, fit=quality,
