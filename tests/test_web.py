@@ -4,7 +4,7 @@ random-weight model, with an API key, for the whole module.
 
 What is tested, and how:
 - the page loads with no console error; its assets are served from the package, with a strict CSP;
-- a chat message streams into the page (the page shows it at three lengths or more), with its TTFT,
+- a chat message streams into the page (a part of it, then more, while it streams), with its TTFT,
   tokens/s and cached prompt tokens; stop and regenerate; the conversation survives a reload;
 - a reply containing HTML shows as text: the request the page sends is given a `guided_choice` on its
   way (Playwright's request routing) so that the real model, through the real server, streams exactly
@@ -170,21 +170,13 @@ def test_chat_streams_a_reply(page, server, artifacts):
     page.wait_for_function("document.getElementById('model').textContent === 'tiny'")
     page.fill("#system", "You are terse.")
     page.fill("#temperature", "0")
-    page.fill("#max_tokens", "96")
+    page.fill("#max_tokens", "48")
     page.fill("#seed", "7")
-    # every answer runs its max_tokens (no early end of sequence): enough tokens to stream in several reads
-    # however the browser and the server share the two cores
+    # every answer runs its max_tokens (no early end of sequence, added on the way)
     page.route("**/v1/chat/completions", lambda route: route.continue_(
         post_data=json.dumps({**json.loads(route.request.post_data), "ignore_eos": True})))
-    # the lengths of the answer the page showed while it streamed
-    page.evaluate("""() => { window.__lengths = [];
-        new MutationObserver(() => { const b = document.querySelector('#messages .msg.assistant:last-child .body');
-            if (b && b.textContent) window.__lengths.push(b.textContent.length); })
-        .observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true}); }""")
     send_message(page, "Hello there")
     wait_answered(page, 1)
-    lengths = page.evaluate("window.__lengths")
-    assert len(set(lengths)) >= 3, f"the answer did not stream (the lengths shown: {lengths})"
     answer = page.locator("#messages .msg.assistant .body").last.text_content()
     assert answer
     info = text(page, "#messages .msg.assistant .info")
@@ -201,7 +193,11 @@ def test_chat_streams_a_reply(page, server, artifacts):
     # stop: a long answer (800 tokens) ends early, marked stopped
     page.fill("#max_tokens", "800")
     send_message(page, "Tell me a long story")
-    page.wait_for_function("document.querySelector('#messages .streaming .body')?.textContent.length > 0")
+    # it streams: the page shows a part of the answer, then more of it, while the answer is still streaming
+    streaming = "document.querySelector('#messages .streaming .body')?.textContent.length"
+    page.wait_for_function(f"{streaming} > 0")
+    shown = page.evaluate(streaming)
+    page.wait_for_function(f"{streaming} > {shown}")
     page.click("#stop")
     wait_answered(page, 2)
     assert text(page, "#messages .msg.assistant:last-child .info").endswith("stopped")
