@@ -12,11 +12,12 @@ from kvflow.config import EngineConfig
 from kvflow.memory.kv_cache_manager import extend_block_hashes
 from kvflow.presets import PRESETS
 from kvflow.sim.calibrate import fit
-from kvflow.sim.cluster import simulate
+from kvflow.sim.cluster import Simulation, simulate
 from kvflow.sim.compare import compare, preset_shape
 from kvflow.sim.cost_model import (SMOLLM2_135M, HardwareProfile, load_profile, roofline_profile, step_shape)
 from kvflow.sim.replica import SimReplica, engine_spec
-from kvflow.sim.workload import WorkloadSpec, parse_workload, read_trace, workload_requests, write_trace
+from kvflow.sim.workload import (SimRequest, WorkloadSpec, parse_workload, read_trace, workload_requests,
+                                 write_trace)
 
 from .conftest import needs_default_model
 
@@ -157,6 +158,29 @@ def test_sim_takes_the_real_engines_steps(default_model_path):
     assert simulated == real
     assert rep.scheduler.num_preemptions == core.scheduler.num_preemptions > 0
     assert rep.kv.num_hits == core.kv.num_hits > 0
+
+
+def test_requests_arriving_at_one_instant_share_the_step_that_starts_then():
+    """An offline batch (every request at t = 0) and a burst later: the step that starts at their instant
+    holds them all, as the real engine adds what its queue holds before it schedules (the first arrival
+    kicks the step; the workload is read one arrival ahead, so the step once started with two)."""
+    config = EngineConfig.from_kwargs(max_num_seqs=16, max_num_batched_tokens=512, num_kv_blocks=64)
+    sim = Simulation(config, fixed_profile(0.01))
+    scheduler = sim.prefill.replicas[0].scheduler
+    steps, orig = [], scheduler.schedule
+
+    def schedule():
+        out = orig()
+        if out.scheduled:
+            steps.append((sim.now, len(out.scheduled), out.num_scheduled_tokens))
+        return out
+    scheduler.schedule = schedule
+    burst = [SimRequest(0.0, [5 + i] * 20, 3) for i in range(6)] + [SimRequest(1.0, [50 + i] * 10, 2) for i in range(5)]
+    rec = sim.run(burst)
+    assert steps[0] == (0.0, 6, 120)                   # all six prompts in the first step
+    assert (1.0, 5, 50) in steps                       # the burst at 1 s: all five in the step starting then
+    assert len(rec.rows) == 11
+    all_blocks_back(sim)
 
 
 # ---- presets, traces, determinism, invariants -----------------------------------------------------------------

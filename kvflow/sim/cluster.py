@@ -40,6 +40,7 @@ AUTOSCALE_S = 1.0
 GC_THRESHOLD = 50_000      # allocations between the cyclic collector's youngest-generation passes (default 700)
 WARM_FRACTION = 0.25
 ARRIVE, STEP_END, KV_ARRIVE, TICK, READY, WARM = range(6)
+ARRIVE_FIRST = 1 << 62     # an arrival's place in the queue: before every other event of its instant
 
 
 @dataclass
@@ -147,8 +148,11 @@ class Simulation:
         return self.now
 
     def _push(self, t: float, kind: int, a=None, b=None) -> None:
+        # at one instant, arrivals go first (in their order): a step starting then sees every request that
+        # arrived then, as the real engine adds what its queue holds before it schedules (the workload's
+        # arrivals are read one ahead, so a burst's later ones are pushed after the step its first one kicked)
         self._seq += 1
-        heapq.heappush(self._events, (t, self._seq, kind, a, b))
+        heapq.heappush(self._events, (t, self._seq - ARRIVE_FIRST if kind == ARRIVE else self._seq, kind, a, b))
 
     # ---- the loop ------------------------------------------------------------------------------------------
 
