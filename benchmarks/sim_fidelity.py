@@ -6,6 +6,7 @@ process on the cores slows the real run (not the simulated one).
 
     python benchmarks/sim_fidelity.py                                   # ~2-3 minutes on 2 cores
     python benchmarks/sim_fidelity.py --workload random:n=40,rate=2,input=256,output=32,range=0.5 --threads 2
+    python benchmarks/sim_fidelity.py --workload wcpu --max-num-seqs 32           # W-CPU, offline (~4 minutes)
     python benchmarks/sim_fidelity.py --replicas 2 --load 0.5 --workload random:n=64,input=200,output=24,range=0.5,seed=42
 
 Measured (AMD EPYC, 2 shared cores, load average 4.4 -> 3.4, --threads 1, the default workload): throughput
@@ -18,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 from kvflow.sim.cost_model import HardwareProfile
@@ -28,9 +31,22 @@ from kvflow.sim.workload import parse_workload
 DEFAULT_WORKLOAD = "random:n=64,rate=1.5,input=200,output=24,range=0.5,seed=0"
 
 
+def wcpu_trace() -> str:
+    """W-CPU (32 requests from random.Random(0), EOS ignored: every request makes its output length) as a trace
+    file of requests all arriving at t = 0: the offline batch kvflow's throughput benchmark serves."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks.throughput import make_workload
+    from kvflow.sim.workload import SimRequest, write_trace
+    path = os.path.join(tempfile.mkdtemp(prefix="kvflow-wcpu-"), "wcpu.jsonl")
+    write_trace([SimRequest(0.0, prompt, max_tokens) for prompt, max_tokens in make_workload()], path)
+    return path
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", default=DEFAULT_WORKLOAD)
+    p.add_argument("--workload", default=DEFAULT_WORKLOAD,
+                   help="KIND:key=value,... (kvflow/sim/workload.py), a trace file, or wcpu: BENCHMARKS.md's W-CPU, "
+                        "offline (then --max-num-seqs 32 serves it all at once, as the throughput benchmark)")
     p.add_argument("--threads", type=int, default=1,
                    help="the engine's compute threads (default 1: with 2 threads on 2 shared cores another process "
                         "stalls both at every barrier, and the real run is up to 10x slower than its calibration)")
@@ -58,13 +74,18 @@ def main() -> int:
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--save-profile", default=None, help="write the fresh calibration (a hardware profile) here")
     args = p.parse_args()
-    workload = parse_workload(args.workload)
+    if args.workload == "wcpu":          # BENCHMARKS.md's W-CPU itself (benchmarks/throughput.py), all at t = 0
+        workload = wcpu_trace()
+    else:
+        workload = parse_workload(args.workload)
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     result = fidelity({"num_threads": args.threads, "max_num_seqs": args.max_num_seqs}, workload,
                       repeats=args.repeats, replicas=args.replicas, router=args.router,
                       served={"auto": None, "on": True, "off": False}[args.served], real_runs=args.real_runs,
                       load=args.load, bracket=args.bracket)
+    if args.workload == "wcpu":
+        shutil.rmtree(os.path.dirname(workload))
     result.update(workload=args.workload, wall_s=round(time.perf_counter() - t0, 1), load_avg_before=load0,
                   load_avg_after=os.getloadavg()[0], cpu_count=os.cpu_count())
     tables = [("", result["metrics"])]

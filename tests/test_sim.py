@@ -529,7 +529,7 @@ def test_request_correlation_compares_two_runs_request_by_request():
     assert request_correlation(a, a[:3]) is None          # not the same requests
 
 
-def test_fidelity_real_runs_must_be_a_positive_integer():
+def test_fidelity_real_runs_must_be_a_positive_integer(tmp_path):
     from kvflow.sim.fidelity import fidelity
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="real_runs"):     # before any engine is built
@@ -539,6 +539,11 @@ def test_fidelity_real_runs_must_be_a_positive_integer():
             fidelity({}, parse_workload("random:n=2"), load=bad)
     with pytest.raises(ValueError, match="bracket needs served"):
         fidelity({}, parse_workload("random:n=2"), served=False, bracket=True)
+    trace = tmp_path / "t.jsonl"
+    write_trace(workload_requests(parse_workload("random:n=2")), str(trace))
+    for kw in ({"load": 0.5}, {"served": True}, {"replicas": 2}):      # (two replicas: served by default)
+        with pytest.raises(ValueError, match="a trace file .* load and served need a generated workload"):
+            fidelity({}, str(trace), **kw)
 
 
 def test_capacity_is_the_rate_a_fleet_saturates_at():

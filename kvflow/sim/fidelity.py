@@ -25,10 +25,10 @@ KEYS = (("output_throughput", 0.10), ("median_ttft_ms", 0.10), ("median_tpot_ms"
         ("p99_ttft_ms", 0.20), ("p99_tpot_ms", 0.20))
 
 
-def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, repeats: int = 1,
+def fidelity(engine_kwargs: dict, workload: WorkloadSpec | str, plan=DEFAULT_PLAN, repeats: int = 1,
              warm: bool = True, replicas: int = 1, router: str = "round-robin", served: bool | None = None,
              real_runs: int = 1, load: float | None = None, bracket: bool = False) -> dict:
-    """`warm`: serve the workload once unmeasured first (the engine's first call of each batch shape selects
+    """`workload`: generated (a WorkloadSpec) or a trace file's path. `warm`: serve the workload once unmeasured first (the engine's first call of each batch shape selects
     kernels and grows buffers, up to ~0.7 s on a CPU: a cold run measures that, not steady serving).
     `replicas` > 1: that many engines, each on its own thread and core, behind `router`, against the
     simulator's `replicas` and `router` on one simulated machine (calibrate's `together`: the profile's
@@ -62,6 +62,9 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
     served = replicas > 1 if served is None else served
     if bracket and not served:
         raise ValueError("bracket needs served: the held-out workload is served before and after the real runs")
+    if isinstance(workload, str) and (served or load is not None):
+        raise ValueError(f"workload: a trace file ({workload}) has its own arrival times and no seed to draw a "
+                         f"held-out one: load and served need a generated workload")
     built = [build_core(engine_kwargs) for _ in range(replicas)]
     rc = built[0][1]
     cores = [c for c, _, _ in built]
@@ -138,7 +141,7 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec, plan=DEFAULT_PLAN, rep
         extra.update(ensemble(config, profile, workload, real_m))
     extra["machine"] = {"probes": probes, "spread": spread(probes)}
     extra["record"] = {"plan_profile": dataclasses.asdict(plan_profile), "real_metrics": real_m,   # to study
-                       "sim_kwargs": sim_kwargs, "workload": dataclasses.asdict(workload),
+                       "sim_kwargs": sim_kwargs, "workload": workload if isinstance(workload, str) else dataclasses.asdict(workload),
                        "plan_steps": plan_steps, "served_steps": served_steps, "real_steps": steps,   # offline
                        "served_after_steps": served_after, "real_requests": [r[5] for r in runs],
                        "real_runs": [{"metrics": r[0], "steps": r[1], "placed": r[2]} for r in runs[1:]]}
@@ -158,7 +161,7 @@ def in_sequence(*runs) -> list:
     return out
 
 
-def serve_once(cores, workload: WorkloadSpec, router: str, block_size: int):
+def serve_once(cores, workload: WorkloadSpec | str, router: str, block_size: int):
     """One real run of `workload` (replay.serve: several cores behind `router`): (bench serve's metrics, its
     steps, where each request went (several cores), duration s, CPU share (one core), each request's TTFT and
     TPOT in ms (None: one token), in arrival order)."""
@@ -214,7 +217,7 @@ def capacity(config, profile, workload: WorkloadSpec) -> float:
     return sim.summary(None)["request_throughput"]
 
 
-def simulated(config, profile, workload: WorkloadSpec, real_m: dict, router: Router | None = None,
+def simulated(config, profile, workload: WorkloadSpec | str, real_m: dict, router: Router | None = None,
               record: bool = False):
     """(compare_metrics of the simulation of `workload` against `real_m`, the Recording router or None, each
     request's times: request_times); with `router` in place of the configured one, or (`record`) the
