@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -31,13 +30,13 @@ from kvflow.sim.workload import parse_workload
 DEFAULT_WORKLOAD = "random:n=64,rate=1.5,input=200,output=24,range=0.5,seed=0"
 
 
-def wcpu_trace() -> str:
+def wcpu_trace(folder: str) -> str:
     """W-CPU (32 requests from random.Random(0), EOS ignored: every request makes its output length) as a trace
-    file of requests all arriving at t = 0: the offline batch kvflow's throughput benchmark serves."""
+    file in `folder` of requests all arriving at t = 0: the offline batch kvflow's throughput benchmark serves."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks.throughput import make_workload
     from kvflow.sim.workload import SimRequest, write_trace
-    path = os.path.join(tempfile.mkdtemp(prefix="kvflow-wcpu-"), "wcpu.jsonl")
+    path = os.path.join(folder, "wcpu.jsonl")
     write_trace([SimRequest(0.0, prompt, max_tokens) for prompt, max_tokens in make_workload()], path)
     return path
 
@@ -74,18 +73,14 @@ def main() -> int:
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--save-profile", default=None, help="write the fresh calibration (a hardware profile) here")
     args = p.parse_args()
-    if args.workload == "wcpu":          # BENCHMARKS.md's W-CPU itself (benchmarks/throughput.py), all at t = 0
-        workload = wcpu_trace()
-    else:
-        workload = parse_workload(args.workload)
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    result = fidelity({"num_threads": args.threads, "max_num_seqs": args.max_num_seqs}, workload,
-                      repeats=args.repeats, replicas=args.replicas, router=args.router,
-                      served={"auto": None, "on": True, "off": False}[args.served], real_runs=args.real_runs,
-                      load=args.load, bracket=args.bracket)
-    if args.workload == "wcpu":
-        shutil.rmtree(os.path.dirname(workload))
+    with tempfile.TemporaryDirectory(prefix="kvflow-fidelity-") as tmp:     # (wcpu's trace lives there)
+        workload = wcpu_trace(tmp) if args.workload == "wcpu" else parse_workload(args.workload)
+        result = fidelity({"num_threads": args.threads, "max_num_seqs": args.max_num_seqs}, workload,
+                          repeats=args.repeats, replicas=args.replicas, router=args.router,
+                          served={"auto": None, "on": True, "off": False}[args.served], real_runs=args.real_runs,
+                          load=args.load, bracket=args.bracket)
     result.update(workload=args.workload, wall_s=round(time.perf_counter() - t0, 1), load_avg_before=load0,
                   load_avg_after=os.getloadavg()[0], cpu_count=os.cpu_count())
     tables = [("", result["metrics"])]

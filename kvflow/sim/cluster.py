@@ -148,11 +148,16 @@ class Simulation:
         return self.now
 
     def _push(self, t: float, kind: int, a=None, b=None) -> None:
-        # at one instant, arrivals go first (in their order): a step starting then sees every request that
-        # arrived then, as the real engine adds what its queue holds before it schedules (the workload's
-        # arrivals are read one ahead, so a burst's later ones are pushed after the step its first one kicked)
         self._seq += 1
-        heapq.heappush(self._events, (t, self._seq - ARRIVE_FIRST if kind == ARRIVE else self._seq, kind, a, b))
+        heapq.heappush(self._events, (t, self._seq, kind, a, b))
+
+    def _push_arrival(self, t: float, a, b=None) -> None:
+        """An ARRIVE event, before every other event of its instant (arrivals among themselves in order): a step
+        starting then sees every request that arrived then, as the real engine adds what its queue holds before
+        it schedules (the workload is read one arrival ahead: a burst's later ones are pushed after the step
+        its first one kicked)."""
+        self._seq += 1
+        heapq.heappush(self._events, (t, self._seq - ARRIVE_FIRST, ARRIVE, a, b))
 
     # ---- the loop ------------------------------------------------------------------------------------------
 
@@ -210,7 +215,7 @@ class Simulation:
     def _next_arrival(self) -> None:
         req = next(self._arrivals, None)
         if req is not None:
-            self._push(req.arrival_s, ARRIVE, req)
+            self._push_arrival(req.arrival_s, req)
         else:
             self._arrivals_done = True
 

@@ -28,8 +28,9 @@ KEYS = (("output_throughput", 0.10), ("median_ttft_ms", 0.10), ("median_tpot_ms"
 def fidelity(engine_kwargs: dict, workload: WorkloadSpec | str, plan=DEFAULT_PLAN, repeats: int = 1,
              warm: bool = True, replicas: int = 1, router: str = "round-robin", served: bool | None = None,
              real_runs: int = 1, load: float | None = None, bracket: bool = False) -> dict:
-    """`workload`: generated (a WorkloadSpec) or a trace file's path. `warm`: serve the workload once unmeasured first (the engine's first call of each batch shape selects
-    kernels and grows buffers, up to ~0.7 s on a CPU: a cold run measures that, not steady serving).
+    """`workload`: generated (a WorkloadSpec) or a trace file's path. `warm`: serve the workload once unmeasured
+    first (the engine's first call of each batch shape selects kernels and grows buffers, up to ~0.7 s on a
+    CPU: a cold run measures that, not steady serving).
     `replicas` > 1: that many engines, each on its own thread and core, behind `router`, against the
     simulator's `replicas` and `router` on one simulated machine (calibrate's `together`: the profile's
     co-run slowdown); `metrics_alone`: the simulation without it. `served`: the plan's fit is then fitted
@@ -141,7 +142,8 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec | str, plan=DEFAULT_PLA
         extra.update(ensemble(config, profile, workload, real_m))
     extra["machine"] = {"probes": probes, "spread": spread(probes)}
     extra["record"] = {"plan_profile": dataclasses.asdict(plan_profile), "real_metrics": real_m,   # to study
-                       "sim_kwargs": sim_kwargs, "workload": workload if isinstance(workload, str) else dataclasses.asdict(workload),
+                       "sim_kwargs": sim_kwargs,
+                       "workload": workload if isinstance(workload, str) else dataclasses.asdict(workload),
                        "plan_steps": plan_steps, "served_steps": served_steps, "real_steps": steps,   # offline
                        "served_after_steps": served_after, "real_requests": [r[5] for r in runs],
                        "real_runs": [{"metrics": r[0], "steps": r[1], "placed": r[2]} for r in runs[1:]]}

@@ -24,7 +24,7 @@ import traceback
 from kvflow.cluster.router import RouteRequest
 from kvflow.config import EngineConfig
 from kvflow.memory.kv_cache_manager import extend_block_hashes
-from kvflow.sim.cluster import ARRIVE, GC_THRESHOLD, Simulation
+from kvflow.sim.cluster import GC_THRESHOLD, Simulation
 from kvflow.sim.cost_model import HardwareProfile
 from kvflow.sim.report import Record, Recorder
 from kvflow.sim.runner import DEFAULT_ACCEPTANCE
@@ -70,7 +70,7 @@ class Shard:
         for rid, arrival, prompt, max_tokens, user, itl, i, hashes in arrivals:
             rec = sim.rec.records[rid] = Record(rid, arrival, prompt, len(prompt), max_tokens, user,
                                                 itl=[] if itl else None)
-            sim._push(arrival, ARRIVE, rec, (i, hashes))
+            sim._push_arrival(arrival, rec, (i, hashes))
         sim.advance(until)
         reps = sim.prefill.replicas
         loads = []
