@@ -41,6 +41,13 @@ def wcpu_trace(folder: str) -> str:
     return path
 
 
+def summary(metrics: dict) -> str:
+    """`metrics` (compare_metrics) in one line: the targets met, and each metric's error."""
+    met = sum(row["ok"] for row in metrics.values())
+    return f"{met} of {len(metrics)} (" + ", ".join(
+        f"{key} {row['rel_error']:.1%}{'' if row['ok'] else ' MISS'}" for key, row in metrics.items()) + ")"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", default=DEFAULT_WORKLOAD,
@@ -150,6 +157,12 @@ def main() -> int:
         o = result["real_step_ratio_overlap"]
         print(f"the real steps against the calibration alone: {o['alone']:.3f}x while the other replica was idle "
               f"({o['steps']['alone']} steps), {o['beside']:.3f}x while it stepped too ({o['steps']['beside']})")
+    for k, run in enumerate(result.get("runs", ())):     # each real run alone: the machine's speed in it
+        line = (f"real run {k + 1} (its steps {run['step_ratio']:.2f}x the calibration): the simulation "
+                + summary(run["metrics"]))
+        if "metrics_insample" in run:
+            line += "; fitted with this run's own steps " + summary(run["metrics_insample"])
+        print(line)
     if args.save_profile:
         HardwareProfile(**{**result["profile"], "name": "cpu-fidelity"}).save(args.save_profile)
     if args.out:

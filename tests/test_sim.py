@@ -489,6 +489,12 @@ def test_fidelity_against_a_fresh_calibration(default_model_path, monkeypatch):
     assert all(-1.0 <= r <= 1.0 for runs in corr.values() for c in runs for r in c.values() if r is not None)
     assert len(result["record"]["served_after_steps"]) >= 12
     assert len(result["real_runs"]) == 2 and set(result["real_spread"]) == set(m)   # compared with their median
+    runs = result["runs"]                 # and with each run alone: the prediction and a fit of its own steps
+    assert len(runs) == 2 and all(r["step_ratio"] > 0 and set(r["metrics"]) == set(m) for r in runs)
+    for run, real in zip(runs, result["real_runs"]):
+        assert all(row["real"] == pytest.approx(real[key], abs=1e-3) for key, row in run["metrics"].items())
+        assert all(row["sim"] == m[key]["sim"] for key, row in run["metrics"].items())
+        assert set(run.get("metrics_insample", m)) == set(m)
     for key, row in m.items():
         assert row["real"] == pytest.approx(sum(r[key] for r in result["real_runs"]) / 2, rel=1e-3, abs=1e-3)
     assert result["profile"]["fit"]["num_steps"] >= 40 and result["profile"]["fit"]["r2"] > 0.8

@@ -40,8 +40,9 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec | str, plan=DEFAULT_PLA
     benchmarks/README.md). `real_runs` > 1: the workload is served that many times, one after another, and
     the simulation is compared with each metric's median over them; `real_spread` says how far the real runs
     themselves fell from that median (the real system's own run-to-run variation: a bound below which no
-    simulation of it can be judged); `real_median_band`, each run's median_band of TTFT and TPOT (how far its
-    median moves when a twentieth of the requests cross it); `per_request_corr`, the correlation of each
+    simulation of it can be judged), and `runs` compares the simulation with each run alone (each_run);
+    `real_median_band`, each run's median_band of TTFT and TPOT (how far its median moves when a twentieth of
+    the requests cross it); `per_request_corr`, the correlation of each
     request's TTFT and TPOT between the simulation (and the in-sample one) and each real run, and between the
     real runs. `load`: the workload's rate becomes this fraction of the requests/s the fleet serves at most
     (capacity(): its simulation with every request at once, on the plan's fresh fit), so that the check runs
@@ -131,6 +132,8 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec | str, plan=DEFAULT_PLA
     if insample is not None:
         extra["metrics_insample"], _, insample_requests = simulated(config, insample, workload, real_m)
         corr["insample"] = [request_correlation(r[5], insample_requests) for r in runs]
+    if real_runs > 1:
+        extra["runs"] = each_run(config, plan_profile, alone, plan_steps, workload, rows, runs)
     corr["real"] = [request_correlation(runs[i][5], runs[j][5])
                     for i in range(len(runs)) for j in range(i + 1, len(runs))]
     if replicas > 1:       # the same simulation without the co-run slowdown (each replica as if alone)
@@ -151,6 +154,28 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec | str, plan=DEFAULT_PLA
             "real_run_s": round(t_real, 1), "real_cpu_share": round(cpu_share, 3),
             "real_step_ratio": round(ratio, 3),    # machine ran as fast as during the calibration
             "real_duration_s": round(duration, 2), "metrics": rows, "ok": all(v["ok"] for v in rows.values())}
+
+
+def each_run(config, plan_profile, profile, plan_steps, workload, rows: dict, runs) -> list[dict]:
+    """Run by run (several real runs): how fast the machine ran each (`step_ratio`: its steps' median time over
+    `profile`'s, the prediction's fit with each replica as if alone), the prediction against that run alone
+    (`metrics`: the simulation's figures in `rows`, no new simulation), and a simulation fitted with the plan's
+    steps and that run's own (`metrics_insample`, absent when the run has too few steps to fit). The median of
+    the runs mixes runs at different speeds of the machine; one run at a time, a miss is either the machine's
+    drift since the calibration (the prediction misses, its own fit does not) or the simulator's."""
+    sim_m = {key: row["sim"] for key, row in rows.items()}
+    out = []
+    for k, run in enumerate(runs):
+        real, steps = run[0], run[1]
+        entry = {"step_ratio": round(step_ratio(profile, steps), 3), "metrics": compare_metrics(real, sim_m)}
+        try:
+            own = served_profile(plan_profile, plan_steps, steps, f"real run {k + 1}")
+        except ValueError:        # too few steps (alone) to fit
+            own = None
+        if own is not None:
+            entry["metrics_insample"] = simulated(config, own, workload, real)[0]
+        out.append(entry)
+    return out
 
 
 def in_sequence(*runs) -> list:
