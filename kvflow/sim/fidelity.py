@@ -14,7 +14,8 @@ import numpy as np
 
 from kvflow.bench.metrics import compute_metrics, tpot
 from kvflow.cluster.router import RouteRequest, Router
-from kvflow.sim.calibrate import DEFAULT_PLAN, build_core, calibrate, fit_served, overlap_ratios, served_profile
+from kvflow.sim.calibrate import (DEFAULT_PLAN, build_core, calibrate, fit_served, overlap_groups, overlap_ratios,
+                                  served_profile)
 from kvflow.sim.cost_model import step_ratio
 from kvflow.sim.probe import probe, spread
 from kvflow.sim.replay import replay, serve
@@ -158,7 +159,8 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec | str, plan=DEFAULT_PLA
 
 def each_run(config, plan_profile, profile, plan_steps, workload, rows: dict, runs) -> list[dict]:
     """Run by run (several real runs): how fast the machine ran each (`step_ratio`: its steps' median time over
-    `profile`'s, the prediction's fit with each replica as if alone), the prediction against that run alone
+    `profile`'s, the prediction's fit with each replica as if alone; a fleet's steps with no other replica
+    stepping, as the co-run slowdown is not the machine's drift), the prediction against that run alone
     (`metrics`: the simulation's figures in `rows`, no new simulation), and a simulation fitted with the plan's
     steps and that run's own (`metrics_insample`, absent when the run has too few steps to fit). The median of
     the runs mixes runs at different speeds of the machine; one run at a time, a miss is either the machine's
@@ -167,7 +169,8 @@ def each_run(config, plan_profile, profile, plan_steps, workload, rows: dict, ru
     out = []
     for k, run in enumerate(runs):
         real, steps = run[0], run[1]
-        entry = {"step_ratio": round(step_ratio(profile, steps), 3), "metrics": compare_metrics(real, sim_m)}
+        alone = overlap_groups(steps)["alone"] if steps and len(steps[0]) > 2 else steps
+        entry = {"step_ratio": round(step_ratio(profile, alone), 3), "metrics": compare_metrics(real, sim_m)}
         try:
             own = served_profile(plan_profile, plan_steps, steps, f"real run {k + 1}")
         except ValueError:        # too few steps (alone) to fit
