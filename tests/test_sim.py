@@ -271,8 +271,12 @@ def test_parallel_run_is_the_one_process_run_split():
         simulate_parallel(EngineConfig.from_kwargs(prefill_replicas=1, decode_replicas=1), profile, requests(10))
     with pytest.raises(ValueError, match="workers"):
         simulate_parallel(EngineConfig.from_kwargs(replicas=2), profile, requests(10), workers=0)
-    with pytest.raises(RuntimeError, match="num_kv_blocks is too small"):     # a worker's error, not a hang
-        simulate_parallel(EngineConfig.from_kwargs(replicas=2, num_kv_blocks=4), profile, requests(10), workers=2)
+    for workers in (1, 2):     # the same error in one process and from a worker process (not a hang)
+        with pytest.raises(ValueError, match="num_kv_blocks is too small") as err:
+            simulate_parallel(EngineConfig.from_kwargs(replicas=2, num_kv_blocks=4), profile, requests(10),
+                              workers=workers)
+        notes = getattr(err.value, "__notes__", ())
+        assert (workers == 2) == any("in a simulation worker" in note for note in notes)   # its traceback
 
 
 def test_a_recorded_placement_replays_the_run():
@@ -456,6 +460,10 @@ def test_compare_and_cli(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kvflow", "sim", "--workload", "chat:rate=0"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "rate" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "kvflow", "sim", "--workload", "chat:n=10,rate=10", "--replicas", "2",
+                           "--num-kv-blocks", "4", "--workers", "2"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "num_kv_blocks is too small" in proc.stderr    # a worker's error, as in one
+    assert "Traceback" not in proc.stderr                                          # process: no crash
     proc = subprocess.run([sys.executable, "-m", "kvflow", "sim", "calibrate", "--out", str(tmp_path / "p.json"),
                            "--together", "0"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--together" in proc.stderr

@@ -1,6 +1,8 @@
 """A simulation split over worker processes: each worker owns a share of the replicas and runs their events;
 the router runs in the parent, on the loads the workers last reported (`kvflow sim --workers N`).
 
+A worker's error is raised in the parent as the same exception (its traceback a note), as in one process.
+
 Replicas only meet at the router, so the run goes in batches of arrivals. A batch starts at the next arrival
 time T and holds the arrivals before T + sync_s. First every worker runs its replicas' events before T and
 reports the loads that changed (and which requests finished, for a router with state); then the router places
@@ -103,8 +105,11 @@ def _serve(conn, make_sim, owned: range) -> None:
         conn.send(("ok", shard.result()))
     except EOFError:                   # the parent is gone (another worker failed)
         pass
-    except BaseException:              # the parent raises it with the worker's traceback
-        conn.send(("error", traceback.format_exc()))
+    except BaseException as e:         # the parent raises it, with the worker's traceback as a note
+        try:
+            conn.send(("error", (e, traceback.format_exc())))
+        except Exception:              # (an exception that does not pickle: its traceback alone)
+            conn.send(("error", (None, traceback.format_exc())))
     finally:
         conn.close()
 
@@ -184,8 +189,12 @@ def _receive(conns) -> list:
     answers = []
     for c in conns:
         status, value = c.recv()
-        if status != "ok":
-            raise RuntimeError(f"a simulation worker failed:\n{value}")
+        if status != "ok":             # the worker's exception (the same error as in one process)
+            exc, tb = value
+            if exc is None:
+                raise RuntimeError(f"a simulation worker failed:\n{tb}")
+            exc.add_note(f"in a simulation worker:\n{tb}")
+            raise exc
         answers.append(value)
     return answers
 
