@@ -14,8 +14,7 @@ import numpy as np
 
 from kvflow.bench.metrics import compute_metrics, tpot
 from kvflow.cluster.router import RouteRequest, Router
-from kvflow.sim.calibrate import (DEFAULT_PLAN, build_core, calibrate, fit_served, overlap_groups, overlap_ratios,
-                                  served_profile)
+from kvflow.sim.calibrate import DEFAULT_PLAN, build_core, calibrate, fit_served, overlap_ratios, served_profile
 from kvflow.sim.cost_model import step_ratio
 from kvflow.sim.probe import probe, spread
 from kvflow.sim.replay import replay, serve
@@ -169,13 +168,14 @@ def each_run(config, plan_profile, profile, plan_steps, workload, rows: dict, ru
     out = []
     for k, run in enumerate(runs):
         real, steps = run[0], run[1]
-        alone = overlap_groups(steps)["alone"] if steps and len(steps[0]) > 2 else steps
-        entry = {"step_ratio": round(step_ratio(profile, alone), 3), "metrics": compare_metrics(real, sim_m)}
+        fleet = steps and len(steps[0]) > 2         # (shape, s, replica, start) steps: overlap_ratios splits them
+        ratio = overlap_ratios(profile, steps)["alone"] if fleet else round(step_ratio(profile, steps), 3)
+        entry = {"step_ratio": ratio, "metrics": compare_metrics(real, sim_m)}
         try:
             own = served_profile(plan_profile, plan_steps, steps, f"real run {k + 1}")
         except ValueError:        # too few steps (alone) to fit
-            own = None
-        if own is not None:
+            pass
+        else:
             entry["metrics_insample"] = simulated(config, own, workload, real)[0]
         out.append(entry)
     return out
