@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import math
 import multiprocessing
+import pickle
 import traceback
 
 from kvflow.cluster.router import RouteRequest
@@ -69,7 +70,8 @@ class Shard:
     def run(self, arrivals: list[tuple], until: float) -> tuple[list[tuple], list[tuple[str, int]]]:
         """Take routed arrivals, run every event before `until`; (changed loads, finished requests)."""
         sim = self.sim
-        for rid, arrival, prompt, max_tokens, user, itl, i, hashes in arrivals:
+        for i, blob in arrivals:
+            rid, arrival, prompt, max_tokens, user, itl, hashes = pickle.loads(blob)
             rec = sim.rec.records[rid] = Record(rid, arrival, prompt, len(prompt), max_tokens, user,
                                                 itl=[] if itl else None)
             sim._push_arrival(arrival, rec, (i, hashes))
@@ -200,8 +202,9 @@ def _receive(conns) -> list:
 
 
 def _drive(sim: Simulation, requests, sync_s: float, owner: list[int], conns) -> list[dict]:
-    """The parent's loop: while the workers run up to the next batch, it reads and hashes that batch (nothing
-    of which depends on the loads); then it applies their reports and routes the batch."""
+    """The parent's loop: while the workers run up to the next batch, it reads, hashes and pickles that batch
+    (nothing of which depends on the loads); then it applies their reports and routes the batch. (The workers
+    wait while it routes: what it does there is only what needs the loads.)"""
     pool, rec, bs = sim.prefill, sim.rec, sim.spec.block_size
     reps, model_len = pool.replicas, sim.spec.max_model_len
     it = iter(requests)
@@ -216,7 +219,10 @@ def _drive(sim: Simulation, requests, sync_s: float, owner: list[int], conns) ->
             nxt = next(it, None)
             if not r.error:            # (an error's row is written; it is never routed)
                 del rec.records[r.rid]             # the worker keeps it from here
-                batch.append((r, extend_block_hashes([], r.prompt, bs)))
+                hashes = extend_block_hashes([], r.prompt, bs)
+                blob = pickle.dumps((r.rid, r.arrival, r.prompt, r.max_tokens, r.user, r.itl is not None, hashes),
+                                    pickle.HIGHEST_PROTOCOL)
+                batch.append((r, hashes, blob))
         for loads, finished in _receive(conns):
             for j, running, waiting, kv, assigned, outstanding, extra in loads:
                 ld = reps[j].load
@@ -230,11 +236,11 @@ def _drive(sim: Simulation, requests, sync_s: float, owner: list[int], conns) ->
             _send(conns, [None] * len(conns))
             return _receive(conns)
         routed = [[] for _ in conns]
-        for r, hashes in batch:
+        for r, hashes, blob in batch:
             i = pool.choose(RouteRequest(r.rid, hashes, r.prompt_len, r.max_tokens, r.user))
             reps[i].load.outstanding_tokens += r.prompt_len + r.max_tokens     # as Simulation._route counts it
             reps[i].count_placed(r.prompt_len)                                # and SimReplica.add
-            routed[owner[i]].append((r.rid, r.arrival, r.prompt, r.max_tokens, r.user, r.itl is not None, i, hashes))
+            routed[owner[i]].append((i, blob))
 
 
 def _merge(sim: Simulation, parts: list[dict]) -> Recorder:
