@@ -190,14 +190,14 @@ class Simulation:
         while events and events[0][0] < until:
             t, _, kind, a, b = heapq.heappop(events)
             self.now = t
-            if kind == ARRIVE:
+            if kind == STEP_END:            # (the most frequent first)
+                self._step_end(a, b)
+            elif kind == ARRIVE:
                 if b is None:
                     self._next_arrival()
                     self._arrive(a)
                 else:
                     self._route(a, *b)
-            elif kind == STEP_END:
-                self._step_end(a, b)
             elif kind == KV_ARRIVE:
                 self._kv_arrive(a, b)
             elif kind == TICK:
@@ -288,13 +288,7 @@ class Simulation:
         r.idle_since = self.now
 
     def _outputs(self, r: SimReplica, outputs) -> None:
-        records, tokens, now = self.rec.records, self.rec.tokens, self.now     # (once per step, not per output)
-        for o in outputs:
-            rec = records[o.request_id]
-            if o.new_token_ids:
-                tokens(rec, now, len(o.new_token_ids), o.num_cached_tokens, o.num_preemptions)
-            if o.finish_reason is None:
-                continue
+        for rec, o in self.rec.outputs(outputs, self.now):       # the requests these outputs end
             prefill_side = self.pd and rec.rid in self.prefilling      # (its phase, whatever r's role is now)
             self.prefilling.discard(rec.rid)
             pool = self.prefill if (prefill_side or not self.pd) else self.decode

@@ -69,16 +69,26 @@ class Recorder:
         self.records[rid] = rec
         return rec
 
-    def tokens(self, rec: Record, now: float, n: int, cached: int, preemptions: int) -> None:
-        if rec.first is None:
-            rec.first = now
-            rec.cached = max(cached, 0)
-        elif rec.itl is not None:
-            rec.itl.extend([(now - rec.last) / n] * n)
-        rec.last = now
-        rec.n_out += n
-        if preemptions > rec.preemptions:      # (max(), without the builtin's call: once per token)
-            rec.preemptions = preemptions
+    def outputs(self, outputs, now: float) -> list[tuple[Record, object]]:
+        """Record a step's engine-core outputs (their new tokens: the first one's time, the gaps after it);
+        the (record, output) pairs of the requests they end. One loop per step, not a call per output."""
+        records, ended = self.records, []
+        for o in outputs:
+            rec = records[o.request_id]
+            n = len(o.new_token_ids)
+            if n:
+                if rec.first is None:
+                    rec.first = now
+                    rec.cached = o.num_cached_tokens if o.num_cached_tokens > 0 else 0
+                elif rec.itl is not None:
+                    rec.itl.extend([(now - rec.last) / n] * n)
+                rec.last = now
+                rec.n_out += n
+                if o.num_preemptions > rec.preemptions:      # (max(), without the builtin's call)
+                    rec.preemptions = o.num_preemptions
+            if o.finish_reason is not None:
+                ended.append((rec, o))
+        return ended
 
     def done(self, rec: Record, now: float) -> None:
         del self.records[rec.rid]
