@@ -8,13 +8,16 @@ The workload is `chat` at a rate that keeps the replicas about 60% busy (so step
 fleet), the router least-load (or --router), each replica with --num-kv-blocks blocks (a GPU-sized default
 would allocate a BlockPool of 32k blocks per replica). `machine_python_ms`: kvflow/sim/probe.py's pure-Python
 loop before and after the run (the simulator is interpreter bound; on a shared machine the loop's time moves by
-tens of percent between runs, and the wall time with it)."""
+tens of percent between runs, and the wall time with it). `cpu_s`: the CPU time of this process and of the
+workers, and `cores_busy` their sum over the wall time (with --workers 2 on two cores, what the barriers and
+the parent's serial phase leave idle is 2 minus it)."""
 from __future__ import annotations
 
 import argparse
 import cProfile
 import json
 import pstats
+import resource
 import sys
 import time
 
@@ -42,6 +45,8 @@ def main() -> int:
     workload = WorkloadSpec(kind="chat", n=args.requests, rate=args.rate_per_replica * args.replicas, seed=0)
     prof = cProfile.Profile() if args.profile else None
     before = probe()          # the machine's own speed (no kvflow code): shared cores change it by tens of percent
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = own.ru_utime + own.ru_stime      # (the workers are this run's only children)
     t0 = time.perf_counter()
     if prof:
         prof.enable()
@@ -53,11 +58,15 @@ def main() -> int:
     if prof:
         prof.disable()
     wall = time.perf_counter() - t0
+    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = {"parent": round(own.ru_utime + own.ru_stime - cpu0, 1),
+           "workers": round(workers.ru_utime + workers.ru_stime, 1)}
     s = rec.summary(None, sim)
     out = {"replicas": args.replicas, "requests": args.requests, "workers": args.workers, "wall_s": round(wall, 1),
            "requests_per_wall_s": round(args.requests / wall, 1), "steps": s["num_steps"],
            "simulated_s": round(rec.end_s, 1), "completed": s["completed"],
            "mean_utilisation": round(s["mean_utilisation"], 3), "median_ttft_ms": round(s["median_ttft_ms"], 2),
+           "cpu_s": cpu, "cores_busy": round((cpu["parent"] + cpu["workers"]) / wall, 2),
            "machine_python_ms": [before["python_ms"], probe()["python_ms"]]}   # before and after (probe.py)
     print(json.dumps(out))
     if prof:
