@@ -78,12 +78,12 @@ class LoadTable(list):
 
     def least(self, start: int) -> int:
         """The position of the least value among the healthy replicas, the first at or after `start`
-        (cyclically) among equal ones. (Some replica must be healthy.)"""
+        (0 <= start < len) among equal ones, cyclically. (Some replica must be healthy.)"""
         a = self._array
         first = int(a.argmin())              # the first least one from position 0
         if first >= start:
             return first
-        later = start + int(a[start:].argmin()) if start < len(a) else first
+        later = start + int(a[start:].argmin())
         return later if a[later] == a[first] else first
 
     def check(self) -> None:

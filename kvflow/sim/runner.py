@@ -135,10 +135,8 @@ class SimRunner:
                 if k:
                     tokens = verify(s.token_ids[n - k:], seed, start + n - k, stops)
                     rejected += k + 1 - len(tokens)
-                elif stops:
+                else:
                     tokens = [made_up_token(seed, start + n, stops)]
-                else:                             # made_up_token(seed, start + n, None), without the call
-                    tokens = [1 + (seed + (start + n) * 2654435761) % (VOCAB - 1)]
                 sampled.append(tokens)
                 if s.num_draft_tokens:            # drafts for the positions after the last token sampled
                     pos = start + n - k + len(tokens)
