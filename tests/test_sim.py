@@ -2,6 +2,7 @@
 contract; a simulated run takes the same steps as the real engine; presets load and run; traces round-trip;
 same seed, same result; every KV block comes back."""
 import dataclasses
+import gc
 import json
 import subprocess
 import sys
@@ -33,6 +34,22 @@ def all_blocks_back(sim) -> None:
         r.check()
         assert not r.scheduler.requests
         assert all(b.ref_count == 0 for b in r.kv.pool.blocks)
+
+
+def simulate_leaving_no_cycles(config, profile, requests):
+    """simulate(), asserting that the run made no reference cycles (cluster.without_cyclic_gc turns the
+    cyclic collector off during runs on that ground): with the collector off throughout, a collection after the
+    run, while the Simulation is still alive, finds nothing to free."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        sim, rec = simulate(config, profile, requests)
+        assert gc.collect() == 0, "the run left reference cycles"
+    finally:
+        if enabled:
+            gc.enable()
+    return sim, rec
 
 
 def clocked_step(rep, now: list[float]):
@@ -189,7 +206,7 @@ def test_every_preset_loads_and_runs():
     w = parse_workload("chat:n=40,rate=30,seed=3")
     for name in PRESETS:
         config = EngineConfig.from_kwargs(preset=name, num_kv_blocks=512, **preset_shape(name, 2))
-        sim, rec = simulate(config, load_profile("h100"), workload_requests(w))
+        sim, rec = simulate_leaving_no_cycles(config, load_profile("h100"), workload_requests(w))
         s = rec.summary({"ttft": 5000}, sim)
         assert s["completed"] == 40 and s["failed"] == 0, name
         assert s["total_output_tokens"] == sum(r.output_len for r in workload_requests(w)), name
@@ -354,7 +371,8 @@ def test_blocks_come_back_under_pressure_and_in_every_shape():
               dict(preset="deepflow", max_replicas=3, num_kv_blocks=60)]
     preempted = 0
     for kw in shapes:
-        sim, rec = simulate(EngineConfig.from_kwargs(**kw), fixed_profile(0.02, 1e-4), workload_requests(w))
+        sim, rec = simulate_leaving_no_cycles(EngineConfig.from_kwargs(**kw), fixed_profile(0.02, 1e-4),
+                                              workload_requests(w))
         s = rec.summary(None, sim)
         assert s["completed"] == 60, kw
         preempted += s["preemptions"]

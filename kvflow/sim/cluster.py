@@ -22,6 +22,7 @@ Same seed and inputs, same events in the same order: the result is deterministic
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import heapq
 import math
@@ -37,7 +38,6 @@ from kvflow.sim.runner import DEFAULT_ACCEPTANCE
 from kvflow.sim.report import Record, Recorder
 
 AUTOSCALE_S = 1.0
-GC_THRESHOLD = 50_000      # allocations between the cyclic collector's youngest-generation passes (default 700)
 WARM_FRACTION = 0.25
 ARRIVE, STEP_END, KV_ARRIVE, TICK, READY, WARM = range(6)
 ARRIVE_FIRST = 1 << 62     # an arrival's place in the queue: before every other event of its instant
@@ -162,16 +162,8 @@ class Simulation:
     # ---- the loop ------------------------------------------------------------------------------------------
 
     def run(self, requests) -> Recorder:
-        # The loop allocates millions of small objects that refcounting frees (it makes no reference cycles: a
-        # gc.collect() after a run finds nothing), while the live set grows (finished rows, KV blocks of every
-        # replica): the cyclic collector's default thresholds made it rescan that set often enough to take a
-        # quarter of the time at 1,000 replicas. Rarer passes during the run; the old thresholds after.
-        thresholds = gc.get_threshold()
-        gc.set_threshold(GC_THRESHOLD, *thresholds[1:])
-        try:
+        with without_cyclic_gc():
             return self._run(requests)
-        finally:
-            gc.set_threshold(*thresholds)
 
     def _run(self, requests) -> Recorder:
         self._arrivals = iter(requests)
@@ -397,6 +389,22 @@ class Simulation:
             for i, r in enumerate(pool.replicas):        # the end: everything still up goes down now
                 if r is not None and pool.ready[i]:
                     self.rec.replica_down(i, self.now)
+
+
+@contextlib.contextmanager
+def without_cyclic_gc():
+    """The event loop allocates millions of small objects, and reference counting frees every one: it makes
+    no reference cycles (tests/test_sim.py: a gc.collect() after a run finds nothing to free). The cyclic
+    collector would only rescan the live set, which grows with the run (finished rows, every replica's KV
+    blocks), through memory long out of the caches: with its default thresholds a quarter of the time at
+    1,000 replicas, and 3% still with rare passes. So it is off while a run goes, and as it was after."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def simulate(config: EngineConfig, profile: HardwareProfile, requests, **kw) -> tuple[Simulation, Recorder]:

@@ -18,7 +18,6 @@ replicas at the end. Colocated replicas only: P/D and serverless runs stay in on
 """
 from __future__ import annotations
 
-import gc
 import math
 import multiprocessing
 import pickle
@@ -27,7 +26,7 @@ import traceback
 from kvflow.cluster.router import RouteRequest
 from kvflow.config import EngineConfig
 from kvflow.memory.kv_cache_manager import extend_block_hashes
-from kvflow.sim.cluster import GC_THRESHOLD, Simulation
+from kvflow.sim.cluster import Simulation, without_cyclic_gc
 from kvflow.sim.cost_model import HardwareProfile
 from kvflow.sim.report import Record, Recorder
 from kvflow.sim.runner import DEFAULT_ACCEPTANCE
@@ -99,12 +98,12 @@ class Shard:
 
 def _serve(conn, make_sim, owned: range) -> None:
     """A worker process: one Shard, driven over `conn` until the parent sends None."""
-    gc.set_threshold(GC_THRESHOLD)
     try:
-        shard = Shard(make_sim(), owned)
-        while (msg := conn.recv()) is not None:
-            conn.send(("ok", shard.run(*msg)))
-        conn.send(("ok", shard.result()))
+        with without_cyclic_gc():
+            shard = Shard(make_sim(), owned)
+            while (msg := conn.recv()) is not None:
+                conn.send(("ok", shard.run(*msg)))
+            conn.send(("ok", shard.result()))
     except EOFError:                   # the parent is gone (another worker failed)
         pass
     except BaseException as e:         # the parent raises it, with the worker's traceback as a note
@@ -167,12 +166,10 @@ def simulate_parallel(config: EngineConfig, profile: HardwareProfile, requests, 
             child.close()
             procs.append(p)
             conns.append(parent)
-    thresholds = gc.get_threshold()
-    gc.set_threshold(GC_THRESHOLD, *thresholds[1:])
     try:
-        parts = _drive(sim, requests, sync_s, owner, conns)
+        with without_cyclic_gc():
+            parts = _drive(sim, requests, sync_s, owner, conns)
     finally:
-        gc.set_threshold(*thresholds)
         for c in conns if procs else ():
             c.close()                  # a worker still waiting for a message gets EOF and ends
         for p in procs:
