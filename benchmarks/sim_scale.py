@@ -1,7 +1,7 @@
 """How fast the simulator runs at cluster scale: R replicas, N requests, wall time and simulated requests/s
 (issue 17's target: 1,000 replicas and 1,000,000 requests in under 10 minutes on a 2-core machine).
 
-    python benchmarks/sim_scale.py --replicas 1000 --requests 1000000 --rate-per-replica 200 --workers 2
+    python benchmarks/sim_scale.py --replicas 1000 --requests 1000000 --rate-per-replica 200 --workers 4
     python benchmarks/sim_scale.py --replicas 100 --requests 20000 --profile   # cProfile's top entries
 
 The workload is `chat` at a rate that keeps the replicas about 60% busy (so steps batch as in a loaded
