@@ -9,8 +9,8 @@ fleet), the router least-load (or --router), each replica with --num-kv-blocks b
 would allocate a BlockPool of 32k blocks per replica). `machine_python_ms`: kvflow/sim/probe.py's pure-Python
 loop before and after the run (the simulator is interpreter bound; on a shared machine the loop's time moves by
 tens of percent between runs, and the wall time with it). `cpu_s`: the CPU time of this process and of the
-workers, and `cores_busy` their sum over the wall time (with --workers 2 on two cores, what the barriers and
-the parent's serial phase leave idle is 2 minus it)."""
+workers, and `cores_busy` their sum over the wall time (on two cores, what the barriers and the parent's
+serial phase leave idle is 2 minus it)."""
 from __future__ import annotations
 
 import argparse

@@ -307,16 +307,3 @@ def test_scheduling_policy_is_a_config_choice():
         EngineConfig.from_kwargs(scheduling_policy="lottery")
     assert Scheduler(KVCacheManager(4, BS), 1, 8, 64, policy="fcfs").policy.name == "fcfs"
 
-
-def test_hot_objects_keep_their_attributes_under_cpythons_shared_keys_limit():
-    """An instance with 30 attributes or more no longer shares its dict's keys with its class (CPython 3.11's
-    SHARED_KEYS_MAX_SIZE), and every `self.x` read in its methods falls off the fast path: two more on the
-    Scheduler cost 1.5% of a simulation's instructions (callgrind). Objects read once per request per step."""
-    from kvflow.config import EngineConfig
-    from kvflow.sim.cluster import Simulation
-    from kvflow.sim.cost_model import load_profile
-
-    sim = Simulation(EngineConfig.from_kwargs(replicas=2, num_kv_blocks=64), load_profile("h100"))
-    r = sim.prefill.replicas[0]
-    for obj in (sim, sim.rec, r, r.scheduler, r.kv, r.kv.pool, r.runner, r.runner.cost):
-        assert len(vars(obj)) < 30, f"{type(obj).__name__} has {len(vars(obj))} attributes"
