@@ -1,8 +1,11 @@
 """Block pool and KV-cache manager on their own: reference counts, LRU eviction, prefix sharing."""
+import struct
+from hashlib import blake2b
+
 import pytest
 
 from kvflow.memory.block_pool import BlockPool
-from kvflow.memory.kv_cache_manager import KVCacheManager, hash_block
+from kvflow.memory.kv_cache_manager import KVCacheManager, extend_block_hashes, hash_block
 from kvflow.request import Request
 from kvflow.sampling.params import SamplingParams
 
@@ -49,6 +52,26 @@ def test_chained_hash_depends_on_the_whole_prefix():
     h1 = hash_block(None, [1, 2, 3, 4])
     assert h1 == hash_block(None, [1, 2, 3, 4])
     assert hash_block(h1, [5, 6, 7, 8]) != hash_block(hash_block(None, [0, 2, 3, 4]), [5, 6, 7, 8])
+
+
+def test_block_keys_keep_their_format_and_the_chain_extends_from_any_point():
+    """The keys persist (the disk tier's files are named by them): BLAKE2b-64 of the parent's key as a
+    little-endian int64, then the token ids as int32s. Extending a chain packs all new blocks at once and
+    must give hash_block's chain, from an empty one or from any of its blocks."""
+    def key(parent, tokens):
+        data = struct.pack(f"<q{len(tokens)}i", parent or 0, *tokens)
+        return int.from_bytes(blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+    assert hash_block(None, [1, 2, 3, 4]) == key(None, [1, 2, 3, 4])
+    assert hash_block(-5, [7, 49151, 0, 2**31 - 1]) == key(-5, [7, 49151, 0, 2**31 - 1])
+    tokens = [(i * 7919) % 49152 for i in range(70)]
+    chain = []
+    for b in range(70 // 16):
+        chain.append(key(chain[-1] if chain else None, tokens[16 * b:16 * b + 16]))
+    assert extend_block_hashes([], tokens, 16) == chain
+    for k in range(len(chain) + 1):
+        assert extend_block_hashes(chain[:k], tokens, 16) == chain
+        assert extend_block_hashes(chain[:k], tokens[:16 * k + 15], 16) == chain[:k]
 
 
 def test_shared_prefix_blocks_are_referenced_twice():

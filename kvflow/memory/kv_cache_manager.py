@@ -21,22 +21,43 @@ from kvflow.request import Request
 from kvflow.step import BlockOp
 
 
-_PACKERS: dict[int, struct.Struct] = {}     # "<q{n}i" by n, compiled once rather than per block
+_PACKERS: dict[int, struct.Struct] = {}     # "<{n}i" by n, compiled once rather than per call
+_PARENT = struct.Struct("<q")
+_BLAKE2B_8 = blake2b(digest_size=8)         # copied for each block: cheaper than a new one's keyword arguments
+
+
+def _pack_tokens(token_ids: list[int]) -> bytes:
+    packer = _PACKERS.get(len(token_ids))
+    if packer is None:
+        packer = _PACKERS[len(token_ids)] = struct.Struct(f"<{len(token_ids)}i")
+    return packer.pack(*token_ids)
 
 
 def hash_block(parent_hash: int | None, token_ids: list[int]) -> int:
-    packer = _PACKERS.get(len(token_ids))
-    if packer is None:
-        packer = _PACKERS[len(token_ids)] = struct.Struct(f"<q{len(token_ids)}i")
-    data = packer.pack(parent_hash or 0, *token_ids)
-    return int.from_bytes(blake2b(data, digest_size=8).digest(), "little", signed=True)
+    """The block's key: an 8-byte BLAKE2b of its parent's key (0 for the first block) and its token ids,
+    little-endian int64 then int32s, read as a signed little-endian int."""
+    h = _BLAKE2B_8.copy()
+    h.update(_PARENT.pack(parent_hash or 0))
+    h.update(_pack_tokens(token_ids))
+    return int.from_bytes(h.digest(), "little", signed=True)
 
 
 def extend_block_hashes(hashes: list[int], token_ids: list[int], block_size: int) -> list[int]:
     """Extend `hashes`, the chained hashes of `token_ids`' first full blocks, to all its full blocks (in place;
-    returned). The prefix cache's keys; the router and the draft model's cache tracking use the same chain."""
-    for i in range(len(hashes), len(token_ids) // block_size):
-        hashes.append(hash_block(hashes[-1] if hashes else None, token_ids[i * block_size:(i + 1) * block_size]))
+    returned). The prefix cache's keys; the router and the draft model's cache tracking use the same chain.
+    (hash_block's chain, with the new blocks' tokens packed at once: half the time of a prompt's hashing.)"""
+    start, end = len(hashes), len(token_ids) // block_size
+    if start >= end:
+        return hashes
+    data = _pack_tokens(token_ids[start * block_size:end * block_size])
+    parent = hashes[-1] if hashes else 0
+    width, copy, pack, from_bytes = 4 * block_size, _BLAKE2B_8.copy, _PARENT.pack, int.from_bytes
+    for offset in range(0, len(data), width):
+        h = copy()
+        h.update(pack(parent))
+        h.update(data[offset:offset + width])
+        parent = from_bytes(h.digest(), "little", signed=True)
+        hashes.append(parent)
     return hashes
 
 
