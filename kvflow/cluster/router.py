@@ -94,6 +94,8 @@ class LoadTable(list):
 
 class Router(ABC):
     name: str = ""
+    # the ReplicaLoad.extra keys the policy reads: what a fleet need not measure when its router reads none
+    load_extras: tuple[str, ...] = ()
 
     def __init__(self, num_replicas: int, **options):
         self.num_replicas = num_replicas

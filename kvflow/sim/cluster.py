@@ -28,7 +28,7 @@ import heapq
 import math
 from dataclasses import dataclass, field
 
-from kvflow.cluster.router import LoadTable, ReplicaLoad, RouteRequest, make_router
+from kvflow.cluster.router import ROUTERS, LoadTable, ReplicaLoad, RouteRequest, make_router
 from kvflow.config import EngineConfig
 from kvflow.memory.kv_cache_manager import extend_block_hashes
 from kvflow.sim.cost_model import CostModel, HardwareProfile, SharedMachine, replica_cost
@@ -102,6 +102,10 @@ class Simulation:
         self.machines: dict[int, SharedMachine] = {}   # replicas sharing a machine (replica_cost)
         bs = self.spec.block_size
         router_opts = dict(block_size=bs, seed=config.model.seed)
+        # replicas measure the load extras only where a router or the elastic P/D rule reads them
+        routers = [config.cluster.router] + ([config.disagg.pd_policy] if self.pd else [])
+        self.reports_extra = (self.pd and config.disagg.pd_elastic) or any(ROUTERS.get(name).load_extras
+                                                                          for name in routers)
         if self.pd:
             p, d = config.disagg.prefill_replicas, config.disagg.decode_replicas
             if config.disagg.pd_elastic:     # every worker in both pools, routable in its role's only
@@ -134,7 +138,7 @@ class Simulation:
 
     def _pool(self, n, router, opts, prefix_caching=None, base=0) -> Pool:
         reps = [SimReplica(base + i, self.spec, self._cost(base + i), self.clock, prefix_caching, self.track_tables,
-                           self.spec_acceptance) for i in range(n)]
+                           self.spec_acceptance, self.reports_extra) for i in range(n)]
         for i, r in enumerate(reps):
             r.load.index = i
             r.role = ("decode" if base else "prefill") if self.pd else "mixed"
@@ -336,7 +340,7 @@ class Simulation:
 
     def _start_replica(self, i: int, delay: float) -> None:
         self.prefill.replicas[i] = SimReplica(i, self.spec, self._cost(i), self.clock, None, self.track_tables,
-                                              self.spec_acceptance)
+                                              self.spec_acceptance, self.reports_extra)
         self.starting += 1
         if delay <= 0:
             self._ready(i)

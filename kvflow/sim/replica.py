@@ -93,7 +93,10 @@ def queued_prefill_tokens(s: Scheduler) -> int:
 class SimReplica:
     def __init__(self, index: int, spec: EngineSpec, cost: CostModel, clock: Callable[[], float],
                  prefix_caching: bool | None = None, track_tables: bool = False,
-                 spec_acceptance: float = DEFAULT_ACCEPTANCE):
+                 spec_acceptance: float = DEFAULT_ACCEPTANCE, reports_extra: bool = True):
+        """`reports_extra`: whether its load carries the extras a router or the elastic P/D rule reads
+        ("queued_prefill_tokens", a sum over its queues every step, and "prefill_tokens_per_s"); the
+        simulation turns it off when nothing reads them (Router.load_extras)."""
         self.index, self.spec = index, spec
         caching = spec.enable_prefix_caching if prefix_caching is None else prefix_caching
         disk = (SimDiskTier(spec.num_disk_blocks, spec.block_bytes / cost.profile.disk_bytes_per_s, clock)
@@ -108,8 +111,9 @@ class SimReplica:
             tpot_slo_ms=spec.tpot_slo_ms, enable_chunked_prefill=spec.enable_chunked_prefill,
             kv_reservation=spec.kv_reservation, async_recovery=spec.async_recovery, speculative=spec.speculative)
         self.runner = SimRunner(cost, track_tables, spec.speculative, spec_acceptance, spec.block_bytes)
-        self.load = ReplicaLoad(index, num_kv_blocks=spec.num_kv_blocks,
-                                extra={"prefill_tokens_per_s": prefill_rate, "queued_prefill_tokens": 0})
+        self.reports_extra = reports_extra
+        self.load = ReplicaLoad(index, num_kv_blocks=spec.num_kv_blocks, extra={
+            "prefill_tokens_per_s": prefill_rate, "queued_prefill_tokens": 0} if reports_extra else {})
         self.loads: LoadTable | None = None   # the pool's table of loads (its router's view), told of changes
         self.busy = False
         self.role = "mixed"             # or prefill / decode (P/D)
@@ -132,7 +136,8 @@ class SimReplica:
         view of a replica that another process runs)."""
         self.load.num_assigned += 1
         self.load.num_waiting += 1
-        self.load.extra["queued_prefill_tokens"] += num_prompt
+        if self.reports_extra:
+            self.load.extra["queued_prefill_tokens"] += num_prompt
         self.load_changed()
 
     def load_changed(self) -> None:
@@ -182,8 +187,9 @@ class SimReplica:
         ld.num_running, ld.num_waiting = len(s.running), len(s.waiting)
         ld.kv_cache_usage = 1.0 - self.kv.pool.num_free / self.kv.num_blocks
         ld.outstanding_tokens = max(ld.outstanding_tokens - (num_tokens - self.runner.last_rejected), 0.0)
-        ld.extra["queued_prefill_tokens"] = queued_prefill_tokens(s)
-        ld.extra["prefill_tokens_per_s"] = self.cost.prefill_tokens_per_s
+        if self.reports_extra:
+            ld.extra["queued_prefill_tokens"] = queued_prefill_tokens(s)
+            ld.extra["prefill_tokens_per_s"] = self.cost.prefill_tokens_per_s
         self.load_changed()
         return sched, outputs
 

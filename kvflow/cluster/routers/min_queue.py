@@ -13,6 +13,8 @@ def queued(load: ReplicaLoad) -> tuple[float, float]:
 
 @ROUTERS.register("min-queue")
 class MinQueueRouter(Router):
+    load_extras = ("queued_prefill_tokens",)
+
     def __init__(self, num_replicas: int, **options):
         super().__init__(num_replicas, **options)
         self._cursor = 0

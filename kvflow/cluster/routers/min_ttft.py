@@ -29,6 +29,8 @@ def predicted_ttft(req: RouteRequest, load: ReplicaLoad, hit_blocks: int, block_
 
 @ROUTERS.register("min-ttft")
 class MinTTFTRouter(Router):
+    load_extras = ("prefill_tokens_per_s", "transfer_s_per_block", "queued_prefill_tokens")
+
     def __init__(self, num_replicas: int, block_size: int = 16, **options):
         super().__init__(num_replicas, **options)
         self.block_size = block_size
