@@ -29,7 +29,7 @@ class Record:
     decode: int = -1
     transfer_s: float = 0.0
     first: float | None = None
-    last: float = 0.0
+    last: float = 0.0                  # its latest token's time (requests that keep their ITL)
     n_out: int = 0
     itl: list[float] | None = None
     cached: int = 0
@@ -78,11 +78,11 @@ class Recorder:
             n = len(o.new_token_ids)
             if n:
                 if rec.first is None:
-                    rec.first = now
+                    rec.first = rec.last = now
                     rec.cached = o.num_cached_tokens if o.num_cached_tokens > 0 else 0
-                elif rec.itl is not None:
+                elif rec.itl is not None:          # (`last` is only for these gaps)
                     rec.itl.extend([(now - rec.last) / n] * n)
-                rec.last = now
+                    rec.last = now
                 rec.n_out += n
                 if o.num_preemptions > rec.preemptions:      # (max(), without the builtin's call)
                     rec.preemptions = o.num_preemptions

@@ -156,8 +156,10 @@ def gen_chat(spec: WorkloadSpec) -> Iterator[SimRequest]:
         elif u < 0.80:
             prompt, out = brief + _tokens(rng, int(rng.integers(70, 221))), int(rng.integers(64, 161))
         else:
-            turns = [_tokens(rng, int(rng.integers(28, 110))) for _ in range(2 * int(rng.integers(1, 5)))]
-            prompt = system + [tok for turn in turns for tok in turn] + _tokens(rng, 12)
+            prompt = list(system)
+            for _ in range(2 * int(rng.integers(1, 5))):       # the conversation's turns, then the new one
+                prompt += _tokens(rng, int(rng.integers(28, 110)))
+            prompt += _tokens(rng, 12)
             out = int(rng.integers(32, 129))
         yield SimRequest(t, prompt, spec.output or out)
 
