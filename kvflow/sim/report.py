@@ -120,8 +120,14 @@ class Recorder:
             t0, k = edge, k + 1
 
     def busy(self, replica: int, t0: float, seconds: float, kv_usage: float, running: int) -> None:
-        self._spread(t0, t0 + seconds, 0)
-        b = self._bin(int(t0 // self.width))
+        """A step of `seconds` from `t0` (once per step: a step within one bin, the usual case, is added without
+        _spread's loop, as the same float sum)."""
+        t1, k = t0 + seconds, int(t0 // self.width)
+        b = self._bin(k)
+        if t1 <= (k + 1) * self.width:
+            b[0] += t1 - t0
+        else:
+            self._spread(t0, t1, 0)
         b[1] += kv_usage
         b[2] += running
         b[3] += 1
