@@ -37,12 +37,9 @@ DRAFT_MODEL_RATIO = 0.1      # assumed: a draft model's step costs this share of
 _M64 = (1 << 64) - 1
 
 
-STRIDE = 2654435761          # made_up_token's step between positions (Knuth's multiplicative hash constant)
-
-
 def made_up_token(seed: int, pos: int, stops) -> int:
     """The simulated target's token at position `pos` of the request with `seed` (never a stop id)."""
-    token = 1 + (seed + pos * STRIDE) % (VOCAB - 1)
+    token = 1 + (seed + pos * 2654435761) % (VOCAB - 1)
     while stops and token in stops:
         token = 1 + token % (VOCAB - 1)
     return token
@@ -115,7 +112,6 @@ class SimRunner:
                 self.stop_ids[new.req_id] = frozenset(new.stop_ids)
         req_ids, sampled, drafts, asks = [], [], {}, []
         seeds, last_chunk, stop_ids, track = self.seeds, self.last_chunk, self.stop_ids, self.track_tables
-        stride, span = STRIDE, VOCAB - 1
         rows = prefill = context = rejected = 0   # the step's shape, as cost_model.step_shape counts it
         pairs = 0.0
         for s in sched.scheduled:
@@ -139,8 +135,6 @@ class SimRunner:
                 if k:
                     tokens = verify(s.token_ids[n - k:], seed, start + n - k, stops)
                     rejected += k + 1 - len(tokens)
-                elif stops is None:               # made_up_token(seed, start + n, None), without the call
-                    tokens = [1 + (seed + (start + n) * stride) % span]
                 else:
                     tokens = [made_up_token(seed, start + n, stops)]
                 sampled.append(tokens)
