@@ -645,3 +645,22 @@ def test_fleet_replay_answers_every_request_once(default_model_path):
     assert all(len(replicas) == 1 for replicas in by_user.values()), by_user
     for core in cores:
         core.check_blocks()
+
+
+def test_replicas_measure_the_load_extras_only_where_a_policy_reads_them():
+    """Router.load_extras: min-queue reads the queued prompt tokens, which a replica sums over its queues after
+    every step; least-load reads none, and its replicas skip the sum. The elastic P/D rule reads them too."""
+    w = parse_workload("chat:n=40,rate=400,seed=1")
+    for router, measured in (("least-load", False), ("min-queue", True), ("min-ttft", True)):
+        sim = Simulation(EngineConfig.from_kwargs(replicas=2, router=router, num_kv_blocks=256), fixed_profile())
+        for r in sim.prefill.replicas:
+            assert r.reports_extra is measured and ("queued_prefill_tokens" in r.load.extra) is measured
+        r.count_placed(100)            # a prompt placed there: queued until its steps compute it
+        assert r.load.extra.get("queued_prefill_tokens") == (100 if measured else None)
+        sim = Simulation(EngineConfig.from_kwargs(replicas=2, router=router, num_kv_blocks=256), fixed_profile())
+        sim.run(workload_requests(w))
+        for r in sim.prefill.replicas:
+            assert r.load.extra.get("queued_prefill_tokens", 0) == 0, router     # everything was computed
+    elastic = Simulation(EngineConfig.from_kwargs(prefill_replicas=1, decode_replicas=1, pd_elastic=True,
+                                                  num_kv_blocks=256), fixed_profile())
+    assert all(r.reports_extra for r in elastic.replicas())
