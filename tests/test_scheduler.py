@@ -306,4 +306,3 @@ def test_scheduling_policy_is_a_config_choice():
     with pytest.raises(ValueError, match="scheduling_policy"):
         EngineConfig.from_kwargs(scheduling_policy="lottery")
     assert Scheduler(KVCacheManager(4, BS), 1, 8, 64, policy="fcfs").policy.name == "fcfs"
-

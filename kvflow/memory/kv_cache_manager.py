@@ -33,13 +33,17 @@ def _pack_tokens(token_ids: list[int]) -> bytes:
     return packer.pack(*token_ids)
 
 
+def _key(parent_hash: int, packed_tokens: bytes) -> int:
+    h = _BLAKE2B_8.copy()
+    h.update(_PARENT.pack(parent_hash))
+    h.update(packed_tokens)
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
 def hash_block(parent_hash: int | None, token_ids: list[int]) -> int:
     """The block's key: an 8-byte BLAKE2b of its parent's key (0 for the first block) and its token ids,
     little-endian int64 then int32s, read as a signed little-endian int."""
-    h = _BLAKE2B_8.copy()
-    h.update(_PARENT.pack(parent_hash or 0))
-    h.update(_pack_tokens(token_ids))
-    return int.from_bytes(h.digest(), "little", signed=True)
+    return _key(parent_hash or 0, _pack_tokens(token_ids))
 
 
 def extend_block_hashes(hashes: list[int], token_ids: list[int], block_size: int) -> list[int]:
@@ -50,13 +54,9 @@ def extend_block_hashes(hashes: list[int], token_ids: list[int], block_size: int
     if start >= end:
         return hashes
     data = _pack_tokens(token_ids[start * block_size:end * block_size])
-    parent = hashes[-1] if hashes else 0
-    width, copy, pack, from_bytes = 4 * block_size, _BLAKE2B_8.copy, _PARENT.pack, int.from_bytes
+    parent, width = (hashes[-1] if hashes else 0), 4 * block_size
     for offset in range(0, len(data), width):
-        h = copy()
-        h.update(pack(parent))
-        h.update(data[offset:offset + width])
-        parent = from_bytes(h.digest(), "little", signed=True)
+        parent = _key(parent, data[offset:offset + width])
         hashes.append(parent)
     return hashes
 
