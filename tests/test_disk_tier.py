@@ -8,7 +8,7 @@ import pytest
 
 from kvflow import LLM, SamplingParams
 from kvflow.memory.disk_store import SUFFIX
-from kvflow.request import Request
+from kvflow.memory.kv_cache_manager import extend_block_hashes
 from tests.conftest import random_prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -90,8 +90,7 @@ def test_another_model_never_shares_entries(model, long_prompt, tmp_path):
 def test_corrupted_truncated_and_foreign_files_are_ignored(model, long_prompt, cold, tmp_path, caplog):
     with make(model, tmp_path) as first:
         run(first, long_prompt)
-        kv = first.engine.kv
-        hashes = kv.block_hashes(Request("probe", long_prompt, GREEDY, set(), 1))[:12]
+        hashes = extend_block_hashes([], long_prompt, first.engine.kv.block_size)[:12]
     store_dir = os.path.dirname(files(tmp_path)[0])
     path = {h: os.path.join(store_dir, f"{h & (2 ** 64 - 1):016x}{SUFFIX}") for h in hashes}
     with open(path[hashes[3]], "r+b") as f:               # flip a payload byte: checksum mismatch

@@ -92,6 +92,26 @@ def test_shared_prefix_blocks_are_referenced_twice():
     assert kv.pool.num_free == 16 and len(kv.pool.cached) == 2
 
 
+def test_a_request_state_lives_until_it_is_forgotten():
+    """Freed (preempted) it keeps its hashes, for prefix hits when it is computed again; forgotten, nothing of
+    it is left, and the check names any ended request whose state is (a leak)."""
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    a = make_request("a", range(10))
+    assert kv.allocate_slots(a, 10)
+    a.num_computed_tokens = 10
+    kv.cache_full_blocks(a)
+    assert kv.block_update("a") == (kv.block_ids("a"), True) and kv.block_update("a") == ([], False)
+    kv.free(a)
+    assert kv.table("a") == [] and len(kv.reqs["a"].hashes) == 2
+    assert [b.block_id for b in kv.get_computed_blocks(a)] == [blk.block_id for blk in kv.pool.cached.values()]
+    assert kv.allocate_slots(a, 10)
+    assert kv.block_update("a")[1]               # its new table goes whole to the runner
+    with pytest.raises(AssertionError, match="ended requests: \\['a'\\]"):
+        kv.check([])
+    kv.forget(a)
+    assert "a" not in kv.reqs
+    kv.check([])
+
 def test_allocation_fails_cleanly_when_blocks_run_out():
     kv = KVCacheManager(num_blocks=3, block_size=4)
     a = make_request("a", range(12))

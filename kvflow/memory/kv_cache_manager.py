@@ -1,6 +1,7 @@
 """Per-request KV block tables on top of the block pool, with automatic prefix caching, forks and tiers.
 
-Everything is kept by request id: block tables, chained block hashes, swap tables. A full block is
+Everything is kept by request id, a request's state on one object (`RequestKV`: its block table, chained
+block hashes, cached and sent counts), swap tables apart. A full block is
 identified by a chained hash of its tokens (hash of the parent block's hash and its own token ids), so
 equal hashes mean equal whole prefixes. Full blocks are registered in the pool's cache as soon as they are
 computed; a new request reuses the longest run of cached blocks that starts its prompt, continues it from
@@ -12,6 +13,7 @@ learns each request's table incrementally (`block_update`). No torch here.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass, field
 from hashlib import blake2b
 
 from kvflow.memory.block_pool import Block, BlockPool
@@ -61,6 +63,19 @@ def extend_block_hashes(hashes: list[int], token_ids: list[int], block_size: int
     return hashes
 
 
+@dataclass(slots=True, eq=False)
+class RequestKV:
+    """What the manager holds for one request, on one object: a step reads it with one lookup by request id
+    (at cluster scale a lookup in each of several dicts is a cache miss each)."""
+    table: list[Block] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)   # chained hashes of its full blocks (kept while it lives)
+    num_cached: int = 0       # leading blocks of the table registered in the prefix cache
+    num_sent: int = -1        # blocks of the table the runner knows; -1: none, the whole table goes next
+    # it got or gave blocks by `fork` (until released): only such a table can hold a shared block where its
+    # next tokens go (prefix hits are full blocks before it), so only its writes are checked for CoW
+    forked: bool = False
+
+
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  num_swap_blocks: int = 0, disk: KVTier | None = None):
@@ -69,15 +84,9 @@ class KVCacheManager:
         self.disk = disk                # the disk tier of the prefix cache (kv_store_dir), or None
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.tables: dict[str, list[Block]] = {}
-        self.hashes: dict[str, list[int]] = {}       # chained hashes of each request's full blocks
-        self.num_cached_blocks: dict[str, int] = {}  # leading blocks registered in the prefix cache
+        self.reqs: dict[str, RequestKV] = {}
         self.swapped: dict[str, list[Block]] = {}    # swap-tier blocks of preempted requests
         self.loading: dict[str, list[int]] = {}      # tier keys fetched for requests waiting on them
-        self._sent: dict[str, int] = {}              # blocks of each table the runner knows
-        # tables that got or gave blocks by `fork` (until released): only these can hold a shared block where
-        # their next tokens go (prefix hits are full blocks before it), so only their writes are checked for CoW
-        self._forked: set[str] = set()
         self.ops: list[BlockOp] = []
         self.num_queries = self.num_hits = 0         # prefix-cache lookups and hits, in tokens
         self.num_cow_copies = 0
@@ -91,11 +100,22 @@ class KVCacheManager:
     def swap_pool(self) -> BlockPool | None:
         return self.swap.pool if self.swap is not None else None
 
+    def _req(self, req_id: str) -> RequestKV:
+        st = self.reqs.get(req_id)
+        if st is None:
+            st = self.reqs[req_id] = RequestKV()
+        return st
+
     def table(self, req_id: str) -> list[Block]:
-        return self.tables.get(req_id, [])
+        st = self.reqs.get(req_id)
+        return st.table if st is not None else []
 
     def block_ids(self, req_id: str) -> list[int]:
-        return [b.block_id for b in self.tables.get(req_id, ())]
+        return [b.block_id for b in self.table(req_id)]
+
+    def set_hashes(self, req_id: str, hashes: list[int]) -> None:
+        """The request's chain of full-block hashes, computed elsewhere (the same chain: not hashed again)."""
+        self._req(req_id).hashes = hashes
 
     # ---- ops and the runner's view -------------------------------------------------------------------------
 
@@ -114,17 +134,16 @@ class KVCacheManager:
     def block_update(self, req_id: str) -> tuple[list[int], bool]:
         """The block ids the runner has not seen: (appended ids, False), or (whole table, True) after the
         table changed other than by appending."""
-        table = self.tables.get(req_id, ())     # (not [], which would build a list on every call)
-        sent = self._sent.get(req_id)
+        st = self.reqs.get(req_id)
+        if st is None:
+            st = self.reqs[req_id] = RequestKV()
+        table, sent = st.table, st.num_sent
         if sent == len(table):         # most steps of a decode: nothing new
             return [], False
-        self._sent[req_id] = len(table)
-        if sent is None:
+        st.num_sent = len(table)
+        if sent < 0:
             return [b.block_id for b in table], True
         return [b.block_id for b in table[sent:]], False
-
-    def _replaced(self, req_id: str) -> None:
-        self._sent.pop(req_id, None)
 
     # ---- prefix cache ---------------------------------------------------------------------------------------
 
@@ -140,7 +159,7 @@ class KVCacheManager:
 
     def block_hashes(self, req: Request) -> list[int]:
         """Extend the request's chain of full-block hashes to cover its known tokens."""
-        return extend_block_hashes(self.hashes.setdefault(req.request_id, []), req.all_token_ids, self.block_size)
+        return extend_block_hashes(self._req(req.request_id).hashes, req.all_token_ids, self.block_size)
 
     def _max_hit_blocks(self, req: Request) -> int:
         """At least one token is always left to compute, so that the step that finishes the prompt yields
@@ -196,12 +215,12 @@ class KVCacheManager:
             self.disk.discard(fetched[len(keys):])
         if not keys:
             return
-        table = self.tables[req.request_id]
-        blocks = table[first:first + len(keys)]
+        st = self.reqs[req.request_id]
+        blocks = st.table[first:first + len(keys)]
         self._op(self.disk.load_op(keys, [b.block_id for b in blocks]))
         for block, h in zip(blocks, keys):
             self.pool.cache(block, h)
-        self.num_cached_blocks[req.request_id] = first + len(keys)
+        st.num_cached = first + len(keys)
         self.num_disk_hits += len(keys) * self.block_size
 
     def adopt_blocks(self, hashes: list[int], limit: int) -> list[tuple[int, int]]:
@@ -227,18 +246,18 @@ class KVCacheManager:
         """Register the request's newly completed blocks in the prefix cache."""
         if not self.enable_prefix_caching:
             return
-        rid = req.request_id
         num_full, num_tokens = req.num_computed_tokens, len(req.all_token_ids)    # (req.num_tokens)
         if num_tokens < num_full:      # (min() costs a call, once per request per step)
             num_full = num_tokens
         num_full //= self.block_size
-        done = self.num_cached_blocks.get(rid, 0)
-        if num_full <= done:
+        st = self.reqs.get(req.request_id)
+        if st is None or num_full <= st.num_cached:
             return
-        hashes, table = self.block_hashes(req), self.tables[rid]
-        for i in range(done, num_full):
-            self.pool.cache(table[i], hashes[i])
-        self.num_cached_blocks[rid] = num_full
+        hashes = extend_block_hashes(st.hashes, req.all_token_ids, self.block_size)
+        table, cache = st.table, self.pool.cache
+        for i in range(st.num_cached, num_full):
+            cache(table[i], hashes[i])
+        st.num_cached = num_full
 
     # ---- allocation -------------------------------------------------------------------------------------------
 
@@ -249,12 +268,12 @@ class KVCacheManager:
         are short.
 
         Copy-on-write: if the block the new tokens start in is shared (a forked sample's prompt tail), the
-        request gets its own copy of it first. Only a table in `_forked` can hold one: the others' shared
+        request gets its own copy of it first. Only a `forked` table can hold one: the others' shared
         blocks are prefix-cache blocks, which are full and computed, so before the first uncomputed token."""
-        rid = req.request_id
-        table = self.tables.get(rid)
-        if table is None:
-            table = self.tables[rid] = []
+        st = self.reqs.get(req.request_id)
+        if st is None:
+            st = self.reqs[req.request_id] = RequestKV()
+        table = st.table
         bs, num_computed, num_hits, num_held = self.block_size, req.num_computed_tokens, len(computed), len(table)
         total = num_computed + num_hits * bs + num_new_tokens + lookahead
         num_needed = -(-total // bs) - num_held - num_hits
@@ -264,7 +283,7 @@ class KVCacheManager:
         else:                          # (the per-step case: a running request's next tokens)
             num_revived = 0
             cow = False                # (the per-step case leaves the block unread: a cache miss per request)
-            if rid in self._forked:
+            if st.forked:
                 i = num_computed // bs
                 cow = i < num_held and table[i].ref_count > 1
             if num_needed <= 0 and not cow:
@@ -276,12 +295,12 @@ class KVCacheManager:
             self._op(BlockOp("copy", [old.block_id], [new.block_id]))
             self.pool.release([old])
             table[i] = new
-            self._replaced(rid)
+            st.num_sent = -1
             self.num_cow_copies += 1
         if computed:
             self.pool.touch(list(computed))
             table.extend(computed)
-            self.num_cached_blocks[rid] = self.num_cached_blocks.get(rid, 0) + len(computed)
+            st.num_cached += len(computed)
         if num_needed > 0:
             table.extend(self._allocate(num_needed))
         return True
@@ -291,19 +310,18 @@ class KVCacheManager:
         (copy-on-write when dst writes into a shared block). n > 1 forks the samples of a prompt from the
         first one; beam search forks a beam."""
         bs = self.block_size
-        shared = self.tables[src][:-(-num_tokens // bs)]
+        source = self.reqs[src]
+        shared = source.table[:-(-num_tokens // bs)]
         self.pool.touch(shared)
-        self.tables[dst.request_id] = list(shared)
-        self.hashes[dst.request_id] = self.hashes.get(src, [])[:num_tokens // bs]
-        self.num_cached_blocks[dst.request_id] = min(self.num_cached_blocks.get(src, 0), num_tokens // bs)
-        self._replaced(dst.request_id)
-        self._forked.update((src, dst.request_id))
+        self.reqs[dst.request_id] = RequestKV(list(shared), source.hashes[:num_tokens // bs],
+                                              min(source.num_cached, num_tokens // bs), -1, True)
+        source.forked = True
         dst.num_computed_tokens = num_tokens
 
     def swap_out(self, req: Request) -> bool:
         """Move a preempted request's blocks to the swap tier (False if it has no room). Its computed tokens
         are kept: it resumes where it stopped once swapped back in."""
-        table = self.tables.get(req.request_id, [])
+        table = self.table(req.request_id)
         if self.swap is None or self.swap.num_free < len(table):
             return False
         host = self.swap.allocate(len(table))
@@ -329,25 +347,25 @@ class KVCacheManager:
             op.kind = "swap_in_async"
         self._op(op)
         self.swap.release(host)
-        self.tables[req.request_id] = dev
-        self._replaced(req.request_id)
+        st = self._req(req.request_id)
+        st.table, st.num_sent = dev, -1
         return True
 
     def trim(self, req: Request) -> None:
         """Give back the blocks past the request's computed tokens plus one (after rejected proposals)."""
-        table = self.tables.get(req.request_id, [])
+        st = self.reqs.get(req.request_id)
         keep = -(-(req.num_computed_tokens + 1) // self.block_size)
-        if len(table) > keep:
-            extra = table[keep:]
-            del table[keep:]
+        if st is not None and len(st.table) > keep:
+            extra = st.table[keep:]
+            del st.table[keep:]
             self.pool.release(extra[::-1])
-            self._replaced(req.request_id)
+            st.num_sent = -1
 
     def _release_table(self, req_id: str) -> None:
-        self.pool.release(self.tables.pop(req_id, [])[::-1])
-        self.num_cached_blocks.pop(req_id, None)
-        self._forked.discard(req_id)
-        self._replaced(req_id)
+        st = self.reqs.get(req_id)
+        if st is not None:
+            self.pool.release(st.table[::-1])
+            st.table, st.num_cached, st.num_sent, st.forked = [], 0, -1, False
 
     def free(self, req: Request) -> None:
         """Give back everything the request holds (its blocks, swap blocks, fetched tier data); its hashes
@@ -362,16 +380,16 @@ class KVCacheManager:
     def forget(self, req: Request) -> None:
         """The request has ended: free it and drop its hashes."""
         self.free(req)
-        self.hashes.pop(req.request_id, None)
-        self._sent.pop(req.request_id, None)
+        self.reqs.pop(req.request_id, None)
 
     def check(self, live: list[str]) -> None:
         """Assert that every block is free, cached, or held by a live request, exactly as often as held."""
-        assert set(self.tables) <= set(live), f"tables of ended requests: {sorted(set(self.tables) - set(live))}"
+        ended = set(self.reqs) - set(live)
+        assert not ended, f"state of ended requests: {sorted(ended)}"
         assert set(self.swapped) <= set(live), f"swap tables of ended requests: {sorted(set(self.swapped) - set(live))}"
         refs: dict[int, int] = {}
-        for table in self.tables.values():
-            for block in table:
+        for st in self.reqs.values():
+            for block in st.table:
                 refs[block.block_id] = refs.get(block.block_id, 0) + 1
         self.pool.check(refs)
         if self.swap is not None:

@@ -248,7 +248,7 @@ class Simulation:
             self.prefilling.add(rec.rid)
         if self.kv_pool is not None:       # the worker's next step waits for the read
             self._stall(r, read_pool(self.kv_pool, r.kv, hashes, self.now, self.cost, self.spec.block_bytes))
-        r.kv.hashes[rec.rid] = hashes       # the engine extends the same chain: no need to hash twice
+        r.kv.set_hashes(rec.rid, hashes)    # the engine extends the same chain: no need to hash twice
         r.add(rec.rid, rec.prompt, 1 if self.pd else rec.max_tokens, rec.arrival, rec.user)
         r.load.outstanding_tokens += len(rec.prompt) + rec.max_tokens
         r.load_changed()
