@@ -450,6 +450,20 @@ def test_cost_models():
     model = HardwareProfile("fit", "linear", "test", dict(SMOLLM2_135M),
                             params={"coef": coef, "knee_tokens": [64]}).cost_model()
     assert model.step_seconds(0, 65, 0, 0) - model.step_seconds(0, 64, 0, 0) == pytest.approx(0.031, rel=0.01)
+    assert quality["hinge_tokens"] == []              # no slope change in these steps: none is taken
+    # a slope change: a step's first 128 tokens cost 0.6 ms each more than the rest (few-row matmuls run
+    # slower); a straight line through small and big prompt steps cannot price both, the hinge term can
+    slope = [(s, t + 0.6 * min(s[0] + s[1], 128) / 1e3) for s, t in samples[:-1]]
+    coef, quality = fit(slope)
+    assert quality["hinge_tokens"] == [128] and quality["knee_tokens"] == [64]
+    assert coef == pytest.approx(true + [0.6], rel=1e-3)
+    model = HardwareProfile("fit", "linear", "test", dict(SMOLLM2_135M),
+                            params={"coef": coef, "knee_tokens": [64], "hinge_tokens": [128]}).cost_model()
+    assert model.step_seconds(0, 2000, 0, 2000 ** 2 / 2) == pytest.approx(
+        true[0] + true[2] * 2000 + true[4] * 2000 ** 2 / 2e6 + true[5] + 0.6 * 128 / 1e3, rel=1e-3)
+    with pytest.raises(ValueError, match="coef must be 7"):      # a hinge needs its coefficient
+        HardwareProfile("fit", "linear", "test", dict(SMOLLM2_135M),
+                        params={"coef": coef[:6], "knee_tokens": [64], "hinge_tokens": [128]}).cost_model()
     from kvflow.step import ScheduledRequest, SchedulerOutput
     sched = SchedulerOutput(scheduled=[ScheduledRequest("a", 10, [5], [], sample=True),
                                        ScheduledRequest("b", 0, [1] * 32, [])])

@@ -8,7 +8,7 @@ context. Every step's shape (kvflow.sim.cost_model.step_shape) and wall time (th
 scheduling, the forward pass, sampling and the update: what separates two steps of a served replica) is
 recorded, after a first pass of the same plan that is not (first calls of a shape select kernels and grow
 buffers). The six coefficients (kvflow.sim.cost_model's linear model) are fitted by non-negative least squares, for
-each candidate set of knees (KNEES), and the best fit kept; the profile also records the
+each candidate set of knees (KNEES) and slope changes (HINGES), and the best fit kept; the profile also records the
 engine's build time (a serverless cold start), the swap bandwidth the runner measured, the KV budget, and
 the fit's quality. With fidelity.py and replay.py, the only modules of kvflow.sim that import torch (via the engine).
 
@@ -44,13 +44,19 @@ DEFAULT_PLAN = ((1, 32, 24), (1, 480, 8), (1, 1000, 4), (4, 128, 24), (8, 64, 32
 # candidate (random prompt lengths left the fit choosing 48 for a switch at 64 when few fell in between)
 KNEES = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 MAX_KNEES = 2
+# where a prompt token's cost may change slope (its step's first h tokens cost more each than the rest: a matmul
+# of a few rows runs below a wide one's throughput); the fit tries none or one of them with each set of knees
+HINGES = (32, 64, 128, 256, 512)
+MAX_HINGES = 1
 SWEEP_MAX = 256
 SWEEP = tuple(k + d for k in KNEES if k <= SWEEP_MAX for d in (0, 1))
 
 
-def features(shape, knees=()) -> list[float]:
+def features(shape, knees=(), hinges=()) -> list[float]:
     rows, prefill, context, pairs = shape
-    return [1.0, rows, prefill, context / 1e3, pairs / 1e6, *(float(rows + prefill > k) for k in knees)]
+    tokens = rows + prefill
+    return [1.0, rows, prefill, context / 1e3, pairs / 1e6, *(float(tokens > k) for k in knees),
+            *(min(tokens, h) / 1e3 for h in hinges)]
 
 
 def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -66,21 +72,25 @@ def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def fit(samples: list[tuple[tuple, float]], max_outliers: float = 0.2) -> tuple[list[float], dict]:
-    """(coefficients, quality) from (shape, seconds) pairs, for the knees (KNEES) that fit best (the quality
-    names them). Fitted on relative error (each step weighs the same whether it takes 5 ms or 500). Steps slower
+    """(coefficients, quality) from (shape, seconds) pairs, for the knees (KNEES) and hinge (HINGES) that fit
+    best (the quality names them). Fitted on relative error (each step weighs the same whether it takes 5 ms or 500). Steps slower
     than twice the fit (another process took the cores: a shared machine) are dropped and the fit redone, at
     most `max_outliers` of them; the quality says how many."""
     if len(samples) < 10:
         raise ValueError(f"samples: at least 10 measured steps are needed to fit, got {len(samples)}")
-    sets = [knees for n in range(MAX_KNEES + 1) for knees in itertools.combinations(KNEES, n)]
+    sets = sorted(((knees, hinges) for n in range(MAX_KNEES + 1) for knees in itertools.combinations(KNEES, n)
+                   for m in range(MAX_HINGES + 1) for hinges in itertools.combinations(HINGES, m)),
+                  key=lambda s: len(s[0]) + len(s[1]))     # fewer terms first: they win a tie
     # judged on the mean relative error of decode-only steps and of steps with a prefill, weighed alike (a plan
-    # has ten times more of the first); each knee must earn its place: it costs 5% of that error
-    return min((fit_knees(samples, knees, max_outliers) for knees in sets),
-               key=lambda r: r[1]["balanced_rel_error"] * (1 + 0.05 * len(r[1]["knee_tokens"])))
+    # has ten times more of the first); each knee or hinge must earn its place: it costs 5% of that error
+    return min((fit_knees(samples, knees, max_outliers, hinges) for knees, hinges in sets),
+               key=lambda r: r[1]["balanced_rel_error"] * (1 + 0.05 * (len(r[1]["knee_tokens"])
+                                                                        + len(r[1]["hinge_tokens"]))))
 
 
-def fit_knees(samples: list[tuple[tuple, float]], knees: tuple, max_outliers: float) -> tuple[list[float], dict]:
-    x = np.array([features(s, knees) for s, _ in samples])
+def fit_knees(samples: list[tuple[tuple, float]], knees: tuple, max_outliers: float,
+              hinges: tuple = ()) -> tuple[list[float], dict]:
+    x = np.array([features(s, knees, hinges) for s, _ in samples])
     y = np.array([t for _, t in samples])
     keep = np.ones(len(y), dtype=bool)
     for _ in range(5):
@@ -101,7 +111,8 @@ def fit_knees(samples: list[tuple[tuple, float]], knees: tuple, max_outliers: fl
     balanced = np.mean([rel[m].mean() for m in (has_prefill, ~has_prefill) if m.any()])
     r2 = 1.0 - float(((yk - pred) ** 2).sum() / max(((yk - yk.mean()) ** 2).sum(), 1e-30))
     return [float(c) for c in coef], {"num_steps": len(samples), "num_dropped_slow": int((~keep).sum()),
-                                      "knee_tokens": list(knees), "r2": round(r2, 4),
+                                      "knee_tokens": list(knees), "hinge_tokens": list(hinges),
+                                      "r2": round(r2, 4),
                                       "mean_rel_error": round(float(rel.mean()), 4),
                                       "balanced_rel_error": round(float(balanced), 4),
                                       "median_rel_error": round(float(np.median(rel)), 4),
@@ -249,7 +260,7 @@ def calibrate(engine_kwargs: dict, name: str | None = None, plan=DEFAULT_PLAN, r
                 f"quantization {rc.config.model.quantization}; {quality['num_steps']} measured EngineCore steps; "
                 f"P/D link = the measured swap bandwidth (one machine)"),
         model=model_spec(rc), dtype=rc.dtype if rc.dtype in ("bfloat16", "float32") else "bfloat16",
-        params={"coef": coef, "knee_tokens": quality["knee_tokens"]},
+        params={"coef": coef, "knee_tokens": quality["knee_tokens"], "hinge_tokens": quality["hinge_tokens"]},
         kv_cache_bytes=int(rc.num_kv_blocks * rc.block_bytes), link_bytes_per_s=swap, swap_bytes_per_s=swap,
         cold_start_s=round(build_s, 3), fit=quality)
     if len(cores) > 1:
@@ -306,7 +317,8 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
                          f"got {len(alone)} (a lighter workload has more)")
     coef, quality = fit([*plan_samples, *((s[0], s[1]) for s in alone)])
     fitted = dataclasses.replace(profile, params={**profile.params, "coef": coef,
-                                                  "knee_tokens": quality["knee_tokens"]})
+                                                  "knee_tokens": quality["knee_tokens"],
+                                                  "hinge_tokens": quality["hinge_tokens"]})
     base = step_ratio(fitted, alone)
     if fleet:       # the co-run figures below are over the steps alone: the fit prices those where they ran
         fitted = dataclasses.replace(fitted, params={**fitted.params, "coef": [c * base for c in coef]})

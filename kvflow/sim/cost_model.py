@@ -7,11 +7,15 @@ costs.py): decode rows, prefill tokens, the decodes' context (thousands of token
 attention (millions of token pairs). Two cost models, a registry:
 
   linear    seconds = coef . [1, decode rows, prefill tokens, decode context / 1e3, prefill pairs / 1e6,
-                              step tokens > knee_tokens[0], step tokens > knee_tokens[1], ...]
+                              step tokens > knee_tokens[0], step tokens > knee_tokens[1], ...,
+                              min(step tokens, hinge_tokens[0]) / 1e3, ...]
             (fitted by `kvflow sim calibrate` from measured steps). The knee terms are steps of the fixed cost:
             a matmul library changes kernels once the batch passes a size (oneDNN's bf16 GEMM on AVX-512: a
             step of 65 or more tokens costs ~65 ms more at one thread than one of 64, at the same per-token
-            slope), which a straight line through steps of every size cannot follow.
+            slope), which a straight line through steps of every size cannot follow. A hinge term is a slope
+            change: each of a step's first hinge_tokens tokens costs that much more than the rest (a matmul
+            of a few rows runs below the throughput of a wide one: on a 2-core AMD EPYC a 2,048-token prompt
+            step took 0.90x a straight line fitted mostly on steps of 8-257 tokens).
   roofline  seconds = launch + max(flops / (peak x mfu), bytes / (bandwidth x efficiency)): the weights are
             read once per step, the decodes read their KV, every token costs 2 x params flops and every
             attention pair 4 x layers x heads x head_dim flops (GPU profiles: H100, H200, A100)
@@ -159,20 +163,26 @@ class CostModel:
 class LinearCost(CostModel):
     def __init__(self, profile: HardwareProfile):
         super().__init__(profile)
-        coef, knees = profile.params.get("coef"), profile.params.get("knee_tokens", [])
-        if not isinstance(knees, list) or any(not isinstance(k, int) or k < 0 for k in knees):
-            raise ValueError(f"params.knee_tokens must be a list of non-negative integers, got {knees!r}")
-        if not isinstance(coef, list) or len(coef) != 5 + len(knees) or any(not c >= 0 for c in coef):
-            raise ValueError(f"params.coef must be {5 + len(knees)} non-negative numbers (seconds: per step, per "
+        coef = profile.params.get("coef")
+        knees, hinges = profile.params.get("knee_tokens", []), profile.params.get("hinge_tokens", [])
+        for name, ks in (("knee_tokens", knees), ("hinge_tokens", hinges)):
+            if not isinstance(ks, list) or any(not isinstance(k, int) or k < 0 for k in ks):
+                raise ValueError(f"params.{name} must be a list of non-negative integers, got {ks!r}")
+        n = 5 + len(knees) + len(hinges)
+        if not isinstance(coef, list) or len(coef) != n or any(not c >= 0 for c in coef):
+            raise ValueError(f"params.coef must be {n} non-negative numbers (seconds: per step, per "
                              f"decode row, per prefill token, per 1e3 decode-context tokens, per 1e6 prefill pairs, "
-                             f"then one for each of params.knee_tokens), got {coef!r}")
+                             f"then one for each of params.knee_tokens and per 1e3 tokens for each of "
+                             f"params.hinge_tokens), got {coef!r}")
         self.c0, self.c1, self.c2, self.c3, self.c4 = (float(c) for c in coef[:5])
-        self.knees = list(zip(knees, (float(c) for c in coef[5:])))
+        self.knees = list(zip(knees, (float(c) for c in coef[5:5 + len(knees)])))
+        self.hinges = list(zip(hinges, (float(c) / 1e3 for c in coef[5 + len(knees):])))
 
     def step_seconds(self, decode_rows, prefill_tokens, decode_context, prefill_pairs):
         tokens = decode_rows + prefill_tokens
         return (self.c0 + self.c1 * decode_rows + self.c2 * prefill_tokens + self.c3 * decode_context / 1e3
-                + self.c4 * prefill_pairs / 1e6 + sum(c for knee, c in self.knees if tokens > knee))
+                + self.c4 * prefill_pairs / 1e6 + sum(c for knee, c in self.knees if tokens > knee)
+                + sum(c * (tokens if tokens < hinge else hinge) for hinge, c in self.hinges))
 
 
 class RooflineCost(CostModel):
