@@ -36,10 +36,10 @@ import numpy as np
 
 from kvflow.config import KV_RESERVATIONS, PREEMPTION_MODES
 from kvflow.engine.wire import EngineCoreOutput
-from kvflow.memory.block_pool import Block
 from kvflow.memory.kv_cache_manager import KVCacheManager
 from kvflow.predict.base import LengthPredictor, make_predictor
 from kvflow.request import Request, RequestStatus
+from kvflow.scheduler.admission import Admission
 from kvflow.scheduler.costs import PreemptionCost, StepTimeModel
 from kvflow.scheduler.policy import SchedulingPolicy, make_policy
 from kvflow.spec.adaptive import SpecController
@@ -51,7 +51,7 @@ __all__ = ["PreemptionCost", "Scheduler"]
 MAX_DISPLACED = 4          # running requests a step may preempt to seat better-ranked waiting ones
 
 
-class Scheduler:
+class Scheduler(Admission):
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  preemption_mode: str = "auto", cost: PreemptionCost | None = None,
                  clock: Callable[[], float] = time.monotonic, policy: SchedulingPolicy | str = "fcfs",
@@ -250,81 +250,6 @@ class Scheduler:
         # token_bitmask (set later by the structured-output step), num_draft_tokens
         out.scheduled.append(ScheduledRequest(rid, start, tokens, block_ids, replaced, sample,
                                               num_proposed if sample else 0, None, draft))
-
-    def _prefix(self, req: Request) -> tuple[list[Block], list[int]] | None:
-        """What a waiting request starts from: (cached blocks, disk-tier keys ready to load); None while it
-        must wait (its disk-tier blocks are being read, or its fork source has not computed the prompt)."""
-        if req.request_id in self._recovering:
-            return [], []
-        if self.kv.is_swapped(req.request_id):
-            if self.async_recovery and self.kv.swap_in(
-                    req, min(req.num_tokens_with_spec - req.num_computed_tokens, self.max_num_batched_tokens), True):
-                self._recovering.add(req.request_id)
-                req.status = RequestStatus.WAITING_FOR_KV
-                return None
-            return [], []
-        if req.fork_from is not None:
-            src = self.requests.get(req.fork_from)
-            if src is None or src.status == RequestStatus.PREEMPTED:
-                req.fork_from = None           # nothing to share any more: compute it the usual way
-            elif src.num_computed_tokens < len(req.prompt_token_ids) - 1 or not self.kv.table(src.request_id):
-                return None
-            else:
-                return [], []
-        computed = self.kv.get_computed_blocks(req)
-        keys = self.kv.tier_hits(req, len(computed))
-        if keys:
-            num_ready = self.kv.fetch(req, keys)
-            if num_ready is None:
-                req.status = RequestStatus.WAITING_FOR_KV
-                return None
-            keys = keys[:num_ready]
-        return computed, keys
-
-    def _admit(self, req: Request, budget: int, computed: list[Block], keys: list[int]) -> bool:
-        """Give a waiting request its blocks: swapped back in, forked from its source, or from the prefix
-        cache and the disk tier plus new ones. False when the blocks are short."""
-        if req.request_id in self._recovering:       # its blocks came back beside the last step
-            if not self.kv.allocate_slots(req, min(req.num_tokens_with_spec - req.num_computed_tokens, budget)):
-                return False
-            self._recovering.discard(req.request_id)
-            return True
-        if self.kv.is_swapped(req.request_id):
-            return self.kv.swap_in(req, min(req.num_tokens_with_spec - req.num_computed_tokens, budget))
-        if req.fork_from is not None:
-            if self.kv.pool.num_free < 1:      # room for the copy of the shared tail block
-                return False
-            self.kv.fork(req.fork_from, req, len(req.prompt_token_ids) - 1)
-            room = self._full_length(req) - req.num_computed_tokens if self.static_reservation else 1
-            if not self.kv.allocate_slots(req, room):
-                self.kv.free(req)
-                req.num_computed_tokens = 0
-                return False
-            req.fork_from = None
-            self._first_schedule(req, req.num_computed_tokens)
-            return True
-        num_cached = (len(computed) + len(keys)) * self.kv.block_size
-        num_loaded = len(keys) * self.kv.block_size
-        if not self.enable_chunked_prefill and req.num_tokens - num_cached > budget:
-            return False
-        num_new = min(req.num_tokens - num_cached, budget)
-        if self.static_reservation:    # room for its whole possible length, now
-            num_new = self._full_length(req) - num_cached
-        if not self.kv.allocate_slots(req, num_loaded + num_new, computed):
-            return False
-        self.kv.load_blocks(req, len(computed), keys)
-        self.kv.record_lookup(req.num_tokens, num_cached)
-        req.num_computed_tokens = num_cached
-        self._first_schedule(req, num_cached)
-        return True
-
-    def _full_length(self, req: Request) -> int:
-        return min(len(req.prompt_token_ids) + req.max_tokens, self.max_model_len)
-
-    def _first_schedule(self, req: Request, num_cached: int) -> None:
-        if req.num_cached_tokens < 0:
-            req.num_cached_tokens = num_cached
-            req.first_scheduled_time = self._now
 
     def _preempt(self, req: Request) -> None:
         req.spec_token_ids = []
