@@ -135,7 +135,7 @@ class KVCacheManager:
         """The block ids the runner has not seen: (appended ids, False), or (whole table, True) after the
         table changed other than by appending."""
         st = self.reqs.get(req_id)
-        if st is None:
+        if st is None:                 # (self._req inlined here and in allocate_slots: once per request per step)
             st = self.reqs[req_id] = RequestKV()
         table, sent = st.table, st.num_sent
         if sent == len(table):         # most steps of a decode: nothing new
@@ -363,9 +363,9 @@ class KVCacheManager:
 
     def _release_table(self, req_id: str) -> None:
         st = self.reqs.get(req_id)
-        if st is not None:
+        if st is not None:             # only its hashes stay (prefix hits when it is computed again)
             self.pool.release(st.table[::-1])
-            st.table, st.num_cached, st.num_sent, st.forked = [], 0, -1, False
+            self.reqs[req_id] = RequestKV(hashes=st.hashes)
 
     def free(self, req: Request) -> None:
         """Give back everything the request holds (its blocks, swap blocks, fetched tier data); its hashes

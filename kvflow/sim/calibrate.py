@@ -73,9 +73,9 @@ def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def fit(samples: list[tuple[tuple, float]], max_outliers: float = 0.2) -> tuple[list[float], dict]:
     """(coefficients, quality) from (shape, seconds) pairs, for the knees (KNEES) and hinge (HINGES) that fit
-    best (the quality names them). Fitted on relative error (each step weighs the same whether it takes 5 ms or 500). Steps slower
-    than twice the fit (another process took the cores: a shared machine) are dropped and the fit redone, at
-    most `max_outliers` of them; the quality says how many."""
+    best (the quality names them). Fitted on relative error (each step weighs the same whether it takes 5 ms or
+    500). Steps slower than twice the fit (another process took the cores: a shared machine) are dropped and the
+    fit redone, at most `max_outliers` of them; the quality says how many."""
     if len(samples) < 10:
         raise ValueError(f"samples: at least 10 measured steps are needed to fit, got {len(samples)}")
     sets = sorted(((knees, hinges) for n in range(MAX_KNEES + 1) for knees in itertools.combinations(KNEES, n)
@@ -83,13 +83,13 @@ def fit(samples: list[tuple[tuple, float]], max_outliers: float = 0.2) -> tuple[
                   key=lambda s: len(s[0]) + len(s[1]))     # fewer terms first: they win a tie
     # judged on the mean relative error of decode-only steps and of steps with a prefill, weighed alike (a plan
     # has ten times more of the first); each knee or hinge must earn its place: it costs 5% of that error
-    return min((fit_knees(samples, knees, max_outliers, hinges) for knees, hinges in sets),
+    return min((fit_terms(samples, knees, hinges, max_outliers) for knees, hinges in sets),
                key=lambda r: r[1]["balanced_rel_error"] * (1 + 0.05 * (len(r[1]["knee_tokens"])
                                                                         + len(r[1]["hinge_tokens"]))))
 
 
-def fit_knees(samples: list[tuple[tuple, float]], knees: tuple, max_outliers: float,
-              hinges: tuple = ()) -> tuple[list[float], dict]:
+def fit_terms(samples: list[tuple[tuple, float]], knees: tuple, hinges: tuple,
+              max_outliers: float) -> tuple[list[float], dict]:
     x = np.array([features(s, knees, hinges) for s, _ in samples])
     y = np.array([t for _, t in samples])
     keep = np.ones(len(y), dtype=bool)
