@@ -66,7 +66,7 @@ def main() -> int:
                         "first, and the real system does not reproduce its own placement from run to run)")
     p.add_argument("--served", choices=("auto", "on", "off"), default="auto",
                    help="fit the model again with the steps of the workload's next seed, served just before the real "
-                        "run (auto, the default: with several replicas)")
+                        "run (auto, the default: on for a generated workload, off for one engine on a trace file)")
     p.add_argument("--real-runs", type=int, default=3,
                    help="serve the workload this many times (default 3) and compare with each metric's median over "
                         "the runs (their own spread is printed: the real system's run-to-run variation)")

@@ -614,6 +614,16 @@ def test_fidelity_real_runs_must_be_a_positive_integer(tmp_path):
             fidelity({}, str(trace), **kw)
 
 
+def test_fidelity_fits_served_steps_by_default_where_it_can(tmp_path):
+    """A generated workload has a held-out draw (its next seed): fitted with its served steps, one engine or
+    several; one engine on a trace file keeps the plan's fit."""
+    from kvflow.sim.fidelity import served_by_default
+    generated = parse_workload("random:n=2")
+    assert served_by_default(generated, 1) and served_by_default(generated, 2)
+    assert not served_by_default(str(tmp_path / "t.jsonl"), 1)
+    assert served_by_default(str(tmp_path / "t.jsonl"), 2)       # (then refused: a fleet needs served steps)
+
+
 def test_capacity_is_the_rate_a_fleet_saturates_at():
     """fidelity's `load` rests on capacity(): below it the simulated fleet keeps up with the arrivals, above it
     the requests served per second stop rising with the rate."""
