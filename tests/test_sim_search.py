@@ -1,6 +1,6 @@
 """kvflow's best configuration (kvflow/sim/search.py): the search space comes from the presets and the registries,
-equal configurations are simulated once, the coordinate descent finds a separable optimum, never ends below
-where it started, keeps to its budget and skips what the engine refuses; `kvflow sim compare` gets the row."""
+equal configurations are simulated once, the coordinate descent finds a separable optimum, a second descent
+explores the other family of shapes, the search never ends below where it started, keeps to its budget and skips what the engine refuses; `kvflow sim compare` gets the row."""
 import subprocess
 import sys
 
@@ -61,6 +61,31 @@ def test_descent_finds_a_separable_optimum_and_simulates_each_configuration_once
     assert len(calls) == len(set(calls)) == found["evaluations"] < 500          # each configuration once
     assert [t["score"][0] for t in found["trail"]] == sorted(t["score"][0] for t in found["trail"])
     assert search(evaluate, 2, {}, [("kvflow", {"replicas": 2}, points([0.0]))], budget=500) == found
+
+
+def test_a_second_descent_explores_the_other_family_of_shapes():
+    """Two basins: colocated replicas score 3 whatever their options; P/D workers 1, +2 with the KV pool and +3
+    with min-ttft decode placement. One option at a time, a descent from the colocated start never reaches
+    the P/D optimum (the P/D shape alone scores 1); the second descent, from the best P/D configuration
+    simulated, does."""
+    def evaluate(options):
+        if not options.get("prefill_replicas"):
+            return points([3.0])
+        return points([1.0 + 2.0 * bool(options.get("kv_pool")) + 3.0 * (options.get("pd_policy") == "min-ttft")])
+
+    found = search(evaluate, 2, {}, [("vllm", {"replicas": 2}, points([3.0]))], budget=500)
+    assert found["options"] == {"prefill_replicas": 1, "decode_replicas": 1, "kv_pool": True, "pd_policy": "min-ttft"}
+    assert found["score"][0] == 6.0 and found["starts"] == ["vllm", "the best pd configuration simulated"]
+    assert found["start"] == "the best pd configuration simulated" and found["trail"][0]["start"] == "vllm"
+    starts = [("vllm", {"replicas": 2}, points([3.0])),
+              ("distserve", {"prefill_replicas": 1, "decode_replicas": 1}, points([1.0]))]
+    again = search(evaluate, 2, {}, starts, budget=500)
+    assert again["options"] == found["options"] and again["start"] == "distserve"
+    assert again["starts"] == ["vllm", "distserve"] and again["evaluations"] < found["evaluations"] + 1
+    scores = [t["score"][0] for t in again["trail"]]                  # improvements on the best so far only
+    assert scores[0] == 3.0 and scores[-1] == 6.0 and scores == sorted(set(scores))
+    short = search(evaluate, 2, {}, starts, budget=3)                 # one budget for both descents
+    assert short["evaluations"] == 3 and short["starts"] == ["vllm"] and short["score"][0] == 3.0
 
 
 def test_descent_keeps_its_budget_and_its_start_and_skips_refusals():

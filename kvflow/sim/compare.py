@@ -6,7 +6,8 @@ P/D ones (distserve, tetriinfer, splitwise, mooncake) split them into gpus // 2 
 workers (at least one each: a 1-GPU budget gives them 2); deepflow scales from zero up to `gpus` serverless
 replicas. Every preset runs at each request rate, and the table gives goodput at every rate and the full
 metrics at the highest; the plot is goodput against the request rate. With a search budget, a last row is
-kvflow's best configuration on the same devices (kvflow/sim/search.py), found from the best of the others.
+kvflow's best configuration on the same devices (kvflow/sim/search.py), found from the best of the others (and
+from the best of the other family of shapes, colocated or P/D).
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def compare(presets: list[str], workload: WorkloadSpec | str, profile: HardwareP
         quiet.setLevel(level)
     result = {"gpus": gpus, "hardware": profile.name, "goodput_slo_ms": goodput, "rates": rates, "rows": rows}
     if found is not None:
-        result["search"] = {k: found[k] for k in ("options", "start", "evaluations", "skipped", "trail")}
+        result["search"] = {k: found[k] for k in ("options", "start", "starts", "evaluations", "skipped", "trail")}
     return result
 
 
@@ -103,8 +104,9 @@ def format_compare(result: dict) -> str:
     if "search" in result:
         found = result["search"]
         lines.append(f"kvflow-best: {', '.join(f'{k}={v}' for k, v in found['options'].items()) or 'the defaults'} "
-                     f"({len(found['trail']) - 1} improvement(s) on {found['start']}, the best of the rows above; "
-                     f"{found['evaluations']} configurations simulated, {len(found['skipped'])} refused)")
+                     f"({len(found['trail']) - 1} improvement(s) on {found['trail'][0]['start']}, the best of the "
+                     f"rows above; descents from {' and '.join(found['starts'])}; {found['evaluations']} "
+                     f"configurations simulated, {len(found['skipped'])} refused)")
     return "\n".join(lines)
 
 

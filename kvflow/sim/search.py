@@ -2,7 +2,7 @@
 `kvflow sim compare`, found by the simulator.
 
 Each of the survey's runtimes fixes its options one way (kvflow/presets.py); kvflow has them all, so for a given
-workload it can choose. The search is a coordinate descent:
+workload it can choose. The search is coordinate descent, from two starts:
 
   space      every option a preset sets (chunked prefill and its token budget, the scheduling policy, the KV
              reservation, preemption, async recovery, prefix caching, the routers, the P/D transfer, the KV
@@ -13,12 +13,17 @@ workload it can choose. The search is a coordinate descent:
              goodput does not count).
   objective  goodput summed over the rates (the area under compare's plot), then output throughput at the
              highest rate: larger is better
-  start      the best of the configurations already simulated (kvflow's defaults and the presets compare ran,
-             serverless aside), so the result is never worse than any runtime it contains
+  starts     the best of the configurations already simulated (kvflow's defaults and the presets compare ran,
+             serverless aside), so the result is never worse than any runtime it contains; then the best
+             configuration of the other family of shapes (colocated replicas, or P/D workers) simulated by
+             then (a start or one the first descent tried), if any: a descent rarely crosses from one to the
+             other, since a P/D shape is worth little until its own options (the transfer,
+             the decode placement, the pool) are chosen, and a move changes one option at a time
   moves      each option in turn takes each of its values, the others fixed, and keeps the best; passes until
-             one improves nothing or `budget` configurations have been simulated. A configuration the engine
-             refuses (ValueError: an option pair it does not allow) is skipped, and so is one the workload
-             cannot run on.
+             one improves nothing or `budget` configurations have been simulated (one budget for all the
+             descents, the first taking what it needs). A configuration the engine refuses (ValueError: an
+             option pair it does not allow) is skipped, and so is one the workload cannot run on. A
+             configuration is simulated once, whichever descent meets it again.
 """
 from __future__ import annotations
 
@@ -78,34 +83,65 @@ class Candidate:
     score: tuple[float, float]
 
 
+def family(options: dict) -> str:
+    """A configuration's family of shapes: "pd" (prefill and decode workers) or "colocated"."""
+    return "pd" if options.get("prefill_replicas") else "colocated"
+
+
 def search(evaluate, gpus: int, fixed: dict | None, start: list[tuple[str, dict, list]],
            budget: int = DEFAULT_BUDGET) -> dict:
-    """Coordinate descent from the best of `start` ((name, options, points) already simulated).
+    """Coordinate descents from the best of `start` ((name, options, points) already simulated), then from the
+    best of the other family of shapes (see the module's docstring), within one budget.
     `evaluate(options)` simulates one configuration at every rate and returns its points (or raises ValueError).
     Returns {"options", "points", "score", "evaluations" (simulated here), "skipped" ([options, why]), "start"
-    (the name it started from), "trail" (the options and score it started from, then each improvement)}."""
+    (the name of the start the best descended from), "starts" (the names of the starts descended from), "trail"
+    (the options and score of the best start, then each improvement on the best so far, with the start it
+    descended from)}."""
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
         raise ValueError(f"search budget must be a non-negative integer of configurations, got {budget!r}")
+    if not start:
+        raise ValueError("search: no configuration to start from")
     space = search_space(gpus, fixed)
     seen: dict[tuple, Candidate | None] = {}
     skipped: list = []
-
-    def key(options: dict) -> tuple:
-        return tuple(sorted(canonical(options).items(), key=lambda kv: kv[0]))
-
-    if not start:
-        raise ValueError("search: no configuration to start from")
-    first = None
+    names: dict[tuple, str] = {}
     for name, options, points in start:
-        cand = Candidate(canonical(options), points, score(points))
-        seen.setdefault(key(options), cand)
-        if first is None or cand.score > first[1].score:
-            first = (name, cand)
-    origin, best = first
-    trail = [{"options": best.options, "score": best.score}]
-    evaluations = 0
+        k = key(options)
+        if k not in seen:
+            seen[k], names[k] = Candidate(canonical(options), points, score(points)), name
+    best = max((c for c in seen.values()), key=lambda c: c.score)        # (the first of equal ones)
+    origin = names[key(best.options)]
+    trail = [{"options": best.options, "score": best.score, "start": origin}]
+    state = {"evaluations": 0}
+    starts, done = [], set()
+    cand, name = best, origin
+    while cand is not None:        # a descent from the best, then from the best seen of a family not yet tried
+        starts.append(name)
+        done.add(family(cand.options))
+        for step in descend(evaluate, space, cand, seen, skipped, budget, state):
+            if step.score > best.score:
+                best, origin = step, name
+                trail.append({"options": step.options, "score": step.score, "start": name})
+        rest = [c for c in seen.values() if c is not None and family(c.options) not in done]
+        cand = max(rest, key=lambda c: c.score) if rest and state["evaluations"] < budget else None
+        if cand is not None:
+            name = names.get(key(cand.options), f"the best {family(cand.options)} configuration simulated")
+    return {"options": best.options, "points": best.points, "score": best.score, "evaluations": state["evaluations"],
+            "skipped": skipped, "start": origin, "starts": starts, "trail": trail}
+
+
+def key(options: dict) -> tuple:
+    """A configuration's identity: its canonical options, sorted."""
+    return tuple(sorted(canonical(options).items(), key=lambda kv: kv[0]))
+
+
+def descend(evaluate, space: dict, best: Candidate, seen: dict, skipped: list, budget: int,
+            state: dict) -> list[Candidate]:
+    """One coordinate descent from `best`: each better candidate it found, in order. `seen` (key ->
+    Candidate, or None for a refused one), `skipped` and state["evaluations"] are shared by every descent."""
+    improvements = []
     improved = True
-    while improved and evaluations < budget:
+    while improved and state["evaluations"] < budget:
         improved = False
         for name, choices in space.items():
             for choice in choices:
@@ -115,9 +151,9 @@ def search(evaluate, gpus: int, fixed: dict | None, start: list[tuple[str, dict,
                 k = key(options)
                 if k in seen:
                     continue
-                if evaluations >= budget:
+                if state["evaluations"] >= budget:
                     break
-                evaluations += 1
+                state["evaluations"] += 1
                 try:
                     points = evaluate(options)
                 except ValueError as e:
@@ -127,6 +163,5 @@ def search(evaluate, gpus: int, fixed: dict | None, start: list[tuple[str, dict,
                 seen[k] = cand = Candidate(options, points, score(points))
                 if cand.score > best.score:
                     best, improved = cand, True
-                    trail.append({"options": best.options, "score": best.score})
-    return {"options": best.options, "points": best.points, "score": best.score, "evaluations": evaluations,
-            "skipped": skipped, "start": origin, "trail": trail}
+                    improvements.append(cand)
+    return improvements
