@@ -1,6 +1,7 @@
 """kvflow's best configuration (kvflow/sim/search.py): the search space comes from the presets and the registries,
 equal configurations are simulated once, the coordinate descent finds a separable optimum, a second descent
-explores the other family of shapes, the search never ends below where it started, keeps to its budget and skips what the engine refuses; `kvflow sim compare` gets the row."""
+explores the other family of shapes, the search never ends below where it started, keeps to its budget and
+skips what the engine refuses; `kvflow sim compare` gets the row."""
 import subprocess
 import sys
 

@@ -36,12 +36,12 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec | str, plan=DEFAULT_PLA
     co-run slowdown); `metrics_alone`: the simulation without it. `served`: the plan's fit is then fitted
     again with the steps of the same workload with another seed, served just before the real run
     (calibrate.fit_served); `metrics_plan`: the simulation with the plan's fit alone. By default on for a
-    generated workload, and off for one engine on a trace file (it has no seed to draw a held-out one): a
-    served replica's decodes took 1.06-1.10x the plan's fit in every recent check, one engine's too, and the
-    served fit met more targets than the plan's alone (benchmarks/README.md). `real_runs` > 1: the workload is served that many times, one after another, and
-    the simulation is compared with each metric's median over them; `real_spread` says how far the real runs
-    themselves fell from that median (the real system's own run-to-run variation: a bound below which no
-    simulation of it can be judged), and `runs` compares the simulation with each run alone (each_run);
+    generated workload, and off for one engine on a trace file (served_by_default): one engine's served
+    decodes took 1.07-1.16x the plan's fit in five checks, and the served fit met more targets than the
+    plan's alone (benchmarks/README.md). `real_runs` > 1: the workload is served that many times, one after
+    another, and the simulation is compared with each metric's median over them; `real_spread` says how far
+    the real runs themselves fell from that median (the real system's own run-to-run variation: a bound
+    below which no simulation of it can be judged), and `runs` compares the simulation with each run alone (each_run);
     `real_median_band`, each run's median_band of TTFT and TPOT (how far its median moves when a twentieth of
     the requests cross it); `per_request_corr`, the correlation of each
     request's TTFT and TPOT between the simulation (and the in-sample one) and each real run, and between the

@@ -102,32 +102,30 @@ def search(evaluate, gpus: int, fixed: dict | None, start: list[tuple[str, dict,
     if not start:
         raise ValueError("search: no configuration to start from")
     space = search_space(gpus, fixed)
-    seen: dict[tuple, Candidate | None] = {}
-    skipped: list = []
+    explored = Explored(budget)
     names: dict[tuple, str] = {}
     for name, options, points in start:
         k = key(options)
-        if k not in seen:
-            seen[k], names[k] = Candidate(canonical(options), points, score(points)), name
-    best = max((c for c in seen.values()), key=lambda c: c.score)        # (the first of equal ones)
+        if k not in explored.seen:
+            explored.seen[k], names[k] = Candidate(canonical(options), points, score(points)), name
+    best = max(explored.seen.values(), key=lambda c: c.score)        # (the first of equal ones)
     origin = names[key(best.options)]
     trail = [{"options": best.options, "score": best.score, "start": origin}]
-    state = {"evaluations": 0}
     starts, done = [], set()
     cand, name = best, origin
     while cand is not None:        # a descent from the best, then from the best seen of a family not yet tried
         starts.append(name)
         done.add(family(cand.options))
-        for step in descend(evaluate, space, cand, seen, skipped, budget, state):
+        for step in explored.descend(evaluate, space, cand):
             if step.score > best.score:
                 best, origin = step, name
                 trail.append({"options": step.options, "score": step.score, "start": name})
-        rest = [c for c in seen.values() if c is not None and family(c.options) not in done]
-        cand = max(rest, key=lambda c: c.score) if rest and state["evaluations"] < budget else None
+        rest = [c for c in explored.seen.values() if c is not None and family(c.options) not in done]
+        cand = max(rest, key=lambda c: c.score) if rest and explored.evaluations < budget else None
         if cand is not None:
             name = names.get(key(cand.options), f"the best {family(cand.options)} configuration simulated")
-    return {"options": best.options, "points": best.points, "score": best.score, "evaluations": state["evaluations"],
-            "skipped": skipped, "start": origin, "starts": starts, "trail": trail}
+    return {"options": best.options, "points": best.points, "score": best.score, "evaluations": explored.evaluations,
+            "skipped": explored.skipped, "start": origin, "starts": starts, "trail": trail}
 
 
 def key(options: dict) -> tuple:
@@ -135,33 +133,40 @@ def key(options: dict) -> tuple:
     return tuple(sorted(canonical(options).items(), key=lambda kv: kv[0]))
 
 
-def descend(evaluate, space: dict, best: Candidate, seen: dict, skipped: list, budget: int,
-            state: dict) -> list[Candidate]:
-    """One coordinate descent from `best`: each better candidate it found, in order. `seen` (key ->
-    Candidate, or None for a refused one), `skipped` and state["evaluations"] are shared by every descent."""
-    improvements = []
-    improved = True
-    while improved and state["evaluations"] < budget:
-        improved = False
-        for name, choices in space.items():
-            for choice in choices:
-                move = dict(choice) if name == "shape" else {name: choice}
-                base = {k: v for k, v in best.options.items() if name != "shape" or k not in SHAPE_KEYS}
-                options = canonical({**base, **move})
-                k = key(options)
-                if k in seen:
-                    continue
-                if state["evaluations"] >= budget:
-                    break
-                state["evaluations"] += 1
-                try:
-                    points = evaluate(options)
-                except ValueError as e:
-                    seen[k] = None
-                    skipped.append([options, str(e)])
-                    continue
-                seen[k] = cand = Candidate(options, points, score(points))
-                if cand.score > best.score:
-                    best, improved = cand, True
-                    improvements.append(cand)
-    return improvements
+@dataclasses.dataclass
+class Explored:
+    """What every descent of one search shares: the configurations simulated (key -> Candidate, None for a
+    refused one), the refusals ([options, why]) and the budget of simulations, with how much of it is spent."""
+    budget: int
+    seen: dict = dataclasses.field(default_factory=dict)
+    skipped: list = dataclasses.field(default_factory=list)
+    evaluations: int = 0
+
+    def descend(self, evaluate, space: dict, best: Candidate) -> list[Candidate]:
+        """One coordinate descent from `best`: each better candidate it found, in order."""
+        seen, improvements = self.seen, []
+        improved = True
+        while improved and self.evaluations < self.budget:
+            improved = False
+            for name, choices in space.items():
+                for choice in choices:
+                    move = dict(choice) if name == "shape" else {name: choice}
+                    base = {k: v for k, v in best.options.items() if name != "shape" or k not in SHAPE_KEYS}
+                    options = canonical({**base, **move})
+                    k = key(options)
+                    if k in seen:
+                        continue
+                    if self.evaluations >= self.budget:
+                        break
+                    self.evaluations += 1
+                    try:
+                        points = evaluate(options)
+                    except ValueError as e:
+                        seen[k] = None
+                        self.skipped.append([options, str(e)])
+                        continue
+                    seen[k] = cand = Candidate(options, points, score(points))
+                    if cand.score > best.score:
+                        best, improved = cand, True
+                        improvements.append(cand)
+        return improvements
