@@ -48,6 +48,19 @@ def summary(metrics: dict) -> str:
         f"{key} {row['rel_error']:.1%}{'' if row['ok'] else ' MISS'}" for key, row in metrics.items()) + ")"
 
 
+def corun_words(profile: dict) -> str:
+    """A profile's co-run figures in words (HardwareProfile.corun_part says what they multiply)."""
+    if profile.get("corun_part") == "fixed":
+        fixed = profile["params"]["coef"][0] * 1e3
+        row = profile["corun_by_kind"].get("decode", {})
+        return (f"a step beside the other's decode takes {row.get('decode', profile['corun_slowdown']) - 1:.3f}x "
+                f"the fixed cost ({fixed:.2f} ms) longer, beside a prefill "
+                f"{row.get('prefill', profile['corun_slowdown']) - 1:.3f}x, whatever its rows")
+    figures = "".join(f"; a {own} beside a {other} {x:.3f}x" for own, row in profile["corun_by_kind"].items()
+                      for other, x in row.items())
+    return f"{profile['corun_slowdown']:.3f}x slower than alone{figures}"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", default=DEFAULT_WORKLOAD,
@@ -114,12 +127,15 @@ def main() -> int:
           "run): " + "; ".join(f"{k} " + ", ".join(f"{p[k]:.2f}" for p in m["probes"]) + f" (spread {v:.1%})"
                                for k, v in m["spread"].items()))
     if "metrics_alone" in result:      # several replicas: with the co-run slowdown (above) and without
-        by_kind = "; ".join(f"a {own} beside a {other} {x:.3f}x"
-                            for own, row in result["profile"]["corun_by_kind"].items() for other, x in row.items())
+        prof = result["profile"]
         tables[0] = (f"the simulation, {args.replicas} replicas on one machine (calibrated stepping at once: "
-                     f"{result['profile']['corun_slowdown']:.3f}x slower than alone"
-                     + (f"; {by_kind}" if by_kind else "") + "):", result["metrics"])
+                     f"{corun_words(prof)}):", result["metrics"])
         tables.append(("the simulation with each replica as if alone on its machine:", result["metrics_alone"]))
+    if "metrics_corun_step" in result:  # the whole-step co-run figures of the same served steps
+        step = result["profile"]["fit"]["served_corun_by_kind_step"]
+        tables.append((f"the simulation with the co-run figures on each step's whole time instead ({corun_words("
+                       f"{**result['profile'], 'corun_part': 'step', 'corun_by_kind': step})}):",
+                       result["metrics_corun_step"]))
     if "metrics_plan" in result:       # the plan's fit, before fitting it again with served steps
         fit = result["profile"]["fit"]
         tables.append((f"the simulation with the plan's fit alone (served steps took "

@@ -50,6 +50,37 @@ def test_a_steps_slowdown_by_the_kinds_of_both_steps():
         fixed_profile(corun_by_kind={"decode": {"decode": 0}})
 
 
+def test_a_decodes_slowdown_on_its_fixed_cost():
+    """corun_part "fixed": a decode beside another's step takes (f - 1) x its model's fixed cost (a step of
+    nothing's price) longer, a one-row and an eight-row decode alike; a step with a prefill is still slowed as a
+    whole; a roofline's fixed cost is its launch and the weights' read."""
+    decode, prefill = 0, 3
+    profile = fixed_profile(step_s=0.01, corun_part="fixed")
+    profile.params["coef"] = [0.01, 0.004, 1e-3, 0.0, 0.0]
+    model = profile.cost_model()
+    assert model.fixed_seconds() == 0.01
+    now = [0.0]
+    machine = SharedMachine(2, slowdown=1.1, by_kind={"decode": {"decode": 1.5}})
+    a, b = (OnSharedMachine(model, machine, k, lambda: now[0]) for k in range(2))
+    assert a.step_started(100.0, prefill) == 100.0                  # alone
+    one, eight = model.step_seconds(1, 0, 0, 0.0), model.step_seconds(8, 0, 0, 0.0)
+    assert b.step_started(one, decode) == pytest.approx(one + 0.1 * 0.01)          # beside a prefill: 1.1 ...
+    now[0] = 1.0                 # b has ended; a still steps (a prefill)
+    assert b.step_started(eight, decode) == pytest.approx(eight + 0.1 * 0.01)      # ... on the fixed cost alike
+    assert b.step_started(2.0, prefill) == pytest.approx(2.0 * 1.1)                # a prefill: as a whole
+    now[0] = 500.0
+    a.step_started(one, decode)
+    assert b.step_started(eight, decode) == pytest.approx(eight + 0.5 * 0.01)      # beside a decode: 1.5
+    roof = dataclasses.replace(roofline_profile("h100"), corun_part="fixed").cost_model()
+    machine = SharedMachine(2, slowdown=1.5)
+    c, d = (OnSharedMachine(roof, machine, k, lambda: now[0]) for k in range(2))
+    c.step_started(1.0, decode)
+    assert roof.fixed_seconds() == pytest.approx(roof.step_seconds(0, 0, 0, 0.0)) and roof.fixed_seconds() > 0
+    assert d.step_started(1.0, decode) == pytest.approx(1.0 + 0.5 * roof.fixed_seconds())
+    with pytest.raises(ValueError, match="corun_part"):
+        fixed_profile(corun_part="weights")
+
+
 def test_simulated_replicas_on_one_machine():
     """A profile with replicas_per_machine: at a slowdown of 1 the simulation is the plain one; above it, steps
     of replicas that share a machine take longer when they overlap (TPOT grows, and more with load), replicas
@@ -172,10 +203,18 @@ def test_a_fit_refitted_with_served_steps():
         t += d + 1.0
     paired = dataclasses.replace(profile, replicas_per_machine=2, corun_slowdown=1.05)
     two = served_profile(paired, plan, fleet)
-    assert two.corun_slowdown == pytest.approx(1.2, rel=1e-3) and two.fit["served_alone_steps"] == 60
+    assert two.fit["served_alone_steps"] == 60
     assert two.fit["plan_corun_slowdown"] == 1.05 and two.replicas_per_machine == 2
-    assert two.corun_by_kind == {"decode": {"decode": pytest.approx(1.2, rel=1e-3),       # the only pair served,
-                                            "prefill": pytest.approx(1.2, rel=1e-3)}}    # and a decode's figure
+    # a decode's figures on the fit's fixed cost (corun_part "fixed"; the pooled one for the pair not served):
+    # the median served shape (two rows) beside a decode is priced as measured, 1.2x its time alone; the
+    # whole-step figures stay in the fit's record
+    f = 1 + 0.2 * model.step_seconds(2, 0, 240, 0.0) / 0.004
+    assert two.corun_part == "fixed" and two.corun_slowdown == pytest.approx(1.2, rel=1e-3)
+    assert two.corun_by_kind == {"decode": {"decode": pytest.approx(f, rel=1e-2),
+                                            "prefill": pytest.approx(f, rel=1e-2)}}
+    assert two.fit["served_corun_by_kind_step"] == {"decode": {"decode": pytest.approx(1.2, rel=1e-3),
+                                                               "prefill": pytest.approx(1.2, rel=1e-3)}}
+    assert priced_beside(two, (2, 0, 240, 0.0)) == pytest.approx(1.2, rel=2e-2)
     kept = served_profile(paired, plan, fleet[:70])        # ten steps beside: too few to measure it
     assert kept.corun_slowdown == 1.05 and "served_corun_slowdown" not in kept.fit
     t, slow = 0.0, []              # the same, with the steps alone 10% over the plan's: the fit (on relative
@@ -188,13 +227,23 @@ def test_a_fit_refitted_with_served_steps():
     three = served_profile(paired, plan, slow)
     assert three.fit["served_over_fit"] > 1.0     # what the fit alone left between it and the steps alone
     assert step_ratio(three, slow[:60]) == pytest.approx(1.0, rel=1e-3)      # (the 60 alone)
-    assert three.corun_by_kind["decode"]["decode"] == pytest.approx(1.2, rel=1e-3)
+    assert priced_beside(three, (2, 0, 240, 0.0)) == pytest.approx(1.2, rel=2e-2)
     with pytest.raises(ValueError, match="steps"):
         served_profile(profile, plan, fleet[:5])
     with pytest.raises(ValueError, match="steps"):
         served_profile(profile, plan, fleet[60:])          # none alone
     with pytest.raises(ValueError, match="profile"):
         served_profile(roofline_profile("h100"), plan, fleet)
+
+
+def priced_beside(profile, shape) -> float:
+    """A step of `shape`'s price on a machine of two replicas when it starts while the other's decode is in
+    progress, over its price alone."""
+    machine = SharedMachine(2, profile.corun_slowdown, profile.corun_by_kind)
+    a, b = (OnSharedMachine(profile.cost_model(), machine, k, lambda: 0.0) for k in range(2))
+    alone = profile.cost_model().step_seconds(*shape)
+    a.step_started(1.0)
+    return b.step_started(alone, shape[1]) / alone
 
 
 def test_a_pair_of_step_kinds_with_too_few_steps_takes_its_own_kinds_figure():
@@ -227,4 +276,6 @@ def test_a_pair_of_step_kinds_with_too_few_steps_takes_its_own_kinds_figure():
     assert prof.fit["served_prefill_beside_decode_steps"] == 10 and prof.fit["served_prefill_beside_steps"] == 34
     assert prof.corun_by_kind["prefill"] == {"prefill": pytest.approx(1.0, rel=1e-3),
                                              "decode": pytest.approx(1.0, rel=1e-3)}    # its own kind's figure
-    assert prof.corun_by_kind["decode"]["decode"] == pytest.approx(1.2, rel=1e-3)
+    assert prof.fit["served_corun_by_kind_step"]["decode"]["decode"] == pytest.approx(1.2, rel=1e-3)
+    assert prof.corun_part == "fixed" and priced_beside(prof, decode) == pytest.approx(1.2, rel=2e-2)
+    assert priced_beside(prof, prefill) == pytest.approx(1.0, rel=1e-3)

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import time
 
 import numpy as np
@@ -303,7 +304,11 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
     them). A fleet's fit is then scaled by the median time of its steps alone over it (served_over_fit; a
     fit on relative error with the plan's steps need not meet them): the co-run figures are over those, so a
     step alone is priced where a co-run figure's 1.0 is. The fit records how the served steps compared with
-    the plan's fit, decode-only steps and steps with a prefill apart."""
+    the plan's fit, decode-only steps and steps with a prefill apart. A decode's figures are then on the new
+    fit's fixed cost (corun_part "fixed", fixed_factor; the whole-step ones stay in the fit's record): beside
+    another's decode a one-row decode slows by a larger share of its time than a several-row one, and the
+    held-out workload's mix of them need not be the compared one's. A step with a prompt keeps its whole-step
+    figures (compute bound, it is barely slowed; its time varies more than the fixed cost itself)."""
     if profile.kind != "linear":
         raise ValueError(f"profile: only a linear (calibrated) cost model is fitted to served steps, "
                          f"got {profile.kind!r}")
@@ -328,7 +333,7 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
                        profile, [s for s in alone if step_kind(s[0][1]) == kind]), 4) for kind in STEP_KINDS})
     if "corun_steps" in profile.fit:
         quality["corun_steps"] = profile.fit["corun_steps"]
-    slowdown, by_kind = profile.corun_slowdown, {}
+    slowdown, by_kind, part = profile.corun_slowdown, {}, profile.corun_part
     if fleet and len(beside) >= min_steps:
         slowdown = round(step_ratio(fitted, beside), 4)
         quality.update(served_corun_slowdown=slowdown, plan_corun_slowdown=profile.corun_slowdown,
@@ -342,10 +347,27 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
                     by_kind.setdefault(own, {})[other] = round(step_ratio(fitted, measured), 4)
                 quality[f"served_{own}_beside_{other}_steps"] = len(cell)
             quality[f"served_{own}_beside_steps"] = len(pooled)
-    return dataclasses.replace(fitted, corun_slowdown=slowdown, corun_by_kind=by_kind, fit=quality,
+        decodes = [s for s in beside if step_kind(s[0][1]) == "decode"]
+        if coef[0] > 0 and len(decodes) >= min_steps:     # a decode's figures on the fixed cost (corun_part)
+            part = "fixed"
+            quality["served_corun_by_kind_step"] = {own: dict(row) for own, row in by_kind.items()}
+            for other in STEP_KINDS:        # by the pair where there are enough steps of it, else of any
+                cell = [s for s in groups[f"beside {other}"] if step_kind(s[0][1]) == "decode"]
+                by_kind.setdefault("decode", {})[other] = fixed_factor(fitted, cell if len(cell) >= min_steps
+                                                                       else decodes)
+    return dataclasses.replace(fitted, corun_slowdown=slowdown, corun_by_kind=by_kind, corun_part=part, fit=quality,
                                source=f"{profile.source}; fitted again with {len(alone)} steps served of {label}"
                                       + (f" (co-run slowdown {slowdown:.3f} from {len(beside)} of them beside "
                                          f"another's)" if "served_corun_slowdown" in quality else ""))
+
+
+def fixed_factor(profile: HardwareProfile, steps) -> float:
+    """The co-run factor f of decode `steps` beside another's on `profile`'s fixed cost (corun_part "fixed"):
+    1 + the median of (seconds - price alone) / fixed cost; at least 0.01."""
+    model = profile.cost_model()
+    fixed = model.fixed_seconds()
+    extra = statistics.median((s[1] - model.step_seconds(*s[0])) / fixed for s in steps)
+    return round(max(1.0 + extra, 0.01), 4)
 
 
 def overlap_groups(steps) -> dict[str, list]:

@@ -74,6 +74,12 @@ class HardwareProfile:
     # slowdown}}, kinds "decode" (decode rows only) and "prefill" (any prefill tokens); a pair it lacks takes
     # corun_slowdown. On a CPU a decode beside another decode slows most: both stream the weights from memory
     corun_by_kind: dict = field(default_factory=dict)
+    # what a co-run factor f multiplies: "step" the step's whole time; "fixed" (a fleet's served fit), for a
+    # decode-only step, the cost model's fixed cost (CostModel.fixed_seconds: the weights' read, which steps on
+    # cores sharing memory contend for), so it takes (f - 1) x that much longer whatever its rows (beside
+    # another's decode a one-row decode slows by a larger share of its time than a several-row one); a step
+    # with prompt tokens (compute bound) is still slowed as a whole
+    corun_part: str = "step"
 
     def __post_init__(self):
         if self.kind not in COST_MODELS:
@@ -90,6 +96,8 @@ class HardwareProfile:
             raise ValueError(f"cold_start_s must be >= 0, got {self.cold_start_s!r}")
         if not (isinstance(self.replicas_per_machine, int) and self.replicas_per_machine >= 1):
             raise ValueError(f"replicas_per_machine must be an integer >= 1, got {self.replicas_per_machine!r}")
+        if self.corun_part not in CORUN_PARTS:
+            raise ValueError(f"corun_part must be one of {', '.join(CORUN_PARTS)}, got {self.corun_part!r}")
         if not self.corun_slowdown > 0:
             raise ValueError(f"corun_slowdown must be positive, got {self.corun_slowdown!r}")
         for own, row in self.corun_by_kind.items():
@@ -158,6 +166,11 @@ class CostModel:
         prices: how long it will take (alone on its machine: as priced; OnSharedMachine: slower beside the
         machine's other replicas' steps)."""
         return seconds
+
+    def fixed_seconds(self) -> float:
+        """The part of every step's time that does not grow with its shape: a step of nothing's price (a
+        calibrated model's per-step term; a roofline's launch and the weights' read)."""
+        return self.step_seconds(0, 0, 0, 0.0)
 
 
 class LinearCost(CostModel):
@@ -233,6 +246,9 @@ class Wrapped(CostModel):
     def step_started(self, seconds: float, prefill_tokens: int = 0) -> float:
         return self.inner.step_started(seconds, prefill_tokens)
 
+    def fixed_seconds(self) -> float:
+        return self.inner.fixed_seconds()
+
 
 class Jittered(Wrapped):
     """Another cost model's step times, each times exp(sigma * N(0, 1)) from a generator of its own (one per
@@ -265,17 +281,23 @@ class OnSharedMachine(Wrapped):
     the machine's n - 1 other replicas are stepping takes 1 + sum over them of (slowdown(a, b) - 1) / (n - 1)
     times as long, b each one's step kind (they share the memory bandwidth and caches; slowdown(a, b) was
     measured with both stepping: corun_by_kind, else corun_slowdown). Priced at its start: a neighbour's step
-    that starts later does not slow it."""
+    that starts later does not slow it. With the profile's corun_part "fixed", a decode-only step takes that
+    sum / (n - 1) times its model's fixed cost longer instead (a step with prompt tokens is slowed as a whole)."""
 
     def __init__(self, inner: CostModel, machine: SharedMachine, slot: int, clock):
         super().__init__(inner)
         self.machine, self.slot, self.clock = machine, slot, clock
+        self.fixed = inner.fixed_seconds() if inner.profile.corun_part == "fixed" else None
 
     def step_started(self, seconds: float, prefill_tokens: int = 0) -> float:
         now, m = self.clock(), self.machine
         own = step_kind(prefill_tokens)
         extra = sum(m.factor(own, m.kinds[j]) - 1.0 for j, t in enumerate(m.busy_until) if t > now and j != self.slot)
-        seconds *= 1.0 + extra / (len(m.busy_until) - 1)
+        extra /= len(m.busy_until) - 1
+        if self.fixed is not None and own == "decode":    # its weights' read slows, whatever its rows
+            seconds += extra * self.fixed
+        else:
+            seconds *= 1.0 + extra
         m.busy_until[self.slot], m.kinds[self.slot] = now + seconds, own
         return seconds
 
@@ -304,6 +326,7 @@ def step_ratio(profile: HardwareProfile, steps) -> float:
 
 
 STEP_KINDS = ("decode", "prefill")
+CORUN_PARTS = ("step", "fixed")      # HardwareProfile.corun_part
 
 
 def step_kind(prefill_tokens: int) -> str:

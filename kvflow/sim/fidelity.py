@@ -31,32 +31,31 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec | str, plan=DEFAULT_PLA
     """`workload`: generated (a WorkloadSpec) or a trace file's path. `warm`: serve the workload once unmeasured
     first (the engine's first call of each batch shape selects kernels and grows buffers, up to ~0.7 s on a
     CPU: a cold run measures that, not steady serving).
-    `replicas` > 1: that many engines, each on its own thread and core, behind `router`, against the
-    simulator's `replicas` and `router` on one simulated machine (calibrate's `together`: the profile's
-    co-run slowdown); `metrics_alone`: the simulation without it. `served`: the plan's fit is then fitted
-    again with the steps of the same workload with another seed, served just before the real run
-    (calibrate.fit_served); `metrics_plan`: the simulation with the plan's fit alone. By default on for a
-    generated workload, and off for one engine on a trace file (served_by_default): one engine's served
-    decodes took 1.07-1.16x the plan's fit in five checks, and the served fit met more targets than the
-    plan's alone (benchmarks/README.md). `real_runs` > 1: the workload is served that many times, one after
-    another, and the simulation is compared with each metric's median over them; `real_spread` says how far
-    the real runs themselves fell from that median (the real system's own run-to-run variation: a bound
-    below which no simulation of it can be judged), and `runs` compares the simulation with each run alone (each_run);
-    `real_median_band`, each run's median_band of TTFT and TPOT (how far its median moves when a twentieth of
-    the requests cross it); `per_request_corr`, the correlation of each
-    request's TTFT and TPOT between the simulation (and the in-sample one) and each real run, and between the
-    real runs. `load`: the workload's rate becomes this fraction of the requests/s the fleet serves at most
-    (capacity(): its simulation with every request at once, on the plan's fresh fit), so that the check runs
-    at the same distance from saturation however fast the machine is that day (this one's speed halved from
-    one day to the next; near capacity a few percent of it moves TPOT by tens). `machine`:
-    probe.py's timings of two fixed kernels with no kvflow code, before the calibration and after each real
-    run, and their spread: how far the machine itself moved during the check. `bracket` (with `served`): the
-    held-out workload is served again after the real runs, and `metrics_bracket` is the simulation on a fit of
-    the plan's steps and both served runs' (a calibration on either side of the real runs, as a drifting
-    instrument is calibrated before and after a measurement). `metrics_insample` is the simulation on a fit of
-    the plan's steps and the real runs' own (not a prediction of them: what is left of its error is the
-    simulator's, not the machine's drift since the calibration; absent when the real runs have too few steps
-    to fit)."""
+    `replicas` > 1: that many engines, each on its own thread and core, behind `router`, against the simulator's
+    `replicas` and `router` on one simulated machine (calibrate's `together`: the profile's co-run slowdown);
+    `metrics_alone`: the simulation without it; `metrics_corun_step`: with the served steps' co-run figures on each
+    step's whole time rather than its fixed cost (corun_part). `served`: the plan's fit is then fitted again with
+    the steps of the same workload with another seed, served just before the real run (calibrate.fit_served);
+    `metrics_plan`: the simulation with the plan's fit alone. By default on for a generated workload, and off for
+    one engine on a trace file (served_by_default): one engine's served decodes took 1.07-1.16x the plan's fit in
+    five checks, and the served fit met more targets than the plan's alone (benchmarks/README.md). `real_runs` > 1:
+    the workload is served that many times, one after another, and the simulation is compared with each metric's
+    median over them; `real_spread` says how far the real runs themselves fell from that median (the real system's
+    own run-to-run variation: a bound below which no simulation of it can be judged), and `runs` compares the
+    simulation with each run alone (each_run); `real_median_band`, each run's median_band of TTFT and TPOT (how far
+    its median moves when a twentieth of the requests cross it); `per_request_corr`, the correlation of each
+    request's TTFT and TPOT between the simulation (and the in-sample one) and each real run, and between the real
+    runs. `load`: the workload's rate becomes this fraction of the requests/s the fleet serves at most (capacity():
+    its simulation with every request at once, on the plan's fresh fit), so that the check runs at the same distance
+    from saturation however fast the machine is that day (this one's speed halved from one day to the next; near
+    capacity a few percent of it moves TPOT by tens). `machine`: probe.py's timings of two fixed kernels with no
+    kvflow code, before the calibration and after each real run, and their spread: how far the machine itself moved
+    during the check. `bracket` (with `served`): the held-out workload is served again after the real runs, and
+    `metrics_bracket` is the simulation on a fit of the plan's steps and both served runs' (a calibration on either
+    side of the real runs, as a drifting instrument is calibrated before and after a measurement).
+    `metrics_insample` is the simulation on a fit of the plan's steps and the real runs' own (not a prediction of
+    them: what is left of its error is the simulator's, not the machine's drift since the calibration; absent when
+    the real runs have too few steps to fit)."""
     from kvflow.config import EngineConfig
     if isinstance(real_runs, bool) or not isinstance(real_runs, int) or real_runs < 1:
         raise ValueError(f"real_runs must be an integer >= 1, got {real_runs!r}")
@@ -140,6 +139,11 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec | str, plan=DEFAULT_PLA
     if replicas > 1:       # the same simulation without the co-run slowdown (each replica as if alone)
         extra["real_step_ratio_overlap"] = overlap_ratios(alone, steps)
         extra["metrics_alone"] = simulated(config, alone, workload, real_m)[0]
+        if profile.corun_part == "fixed":     # the same served steps' co-run figures on each step's whole time
+            fit = profile.fit
+            step = dataclasses.replace(profile, corun_part="step", corun_slowdown=fit["served_corun_slowdown"],
+                                       corun_by_kind=fit["served_corun_by_kind_step"])
+            extra["metrics_corun_step"] = simulated(config, step, workload, real_m)[0]
     if placed:        # the simulation again with each request where the real run put it: its step times alone
         extra["placed_alike"] = sum(a == b for a, b in zip(placed, recorded.placed))
         extra["metrics_placed"] = simulated(config, profile, workload, real_m, Placement(placed))[0]
