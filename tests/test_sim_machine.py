@@ -272,10 +272,36 @@ def test_a_pair_of_step_kinds_with_too_few_steps_takes_its_own_kinds_figure():
         t += p + 1.0
     paired = dataclasses.replace(truth, replicas_per_machine=2)
     prof = served_profile(paired, plan, fleet)
-    assert prof.corun_slowdown == pytest.approx(1.2, rel=1e-3)            # all kinds: the decodes'
+    assert prof.corun_slowdown > 1.2        # all kinds (time-weighted: the decodes', and the long ones beside prefills)
     assert prof.fit["served_prefill_beside_decode_steps"] == 10 and prof.fit["served_prefill_beside_steps"] == 34
     assert prof.corun_by_kind["prefill"] == {"prefill": pytest.approx(1.0, rel=1e-3),
                                              "decode": pytest.approx(1.0, rel=1e-3)}    # its own kind's figure
     assert prof.fit["served_corun_by_kind_step"]["decode"]["decode"] == pytest.approx(1.2, rel=1e-3)
     assert prof.corun_part == "fixed" and priced_beside(prof, decode) == pytest.approx(1.2, rel=2e-2)
     assert priced_beside(prof, prefill) == pytest.approx(1.0, rel=1e-3)
+
+
+def test_a_fleets_served_fit_meets_its_steps_total_time_not_their_median():
+    """A step's time on a shared CPU has a long right tail, and a request's TPOT is the mean of its steps': a
+    fleet's served fit is scaled so that its steps alone add up to their measured total (time_ratio), not to
+    their median (step_ratio), and its co-run figures price the steps beside another's at their total too."""
+    from kvflow.sim.calibrate import served_profile
+    from kvflow.sim.cost_model import time_ratio
+    truth = fixed_profile(step_s=0.004, per_token=2e-4)
+    model = truth.cost_model()
+    plan = [(s, model.step_seconds(*s)) for s in [(r, p, 150 * r, p * p / 2) for r in (0, 1, 4) for p in (0, 200)
+                                                  if r or p]]
+    decode = (2, 0, 240, 0.0)
+    d = model.step_seconds(*decode)
+    t, fleet = 0.0, []
+    for k in range(60):            # alone: one step in six twice as long
+        fleet.append((decode, 2 * d if k % 6 == 0 else d, 0, t))
+        t += 3 * d + 1.0
+    for k in range(60):            # beside a decode: 1.2x those
+        fleet += [(decode, 1.2 * (2 * d if k % 6 == 0 else d), i, t) for i in (0, 1)]
+        t += 3 * d + 1.0
+    prof = served_profile(dataclasses.replace(truth, replicas_per_machine=2), plan, fleet)
+    assert time_ratio(prof, fleet[:60]) == pytest.approx(1.0, rel=1e-3)
+    assert step_ratio(prof, fleet[:60]) < 0.9              # the median step is priced above its time
+    assert prof.cost_model().step_seconds(*decode) == pytest.approx(7 / 6 * d, rel=1e-3)
+    assert priced_beside(prof, decode) == pytest.approx(1.2, rel=1e-3)

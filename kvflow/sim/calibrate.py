@@ -27,12 +27,11 @@ import logging
 import math
 import os
 import platform
-import statistics
 import time
 
 import numpy as np
 
-from kvflow.sim.cost_model import STEP_KINDS, HardwareProfile, step_kind, step_ratio
+from kvflow.sim.cost_model import STEP_KINDS, HardwareProfile, step_kind, step_ratio, time_ratio
 
 logger = logging.getLogger("kvflow")
 
@@ -235,12 +234,12 @@ def measure_together(cores, plan=DEFAULT_PLAN, repeats: int = 1) -> list[tuple[t
 def calibrate(engine_kwargs: dict, name: str | None = None, plan=DEFAULT_PLAN, repeats: int = 1,
               cores=None, together: int = 1, workload=None, router: str = "least-load",
               samples: list | None = None) -> HardwareProfile:
-    """Measure and fit one engine alone. `together` > 1: a profile of that many replicas sharing this machine:
-    then the plan again on that many engines at once (measure_together), and the profile's corun_slowdown is
-    the median of those steps' times over the alone fit's. `cores`: (core, rc, build seconds) of build_core
-    for each engine, to reuse engines (built when not given; their number is `together`). `workload` (a
-    WorkloadSpec or a trace file's path): then fitted again with that workload's served steps (fit_served; a
-    fleet behind `router`). `samples`: a list to append the plan's measured steps to."""
+    """Measure and fit one engine alone. `together` > 1: a profile of that many replicas sharing this machine: then
+    the plan again on that many engines at once (measure_together), and the profile's corun_slowdown is those steps'
+    total time over the alone fit's price of them (time_ratio). `cores`: (core, rc, build seconds) of build_core for
+    each engine, to reuse engines (built when not given; their number is `together`). `workload` (a WorkloadSpec or
+    a trace file's path): then fitted again with that workload's served steps (fit_served; a fleet behind `router`).
+    `samples`: a list to append the plan's measured steps to."""
     from kvflow.platform import cpu_info
     if together < 1:
         raise ValueError(f"together: at least 1 engine, got {together}")
@@ -266,7 +265,7 @@ def calibrate(engine_kwargs: dict, name: str | None = None, plan=DEFAULT_PLAN, r
         cold_start_s=round(build_s, 3), fit=quality)
     if len(cores) > 1:
         beside = measure_together([(c, r) for c, r, _ in cores], plan, repeats)
-        slowdown = step_ratio(profile, beside)
+        slowdown = time_ratio(profile, beside)
         quality["corun_steps"] = len(beside)
         profile = dataclasses.replace(profile, replicas_per_machine=len(cores), corun_slowdown=round(slowdown, 4),
                                       source=f"{profile.source}; {len(cores)} engines stepping at once on their "
@@ -294,21 +293,21 @@ def fit_served(profile: HardwareProfile, plan_samples, cores, requests, router: 
 def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "a workload",
                    min_steps: int = 20) -> HardwareProfile:
     """`profile` (a linear fit of `plan_samples`) fitted again on those and measured served `steps`: (shape,
-    seconds) of one engine, or (shape, seconds, replica, start s) of a fleet (replay_fleet's), of which only
-    the steps with no other replica stepping (overlap_groups) join the fit, and the fleet's corun_slowdown
-    becomes the median time over the new fit of its steps beside another's over that of those alone (when
-    there are `min_steps` of each; else the profile's is kept), and corun_by_kind the same for each pair of
-    step kinds (a decode beside another replica's decode, ...) with `min_steps` of it, else for the step's own
-    kind beside any (steps with a prefill are long and few, and seldom wholly beside one kind; they are
-    compute bound and barely slowed, so the figure of all kinds, which the decodes make, would overprice
-    them). A fleet's fit is then scaled by the median time of its steps alone over it (served_over_fit; a
-    fit on relative error with the plan's steps need not meet them): the co-run figures are over those, so a
-    step alone is priced where a co-run figure's 1.0 is. The fit records how the served steps compared with
-    the plan's fit, decode-only steps and steps with a prefill apart. A decode's figures are then on the new
-    fit's fixed cost (corun_part "fixed", fixed_factor; the whole-step ones stay in the fit's record): beside
-    another's decode a one-row decode slows by a larger share of its time than a several-row one, and the
-    held-out workload's mix of them need not be the compared one's. A step with a prompt keeps its whole-step
-    figures (compute bound, it is barely slowed; its time varies more than the fixed cost itself)."""
+    seconds) of one engine, or (shape, seconds, replica, start s) of a fleet (replay_fleet's), of which only the
+    steps with no other replica stepping (overlap_groups) join the fit, and the fleet's corun_slowdown becomes the
+    total time of its steps beside another's over the new fit's price of them (time_ratio; when there are
+    `min_steps` of each; else the profile's is kept), and corun_by_kind the same for each pair of step kinds (a
+    decode beside another replica's decode, ...) with `min_steps` of it, else for the step's own kind beside any
+    (steps with a prefill are long and few, and seldom wholly beside one kind; they are compute bound and barely
+    slowed, so the figure of all kinds, which the decodes make, would overprice them). A fleet's fit is then scaled
+    by the total time of its steps alone over it (served_over_fit; a fit on relative error with the plan's steps
+    meets their median, not their sum): the co-run figures are over those, so a step alone is priced where a co-run
+    figure's 1.0 is. The fit records how the served steps compared with the plan's fit, decode-only steps and steps
+    with a prefill apart. A decode's figures are then on the new fit's fixed cost (corun_part "fixed", fixed_factor;
+    the whole-step ones stay in the fit's record): beside another's decode a one-row decode slows by a larger share
+    of its time than a several-row one, and the held-out workload's mix of them need not be the compared one's. A
+    step with a prompt keeps its whole-step figures (compute bound, it is barely slowed; its time varies more than
+    the fixed cost itself)."""
     if profile.kind != "linear":
         raise ValueError(f"profile: only a linear (calibrated) cost model is fitted to served steps, "
                          f"got {profile.kind!r}")
@@ -324,7 +323,7 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
     fitted = dataclasses.replace(profile, params={**profile.params, "coef": coef,
                                                   "knee_tokens": quality["knee_tokens"],
                                                   "hinge_tokens": quality["hinge_tokens"]})
-    base = step_ratio(fitted, alone)
+    base = time_ratio(fitted, alone)
     if fleet:       # the co-run figures below are over the steps alone: the fit prices those where they ran
         fitted = dataclasses.replace(fitted, params={**fitted.params, "coef": [c * base for c in coef]})
     quality.update(plan_steps=len(plan_samples), served_steps=len(steps), served_alone_steps=len(alone),
@@ -335,7 +334,7 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
         quality["corun_steps"] = profile.fit["corun_steps"]
     slowdown, by_kind, part = profile.corun_slowdown, {}, profile.corun_part
     if fleet and len(beside) >= min_steps:
-        slowdown = round(step_ratio(fitted, beside), 4)
+        slowdown = round(time_ratio(fitted, beside), 4)
         quality.update(served_corun_slowdown=slowdown, plan_corun_slowdown=profile.corun_slowdown,
                        served_beside_steps=len(beside))
         for own in STEP_KINDS:              # by the kinds of the pair, where there are enough steps of it,
@@ -344,7 +343,7 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
                 cell = [s for s in groups[f"beside {other}"] if step_kind(s[0][1]) == own]
                 measured = cell if len(cell) >= min_steps else pooled
                 if len(measured) >= min_steps:
-                    by_kind.setdefault(own, {})[other] = round(step_ratio(fitted, measured), 4)
+                    by_kind.setdefault(own, {})[other] = round(time_ratio(fitted, measured), 4)
                 quality[f"served_{own}_beside_{other}_steps"] = len(cell)
             quality[f"served_{own}_beside_steps"] = len(pooled)
         decodes = [s for s in beside if step_kind(s[0][1]) == "decode"]
@@ -363,10 +362,10 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
 
 def fixed_factor(profile: HardwareProfile, steps) -> float:
     """The co-run factor f of decode `steps` beside another's on `profile`'s fixed cost (corun_part "fixed"):
-    1 + the median of (seconds - price alone) / fixed cost; at least 0.01."""
+    1 + their total time over their price alone, less one price alone each, in fixed costs (time_ratio's
+    figure, per step); at least 0.01."""
     model = profile.cost_model()
-    fixed = model.fixed_seconds()
-    extra = statistics.median((s[1] - model.step_seconds(*s[0])) / fixed for s in steps)
+    extra = sum(s[1] - model.step_seconds(*s[0]) for s in steps) / (len(steps) * model.fixed_seconds())
     return round(max(1.0 + extra, 0.01), 4)
 
 
