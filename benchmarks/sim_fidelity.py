@@ -50,12 +50,13 @@ def summary(metrics: dict) -> str:
 
 def corun_words(profile: dict) -> str:
     """A profile's co-run figures in words (HardwareProfile.corun_part says what they multiply)."""
+    prompts = "".join(f"; a prefill beside a {other} {x:.3f}x" for other, x in profile["corun_by_kind"].get(
+        "prefill", {}).items())
     if profile.get("corun_part") == "fixed":
-        fixed = profile["params"]["coef"][0] * 1e3
         row = profile["corun_by_kind"].get("decode", {})
-        return (f"a step beside the other's decode takes {row.get('decode', profile['corun_slowdown']) - 1:.3f}x "
-                f"the fixed cost ({fixed:.2f} ms) longer, beside a prefill "
-                f"{row.get('prefill', profile['corun_slowdown']) - 1:.3f}x, whatever its rows")
+        return (f"a decode beside the other's decode takes {row.get('decode', profile['corun_slowdown']) - 1:.3f}x "
+                f"the fixed cost ({profile['params']['coef'][0] * 1e3:.2f} ms) longer, beside a prefill "
+                f"{row.get('prefill', profile['corun_slowdown']) - 1:.3f}x, whatever its rows{prompts}")
     figures = "".join(f"; a {own} beside a {other} {x:.3f}x" for own, row in profile["corun_by_kind"].items()
                       for other, x in row.items())
     return f"{profile['corun_slowdown']:.3f}x slower than alone{figures}"
@@ -132,10 +133,11 @@ def main() -> int:
                      f"{corun_words(prof)}):", result["metrics"])
         tables.append(("the simulation with each replica as if alone on its machine:", result["metrics_alone"]))
     if "metrics_corun_step" in result:  # the whole-step co-run figures of the same served steps
-        step = result["profile"]["fit"]["served_corun_by_kind_step"]
-        tables.append((f"the simulation with the co-run figures on each step's whole time instead ({corun_words("
-                       f"{**result['profile'], 'corun_part': 'step', 'corun_by_kind': step})}):",
-                       result["metrics_corun_step"]))
+        prof = result["profile"]
+        step = {**prof, "corun_part": "step", "corun_slowdown": prof["fit"]["served_corun_slowdown"],
+                "corun_by_kind": prof["fit"]["served_corun_by_kind_step"]}
+        tables.append((f"the simulation with the co-run figures on each step's whole time instead "
+                       f"({corun_words(step)}):", result["metrics_corun_step"]))
     if "metrics_plan" in result:       # the plan's fit, before fitting it again with served steps
         fit = result["profile"]["fit"]
         tables.append((f"the simulation with the plan's fit alone (served steps took "
