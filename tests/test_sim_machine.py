@@ -163,10 +163,10 @@ def test_calibration_of_engines_stepping_together(default_model_path, monkeypatc
 
 
 def test_overlap_ratios_split_a_fleets_steps_by_company():
-    """calibrate.overlap_ratios: a fleet's real steps against a profile, those alone apart from those beside
+    """served.overlap_ratios: a fleet's real steps against a profile, those alone apart from those beside
     another replica's step."""
     from kvflow.sim.cost_model import roofline_profile
-    from kvflow.sim.calibrate import overlap_ratios
+    from kvflow.sim.served import overlap_ratios
     profile = roofline_profile("h100")
     shape = (4, 0, 800, 0.0)
     p = profile.cost_model().step_seconds(*shape)
@@ -177,10 +177,10 @@ def test_overlap_ratios_split_a_fleets_steps_by_company():
 
 
 def test_a_fit_refitted_with_served_steps():
-    """calibrate.served_profile: the plan's steps and the served ones fitted together (a fleet's: those with
+    """served.served_profile: the plan's steps and the served ones fitted together (a fleet's: those with
     no other replica stepping), and a fleet's co-run slowdown from its own steps beside another's over those
     alone; too few steps of either kind, or a roofline profile, are refused with the field named."""
-    from kvflow.sim.calibrate import served_profile
+    from kvflow.sim.served import served_profile
     truth = fixed_profile(step_s=0.004, per_token=2e-4)
     truth.params["coef"] = [0.004, 0.002, 2e-4, 0.003, 0.5]
     model = truth.cost_model()
@@ -247,10 +247,10 @@ def priced_beside(profile, shape) -> float:
 
 
 def test_a_pair_of_step_kinds_with_too_few_steps_takes_its_own_kinds_figure():
-    """calibrate.served_profile: a pair of step kinds served too seldom to measure (a prefill beside a
+    """served.served_profile: a pair of step kinds served too seldom to measure (a prefill beside a
     decode) takes the figure of its own kind's steps beside any other, not the figure of all kinds (which the
     many decodes make: a compute-bound prefill would be priced as slowed as a memory-bound decode)."""
-    from kvflow.sim.calibrate import served_profile
+    from kvflow.sim.served import served_profile
     truth = fixed_profile(step_s=0.004, per_token=2e-4)
     model = truth.cost_model()
     plan = [(s, model.step_seconds(*s)) for s in [(r, p, 150 * r, p * p / 2) for r in (0, 1, 4) for p in (0, 200)
@@ -285,7 +285,7 @@ def test_a_fleets_served_fit_meets_its_steps_total_time_not_their_median():
     """A step's time on a shared CPU has a long right tail, and a request's TPOT is the mean of its steps': a
     fleet's served fit is scaled so that its steps alone add up to their measured total (time_ratio), not to
     their median (step_ratio), and its co-run figures price the steps beside another's at their total too."""
-    from kvflow.sim.calibrate import served_profile
+    from kvflow.sim.served import served_profile
     from kvflow.sim.cost_model import time_ratio
     truth = fixed_profile(step_s=0.004, per_token=2e-4)
     model = truth.cost_model()

@@ -10,6 +10,7 @@ profile: calibrated on this machine, or a GPU roofline). No torch here: only cal
   report.py      bench-serve metrics, utilisation over time, table, JSON and PNG
   compare.py     the survey's runtimes (presets) on one workload and hardware budget
   calibrate.py   fits the linear cost model from measured steps of the real engine (imports torch)
+  served.py      that fit again on served steps: a fleet's co-run figures, on totals and the fixed cost
   fidelity.py    a real run against its simulation (imports torch)
   cli.py         `kvflow sim`, `kvflow sim calibrate`, `kvflow sim compare`
 """

@@ -14,7 +14,8 @@ import numpy as np
 
 from kvflow.bench.metrics import compute_metrics, tpot
 from kvflow.cluster.router import RouteRequest, Router
-from kvflow.sim.calibrate import DEFAULT_PLAN, build_core, calibrate, fit_served, overlap_ratios, served_profile
+from kvflow.sim.calibrate import DEFAULT_PLAN, build_core, calibrate
+from kvflow.sim.served import fit_served, overlap_ratios, served_profile
 from kvflow.sim.cost_model import step_ratio
 from kvflow.sim.probe import probe, spread
 from kvflow.sim.replay import replay, serve
@@ -35,7 +36,7 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec | str, plan=DEFAULT_PLA
     `replicas` and `router` on one simulated machine (calibrate's `together`: the profile's co-run slowdown);
     `metrics_alone`: the simulation without it; `metrics_corun_step`: with the served steps' co-run figures on each
     step's whole time rather than its fixed cost (corun_part). `served`: the plan's fit is then fitted again with
-    the steps of the same workload with another seed, served just before the real run (calibrate.fit_served);
+    the steps of the same workload with another seed, served just before the real run (served.fit_served);
     `metrics_plan`: the simulation with the plan's fit alone. By default on for a generated workload, and off for
     one engine on a trace file (served_by_default): one engine's served decodes took 1.07-1.16x the plan's fit in
     five checks, and the served fit met more targets than the plan's alone (benchmarks/README.md). `real_runs` > 1:
