@@ -177,3 +177,61 @@ def test_sim_takes_the_real_engines_steps_under_speculation(default_model_path, 
     assert rep.kv.num_hits == core.kv.num_hits > 0
     if not acceptance:
         assert core.scheduler.num_preemptions > 0
+
+
+def test_the_simulation_takes_the_profiles_measured_acceptance():
+    """HardwareProfile.spec_acceptance (measured by a served calibration): the simulation's chance per draft
+    when it is not given one; a given one wins; neither: runner.DEFAULT_ACCEPTANCE. Out of [0, 1] it is refused
+    with the field named."""
+    import dataclasses
+
+    from kvflow.sim.runner import DEFAULT_ACCEPTANCE
+    config = EngineConfig.from_kwargs(speculative_config=NGRAM, num_kv_blocks=2048)
+    plain = load_profile("h100")
+    measured = dataclasses.replace(plain, spec_acceptance=1.0)
+    assert plain.spec_acceptance is None and Simulation(config, plain).spec_acceptance == DEFAULT_ACCEPTANCE
+    sim = Simulation(config, measured)
+    assert sim.spec_acceptance == 1.0 and all(r.runner.acceptance == 1.0 for r in sim.replicas())
+    assert Simulation(config, measured, spec_acceptance=0.25).spec_acceptance == 0.25
+    steps = {}
+    for name, profile in (("measured", measured), ("none", dataclasses.replace(plain, spec_acceptance=0.0))):
+        sim = Simulation(config, profile)
+        sim.run(workload_requests(parse_workload("chat:n=40,rate=20,seed=4")))
+        all_blocks_back(sim)
+        steps[name] = sum(r.runner.num_steps for r in sim.replicas())
+    assert steps["measured"] < 0.5 * steps["none"]          # every draft accepted: far fewer steps
+    for bad in (1.5, -0.1, "0.7"):
+        with pytest.raises(ValueError, match="spec_acceptance"):
+            dataclasses.replace(plain, spec_acceptance=bad)
+
+
+@needs_default_model
+@pytest.mark.slow
+def test_a_served_calibration_measures_the_drafts_acceptance(default_model_path, monkeypatch):
+    """`kvflow sim calibrate --workload W --speculative-config ...` (calibrate, served.fit_served): the profile's
+    spec_acceptance is the served run's drafts accepted per draft position tried (not the plan's), read from the
+    real engine's SpecController."""
+    from kvflow.sim import calibrate as cal
+    from kvflow.sim import served
+    monkeypatch.setattr(cal, "SWEEP", (32, 33))
+    kwargs = {"num_threads": 1, "max_num_seqs": 8, "speculative_config": NGRAM}
+    built = cal.build_core(kwargs)
+    spec = built[0].scheduler.spec
+    seen = []
+    fit_served = served.fit_served
+
+    def watched(*args, **kw):        # the engine's counters when the served run starts and when it ends
+        seen.append((spec.num_accepted, spec.num_tried))
+        out = fit_served(*args, **kw)
+        seen.append((spec.num_accepted, spec.num_tried))
+        return out
+    monkeypatch.setattr(served, "fit_served", watched)
+    plan = ((1, 32, 12), (4, 96, 12), (1, 200, 4), (2, 64, 16))
+    profile = cal.calibrate(kwargs, "spec", plan, cores=[built],
+                            workload=parse_workload("random:n=16,rate=4,input=48,output=32,range=0.5,seed=3"))
+    (a0, t0), (a1, t1) = seen
+    assert t1 > t0                            # only the served run counts, not the plan before it
+    assert profile.fit["served_spec_tried"] == t1 - t0 and profile.fit["served_spec_verifications"] > 0
+    assert profile.spec_acceptance == pytest.approx((a1 - a0) / (t1 - t0), abs=1e-4)
+    assert 0.0 <= profile.spec_acceptance <= 1.0
+    built[0].check_blocks()

@@ -31,7 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="sigma of a log-normal factor on each step's time, per replica, seeded by --seed "
                         "(default 0: the profile's times; docs/sim.md)")
     p.add_argument("--spec-acceptance", type=float, default=None,
-                   help="with --speculative-config: each draft token's chance to be accepted (default 0.7)")
+                   help="with --speculative-config: each draft token's chance to be accepted (default: the "
+                        "hardware profile's, measured by `kvflow sim calibrate --workload` with "
+                        "--speculative-config; else 0.7)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes to split the replicas over (colocated replicas only; default 1: one process)")
     p.add_argument("--sync-ms", type=float, default=None,

@@ -75,14 +75,16 @@ class Pool:
 class Simulation:
     def __init__(self, config: EngineConfig, profile: HardwareProfile, track_tables: bool = False,
                  keep_itl: int = 20000, bin_s: float | None = None, step_noise: float = 0.0,
-                 spec_acceptance: float = DEFAULT_ACCEPTANCE):
+                 spec_acceptance: float | None = None):
         """`step_noise`: sigma of a log-normal factor on every step's time (cost_model.Jittered; each replica
         draws from its own generator, seeded by the config's seed and its index); 0: the profile's times.
-        `spec_acceptance`: with speculative decoding, each draft token's chance to be accepted (runner.py)."""
+        `spec_acceptance`: with speculative decoding, each draft token's chance to be accepted (runner.py; None:
+        the profile's measured one, else DEFAULT_ACCEPTANCE)."""
         if not step_noise >= 0:
             raise ValueError(f"step_noise must be a non-negative number, got {step_noise!r}")
         self.config, self.profile, self.step_noise = config, profile, step_noise
-        self.spec_acceptance = spec_acceptance
+        self.spec_acceptance = next(a for a in (spec_acceptance, profile.spec_acceptance, DEFAULT_ACCEPTANCE)
+                                    if a is not None)
         self.spec = engine_spec(config, profile)
         self.cost = profile.cost_model()
         self.track_tables = track_tables

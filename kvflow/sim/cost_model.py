@@ -80,6 +80,10 @@ class HardwareProfile:
     # another's decode a one-row decode slows by a larger share of its time than a several-row one); a step
     # with prompt tokens (compute bound) is still slowed as a whole
     corun_part: str = "step"
+    # a workload's drafts accepted per draft position tried, measured serving it with speculative decoding
+    # (`kvflow sim calibrate --workload W --speculative-config ...`): the simulation's spec_acceptance when it is
+    # not given one; None: not measured
+    spec_acceptance: float | None = None
 
     def __post_init__(self):
         if self.kind not in COST_MODELS:
@@ -96,6 +100,9 @@ class HardwareProfile:
             raise ValueError(f"cold_start_s must be >= 0, got {self.cold_start_s!r}")
         if not (isinstance(self.replicas_per_machine, int) and self.replicas_per_machine >= 1):
             raise ValueError(f"replicas_per_machine must be an integer >= 1, got {self.replicas_per_machine!r}")
+        if self.spec_acceptance is not None and not (isinstance(self.spec_acceptance, (int, float))
+                                                     and 0.0 <= self.spec_acceptance <= 1.0):
+            raise ValueError(f"spec_acceptance must be None or a number in [0, 1], got {self.spec_acceptance!r}")
         if self.corun_part not in CORUN_PARTS:
             raise ValueError(f"corun_part must be one of {', '.join(CORUN_PARTS)}, got {self.corun_part!r}")
         if not self.corun_slowdown > 0:

@@ -30,7 +30,6 @@ from kvflow.memory.kv_cache_manager import extend_block_hashes
 from kvflow.sim.cluster import Simulation, without_cyclic_gc
 from kvflow.sim.cost_model import HardwareProfile
 from kvflow.sim.report import Record, Recorder
-from kvflow.sim.runner import DEFAULT_ACCEPTANCE
 
 SYNC_S = 1e-3       # default batch width: a few H100 decode steps' worth of staleness at most
 LOAD_FIELDS = ("num_running", "num_waiting", "kv_cache_usage", "num_assigned", "outstanding_tokens")
@@ -135,7 +134,7 @@ class _Local:
 def simulate_parallel(config: EngineConfig, profile: HardwareProfile, requests, workers: int = 2,
                       sync_s: float = SYNC_S, keep_itl: int = 20000, bin_s: float | None = None,
                       step_noise: float = 0.0,
-                      spec_acceptance: float = DEFAULT_ACCEPTANCE) -> tuple[Simulation, Recorder]:
+                      spec_acceptance: float | None = None) -> tuple[Simulation, Recorder]:
     """As cluster.simulate, over `workers` processes (1: the same protocol in this process). The Simulation
     returned is the parent's: its router, and its replicas as the router saw them (their loads as last
     reported, their step and preemption counts as the workers ended)."""

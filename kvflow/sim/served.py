@@ -20,11 +20,22 @@ def fit_served(profile: HardwareProfile, plan_samples, cores, requests, router: 
     """Serve `requests` (SimRequests) in real time on the engines `cores` ((core, rc, ...) of build_core; one:
     replay, several: replay_fleet behind `router`) and refit `profile` on `plan_samples` (its plan's measured
     steps) and theirs (served_profile); the served steps are appended to `steps` when given. The engines' prefix
-    caches are emptied afterwards."""
+    caches are emptied afterwards. With speculative decoding, the profile's spec_acceptance becomes the served
+    run's drafts accepted per draft position tried (each verification's tries end at its first rejection: the
+    simulated runner's chance per draft, runner.py), when any was tried."""
     from kvflow.sim.replay import serve
     steps = [] if steps is None else steps
+    specs = [c[0].scheduler.spec for c in cores if c[0].scheduler.spec is not None]
+    before = [(spec.num_accepted, spec.num_tried, spec.num_verifications) for spec in specs]
     serve([c[0] for c in cores], requests, router, cores[0][1].config.cache.block_size, steps)
-    return served_profile(profile, plan_samples, steps, label)
+    fitted = served_profile(profile, plan_samples, steps, label)
+    if specs:       # speculative decoding: the drafts accepted per position tried, in this workload's run
+        accepted, tried, verifications = (sum(getattr(spec, key) - b[k] for spec, b in zip(specs, before))
+                                          for k, key in enumerate(("num_accepted", "num_tried", "num_verifications")))
+        fitted.fit.update(served_spec_verifications=verifications, served_spec_tried=tried)
+        if tried:
+            fitted.spec_acceptance = round(accepted / tried, 4)
+    return fitted
 
 
 def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "a workload",

@@ -39,6 +39,7 @@ class SpecController:
         self.lookahead = config.lookahead     # the proposer writes KV at the drafted positions: allocate slots
         self.stats: dict[str, _Acceptance] = {}
         self.num_proposed = self.num_accepted = self.num_verifications = 0
+        self.num_tried = 0                # draft positions tried until each verification's first rejection
         self.rate = 0.5                   # all requests' acceptance rate (the batch rule's)
         self.draft_s_per_token = 0.0      # the proposer's measured seconds per draft token asked (EMA)
         self._drafts_seen = False
@@ -82,6 +83,7 @@ class SpecController:
         self.num_proposed += proposed
         self.num_accepted += accepted
         tries = accepted + (accepted < proposed)        # positions tried until the first rejection
+        self.num_tried += tries
         sample = accepted / tries
         a = self.stats.setdefault(request_id, _Acceptance())
         a.rate += EMA * (sample - a.rate)
