@@ -15,7 +15,7 @@ import numpy as np
 from kvflow.bench.metrics import compute_metrics, tpot
 from kvflow.cluster.router import RouteRequest, Router
 from kvflow.sim.calibrate import DEFAULT_PLAN, build_core, calibrate
-from kvflow.sim.served import fit_served, overlap_ratios, served_profile
+from kvflow.sim.served import fit_served, overlap_ratios, served_profile, whole_step
 from kvflow.sim.cost_model import step_ratio
 from kvflow.sim.probe import probe, spread
 from kvflow.sim.replay import replay, serve
@@ -141,10 +141,7 @@ def fidelity(engine_kwargs: dict, workload: WorkloadSpec | str, plan=DEFAULT_PLA
         extra["real_step_ratio_overlap"] = overlap_ratios(alone, steps)
         extra["metrics_alone"] = simulated(config, alone, workload, real_m)[0]
         if profile.corun_part == "fixed":     # the same served steps' co-run figures on each step's whole time
-            fit = profile.fit
-            step = dataclasses.replace(profile, corun_part="step", corun_slowdown=fit["served_corun_slowdown"],
-                                       corun_by_kind=fit["served_corun_by_kind_step"])
-            extra["metrics_corun_step"] = simulated(config, step, workload, real_m)[0]
+            extra["metrics_corun_step"] = simulated(config, whole_step(profile), workload, real_m)[0]
     if placed:        # the simulation again with each request where the real run put it: its step times alone
         extra["placed_alike"] = sum(a == b for a, b in zip(placed, recorded.placed))
         extra["metrics_placed"] = simulated(config, profile, workload, real_m, Placement(placed))[0]

@@ -26,16 +26,22 @@ def fit_served(profile: HardwareProfile, plan_samples, cores, requests, router: 
     from kvflow.sim.replay import serve
     steps = [] if steps is None else steps
     specs = [c[0].scheduler.spec for c in cores if c[0].scheduler.spec is not None]
-    before = [(spec.num_accepted, spec.num_tried, spec.num_verifications) for spec in specs]
+    before = _spec_counts(specs)
     serve([c[0] for c in cores], requests, router, cores[0][1].config.cache.block_size, steps)
     fitted = served_profile(profile, plan_samples, steps, label)
-    if specs:       # speculative decoding: the drafts accepted per position tried, in this workload's run
-        accepted, tried, verifications = (sum(getattr(spec, key) - b[k] for spec, b in zip(specs, before))
-                                          for k, key in enumerate(("num_accepted", "num_tried", "num_verifications")))
-        fitted.fit.update(served_spec_verifications=verifications, served_spec_tried=tried)
-        if tried:
-            fitted.spec_acceptance = round(accepted / tried, 4)
-    return fitted
+    if not specs:
+        return fitted
+    # speculative decoding: the drafts accepted per position tried, in this workload's run (not the plan's)
+    accepted, tried, verifications = (b - a for a, b in zip(before, _spec_counts(specs)))
+    return dataclasses.replace(fitted, spec_acceptance=round(accepted / tried, 4) if tried else None,
+                               fit={**fitted.fit, "served_spec_verifications": verifications,
+                                    "served_spec_tried": tried})
+
+
+def _spec_counts(specs) -> tuple[int, int, int]:
+    """The engines' SpecControllers' drafts accepted, draft positions tried and verifications, summed."""
+    return (sum(s.num_accepted for s in specs), sum(s.num_tried for s in specs),
+            sum(s.num_verifications for s in specs))
 
 
 def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "a workload",
@@ -85,23 +91,21 @@ def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "
         slowdown = round(time_ratio(fitted, beside), 4)
         quality.update(served_corun_slowdown=slowdown, plan_corun_slowdown=profile.corun_slowdown,
                        served_beside_steps=len(beside))
+        measured_by: dict[tuple[str, str], list] = {}
         for own in STEP_KINDS:              # by the kinds of the pair, where there are enough steps of it,
             pooled = [s for s in beside if step_kind(s[0][1]) == own]     # else by its own kind beside any
             for other in STEP_KINDS:
                 cell = [s for s in groups[f"beside {other}"] if step_kind(s[0][1]) == own]
                 measured = cell if len(cell) >= min_steps else pooled
                 if len(measured) >= min_steps:
+                    measured_by[own, other] = measured
                     by_kind.setdefault(own, {})[other] = round(time_ratio(fitted, measured), 4)
                 quality[f"served_{own}_beside_{other}_steps"] = len(cell)
             quality[f"served_{own}_beside_steps"] = len(pooled)
-        decodes = [s for s in beside if step_kind(s[0][1]) == "decode"]
-        if coef[0] > 0 and len(decodes) >= min_steps:     # a decode's figures on the fixed cost (corun_part)
+        if coef[0] > 0 and "decode" in by_kind:     # a decode's figures on the fixed cost (corun_part), same steps
             part = "fixed"
             quality["served_corun_by_kind_step"] = {own: dict(row) for own, row in by_kind.items()}
-            for other in STEP_KINDS:        # by the pair where there are enough steps of it, else of any
-                cell = [s for s in groups[f"beside {other}"] if step_kind(s[0][1]) == "decode"]
-                by_kind.setdefault("decode", {})[other] = fixed_factor(fitted, cell if len(cell) >= min_steps
-                                                                       else decodes)
+            by_kind["decode"] = {other: fixed_factor(fitted, measured_by["decode", other]) for other in STEP_KINDS}
     return dataclasses.replace(fitted, corun_slowdown=slowdown, corun_by_kind=by_kind, corun_part=part, fit=quality,
                                source=f"{profile.source}; fitted again with {len(alone)} steps served of {label}"
                                       + (f" (co-run slowdown {slowdown:.3f} from {len(beside)} of them beside "
@@ -115,6 +119,13 @@ def fixed_factor(profile: HardwareProfile, steps) -> float:
     model = profile.cost_model()
     extra = sum(s[1] - model.step_seconds(*s[0]) for s in steps) / (len(steps) * model.fixed_seconds())
     return round(max(1.0 + extra, 0.01), 4)
+
+
+def whole_step(profile: HardwareProfile) -> HardwareProfile:
+    """A served fit with its co-run figures on each step's whole time (corun_part "step"), as its record keeps
+    them (served_corun_slowdown, served_corun_by_kind_step): the model before the fixed cost, to compare."""
+    return dataclasses.replace(profile, corun_part="step", corun_slowdown=profile.fit["served_corun_slowdown"],
+                               corun_by_kind=profile.fit["served_corun_by_kind_step"])
 
 
 def overlap_groups(steps) -> dict[str, list]:
