@@ -50,7 +50,8 @@ class NewRequestData:
 
 @dataclass(slots=True)
 class ScheduledRequest:
-    """One request's work in a step."""
+    """One request's work in a step: a view of its entries in a SchedulerOutput (`rows()`), for the code that
+    reads a step request by request (the model runner, the grammar step, tests)."""
     req_id: str
     num_computed_tokens: int          # position of token_ids[0]
     token_ids: list[int]              # the tokens to compute (their K/V are written this step)
@@ -70,17 +71,96 @@ class ScheduledRequest:
 
 @dataclass(slots=True)
 class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    """A step. Its scheduled requests are columns, in step order (as vLLM's CachedRequestData): entry i of
+    `req_ids`, `num_computed_tokens`, `num_new_tokens` and `sample` is the i-th request's, and `token_ids`
+    holds every request's tokens one request after the other. What few requests have is kept by request id:
+    blocks appended to a table since the last step (`new_block_ids`), whole tables that replace the runner's
+    (`block_tables`: after fork, swap-in, recompute, copy-on-write), proposals to verify (`num_spec_tokens`:
+    the last that many of its tokens), drafts to propose (`num_draft_tokens`), grammar masks (`token_bitmasks`).
+    Columns rather than an object per request: a simulated fleet keeps every replica's step in flight at
+    once, and the objects of a thousand replicas' steps no longer fit the caches (kvflow/sim)."""
+    req_ids: list[str] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)   # position of its first token this step
+    num_new_tokens: list[int] = field(default_factory=list)
+    sample: list[bool] = field(default_factory=list)    # it reaches the end of its known tokens: sample the last
+    token_ids: list[int] = field(default_factory=list)  # the tokens to compute (their K/V are written this step)
+    new_block_ids: dict[str, list[int]] = field(default_factory=dict)
+    block_tables: dict[str, list[int]] = field(default_factory=dict)
+    num_spec_tokens: dict[str, int] = field(default_factory=dict)
+    num_draft_tokens: dict[str, int] = field(default_factory=dict)
+    token_bitmasks: dict[str, bytes] = field(default_factory=dict)   # (ScheduledRequest.token_bitmask)
     new_requests: list[NewRequestData] = field(default_factory=list)
     block_ops: list[BlockOp] = field(default_factory=list)
     finished_req_ids: list[str] = field(default_factory=list)   # the runner drops their state
 
+    def add(self, req_id: str, num_computed: int, token_ids: list[int], sample: bool = False, num_spec: int = 0,
+            num_draft: int = 0, block_ids: list[int] = (), blocks_replaced: bool = False) -> None:
+        """Append a request's work (the scheduler's one way to write a step)."""
+        self.req_ids.append(req_id)
+        self.num_computed_tokens.append(num_computed)
+        self.num_new_tokens.append(len(token_ids))
+        self.sample.append(sample)
+        self.token_ids += token_ids
+        if blocks_replaced:
+            self.block_tables[req_id] = block_ids
+        elif block_ids:
+            self.new_block_ids[req_id] = block_ids
+        if num_spec:
+            self.num_spec_tokens[req_id] = num_spec
+        if num_draft:
+            self.num_draft_tokens[req_id] = num_draft
+
+    def rows(self) -> list[ScheduledRequest]:
+        """The scheduled requests as objects, in step order (built on each call: keep the list)."""
+        out, offset = [], 0
+        spec, drafts, masks = self.num_spec_tokens, self.num_draft_tokens, self.token_bitmasks
+        for rid, start, n, sample in zip(self.req_ids, self.num_computed_tokens, self.num_new_tokens, self.sample):
+            replaced = rid in self.block_tables
+            blocks = self.block_tables[rid] if replaced else self.new_block_ids.get(rid, [])
+            out.append(ScheduledRequest(rid, start, self.token_ids[offset:offset + n], list(blocks), replaced,
+                                        sample, spec.get(rid, 0), masks.get(rid), drafts.get(rid, 0)))
+            offset += n
+        return out
+
+    @classmethod
+    def of(cls, rows: list[ScheduledRequest], **fields) -> SchedulerOutput:
+        """A step of these requests (tests, tools)."""
+        out = cls(**fields)
+        for s in rows:
+            out.add(s.req_id, s.num_computed_tokens, s.token_ids, s.sample, s.num_spec_tokens, s.num_draft_tokens,
+                    s.block_ids, s.blocks_replaced)
+            if s.token_bitmask is not None:
+                out.token_bitmasks[s.req_id] = s.token_bitmask
+        return out
+
+    @property
+    def scheduled(self) -> list[ScheduledRequest]:
+        """rows(), for reading (tests)."""
+        return self.rows()
+
+    def shape(self) -> tuple[int, int, int, float]:
+        """(decode rows, prefill tokens, decode context, prefill pairs): what a step's time depends on (the
+        scheduler's step-time model, the simulator's cost model). A request computing one token, or its last
+        token and k proposals, is 1 or k + 1 decode rows, each attending to its context; any other computes
+        prompt tokens, each attending to the tokens before it (pairs: their sum)."""
+        rows = prefill = context = 0
+        pairs = 0.0
+        spec = self.num_spec_tokens
+        for rid, start, n in zip(self.req_ids, self.num_computed_tokens, self.num_new_tokens):
+            if n == 1 or (spec and n == 1 + spec.get(rid, 0)):
+                rows += n
+                context += n * (start + 1)
+            else:
+                prefill += n
+                pairs += n * (start + n / 2)
+        return rows, prefill, context, pairs
+
     @property
     def num_scheduled_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.scheduled)
+        return len(self.token_ids)
 
     def __len__(self) -> int:
-        return len(self.scheduled)
+        return len(self.req_ids)
 
 
 # A logprob entry: ([(token id, logprob)] for the sampled/prompt token first, then the top-N; its rank).

@@ -306,3 +306,22 @@ def test_scheduling_policy_is_a_config_choice():
     with pytest.raises(ValueError, match="scheduling_policy"):
         EngineConfig.from_kwargs(scheduling_policy="lottery")
     assert Scheduler(KVCacheManager(4, BS), 1, 8, 64, policy="fcfs").policy.name == "fcfs"
+
+
+def test_a_step_is_columns_and_its_rows_are_a_view():
+    """SchedulerOutput keeps one entry per scheduled request in each column, the tokens one request after the
+    other, and what few requests have by id; rows() gives back the same requests, through the wire too."""
+    from kvflow.step import ScheduledRequest, SchedulerOutput
+    rows = [ScheduledRequest("dec", 40, [7], [], sample=True),
+            ScheduledRequest("pre", 0, list(range(1, 33)), [3, 4], sample=False),
+            ScheduledRequest("cow", 16, [9], [5, 6], blocks_replaced=True, sample=True, num_draft_tokens=2),
+            ScheduledRequest("ver", 20, [8, 11, 12], [7], sample=True, num_spec_tokens=2, token_bitmask=b"\x01" * 12)]
+    out = SchedulerOutput.of(rows, finished_req_ids=["gone"])
+    assert out.req_ids == ["dec", "pre", "cow", "ver"] and out.num_new_tokens == [1, 32, 1, 3]
+    assert out.token_ids == [7, *range(1, 33), 9, 8, 11, 12] and out.num_scheduled_tokens == 37 == 1 + 32 + 1 + 3
+    assert out.new_block_ids == {"pre": [3, 4], "ver": [7]} and out.block_tables == {"cow": [5, 6]}
+    assert out.num_spec_tokens == {"ver": 2} and out.num_draft_tokens == {"cow": 2} and len(out) == 4
+    assert out.rows() == rows and decode(encode(out)).rows() == rows
+    assert decode(encode(out)).finished_req_ids == ["gone"]
+    # decode rows: "dec", "cow" and "ver" (its token and 2 proposals); prompt tokens: "pre"'s 32
+    assert out.shape() == (1 + 1 + 3, 32, 41 + 17 + 3 * 21, 32 * 16)

@@ -87,7 +87,7 @@ def test_sim_runner_follows_the_step_contract():
     rep.check()
     with pytest.raises(RuntimeError, match="before the runner was told"):
         from kvflow.step import ScheduledRequest, SchedulerOutput
-        rep.runner.execute(SchedulerOutput(scheduled=[ScheduledRequest("ghost", 0, [1], [0])]))
+        rep.runner.execute(SchedulerOutput.of([ScheduledRequest("ghost", 0, [1], [0])]))
 
 
 def test_sim_runner_charges_block_ops():
@@ -465,8 +465,8 @@ def test_cost_models():
         HardwareProfile("fit", "linear", "test", dict(SMOLLM2_135M),
                         params={"coef": coef[:6], "knee_tokens": [64], "hinge_tokens": [128]}).cost_model()
     from kvflow.step import ScheduledRequest, SchedulerOutput
-    sched = SchedulerOutput(scheduled=[ScheduledRequest("a", 10, [5], [], sample=True),
-                                       ScheduledRequest("b", 0, [1] * 32, [])])
+    sched = SchedulerOutput.of([ScheduledRequest("a", 10, [5], [], sample=True),
+                                ScheduledRequest("b", 0, [1] * 32, [])])
     assert step_shape(sched) == (1, 32, 11, 32 * 16)
 
 

@@ -74,18 +74,18 @@ class KVSender:
         """Before the forward pass: the blocks each streamed request completes in this step."""
         self.ranges = []
         kv, bs = self.core.kv, self.core.kv.block_size
-        for s in sched.scheduled:
-            plan = self.plans.get(s.req_id)
+        for rid, start, n in zip(sched.req_ids, sched.num_computed_tokens, sched.num_new_tokens):
+            plan = self.plans.get(rid)
             if plan is None or plan.mode == "sync":
                 continue
-            req = self.core.scheduler.requests[s.req_id]
-            full = min(s.num_computed_tokens + len(s.token_ids), len(req.prompt_token_ids)) // bs
+            req = self.core.scheduler.requests[rid]
+            full = min(start + n, len(req.prompt_token_ids)) // bs
             if full <= plan.sent_blocks:
                 continue
-            table = kv.table(s.req_id)
+            table = kv.table(rid)
             ids = torch.tensor([b.block_id for b in table[plan.sent_blocks:full]], dtype=torch.long,
                                device=self.device)
-            self.ranges.append(_Range(s.req_id, plan, plan.sent_blocks, ids,
+            self.ranges.append(_Range(rid, plan, plan.sent_blocks, ids,
                                       kv.block_hashes(req)[plan.sent_blocks:full]))
             plan.sent_blocks = full
         layerwise = any(r.plan.mode == "layerwise" for r in self.ranges)

@@ -142,7 +142,7 @@ class EngineCore:
         if self.structured is not None and self.structured.matchers:
             for rid in self.structured.fill_bitmasks(sched):
                 failed.append(self._end_constrained(rid, "its grammar engine hit a limit"))
-        if not sched.scheduled:
+        if not sched.req_ids:
             self.runner.execute(sched)         # block ops and finished ids still apply
             if self.scheduler.num_loading or (self.structured is not None and len(self.structured)):
                 time.sleep(LOADING_WAIT_S)     # KV on its way from a tier, or a grammar compiling

@@ -22,7 +22,7 @@ from kvflow.models.arch import ModelConfig
 from kvflow.models.llama import expose_submodules
 from kvflow.sampling.params import SamplingParams
 from kvflow.sampling.sampler import Sampler, SamplingBatch
-from kvflow.step import BlockOp, RunnerOutput, SchedulerOutput
+from kvflow.step import BlockOp, RunnerOutput, ScheduledRequest, SchedulerOutput
 
 
 @dataclass
@@ -47,7 +47,7 @@ class StepInputs:
     positions: torch.Tensor
     attn: AttentionMetadata
     logits_indices: torch.Tensor      # rows of the hidden states that sample (k + 1 per request verifying k drafts)
-    sampling_rows: list[int]          # index in SchedulerOutput.scheduled of each request that samples
+    sampling_rows: list[int]          # index in the step's rows (SchedulerOutput.rows) of each request that samples
     # rows that want prompt logprobs: (scheduled index, first flat row, number of rows, first position)
     prompt_logprob_rows: list[tuple[int, int, int, int]] = field(default_factory=list)
 
@@ -150,7 +150,7 @@ class ModelRunner:
 
     # ---- one step ---------------------------------------------------------------------------------------------
 
-    def _update_states(self, sched: SchedulerOutput) -> None:
+    def _update_states(self, sched: SchedulerOutput, scheduled: list[ScheduledRequest]) -> None:
         for rid in sched.finished_req_ids:
             self.requests.pop(rid, None)
             if self.proposer is not None:
@@ -160,7 +160,7 @@ class ModelRunner:
             if new.params.seed is not None:      # its own stream, on the runner's device
                 gen = torch.Generator(device=self.device).manual_seed(new.params.seed)
             self.requests[new.req_id] = RunnerRequest(new.prompt_token_ids, list(new.prompt_token_ids), new.params, set(new.stop_ids), gen)
-        for s in sched.scheduled:
+        for s in scheduled:
             state = self.requests[s.req_id]
             if s.blocks_replaced:
                 state.block_ids = np.asarray(s.block_ids, dtype=np.int64)
@@ -169,8 +169,7 @@ class ModelRunner:
             del state.token_ids[s.num_computed_tokens:]
             state.token_ids.extend(s.token_ids)
 
-    def prepare(self, sched: SchedulerOutput) -> StepInputs:
-        scheduled = sched.scheduled
+    def prepare(self, scheduled: list[ScheduledRequest]) -> StepInputs:
         # one-token rows first; a request verifying k drafts (its last token and the drafts) is k + 1 of them,
         # each attending up to its own position: the step's K/V are written before attention reads the cache
         as_decodes = [s.num_new_tokens == 1 + s.num_spec_tokens for s in scheduled]
@@ -243,13 +242,13 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         """Run one step: apply the block ops, compute the scheduled tokens, sample where asked."""
         self.wait_copies()                # the previous step's background copies land before anything else
-        self._update_states(sched)
+        scheduled = sched.rows()
+        self._update_states(sched, scheduled)
         apply_block_ops(self, sched.block_ops)
-        scheduled = sched.scheduled
         out = RunnerOutput(req_ids=[s.req_id for s in scheduled], sampled_token_ids=[[] for _ in scheduled])
         if not scheduled:
             return out
-        inp = self.prepare(sched)
+        inp = self.prepare(scheduled)
         hidden = self.model(inp.input_ids, inp.positions, inp.attn)
         for i, row, count, pos in inp.prompt_logprob_rows:
             state = self.requests[scheduled[i].req_id]
@@ -261,7 +260,7 @@ class ModelRunner:
             return out
         sample_hidden = hidden[inp.logits_indices]
         if self.collect_hidden:
-            self._collect_hidden(sched, inp, sample_hidden, out)
+            self._collect_hidden(scheduled, inp, sample_hidden, out)
         logits = self.model.compute_logits(sample_hidden)   # the sampler works in fp32
         if any(scheduled[i].num_spec_tokens for i in inp.sampling_rows):
             self._sample_and_verify(scheduled, inp.sampling_rows, logits, out)
@@ -333,12 +332,12 @@ class ModelRunner:
                 if drafts:
                     out.draft_token_ids[a.req_id] = drafts
 
-    def _collect_hidden(self, sched: SchedulerOutput, inp: StepInputs, hidden: torch.Tensor,
+    def _collect_hidden(self, scheduled: list[ScheduledRequest], inp: StepInputs, hidden: torch.Tensor,
                         out: RunnerOutput) -> None:
         """The final hidden state of the last prompt token, for each request whose prompt ends this step."""
         row = -1
         for i in inp.sampling_rows:
-            s = sched.scheduled[i]
+            s = scheduled[i]
             row += 1 + s.num_spec_tokens         # its last position's row
             if s.num_computed_tokens + s.num_new_tokens == self.requests[s.req_id].prompt_len:
                 out.prompt_hidden[s.req_id] = hidden[row].float().tolist()

@@ -78,7 +78,7 @@ class EngineStats:
 
 WIRE_TYPES = {cls.__name__: cls for cls in (
     EngineCoreRequest, EngineCoreOutput, EngineStats, SamplingParams, StructuredOutputsParams,
-    step.BlockOp, step.NewRequestData, step.ScheduledRequest, step.SchedulerOutput, step.RunnerOutput)}
+    step.BlockOp, step.NewRequestData, step.SchedulerOutput, step.RunnerOutput)}
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in WIRE_TYPES.values()}
 _TYPE_KEY = "__type__"
 

@@ -44,7 +44,7 @@ from kvflow.scheduler.costs import PreemptionCost, StepTimeModel
 from kvflow.scheduler.policy import SchedulingPolicy, make_policy
 from kvflow.spec.adaptive import SpecController
 from kvflow.spec.config import SpeculativeConfig
-from kvflow.step import NewRequestData, RunnerOutput, ScheduledRequest, SchedulerOutput
+from kvflow.step import NewRequestData, RunnerOutput, SchedulerOutput
 
 __all__ = ["PreemptionCost", "Scheduler"]
 
@@ -218,15 +218,7 @@ class Scheduler(Admission):
 
     def record_step(self, sched: SchedulerOutput, seconds: float) -> None:
         """How long the runner took for this step (the step-time model learns from it)."""
-        rows = prefill = context = 0
-        pairs = 0.0
-        for s in sched.scheduled:
-            if s.num_new_tokens == 1 + s.num_spec_tokens:    # decode rows (k + 1 of them verifying k drafts)
-                rows += s.num_new_tokens
-                context += s.num_new_tokens * (s.num_computed_tokens + 1)
-            else:
-                prefill += s.num_new_tokens
-                pairs += s.num_new_tokens * (s.num_computed_tokens + s.num_new_tokens / 2)
+        rows, prefill, context, pairs = sched.shape()
         self.step_time.observe(rows, prefill, context, seconds, pairs)
 
     def _add_to_step(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
@@ -246,10 +238,8 @@ class Scheduler(Admission):
         if draft and self.spec.lookahead and not self.kv.allocate_slots(req, num_new, lookahead=draft):
             draft = 0                  # no free block for the drafts' KV: no drafts (never a preemption for them)
         block_ids, replaced = self.kv.block_update(rid)
-        # positional, in field order (keywords cost twice as much, once per request per step); the last two:
-        # token_bitmask (set later by the structured-output step), num_draft_tokens
-        out.scheduled.append(ScheduledRequest(rid, start, tokens, block_ids, replaced, sample,
-                                              num_proposed if sample else 0, None, draft))
+        # positional (keywords cost more, once per request per step)
+        out.add(rid, start, tokens, sample, num_proposed if sample else 0, draft, block_ids, replaced)
 
     def _preempt(self, req: Request) -> None:
         req.spec_token_ids = []
@@ -277,26 +267,27 @@ class Scheduler(Admission):
                     len(req.prompt_token_ids), req.client, {"hidden": np.asarray(hidden, dtype=np.float32)})
         requests, all_prompt_logprobs, drafts = self.requests, result.prompt_logprobs, result.draft_token_ids
         on_computed = self._policy_hook("on_computed")
-        for s, sampled, logprobs in zip(sched.scheduled, result.sampled_token_ids,
-                                        result.logprobs or [None] * len(sched.scheduled)):
-            rid = s.req_id
+        spec_counts = sched.num_spec_tokens
+        for rid, start, num_new, sampled, logprobs in zip(sched.req_ids, sched.num_computed_tokens,
+                                                          sched.num_new_tokens, result.sampled_token_ids,
+                                                          result.logprobs or [None] * len(sched.req_ids)):
             req = requests.get(rid)
             if req is None:                    # ended while the step ran
                 continue
-            req.num_computed_tokens += len(s.token_ids)
-            if s.num_spec_tokens:              # proposals after the first rejected one are not computed
-                req.num_computed_tokens -= s.num_spec_tokens - max(len(sampled) - 1, 0)
+            req.num_computed_tokens += num_new
+            num_spec = spec_counts.get(rid, 0) if spec_counts else 0
+            if num_spec:                       # proposals after the first rejected one are not computed
+                req.num_computed_tokens -= num_spec - max(len(sampled) - 1, 0)
                 req.spec_token_ids = []
                 self.kv.trim(req)
                 if self.spec is not None:
-                    self.spec.observe(req.request_id, s.num_spec_tokens, max(len(sampled) - 1, 0))
+                    self.spec.observe(req.request_id, num_spec, max(len(sampled) - 1, 0))
             prompt_logprobs = all_prompt_logprobs.get(rid) if all_prompt_logprobs else None
             if prompt_logprobs:
                 req.num_prompt_logprobs += len(prompt_logprobs)
             new_tokens, status = self._append(req, sampled)
             if on_computed is not None:
-                num_prompt = max(min(s.num_computed_tokens + s.num_new_tokens, len(req.prompt_token_ids))
-                                 - s.num_computed_tokens, 0)
+                num_prompt = max(min(start + num_new, len(req.prompt_token_ids)) - start, 0)
                 on_computed(req, num_prompt, len(new_tokens), now)
             if not new_tokens and not prompt_logprobs:
                 continue

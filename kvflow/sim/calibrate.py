@@ -166,7 +166,7 @@ def measure_core(core, rc, plan=DEFAULT_PLAN, repeats: int = 1, seed: int = 0) -
                         t = time.perf_counter()
                         core.step()
                         t = time.perf_counter() - t
-                        if rep and last and last[0].scheduled:
+                        if rep and last and last[0].req_ids:
                             samples.append((step_shape(last[0]), t))
     finally:
         core.scheduler.schedule = orig

@@ -354,19 +354,9 @@ def step_kind(prefill_tokens: int) -> str:
 
 
 def step_shape(sched) -> tuple[int, int, int, float]:
-    """(decode rows, prefill tokens, decode context, prefill pairs) of a SchedulerOutput, counted exactly as
-    Scheduler.record_step counts them (SimRunner.execute counts the same within its own loop over the step)."""
-    rows = prefill = context = 0
-    pairs = 0.0
-    for s in sched.scheduled:
-        n = len(s.token_ids)
-        if n == 1 + s.num_spec_tokens:
-            rows += n
-            context += n * (s.num_computed_tokens + 1)
-        else:
-            prefill += n
-            pairs += n * (s.num_computed_tokens + n / 2)
-    return rows, prefill, context, pairs
+    """(decode rows, prefill tokens, decode context, prefill pairs) of a SchedulerOutput: SchedulerOutput.shape,
+    as Scheduler.record_step counts it (SimRunner.execute counts the same within its own loop over the step)."""
+    return sched.shape()
 
 
 def roofline_profile(gpu: str, model: dict = SMOLLM2_135M, dtype: str = "bfloat16", mfu: float = 0.5,

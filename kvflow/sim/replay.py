@@ -65,7 +65,7 @@ def _step(core, steps: list | None):
         outputs = core.step()
     finally:
         core.scheduler.schedule = sched
-    if box and box[0].scheduled:
+    if box and box[0].req_ids:
         steps.append((step_shape(box[0]), time.perf_counter() - t))
     return outputs
 

@@ -152,7 +152,7 @@ class SimReplica:
         """Schedule a step; its seconds, or None when nothing could be scheduled."""
         sched = self.scheduler.schedule()
         result, seconds = self.runner.execute(sched)      # finished ids and block ops apply even when empty
-        if not sched.scheduled:
+        if not sched.req_ids:
             if self.scheduler.waiting and not self.scheduler.running and not self.scheduler.num_loading:
                 req = self.scheduler.waiting[0]
                 raise ValueError(f"cannot schedule request {req.request_id!r} ({req.num_tokens} tokens) with "
@@ -180,7 +180,7 @@ class SimReplica:
         if s.tpot_slo_s is not None or s.spec is not None:   # the step-time model's readers: budget, batch rule
             s.record_step(sched, seconds)
         num_tokens = self.runner.last_tokens
-        if num_tokens >= 4 * len(sched.scheduled) and num_tokens >= 64:   # as EngineCore: refine the prefill rate
+        if num_tokens >= 4 * len(sched.req_ids) and num_tokens >= 64:   # as EngineCore: refine the prefill rate
             self.cost.prefill_tokens_per_s += 0.2 * (num_tokens / seconds - self.cost.prefill_tokens_per_s)
         outputs = s.update_from_output(sched, result)
         ld = self.load

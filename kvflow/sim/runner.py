@@ -110,18 +110,24 @@ class SimRunner:
             self.seeds[new.req_id] = zlib.crc32(new.req_id.encode())
             if new.stop_ids:
                 self.stop_ids[new.req_id] = frozenset(new.stop_ids)
-        req_ids, sampled, drafts, asks = [], [], {}, []
-        seeds, last_chunk, stop_ids, track = self.seeds, self.last_chunk, self.stop_ids, self.track_tables
-        rows = prefill = context = rejected = 0   # the step's shape, as cost_model.step_shape counts it
+        sampled, drafts, asks = [], {}, []
+        seeds, last_chunk, stop_ids = self.seeds, self.last_chunk, self.stop_ids
+        spec_counts, draft_counts, flat = sched.num_spec_tokens, sched.num_draft_tokens, sched.token_ids
+        if self.track_tables:
+            for rid, table in sched.block_tables.items():
+                self.tables[rid] = list(table)
+            for rid, ids in sched.new_block_ids.items():
+                self.tables[rid] = self.tables.get(rid, []) + ids
+        rows = prefill = context = rejected = 0   # the step's shape, as SchedulerOutput.shape counts it
         pairs = 0.0
-        for s in sched.scheduled:
-            rid = s.req_id
+        end = 0                                   # where this request's tokens end in the step's token_ids
+        for rid, start, n, sample in zip(sched.req_ids, sched.num_computed_tokens, sched.num_new_tokens,
+                                         sched.sample):
+            end += n
             seed = seeds.get(rid)
             if seed is None:
                 raise RuntimeError(f"request {rid!r} scheduled before the runner was told about it")
-            if track:
-                self.tables[rid] = list(s.block_ids) if s.blocks_replaced else self.tables.get(rid, []) + s.block_ids
-            n, start, k = len(s.token_ids), s.num_computed_tokens, s.num_spec_tokens
+            k = spec_counts.get(rid, 0) if spec_counts else 0
             if n == 1 + k:
                 rows += n
                 context += n * (start + 1)
@@ -129,22 +135,23 @@ class SimRunner:
                 prefill += n
                 pairs += n * (start + n / 2)
                 last_chunk[rid] = n
-            req_ids.append(rid)
-            if s.sample:
+            if sample:
                 stops = stop_ids.get(rid) if stop_ids else None   # (simulated requests have none)
                 if k:
-                    tokens = verify(s.token_ids[n - k:], seed, start + n - k, stops)
+                    tokens = verify(flat[end - k:end], seed, start + n - k, stops)
                     rejected += k + 1 - len(tokens)
                 else:
                     tokens = [made_up_token(seed, start + n, stops)]
                 sampled.append(tokens)
-                if s.num_draft_tokens:            # drafts for the positions after the last token sampled
+                num_draft = draft_counts.get(rid, 0) if draft_counts else 0
+                if num_draft:                     # drafts for the positions after the last token sampled
                     pos = start + n - k + len(tokens)
-                    drafts[rid], good = self._drafts(seed, pos, s.num_draft_tokens, stops)
-                    asks.append((rid, pos, s.num_draft_tokens, good))
+                    drafts[rid], good = self._drafts(seed, pos, num_draft, stops)
+                    asks.append((rid, pos, num_draft, good))
             else:
                 sampled.append([])
-        out = RunnerOutput(req_ids, sampled, [None] * len(req_ids))
+        req_ids = sched.req_ids
+        out = RunnerOutput(list(req_ids), sampled, [None] * len(req_ids))
         seconds = self.cost.step_seconds(rows, prefill, context, pairs) if req_ids else 0.0
         for op in sched.block_ops:                # applied before the forward, as ModelRunner.execute does
             seconds += self.cost.block_op_seconds(op.kind, len(op.src) * self.block_bytes)

@@ -1,5 +1,5 @@
 """`Proposer`: what a draft method implements. The model runner calls it at the end of a step, for the
-requests the scheduler asked to draft (`ScheduledRequest.num_draft_tokens`), and returns the drafts in
+requests the scheduler asked to draft (`SchedulerOutput.num_draft_tokens`), and returns the drafts in
 `RunnerOutput.draft_token_ids`; the scheduler puts them in the request's next step, to be verified.
 
 A proposer here drafts deterministically (its most likely token), so the draft distribution is a point

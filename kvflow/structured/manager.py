@@ -4,7 +4,7 @@
                           scheduler, so the batch never waits for a compile (state "compiling grammar")
     take_ready()          requests whose grammar is ready, in arrival order, each with a fresh matcher
     fill_bitmasks(sched)  for every constrained request that samples this step, the tokens its grammar
-                          allows next, as bitmask bytes in its ScheduledRequest (the runner's sampler masks
+                          allows next, as bitmask bytes in the step's token_bitmasks (the runner's sampler masks
                           the batch's logits with them in one operation)
     advance(outputs)      each matcher accepts the tokens its request appended; a matcher that refuses one,
                           or that hits its engine's limit, ends the request
@@ -80,10 +80,10 @@ class StructuredOutputManager:
         return gone
 
     def fill_bitmasks(self, sched) -> list[str]:
-        """Set `token_bitmask` on the scheduled requests that sample under a grammar. Returns the ids of
-        requests whose matcher failed (they are to be ended: the runner samples them unconstrained)."""
+        """Set the step's `token_bitmasks` of the scheduled requests that sample under a grammar. Returns the
+        ids of requests whose matcher failed (they are to be ended: the runner samples them unconstrained)."""
         failed = []
-        for s in sched.scheduled:
+        for s in sched.rows():
             m = self.matchers.get(s.req_id)
             if m is None or not s.sample:
                 continue
@@ -98,7 +98,7 @@ class StructuredOutputManager:
             if m.error is not None or len(rows) != len(drafts) + 1:
                 failed.append(s.req_id)
                 continue
-            s.token_bitmask = b"".join(rows)
+            sched.token_bitmasks[s.req_id] = b"".join(rows)
         return failed
 
     def valid_drafts(self, request_id: str, drafts: list[int]) -> int:
