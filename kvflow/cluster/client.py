@@ -9,9 +9,7 @@ LLMEngine run unchanged on top of it, and adds what many replicas need:
               requests resumes on another replica from the tokens already sent (prompt and outputs computed
               again): the client sees neither an error nor repeated text. Ray restarts the actor; the router
               takes it back once it answers `ready` again
-  migration   `migrate(id, dst)` moves a running request with its KV blocks (kv_transfer.py); with
-              `migration_threshold` set, the youngest request of the busiest replica moves to the idlest
-              when their loads differ by that many requests
+  migration   `migrate(id, dst)` moves a running request with its KV blocks (migration.py, kv_transfer.py)
 Everything runs on one thread (the caller's loop); Ray does the waiting: one long `poll` per replica is
 always in flight, and every other call answers through the same wait set (`_collect`).
 """
@@ -24,6 +22,7 @@ import time
 from collections import deque
 
 from kvflow.cluster.fleet import Replica, aggregate, block_hashes, frontend_predictor, start_replicas
+from kvflow.cluster.migration import Migration
 from kvflow.cluster.router import ReplicaLoad, RouteRequest, make_router
 from kvflow.config import ResolvedConfig
 from kvflow.engine.core_client import EngineCoreClient, EngineDeadError
@@ -44,7 +43,7 @@ class _Tracked:
     predicted: float | None = None       # output tokens the frontend's length predictor expects
 
 
-class ClusterClient(EngineCoreClient):
+class ClusterClient(Migration, EngineCoreClient):
     def __init__(self, rc: ResolvedConfig):
         import ray
         self._ray = ray
@@ -188,61 +187,6 @@ class ClusterClient(EngineCoreClient):
 
     def death_reason(self) -> str:
         return self.dead or "the replicas are gone"
-
-    # ---- migration ----------------------------------------------------------------------------------------
-
-    def migrate(self, request_id: str, dst: int) -> bool:
-        """Start moving a request, with its KV blocks, to replica `dst`; False when it cannot move (unknown,
-        already moving, already there, `dst` down, or it asked for logprobs, which a move would lose)."""
-        t = self.requests.get(request_id)
-        if t is None or t.migrating or t.replica == dst or not self.replicas[dst].healthy:
-            return False
-        p = t.req.params
-        if p.logprobs is not None or p.prompt_logprobs is not None:
-            return False
-        src = self.replicas[t.replica]
-        meta_ref, arrays_ref = src.actor.export_request.options(num_returns=2).remote(
-            src.incarnation, src.next_seq(), request_id)
-        t.migrating = True
-        self.pending[meta_ref] = ("export", src.index, src.incarnation, (request_id, dst, arrays_ref))
-        return True
-
-    def _exported(self, request_id: str, dst: int, meta: dict | None, arrays_ref) -> None:
-        t = self.requests.get(request_id)
-        if t is not None:
-            t.migrating = False
-        if meta is None or t is None:          # it finished, was aborted, or its replica died meanwhile
-            self.num_failed_migrations += 1
-            return
-        missing = meta["output_token_ids"][len(t.tokens):]
-        if missing:                            # produced there, not yet seen here: sent now, once
-            t.tokens += missing
-            self.buffer.append(["outputs", [EngineCoreOutput(request_id, list(missing))], aggregate(self.replicas)])
-        if not self.replicas[dst].healthy:
-            self._resume(t)
-            return
-        self._unassign(t)
-        t.replica = dst
-        d = self.replicas[dst]
-        d.assign(request_id)
-        req = dataclasses.replace(t.req, output_token_ids=list(t.tokens), fork_from=None)
-        d.actor.import_request.remote(d.incarnation, d.next_seq(), req, meta, arrays_ref)
-        self.num_migrations += 1
-
-    def _rebalance(self) -> None:
-        threshold = self.opts.migration_threshold
-        if not threshold or any(t.migrating for t in self.requests.values()):
-            return
-        healthy = [r for r in self.replicas if r.healthy]
-        if len(healthy) < 2:
-            return
-        busy = max(healthy, key=lambda r: len(r.assigned))
-        idle = min(healthy, key=lambda r: len(r.assigned))
-        if len(busy.assigned) - len(idle.assigned) < threshold:
-            return
-        for rid in reversed(list(busy.assigned)):        # the youngest first: the least KV to move
-            if self.migrate(rid, idle.index):
-                return
 
     # ---- faults -------------------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """The discrete-event loop: arrivals, routing (kvflow's real router policies), replica steps, the prefill ->
-decode hand-off, and a simple serverless autoscaler.
+decode hand-off; the serverless autoscaler's events are kvflow/sim/serverless.py's.
 
 Shapes, as EngineConfig chooses them (a preset or flags):
   replicas      `replicas` engines behind `router` (one: no router)
@@ -13,11 +13,8 @@ Shapes, as EngineConfig chooses them (a preset or flags):
                 half its free blocks), so decode workers always run with the prefix cache on.
                 Mooncake's `early_rejection` refuses a request before any work, and its `kv_pool` shares
                 prompt blocks between prefill workers: kvflow/sim/pd.py.
-  serverless    slots for up to `max_replicas`; every AUTOSCALE_S the autoscaler wants ceil(in flight /
-                target_ongoing_requests) replicas (within min/max). A start takes the profile's cold_start_s,
-                or WARM_FRACTION of it while a warm-pool process is free (the pool refills after cold_start_s).
-                Idle replicas stop after scale_down_idle_s; requests wait at the front door while none is
-                ready, and fail after scale_up_timeout_s. A deliberately simple model of Ray Serve's autoscaler.
+  serverless    slots for up to `max_replicas`, started and stopped by a simple model of Ray Serve's
+                autoscaler: kvflow/sim/serverless.py.
 Same seed and inputs, same events in the same order: the result is deterministic.
 """
 from __future__ import annotations
@@ -35,11 +32,10 @@ from kvflow.sim.cost_model import CostModel, HardwareProfile, SharedMachine, rep
 from kvflow.sim.pd import EarlyRejection, ElasticRoles, KVPool, put_pool, read_pool
 from kvflow.sim.replica import SimReplica, engine_spec
 from kvflow.sim.runner import DEFAULT_ACCEPTANCE
+from kvflow.sim.serverless import READY, TICK, Autoscaler
 from kvflow.sim.report import Record, Recorder
 
-AUTOSCALE_S = 1.0
-WARM_FRACTION = 0.25
-ARRIVE, STEP_END, KV_ARRIVE, TICK, READY, WARM = range(6)
+ARRIVE, STEP_END, KV_ARRIVE = range(3)       # (the autoscaler's: serverless.TICK, READY, WARM)
 ARRIVE_FIRST = 1 << 62     # an arrival's place in the queue: before every other event of its instant
 
 
@@ -72,7 +68,7 @@ class Pool:
         return self.router.route(req, self.loads)
 
 
-class Simulation:
+class Simulation(Autoscaler):
     def __init__(self, config: EngineConfig, profile: HardwareProfile, track_tables: bool = False,
                  keep_itl: int = 20000, bin_s: float | None = None, step_noise: float = 0.0,
                  spec_acceptance: float | None = None):
@@ -337,64 +333,6 @@ class Simulation:
         d.load.outstanding_tokens += rec.max_tokens
         d.load_changed()
         self._kick(d)
-
-    # ---- serverless -------------------------------------------------------------------------------------------
-
-    def _start_replica(self, i: int, delay: float) -> None:
-        self.prefill.replicas[i] = SimReplica(i, self.spec, self._cost(i), self.clock, None, self.track_tables,
-                                              self.spec_acceptance, self.reports_extra)
-        self.starting += 1
-        if delay <= 0:
-            self._ready(i)
-        else:
-            self._push(self.now + delay, READY, i)
-
-    def _ready(self, i: int) -> None:
-        self.starting -= 1
-        self.prefill.set_ready(i, True)
-        r = self.prefill.replicas[i]
-        r.started_s = r.idle_since = self.now
-        self.rec.replica_up(i, self.now)
-        if self.prefill.router is not None:
-            self.prefill.router.on_replica_up(i)
-        front, self.front = self.front, []
-        for rec in front:
-            self._route(rec)
-
-    def _tick(self) -> None:
-        so, pool = self.config.serverless, self.prefill
-        for rec in [x for x in self.front if self.now - x.arrival > so.scale_up_timeout_s]:
-            self.front.remove(rec)
-            self.rec.fail(rec, "no replica started within scale_up_timeout_s (503)")
-        in_flight = self.rec.in_flight
-        want = min(max(math.ceil(in_flight / so.target_ongoing_requests), so.min_replicas), so.max_replicas)
-        alive = sum(1 for r in pool.replicas if r is not None)
-        for i in range(len(pool.replicas)):
-            if alive >= want:
-                break
-            if pool.replicas[i] is None:
-                warm = self.warm_free > 0
-                if warm:
-                    self.warm_free -= 1
-                    self._push(self.now + self.profile.cold_start_s, WARM)   # the pool refills
-                self._start_replica(i, self.profile.cold_start_s * (WARM_FRACTION if warm else 1.0))
-                alive += 1
-        ready = sum(pool.ready)
-        for i, r in enumerate(pool.replicas):
-            if (ready > want and r is not None and pool.ready[i] and not r.busy and not r.has_work()
-                    and self.now - r.idle_since >= so.scale_down_idle_s):
-                r.check()
-                self.rec.replica_down(i, self.now)
-                pool.set_ready(i, False)
-                pool.replicas[i] = None
-                pool.router.on_replica_down(i)
-                ready -= 1
-        if self._events or self.front or in_flight or not self._arrivals_done:
-            self._push(self.now + AUTOSCALE_S, TICK)
-        else:
-            for i, r in enumerate(pool.replicas):        # the end: everything still up goes down now
-                if r is not None and pool.ready[i]:
-                    self.rec.replica_down(i, self.now)
 
 
 @contextlib.contextmanager
