@@ -77,8 +77,8 @@ class SchedulerOutput:
     blocks appended to a table since the last step (`new_block_ids`), whole tables that replace the runner's
     (`block_tables`: after fork, swap-in, recompute, copy-on-write), proposals to verify (`num_spec_tokens`:
     the last that many of its tokens), drafts to propose (`num_draft_tokens`), grammar masks (`token_bitmasks`).
-    Columns rather than an object per request: a simulated fleet keeps every replica's step in flight at
-    once, and the objects of a thousand replicas' steps no longer fit the caches (kvflow/sim)."""
+    The scheduler writes a step and reads it back without an object or a token list per request (the
+    simulator steps a thousand replicas' worth of them); `rows()` builds the objects for those who want them."""
     req_ids: list[str] = field(default_factory=list)
     num_computed_tokens: list[int] = field(default_factory=list)   # position of its first token this step
     num_new_tokens: list[int] = field(default_factory=list)
