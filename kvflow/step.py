@@ -133,11 +133,6 @@ class SchedulerOutput:
                 out.token_bitmasks[s.req_id] = s.token_bitmask
         return out
 
-    @property
-    def scheduled(self) -> list[ScheduledRequest]:
-        """rows(), for reading (tests)."""
-        return self.rows()
-
     def shape(self) -> tuple[int, int, int, float]:
         """(decode rows, prefill tokens, decode context, prefill pairs): what a step's time depends on (the
         scheduler's step-time model, the simulator's cost model). A request computing one token, or its last
@@ -169,7 +164,7 @@ LogprobEntry = tuple[list[tuple[int, float]], int]
 
 @dataclass(slots=True)
 class RunnerOutput:
-    """Per scheduled request, in the order of SchedulerOutput.scheduled."""
+    """Per scheduled request, in the order of SchedulerOutput.req_ids."""
     req_ids: list[str] = field(default_factory=list)
     sampled_token_ids: list[list[int]] = field(default_factory=list)   # [] when it did not sample
     logprobs: list[list[LogprobEntry] | None] = field(default_factory=list)   # per sampled token

@@ -194,7 +194,7 @@ def test_without_chunked_prefill_a_prompt_is_computed_whole():
     add(h, "a", prompt_len=20)
     add(h, "b", prompt_len=20, first=300)
     out, _ = h.step()
-    assert [(s.req_id, s.num_new_tokens) for s in out.scheduled] == [("a", 20)]   # b does not fit the rest
+    assert [(s.req_id, s.num_new_tokens) for s in out.rows()] == [("a", 20)]   # b does not fit the rest
     h.run()
 
 
@@ -209,7 +209,7 @@ def test_async_recovery_copies_back_beside_a_step_and_computes_the_step_after():
         kinds += [op.kind for op in out.block_ops]
         if h.sched._recovering:
             recovering.append(set(h.sched._recovering))
-            assert not any(s.req_id in h.sched._recovering for s in out.scheduled)   # not computed while copying
+            assert not any(s.req_id in h.sched._recovering for s in out.rows())   # not computed while copying
     h.run()
     assert "swap_out" in kinds and "swap_in_async" in kinds and "swap_in" not in kinds and recovering
     assert h.outputs["a"] == [7] * 8 and h.outputs["b"] == [7] * 8
@@ -241,7 +241,7 @@ def test_step_time_model_and_the_slo_budget():
     h.step()                                           # d decodes from now on
     add(h, "p", prompt_len=200, max_tokens=2, first=300)
     out, _ = h.step()
-    assert out.scheduled[0].req_id == "d"              # decodes first
+    assert out.rows()[0].req_id == "d"              # decodes first
     assert 1 + 95 <= out.num_scheduled_tokens <= 1 + 100   # (0.01 - 0.005) / 5e-5 prefill tokens
     h.run()
 

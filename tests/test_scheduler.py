@@ -69,14 +69,14 @@ class Harness:
             self.tables.pop(rid, None)
             self.known.discard(rid)
         self.known.update(n.req_id for n in out.new_requests)
-        for s in out.scheduled:
+        for s in out.rows():
             assert s.req_id in self.known, "scheduled before the runner was told about it"
             self.tables[s.req_id] = s.block_ids if s.blocks_replaced else self.tables[s.req_id] + s.block_ids
             assert self.tables[s.req_id] == self.kv.block_ids(s.req_id)
             assert len(self.tables[s.req_id]) * BS >= s.num_computed_tokens + s.num_new_tokens
         assert out.num_scheduled_tokens <= self.sched.max_num_batched_tokens
-        result = RunnerOutput([s.req_id for s in out.scheduled],
-                              [sample(s) if s.sample else [] for s in out.scheduled])
+        result = RunnerOutput([s.req_id for s in out.rows()],
+                              [sample(s) if s.sample else [] for s in out.rows()])
         outs = self.sched.update_from_output(out, result)
         for o in outs:
             self.outputs.setdefault(o.request_id, []).extend(o.new_token_ids)
@@ -100,7 +100,7 @@ def test_chunked_prefill_under_the_token_budget():
     h.add("a", 20)
     h.add("b", 3)
     steps = h.run()
-    work = [[(s.req_id, s.num_computed_tokens, s.num_new_tokens, s.sample) for s in o.scheduled] for o in steps]
+    work = [[(s.req_id, s.num_computed_tokens, s.num_new_tokens, s.sample) for s in o.rows()] for o in steps]
     assert work[0] == [("a", 0, 8, False)]
     assert work[1] == [("a", 8, 8, False)]
     assert work[2] == [("a", 16, 4, True), ("b", 0, 3, True)]        # b fills the budget a left
@@ -114,7 +114,7 @@ def test_max_num_seqs_and_stop_tokens():
     h.add("b", 5)
     tokens = iter([7, 7, 2])                   # 2 is a stop id
     first, _ = h.step(sample=lambda s: [next(tokens)])
-    assert [s.req_id for s in first.scheduled] == ["a"]
+    assert [s.req_id for s in first.rows()] == ["a"]
     h.step(sample=lambda s: [next(tokens)])
     h.step(sample=lambda s: [next(tokens)])
     assert h.finished == {"a": "stop"} and h.outputs["a"] == [7, 7, 2]
@@ -132,7 +132,7 @@ def test_preemption_loses_nothing(mode):
     while h.sched.has_unfinished():
         out, _ = h.step(sample=lambda s: [next(counter)])
         kinds += [op.kind for op in out.block_ops]
-        for s in out.scheduled:                # a resumed request is told its whole table
+        for s in out.rows():                # a resumed request is told its whole table
             req = h.sched.requests.get(s.req_id)
             if req is not None and req.num_preemptions and s.num_computed_tokens == 0:
                 assert s.blocks_replaced
@@ -153,7 +153,7 @@ def test_recompute_resends_the_generated_tokens():
     h.step()                                   # a has one output token
     h.sched._preempt(h.sched.running.pop())
     out, _ = h.step()
-    (s,) = out.scheduled
+    (s,) = out.rows()
     # its prompt blocks are still cached: it takes them, and computes its generated tokens again
     assert s.num_computed_tokens == 8 and s.token_ids == a.output_token_ids[:2] == [7, 7]
     assert s.blocks_replaced and s.sample and a.num_preemptions == 1
@@ -166,12 +166,12 @@ def test_prefix_hits_skip_computed_blocks():
     h.run()
     b = h.add("b", 14)                          # the first 12 tokens are a's prompt: 3 cached blocks
     out, _ = h.step()
-    (s,) = out.scheduled
+    (s,) = out.rows()
     assert b.num_cached_tokens == 12 and s.num_computed_tokens == 12 and s.token_ids == b.prompt_token_ids[12:]
     assert h.kv.num_hits == 12
     h.add("c", 12)                               # the whole prompt is cached: the last token is recomputed
     out, _ = h.step()
-    assert [(s.req_id, s.num_computed_tokens, s.num_new_tokens) for s in out.scheduled][-1] == ("c", 8, 4)
+    assert [(s.req_id, s.num_computed_tokens, s.num_new_tokens) for s in out.rows()][-1] == ("c", 8, 4)
     h.run()
 
 
@@ -184,12 +184,12 @@ def test_disk_tier_load_does_not_block_other_work():
     slow = h.add("slow", 10)
     h.add("other", 5, first=500)
     out, _ = h.step()
-    assert [s.req_id for s in out.scheduled] == ["other"] and slow.status == RequestStatus.WAITING_FOR_KV
+    assert [s.req_id for s in out.rows()] == ["other"] and slow.status == RequestStatus.WAITING_FOR_KV
     assert h.sched.num_loading == 1
     out, _ = h.step()
-    assert [s.req_id for s in out.scheduled] == ["other"]
+    assert [s.req_id for s in out.rows()] == ["other"]
     out, _ = h.step()                            # read: admitted from the tier, only the rest computed
-    s = next(s for s in out.scheduled if s.req_id == "slow")
+    s = next(s for s in out.rows() if s.req_id == "slow")
     assert s.num_computed_tokens == 8 and s.token_ids == slow.prompt_token_ids[8:]
     (load,) = [op for op in out.block_ops if op.kind == "load"]
     assert load.src == keys and load.dst == h.kv.block_ids("slow")[:2]
@@ -209,7 +209,7 @@ def test_abort_while_loading_running_and_waiting():
     assert h.sched.requests["wait"].status == RequestStatus.WAITING
     h.sched.finish_requests(["run", "wait", "load", "nobody"], RequestStatus.FINISHED_ABORTED)
     out, _ = h.step()
-    assert sorted(out.finished_req_ids) == ["load", "run", "wait"] and not out.scheduled
+    assert sorted(out.finished_req_ids) == ["load", "run", "wait"] and not out.rows()
     assert tier.discarded and not h.sched.has_unfinished()
     assert h.kv.pool.num_free == h.kv.num_blocks
 
@@ -220,10 +220,10 @@ def test_fork_shares_the_prompt_and_copies_on_write():
     h.add("1_r", 10, max_tokens=3, fork_from="0_r")
     for _ in range(2):                                            # the sample waits for the prompt
         out, _ = h.step()
-        assert [s.req_id for s in out.scheduled] == ["0_r"]
+        assert [s.req_id for s in out.rows()] == ["0_r"]
     out, _ = h.step()
     shared = h.kv.block_ids("0_r")[:3]
-    s = next(s for s in out.scheduled if s.req_id == "1_r")
+    s = next(s for s in out.rows() if s.req_id == "1_r")
     assert s.num_computed_tokens == 9 and s.token_ids == [109] and s.blocks_replaced
     assert [op.kind for op in out.block_ops] == ["copy"]             # its tail block is written: a copy
     assert h.kv.block_ids("1_r")[:2] == shared[:2] and h.kv.block_ids("1_r")[2] != shared[2]
@@ -236,7 +236,7 @@ def test_fork_without_a_source_computes_the_prompt():
     h = Harness()
     h.add("1_r", 6, fork_from="gone")
     out, _ = h.step()
-    assert out.scheduled[0].num_computed_tokens == 0 and out.scheduled[0].num_new_tokens == 6
+    assert out.rows()[0].num_computed_tokens == 0 and out.rows()[0].num_new_tokens == 6
     h.run()
 
 
@@ -246,7 +246,7 @@ def test_proposed_tokens_are_verified_and_rolled_back():
     h.step()                                     # prompt: samples 7
     req.spec_token_ids = [20, 21, 22]            # a proposer's guess
     out, _ = h.step(sample=lambda s: [20, 9])    # the first is accepted, then 9 replaces 21
-    (s,) = out.scheduled
+    (s,) = out.rows()
     assert s.token_ids == [7, 20, 21, 22] and s.num_spec_tokens == 3 and s.sample
     assert req.output_token_ids == [7, 20, 9] and req.spec_token_ids == []
     assert req.num_computed_tokens == 8 and req.num_tokens == 9          # 21 and 22 are not computed
@@ -295,7 +295,7 @@ def test_a_policy_orders_admits_and_picks_victims():
     h.add("short", 3, max_tokens=12)
     h.add("long", 9, max_tokens=12)
     out, _ = h.step()
-    assert [s.req_id for s in out.scheduled] == ["long", "short"]
+    assert [s.req_id for s in out.rows()] == ["long", "short"]
     h.run()
     assert h.sched.num_preemptions > 0 and sorted(h.finished) == ["long", "short"]
 

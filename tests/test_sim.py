@@ -15,7 +15,7 @@ from kvflow.presets import PRESETS
 from kvflow.sim.calibrate import fit
 from kvflow.sim.cluster import Simulation, simulate, without_cyclic_gc
 from kvflow.sim.compare import compare, preset_shape
-from kvflow.sim.cost_model import (SMOLLM2_135M, HardwareProfile, load_profile, roofline_profile, step_shape)
+from kvflow.sim.cost_model import (SMOLLM2_135M, HardwareProfile, load_profile, roofline_profile)
 from kvflow.sim.replica import SimReplica, engine_spec
 from kvflow.sim.workload import (SimRequest, WorkloadSpec, parse_workload, read_trace, workload_requests,
                                  write_trace)
@@ -73,10 +73,10 @@ def test_sim_runner_follows_the_step_contract():
         seconds = rep.begin_step()
         sched, result, _ = rep._step
         told |= {n.req_id for n in sched.new_requests}
-        assert all(s.req_id in told for s in sched.scheduled)      # told before it is scheduled, once
-        assert result.req_ids == [s.req_id for s in sched.scheduled]
-        assert [bool(t) for t in result.sampled_token_ids] == [s.sample for s in sched.scheduled]
-        for s in sched.scheduled:         # the runner's block tables are the KV manager's
+        assert all(s.req_id in told for s in sched.rows())      # told before it is scheduled, once
+        assert result.req_ids == [s.req_id for s in sched.rows()]
+        assert [bool(t) for t in result.sampled_token_ids] == [s.sample for s in sched.rows()]
+        for s in sched.rows():         # the runner's block tables are the KV manager's
             assert rep.runner.tables[s.req_id] == rep.kv.block_ids(s.req_id)
         now[0] += seconds
         rep.end_step()
@@ -142,8 +142,8 @@ def test_sim_takes_the_real_engines_steps(default_model_path):
 
         def schedule():
             out = orig()
-            if out.scheduled:
-                steps.append([(s.req_id, s.num_computed_tokens, len(s.token_ids), s.sample) for s in out.scheduled])
+            if out.rows():
+                steps.append([(s.req_id, s.num_computed_tokens, len(s.token_ids), s.sample) for s in out.rows()])
             return out
         scheduler.schedule = schedule
         while scheduler.has_unfinished():
@@ -183,8 +183,8 @@ def test_requests_arriving_at_one_instant_share_the_step_that_starts_then():
 
     def schedule():
         out = orig()
-        if out.scheduled:
-            steps.append((sim.now, len(out.scheduled), out.num_scheduled_tokens))
+        if out.rows():
+            steps.append((sim.now, len(out.rows()), out.num_scheduled_tokens))
         return out
     scheduler.schedule = schedule
     burst = [SimRequest(0.0, [5 + i] * 20, 3) for i in range(6)] + [SimRequest(1.0, [50 + i] * 10, 2) for i in range(5)]
@@ -467,7 +467,7 @@ def test_cost_models():
     from kvflow.step import ScheduledRequest, SchedulerOutput
     sched = SchedulerOutput.of([ScheduledRequest("a", 10, [5], [], sample=True),
                                 ScheduledRequest("b", 0, [1] * 32, [])])
-    assert step_shape(sched) == (1, 32, 11, 32 * 16)
+    assert sched.shape() == (1, 32, 11, 32 * 16)
 
 
 def test_compare_and_cli(tmp_path):

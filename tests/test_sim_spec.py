@@ -66,7 +66,7 @@ def test_runner_drafts_and_verifies_by_the_contract():
     while rep.has_work():
         seconds = rep.begin_step()
         sched, result, _ = rep._step
-        for s, toks in zip(sched.scheduled, result.sampled_token_ids):
+        for s, toks in zip(sched.rows(), result.sampled_token_ids):
             drafts = s.token_ids[len(s.token_ids) - s.num_spec_tokens:]
             assert drafts == proposed.pop(s.req_id, [])[:s.num_spec_tokens]   # what it drafted, maybe cut
             assert s.sample or not drafts
@@ -74,7 +74,7 @@ def test_runner_drafts_and_verifies_by_the_contract():
             assert toks[:-1] == drafts[:len(toks) - 1]                        # accepted drafts, then one token
             assert rep.runner.tables[s.req_id] == rep.kv.block_ids(s.req_id)
         assert {r: len(d) for r, d in result.draft_token_ids.items()} == \
-            {s.req_id: s.num_draft_tokens for s in sched.scheduled if s.num_draft_tokens}
+            {s.req_id: s.num_draft_tokens for s in sched.rows() if s.num_draft_tokens}
         assert 0 < result.draft_seconds < seconds if result.draft_tokens else result.draft_seconds == 0
         proposed.update(result.draft_token_ids)
         now[0] += seconds
@@ -119,9 +119,9 @@ def test_sim_takes_the_real_engines_steps_under_speculation(default_model_path, 
 
         def schedule():
             out = orig()
-            if out.scheduled:
+            if out.rows():
                 steps.append([(s.req_id, s.num_computed_tokens, len(s.token_ids), s.sample, s.num_spec_tokens,
-                               s.num_draft_tokens) for s in out.scheduled])
+                               s.num_draft_tokens) for s in out.rows()])
             return out
         scheduler.schedule = schedule
         while scheduler.has_unfinished():

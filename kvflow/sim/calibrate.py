@@ -4,7 +4,7 @@ The real EngineCore (the engine options given: model, dtype, threads, ...) runs 
 of single prompts on both sides of each candidate kernel switch, SWEEP): B
 requests of about P random prompt tokens (P/2 to 3P/2), each generating D tokens (ignore_eos), so that
 steps of every shape occur: whole and chunked prefills, mixed steps, decodes of 1..B rows at growing
-context. Every step's shape (kvflow.sim.cost_model.step_shape) and wall time (the whole EngineCore.step:
+context. Every step's shape (SchedulerOutput.shape, kvflow/step.py) and wall time (the whole EngineCore.step:
 scheduling, the forward pass, sampling and the update: what separates two steps of a served replica) is
 recorded, after a first pass of the same plan that is not (first calls of a shape select kernels and grow
 buffers). The six coefficients (kvflow.sim.cost_model's linear model) are fitted by non-negative least squares, for
@@ -136,7 +136,6 @@ def measure_core(core, rc, plan=DEFAULT_PLAN, repeats: int = 1, seed: int = 0) -
 
     from kvflow.engine.wire import EngineCoreRequest
     from kvflow.sampling.params import SamplingParams
-    from kvflow.sim.cost_model import step_shape
     samples: list[tuple[tuple, float]] = []
     n = 0
     last: list = []
@@ -167,7 +166,7 @@ def measure_core(core, rc, plan=DEFAULT_PLAN, repeats: int = 1, seed: int = 0) -
                         core.step()
                         t = time.perf_counter() - t
                         if rep and last and last[0].req_ids:
-                            samples.append((step_shape(last[0]), t))
+                            samples.append((last[0].shape(), t))
     finally:
         core.scheduler.schedule = orig
     core.check_blocks()

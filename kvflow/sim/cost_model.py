@@ -348,15 +348,9 @@ CORUN_PARTS = ("step", "fixed")      # HardwareProfile.corun_part
 
 
 def step_kind(prefill_tokens: int) -> str:
-    """A step's kind (STEP_KINDS) by its prefill tokens (step_shape's second number): "prefill" when it computes
+    """A step's kind (STEP_KINDS) by its prefill tokens (SchedulerOutput.shape()'s second number): "prefill" when it computes
     any prompt tokens, else "decode"."""
     return "prefill" if prefill_tokens else "decode"
-
-
-def step_shape(sched) -> tuple[int, int, int, float]:
-    """(decode rows, prefill tokens, decode context, prefill pairs) of a SchedulerOutput: SchedulerOutput.shape,
-    as Scheduler.record_step counts it (SimRunner.execute counts the same within its own loop over the step)."""
-    return sched.shape()
 
 
 def roofline_profile(gpu: str, model: dict = SMOLLM2_135M, dtype: str = "bfloat16", mfu: float = 0.5,

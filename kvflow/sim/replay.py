@@ -55,7 +55,6 @@ def _add(core, k: int, r) -> None:
 
 def _step(core, steps: list | None):
     """One EngineCore.step; appends (its shape, seconds) to `steps` (when given and it scheduled anything)."""
-    from kvflow.sim.cost_model import step_shape
     sched = core.scheduler.schedule
     box: list = []
     if steps is not None:              # the step's SchedulerOutput, to read its shape
@@ -66,7 +65,7 @@ def _step(core, steps: list | None):
     finally:
         core.scheduler.schedule = sched
     if box and box[0].req_ids:
-        steps.append((step_shape(box[0]), time.perf_counter() - t))
+        steps.append((box[0].shape(), time.perf_counter() - t))
     return outputs
 
 

@@ -118,7 +118,7 @@ class SimRunner:
                 self.tables[rid] = list(table)
             for rid, ids in sched.new_block_ids.items():
                 self.tables[rid] = self.tables.get(rid, []) + ids
-        rows = prefill = context = rejected = 0   # the step's shape, as SchedulerOutput.shape counts it
+        rows = prefill = context = rejected = 0   # the step's shape, as SchedulerOutput.shape counts it (one pass)
         pairs = 0.0
         end = 0                                   # where this request's tokens end in the step's token_ids
         for rid, start, n, sample in zip(sched.req_ids, sched.num_computed_tokens, sched.num_new_tokens,

@@ -82,13 +82,15 @@ class StructuredOutputManager:
     def fill_bitmasks(self, sched) -> list[str]:
         """Set the step's `token_bitmasks` of the scheduled requests that sample under a grammar. Returns the
         ids of requests whose matcher failed (they are to be ended: the runner samples them unconstrained)."""
-        failed = []
-        for s in sched.rows():
-            m = self.matchers.get(s.req_id)
-            if m is None or not s.sample:
+        failed, end = [], 0
+        for rid, n, sample in zip(sched.req_ids, sched.num_new_tokens, sched.sample):
+            end += n                               # where its tokens end in the step's token_ids
+            m = self.matchers.get(rid)
+            if m is None or not sample:
                 continue
             rows = []                              # k + 1 masks when it verifies k drafts
-            drafts = s.token_ids[len(s.token_ids) - s.num_spec_tokens:] if s.num_spec_tokens else []
+            k = sched.num_spec_tokens.get(rid, 0)
+            drafts = sched.token_ids[end - k:end] if k else []
             for j in range(len(drafts) + 1):
                 m.fill_bitmask(self._row)
                 rows.append(self._row.tobytes())
@@ -96,9 +98,9 @@ class StructuredOutputManager:
                     break                          # (drafts were checked: cannot happen)
             m.rollback(len(rows) - 1)
             if m.error is not None or len(rows) != len(drafts) + 1:
-                failed.append(s.req_id)
+                failed.append(rid)
                 continue
-            sched.token_bitmasks[s.req_id] = b"".join(rows)
+            sched.token_bitmasks[rid] = b"".join(rows)
         return failed
 
     def valid_drafts(self, request_id: str, drafts: list[int]) -> int:
