@@ -62,6 +62,20 @@ def corun_words(profile: dict) -> str:
     return f"{profile['corun_slowdown']:.3f}x slower than alone{figures}"
 
 
+def engine_settings(items: list[str]) -> dict:
+    """--engine KEY=VALUE items: the value as JSON where it parses (numbers, true/false), else as text."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--engine expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", default=DEFAULT_WORKLOAD,
@@ -91,6 +105,9 @@ def main() -> int:
     p.add_argument("--bracket", action="store_true",
                    help="serve the held-out workload again after the real runs and also report the simulation on a fit "
                         "of both served runs' steps (before and after the real runs: the machine drifts)")
+    p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                   help="another engine setting for the real engine and the simulation alike (EngineConfig's field "
+                        "names; repeatable), e.g. scheduling_policy=sjf, length_predictor=FILE")
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--save-profile", default=None, help="write the fresh calibration (a hardware profile) here")
     args = p.parse_args()
@@ -98,7 +115,8 @@ def main() -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kvflow-fidelity-") as tmp:     # (wcpu's trace lives there)
         workload = wcpu_trace(tmp) if args.workload == "wcpu" else parse_workload(args.workload)
-        result = fidelity({"num_threads": args.threads, "max_num_seqs": args.max_num_seqs}, workload,
+        settings = {"num_threads": args.threads, "max_num_seqs": args.max_num_seqs, **engine_settings(args.engine)}
+        result = fidelity(settings, workload,
                           repeats=args.repeats, replicas=args.replicas, router=args.router,
                           served={"auto": None, "on": True, "off": False}[args.served], real_runs=args.real_runs,
                           load=args.load, bracket=args.bracket)

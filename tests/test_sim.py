@@ -424,8 +424,6 @@ def test_workload_and_profile_errors_name_the_field():
     with pytest.raises(ValueError, match="coef"):
         HardwareProfile(name="x", kind="linear", source="t", model=dict(SMOLLM2_135M),
                         params={"coef": [1, 2]}).cost_model()
-    with pytest.raises(ValueError, match="length_predictor"):
-        engine_spec(EngineConfig.from_kwargs(length_predictor="/tmp/kvflow-sim-test-predictor.json"), fixed_profile())
 
 
 def test_cost_models():

@@ -47,12 +47,10 @@ def replica_cpus(requested: float | None, replicas: int) -> float:
 
 
 def frontend_predictor(rc: ResolvedConfig):
-    """The output-length predictor the router reads (predicted-load): the configured one when it needs no
-    model features (those are computed inside an engine core), else the online one, which learns from the
-    lengths of finished requests."""
-    from kvflow.predict.base import make_predictor, model_identity
-    predictor = make_predictor(rc.config.scheduler.length_predictor, model_identity(rc.model_path, rc.arch))
-    return predictor if not predictor.features else make_predictor(None)
+    """The output-length predictor the router reads (predicted-load): predict.base.frontend_predictor of the
+    configured one."""
+    from kvflow.predict.base import frontend_predictor as frontend, make_predictor, model_identity
+    return frontend(make_predictor(rc.config.scheduler.length_predictor, model_identity(rc.model_path, rc.arch)))
 
 
 def start_replicas(rc: ResolvedConfig, actor_cls=None, count: int | None = None, **kwargs) -> list["Replica"]:

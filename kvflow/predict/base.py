@@ -111,6 +111,13 @@ def make_predictor(spec: str | None, model_identity: dict | None = None) -> Leng
     return LearnedPredictor.load(spec, model_identity)
 
 
+def frontend_predictor(predictor: LengthPredictor) -> LengthPredictor:
+    """What a frontend (the router, the admission check) predicts with: `predictor` when it reads no model
+    features (those are computed inside an engine core), else the online one, which learns from the lengths
+    of finished requests."""
+    return predictor if not predictor.features else make_predictor(None)
+
+
 def model_identity(model_path: str, arch) -> dict:
     """What a learned predictor file records of the model it was trained on, and is checked against:
     the model file's name and the architecture's shape (`arch`: a kvflow.models.arch.ModelConfig)."""

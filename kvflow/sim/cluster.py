@@ -29,6 +29,7 @@ from kvflow.cluster.router import ROUTERS, LoadTable, ReplicaLoad, RouteRequest,
 from kvflow.config import EngineConfig
 from kvflow.memory.kv_cache_manager import extend_block_hashes
 from kvflow.sim.cost_model import CostModel, HardwareProfile, SharedMachine, replica_cost
+from kvflow.sim.features import learned_predictor, prompt_features
 from kvflow.sim.pd import EarlyRejection, ElasticRoles, KVPool, put_pool, read_pool
 from kvflow.sim.replica import SimReplica, engine_spec
 from kvflow.sim.runner import DEFAULT_ACCEPTANCE
@@ -82,6 +83,9 @@ class Simulation(Autoscaler):
         self.spec_acceptance = next(a for a in (spec_acceptance, profile.spec_acceptance, DEFAULT_ACCEPTANCE)
                                     if a is not None)
         self.spec = engine_spec(config, profile)
+        self.predictor = learned_predictor(config)     # a length predictor file, and the model's features it reads
+        self.features = (prompt_features(config, self.predictor.features)
+                         if self.predictor is not None and self.predictor.features else None)
         self.cost = profile.cost_model()
         self.track_tables = track_tables
         self.now = 0.0
@@ -135,13 +139,20 @@ class Simulation(Autoscaler):
             self.decode = None
 
     def _pool(self, n, router, opts, prefix_caching=None, base=0) -> Pool:
-        reps = [SimReplica(base + i, self.spec, self._cost(base + i), self.clock, prefix_caching, self.track_tables,
-                           self.spec_acceptance, self.reports_extra) for i in range(n)]
+        reps = [self._new_replica(base + i, prefix_caching) for i in range(n)]
         for i, r in enumerate(reps):
             r.load.index = i
             r.role = ("decode" if base else "prefill") if self.pd else "mixed"
             self.rec.replica_up(r.index, 0.0)
         return Pool(reps, make_router(router, n, **opts) if n > 1 else None, [True] * n)
+
+    def _new_replica(self, index: int, prefix_caching: bool | None = None) -> SimReplica:
+        return SimReplica(index, self.spec, self._cost(index), self.clock, prefix_caching, self.track_tables,
+                          self.spec_acceptance, self.reports_extra, self.predictor)
+
+    def _features(self, rec: Record) -> dict | None:
+        """What the learned length predictor reads of the request's prompt (None: no such predictor)."""
+        return self.features(rec.prompt) if self.features is not None else None
 
     def _cost(self, index: int) -> CostModel:
         return replica_cost(self.cost, index, self.clock, self.machines, self.step_noise, self.config.model.seed)
@@ -247,7 +258,8 @@ class Simulation(Autoscaler):
         if self.kv_pool is not None:       # the worker's next step waits for the read
             self._stall(r, read_pool(self.kv_pool, r.kv, hashes, self.now, self.cost, self.spec.block_bytes))
         r.kv.set_hashes(rec.rid, hashes)    # the engine extends the same chain: no need to hash twice
-        r.add(rec.rid, rec.prompt, 1 if self.pd else rec.max_tokens, rec.arrival, rec.user)
+        r.add(rec.rid, rec.prompt, 1 if self.pd else rec.max_tokens, rec.arrival, rec.user,
+              features=self._features(rec))
         r.load.outstanding_tokens += len(rec.prompt) + rec.max_tokens
         r.load_changed()
         self._kick(r)
@@ -329,7 +341,7 @@ class Simulation(Autoscaler):
         d.load.num_assigned -= 1                 # add() counts it again
         hashes = extend_block_hashes([], rec.prompt, self.spec.block_size)
         d.kv.adopt_blocks(hashes, d.kv.pool.num_free // 2)
-        d.add(rec.rid, rec.prompt, rec.max_tokens, rec.arrival, rec.user, outputs=first)
+        d.add(rec.rid, rec.prompt, rec.max_tokens, rec.arrival, rec.user, outputs=first, features=self._features(rec))
         d.load.outstanding_tokens += rec.max_tokens
         d.load_changed()
         self._kick(d)

@@ -142,6 +142,9 @@ def simulate_parallel(config: EngineConfig, profile: HardwareProfile, requests, 
         raise ValueError(f"workers must be at least 1, got {workers}")
     if not sync_s > 0:
         raise ValueError(f"sync_s must be positive, got {sync_s}")
+    if config.scheduler.length_predictor not in (None, "online"):
+        raise ValueError("length_predictor: a predictor file is simulated in one process (its features come from "
+                         "the model, run in that process): leave out --workers")
 
     def make_sim() -> Simulation:
         return Simulation(config, profile, keep_itl=keep_itl, bin_s=bin_s, step_noise=step_noise,

@@ -19,7 +19,7 @@ import math
 from collections import OrderedDict
 
 from kvflow.disagg.elastic import RoleSwitch, choose_switch
-from kvflow.predict.base import make_predictor
+from kvflow.predict.base import frontend_predictor, make_predictor
 
 
 class KVPool:
@@ -130,9 +130,10 @@ class EarlyRejection:
 
     def __init__(self, block_size: int, length_predictor: str | None):
         self.block_size = block_size
-        # the frontend's predictor (fleet.frontend_predictor: the online one). It learns only from requests
-        # that end by a stop token; simulated requests end at max_tokens, so it keeps its prior, as it would.
-        self.predictor = make_predictor(length_predictor)
+        # the frontend's predictor (fleet.frontend_predictor: a file's reads model features, so the online one).
+        # It learns only from requests that end by a stop token; simulated requests end at max_tokens, so it
+        # keeps its prior, as it would.
+        self.predictor = frontend_predictor(make_predictor(length_predictor))
         self.need: dict[str, int] = {}
         self.needed_blocks = 0
         self.rejected = 0

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from kvflow.cluster.router import LoadTable, ReplicaLoad
 from kvflow.config import EngineConfig
 from kvflow.memory.kv_cache_manager import KVCacheManager
+from kvflow.predict.base import LengthPredictor
 from kvflow.request import Request
 from kvflow.sampling.params import SamplingParams
 from kvflow.scheduler.costs import PreemptionCost
@@ -60,8 +61,6 @@ class EngineSpec:
 
 def engine_spec(config: EngineConfig, profile: HardwareProfile) -> EngineSpec:
     c, sc, m = config.cache, config.scheduler, profile.model
-    if sc.length_predictor not in (None, "online"):
-        raise ValueError("length_predictor: only the online predictor is simulated (a file needs the model)")
     itemsize = DTYPE_BYTES[profile.dtype]
     per_token = 2 * m["num_layers"] * m["num_kv_heads"] * (
         m["head_dim"] + itemsize if c.kv_cache_dtype == "int8" else m["head_dim"] * itemsize)
@@ -93,10 +92,13 @@ def queued_prefill_tokens(s: Scheduler) -> int:
 class SimReplica:
     def __init__(self, index: int, spec: EngineSpec, cost: CostModel, clock: Callable[[], float],
                  prefix_caching: bool | None = None, track_tables: bool = False,
-                 spec_acceptance: float = DEFAULT_ACCEPTANCE, reports_extra: bool = True):
+                 spec_acceptance: float = DEFAULT_ACCEPTANCE, reports_extra: bool = True,
+                 predictor: LengthPredictor | None = None):
         """`reports_extra`: whether its load carries the extras a router or the elastic P/D rule reads
         ("queued_prefill_tokens", a sum over its queues every step, and "prefill_tokens_per_s"); the
-        simulation turns it off when nothing reads them (Router.load_extras)."""
+        simulation turns it off when nothing reads them (Router.load_extras). `predictor`: a learned length
+        predictor (kvflow/sim/features.py: `add` then takes the features it reads; None: the scheduler's own
+        online one, when its policy ranks by length)."""
         self.index, self.spec = index, spec
         caching = spec.enable_prefix_caching if prefix_caching is None else prefix_caching
         disk = (SimDiskTier(spec.num_disk_blocks, spec.block_bytes / cost.profile.disk_bytes_per_s, clock)
@@ -109,8 +111,11 @@ class SimReplica:
             self.kv, spec.max_num_seqs, spec.max_num_batched_tokens, spec.max_model_len, spec.preemption_mode,
             self.cost, clock=clock, policy=make_policy(spec.scheduling_policy, client_weights=spec.client_weights),
             tpot_slo_ms=spec.tpot_slo_ms, enable_chunked_prefill=spec.enable_chunked_prefill,
-            kv_reservation=spec.kv_reservation, async_recovery=spec.async_recovery, speculative=spec.speculative)
+            kv_reservation=spec.kv_reservation, async_recovery=spec.async_recovery, speculative=spec.speculative,
+            predictor=predictor)
         self.runner = SimRunner(cost, track_tables, spec.speculative, spec_acceptance, spec.block_bytes)
+        if predictor is not None and "hidden" in predictor.features:
+            self.runner.hidden = {}     # the runner returns it when the prompt's last token is computed
         self.reports_extra = reports_extra
         self.load = ReplicaLoad(index, num_kv_blocks=spec.num_kv_blocks, extra={
             "prefill_tokens_per_s": prefill_rate, "queued_prefill_tokens": 0} if reports_extra else {})
@@ -122,13 +127,17 @@ class SimReplica:
         self.idle_since = 0.0
 
     def add(self, rid: str, prompt: list[int], max_tokens: int, arrival: float, user: str | None = None,
-            outputs: list[int] | None = None) -> None:
+            outputs: list[int] | None = None, features: dict | None = None) -> None:
+        """`features`: the model's features of the prompt that the learned length predictor reads (as
+        EngineCore.add_request computes them: "embed" now, "hidden" from the step that ends the prompt)."""
         req = Request(rid, prompt, PARAMS, NO_STOP_IDS, max_tokens, arrival, client=user)
         if outputs:                    # moved here after its first token (P/D): its outputs so far are known
             req.output_token_ids = list(outputs)
             req.all_token_ids += outputs
             req.num_prompt_logprobs = len(prompt)
-        self.scheduler.add_request(req)
+        if features and self.runner.hidden is not None and "hidden" in features:
+            self.runner.hidden[rid] = features["hidden"]
+        self.scheduler.add_request(req, {"embed": features["embed"]} if features and "embed" in features else None)
         self.count_placed(len(prompt))
 
     def count_placed(self, num_prompt: int) -> None:

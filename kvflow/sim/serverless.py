@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 
-from kvflow.sim.replica import SimReplica
 
 AUTOSCALE_S = 1.0
 WARM_FRACTION = 0.25
@@ -23,8 +22,7 @@ class Autoscaler:
     TICK, a warm-pool process coming back (WARM). Uses the Simulation's pool, clock, events and recorder."""
 
     def _start_replica(self, i: int, delay: float) -> None:
-        self.prefill.replicas[i] = SimReplica(i, self.spec, self._cost(i), self.clock, None, self.track_tables,
-                                              self.spec_acceptance, self.reports_extra)
+        self.prefill.replicas[i] = self._new_replica(i)
         self.starting += 1
         if delay <= 0:
             self._ready(i)
