@@ -2,11 +2,13 @@
 speculation path (SpecController, lookahead slots, rollback of rejected drafts) against the simulated
 runner's drafts and verifications. Fewer steps at high acceptance, as many at none; every request gets
 exactly its tokens; deterministic; every block comes back; and the same steps as the real engine."""
+import json
+
 import pytest
 
 from kvflow.config import EngineConfig
 from kvflow.sim.cluster import Simulation
-from kvflow.sim.cost_model import load_profile
+from kvflow.sim.cost_model import HardwareProfile, load_profile
 from kvflow.sim.replica import SimReplica, engine_spec
 from kvflow.sim.runner import SimRunner, draw
 from kvflow.sim.workload import parse_workload, workload_requests
@@ -15,15 +17,15 @@ from .conftest import needs_default_model
 from .test_sim import all_blocks_back, clocked_step, fixed_profile
 
 NGRAM = '{"method": "ngram", "num_speculative_tokens": 4}'
+NGRAM_FIXED = '{"method": "ngram", "num_speculative_tokens": 4, "adaptive": false}'   # always 4 drafts
 LAYER_SKIP = '{"method": "layer_skip", "num_speculative_tokens": 3, "adaptive": false}'
 
 
-def run(spec: str | None, acceptance: float, workload: str = "chat:n=40,rate=20,seed=4", **kw):
-    """One simulated replica (h100 profile) with speculation at `acceptance`: (simulation, recorder, steps)."""
+def run(spec: str | None, acceptance, workload: str = "chat:n=40,rate=20,seed=4", **kw):
+    """One simulated replica (h100 profile) with speculation at `acceptance` (one figure, or one per draft
+    position): (simulation, recorder, steps)."""
     config = EngineConfig.from_kwargs(speculative_config=spec, num_kv_blocks=kw.pop("num_kv_blocks", 2048), **kw)
-    sim = Simulation(config, load_profile("h100"))
-    for r in sim.replicas():            # (until the Simulation takes the option itself)
-        r.runner.acceptance = acceptance
+    sim = Simulation(config, load_profile("h100"), spec_acceptance=acceptance)
     rec = sim.run(workload_requests(parse_workload(workload)))
     all_blocks_back(sim)
     return sim, rec, sum(r.runner.num_steps for r in sim.replicas())
@@ -191,7 +193,7 @@ def test_the_simulation_takes_the_profiles_measured_acceptance():
     measured = dataclasses.replace(plain, spec_acceptance=1.0)
     assert plain.spec_acceptance is None and Simulation(config, plain).spec_acceptance == DEFAULT_ACCEPTANCE
     sim = Simulation(config, measured)
-    assert sim.spec_acceptance == 1.0 and all(r.runner.acceptance == 1.0 for r in sim.replicas())
+    assert sim.spec_acceptance == 1.0 and all(r.runner.acceptance == (1.0,) for r in sim.replicas())
     assert Simulation(config, measured, spec_acceptance=0.25).spec_acceptance == 0.25
     steps = {}
     for name, profile in (("measured", measured), ("none", dataclasses.replace(plain, spec_acceptance=0.0))):
@@ -200,9 +202,36 @@ def test_the_simulation_takes_the_profiles_measured_acceptance():
         all_blocks_back(sim)
         steps[name] = sum(r.runner.num_steps for r in sim.replicas())
     assert steps["measured"] < 0.5 * steps["none"]          # every draft accepted: far fewer steps
-    for bad in (1.5, -0.1, "0.7"):
+    for bad in (1.5, -0.1, "0.7", [], [0.5, 1.2], True):
         with pytest.raises(ValueError, match="spec_acceptance"):
             dataclasses.replace(plain, spec_acceptance=bad)
+    by_position = dataclasses.replace(plain, spec_acceptance=[0.3, 0.9])
+    assert HardwareProfile(**json.loads(by_position.to_json())).spec_acceptance == [0.3, 0.9]
+    assert all(r.runner.acceptance == (0.3, 0.9) for r in Simulation(config, by_position).replicas())
+
+
+def test_acceptance_by_draft_position():
+    """spec_acceptance per draft position: each position's drafts are accepted at its own chance, given that the
+    ones before it were (the last figure holds after it), as the served calibration measures them; the measured
+    figures give the same run back, position by position, through the real SpecController's counters."""
+    from kvflow.sim.served import measured_acceptance
+    given = [0.3, 0.9, 0.6]
+    sim, rec, n = run(NGRAM_FIXED, given, workload="random:n=300,rate=inf,input=64,output=64,seed=2")
+    specs = [r.scheduler.spec for r in sim.replicas()]
+    tried = [sum(s.tried_at[i] for s in specs) for i in range(4)]
+    accepted = [sum(s.accepted_at[i] for s in specs) for i in range(4)]
+    assert tried[0] > 1000 and tried[3] > 100
+    for i, want in enumerate(given + [0.6]):                 # (position 4 takes the last figure)
+        assert accepted[i] / tried[i] == pytest.approx(want, abs=0.05), (i, accepted, tried)
+    # a position is tried only after every one before it was accepted (and not when the proposal was cut
+    # shorter: a request near its max_tokens verifies fewer drafts)
+    assert all(tried[i + 1] <= accepted[i] for i in range(3)) and tried[1] > 0.95 * accepted[0]
+    assert sum(tried) == sum(s.num_tried for s in specs) and sum(accepted) == sum(s.num_accepted for s in specs)
+    measured = measured_acceptance(accepted, tried)
+    assert measured == pytest.approx(given + [0.6], abs=0.05)
+    # positions tried fewer than min_tries times share the pooled figure of the rest
+    assert measured_acceptance([50, 10, 1, 0], [100, 50, 10, 1], min_tries=30) == [0.5, 0.2, round(1 / 11, 4)]
+    assert measured_acceptance([0, 0], [0, 0]) is None
 
 
 @needs_default_model
@@ -221,17 +250,20 @@ def test_a_served_calibration_measures_the_drafts_acceptance(default_model_path,
     fit_served = served.fit_served
 
     def watched(*args, **kw):        # the engine's counters when the served run starts and when it ends
-        seen.append((spec.num_accepted, spec.num_tried))
+        seen.append((spec.num_accepted, spec.num_tried, list(spec.accepted_at), list(spec.tried_at)))
         out = fit_served(*args, **kw)
-        seen.append((spec.num_accepted, spec.num_tried))
+        seen.append((spec.num_accepted, spec.num_tried, list(spec.accepted_at), list(spec.tried_at)))
         return out
     monkeypatch.setattr(served, "fit_served", watched)
     plan = ((1, 32, 12), (4, 96, 12), (1, 200, 4), (2, 64, 16))
     profile = cal.calibrate(kwargs, "spec", plan, cores=[built],
                             workload=parse_workload("random:n=16,rate=4,input=48,output=32,range=0.5,seed=3"))
-    (a0, t0), (a1, t1) = seen
+    (a0, t0, acc0, tried0), (a1, t1, acc1, tried1) = seen
     assert t1 > t0                            # only the served run counts, not the plan before it
     assert profile.fit["served_spec_tried"] == t1 - t0 and profile.fit["served_spec_verifications"] > 0
-    assert profile.spec_acceptance == pytest.approx((a1 - a0) / (t1 - t0), abs=1e-4)
-    assert 0.0 <= profile.spec_acceptance <= 1.0
+    diff = lambda after, before: [b - a for a, b in zip(before + [0] * len(after), after)]   # noqa: E731
+    tried_at = diff(tried1, tried0)
+    assert profile.fit["served_spec_tried_at"] == tried_at and sum(tried_at) == t1 - t0
+    assert profile.spec_acceptance == served.measured_acceptance(diff(acc1, acc0), tried_at)
+    assert 1 <= len(profile.spec_acceptance) <= 4 and all(0.0 <= a <= 1.0 for a in profile.spec_acceptance)
     built[0].check_blocks()

@@ -30,10 +30,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--step-noise", type=float, default=0.0,
                    help="sigma of a log-normal factor on each step's time, per replica, seeded by --seed "
                         "(default 0: the profile's times; docs/sim.md)")
-    p.add_argument("--spec-acceptance", type=float, default=None,
-                   help="with --speculative-config: each draft token's chance to be accepted (default: the "
-                        "hardware profile's, measured by `kvflow sim calibrate --workload` with "
-                        "--speculative-config; else 0.7)")
+    p.add_argument("--spec-acceptance", type=_acceptance, default=None, metavar="A[,A...]",
+                   help="with --speculative-config: a draft token's chance to be accepted, one for every draft "
+                        "position or one per position (the first draft's, the second's given the first was "
+                        "accepted, ...) (default: the hardware profile's, measured by `kvflow sim calibrate "
+                        "--workload` with --speculative-config; else 0.7)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes to split the replicas over (colocated replicas only; default 1: one process)")
     p.add_argument("--sync-ms", type=float, default=None,
@@ -74,6 +75,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_engine_args(m)
     m.set_defaults(func=cmd_compare)
     return p
+
+
+def _acceptance(text: str) -> float | list[float]:
+    """--spec-acceptance: "0.7" or "0.4,0.8,0.9" (one per draft position)."""
+    from kvflow.sim.cost_model import acceptance_by_position
+    try:
+        values = [float(x) for x in text.split(",")]
+        acceptance_by_position(values)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or a comma-separated list of them (one per "
+                                         f"draft position), got {text!r}") from None
+    return values[0] if len(values) == 1 else values
 
 
 def _common(p) -> None:

@@ -72,7 +72,7 @@ class Pool:
 class Simulation(Autoscaler):
     def __init__(self, config: EngineConfig, profile: HardwareProfile, track_tables: bool = False,
                  keep_itl: int = 20000, bin_s: float | None = None, step_noise: float = 0.0,
-                 spec_acceptance: float | None = None):
+                 spec_acceptance: float | list[float] | None = None):
         """`step_noise`: sigma of a log-normal factor on every step's time (cost_model.Jittered; each replica
         draws from its own generator, seeded by the config's seed and its index); 0: the profile's times.
         `spec_acceptance`: with speculative decoding, each draft token's chance to be accepted (runner.py; None:

@@ -52,6 +52,18 @@ def kv_bytes_per_token(model: dict, dtype: str) -> int:
     return 2 * model["num_layers"] * model["num_kv_heads"] * model["head_dim"] * DTYPE_BYTES[dtype]
 
 
+def acceptance_by_position(value) -> tuple[float, ...]:
+    """A draft's chance to be accepted, given that the drafts before it were, by draft position: one number
+    for every position, or a list with one per position (the last holds for the positions after it).
+    ValueError naming spec_acceptance otherwise."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values or not all(not isinstance(a, bool) and isinstance(a, (int, float)) and 0.0 <= a <= 1.0
+                             for a in values):
+        raise ValueError(f"spec_acceptance must be a number in [0, 1] or a non-empty list of them (one per draft "
+                         f"position), got {value!r}")
+    return tuple(float(a) for a in values)
+
+
 @dataclass
 class HardwareProfile:
     name: str
@@ -80,10 +92,11 @@ class HardwareProfile:
     # another's decode a one-row decode slows by a larger share of its time than a several-row one); a step
     # with prompt tokens (compute bound) is still slowed as a whole
     corun_part: str = "step"
-    # a workload's drafts accepted per draft position tried, measured serving it with speculative decoding
-    # (`kvflow sim calibrate --workload W --speculative-config ...`): the simulation's spec_acceptance when it is
-    # not given one; None: not measured
-    spec_acceptance: float | None = None
+    # a workload's drafts accepted per draft position tried, position by position (the first draft's, the
+    # second's given the first was accepted, ...), measured serving it with speculative decoding (`kvflow sim
+    # calibrate --workload W --speculative-config ...`): the simulation's spec_acceptance when it is not given
+    # one; None: not measured (a profile written before may hold one number for every position)
+    spec_acceptance: float | list[float] | None = None
 
     def __post_init__(self):
         if self.kind not in COST_MODELS:
@@ -100,9 +113,8 @@ class HardwareProfile:
             raise ValueError(f"cold_start_s must be >= 0, got {self.cold_start_s!r}")
         if not (isinstance(self.replicas_per_machine, int) and self.replicas_per_machine >= 1):
             raise ValueError(f"replicas_per_machine must be an integer >= 1, got {self.replicas_per_machine!r}")
-        if self.spec_acceptance is not None and not (isinstance(self.spec_acceptance, (int, float))
-                                                     and 0.0 <= self.spec_acceptance <= 1.0):
-            raise ValueError(f"spec_acceptance must be None or a number in [0, 1], got {self.spec_acceptance!r}")
+        if self.spec_acceptance is not None:
+            acceptance_by_position(self.spec_acceptance)
         if self.corun_part not in CORUN_PARTS:
             raise ValueError(f"corun_part must be one of {', '.join(CORUN_PARTS)}, got {self.corun_part!r}")
         if not self.corun_slowdown > 0:

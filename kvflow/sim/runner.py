@@ -13,11 +13,12 @@ and the disk tier's host copies: CostModel.block_op_seconds, `block_bytes` a blo
 Speculative decoding (the scheduler's `speculative=`; kvflow/spec): a request asked to draft
 (`num_draft_tokens` d) gets d made-up drafts for the positions after its last sampled token. Each draft is
 the target's own token at its position with probability `spec_acceptance` (a draw from the request's seed and
-the position, so a run is deterministic) and another token otherwise. A request verifying k drafts gets, as
-from the real rejection sampler with a greedy proposer, its leading drafts that equal the target's tokens
-plus one token: the target's at the first mismatch (the correction) or after the last draft (the bonus). So
-each draft is accepted with probability `spec_acceptance` until the first rejection, and the outputs are the
-same tokens with or without speculation. The proposer's time (RunnerOutput.draft_seconds, inside the step's):
+the position, so a run is deterministic) and another token otherwise; `spec_acceptance` is one number, or one
+per draft position (the first draft's chance, the second's, ...; the last holds for the positions after it).
+A request verifying k drafts gets, as from the real rejection sampler with a greedy proposer, its leading
+drafts that equal the target's tokens plus one token: the target's at the first mismatch (the correction) or
+after the last draft (the bonus). So each draft is accepted with its position's probability until the first
+rejection, and the outputs are the same tokens with or without speculation. The proposer's time (RunnerOutput.draft_seconds, inside the step's):
 ngram none; layer_skip and draft_model their forwards as the real proposers run them (a catch-up forward,
 then one batched one-token forward per further draft), each priced as the target's step of that shape times
 the draft's share of the target's work: num_layers / the model's layers for layer_skip; for draft_model
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import zlib
 
-from kvflow.sim.cost_model import CostModel
+from kvflow.sim.cost_model import CostModel, acceptance_by_position
 from kvflow.sim.workload import VOCAB
 from kvflow.spec.config import SpeculativeConfig
 from kvflow.step import RunnerOutput, SchedulerOutput
@@ -70,10 +71,8 @@ def verify(drafts: list[int], seed: int, pos: int, stops) -> list[int]:
 
 class SimRunner:
     def __init__(self, cost: CostModel, track_tables: bool = False, speculative: SpeculativeConfig | None = None,
-                 spec_acceptance: float = DEFAULT_ACCEPTANCE, block_bytes: int = 0):
-        a = spec_acceptance
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
-            raise ValueError(f"spec_acceptance must be a number in [0, 1], got {a!r}")
+                 spec_acceptance: float | list[float] = DEFAULT_ACCEPTANCE, block_bytes: int = 0):
+        acceptance = acceptance_by_position(spec_acceptance)
         self.cost, self.block_bytes = cost, block_bytes
         self.track_tables = track_tables       # keep block tables as the real runner does (tests; slower)
         self.seeds: dict[str, int] = {}
@@ -85,7 +84,7 @@ class SimRunner:
         self.last_prefill = 0                  # ... of which prompt tokens
         self.last_rejected = 0                 # ... of which drafts the verification rejected
         self.busy_s = 0.0
-        self.acceptance = float(a)
+        self.acceptance = acceptance           # by draft position (the last for every position after it)
         self.spec_k = speculative.num_speculative_tokens if speculative is not None else 0
         self.draft_ratio = 0.0                 # the proposer's forward vs the target's (0: ngram, no model)
         self.draft_held: dict[str, int] | None = None   # draft_model: positions its own KV cache holds
@@ -190,10 +189,12 @@ class SimRunner:
         """`num` drafts from position `pos`: the target's token where the draw accepts, another one elsewhere;
         and how many lead before the first wrong one."""
         out, good = [], -1
-        for p in range(pos, pos + num):
+        acceptance = self.acceptance
+        last = len(acceptance) - 1
+        for j, p in enumerate(range(pos, pos + num)):
             target = made_up_token(seed, p, stops)
             token = target
-            if draw(seed, p) >= self.acceptance:   # a wrong guess: any other token (never a stop id)
+            if draw(seed, p) >= acceptance[j if j < last else last]:   # a wrong guess: another token, never a stop
                 good = len(out) if good < 0 else good
                 token = 1 + token % (VOCAB - 1)
                 while (stops and token in stops) or token == target:

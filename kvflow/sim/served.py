@@ -21,8 +21,8 @@ def fit_served(profile: HardwareProfile, plan_samples, cores, requests, router: 
     replay, several: replay_fleet behind `router`) and refit `profile` on `plan_samples` (its plan's measured
     steps) and theirs (served_profile); the served steps are appended to `steps` when given. The engines' prefix
     caches are emptied afterwards. With speculative decoding, the profile's spec_acceptance becomes the served
-    run's drafts accepted per draft position tried (each verification's tries end at its first rejection: the
-    simulated runner's chance per draft, runner.py), when any was tried."""
+    run's drafts accepted per verification that tried them, position by position
+    (measured_acceptance), when any was tried."""
     from kvflow.sim.replay import serve
     steps = [] if steps is None else steps
     specs = [c[0].scheduler.spec for c in cores if c[0].scheduler.spec is not None]
@@ -32,16 +32,48 @@ def fit_served(profile: HardwareProfile, plan_samples, cores, requests, router: 
     if not specs:
         return fitted
     # speculative decoding: the drafts accepted per position tried, in this workload's run (not the plan's)
-    accepted, tried, verifications = (b - a for a, b in zip(before, _spec_counts(specs)))
-    return dataclasses.replace(fitted, spec_acceptance=round(accepted / tried, 4) if tried else None,
+    after = _spec_counts(specs)
+    verifications = after[2] - before[2]
+    accepted_at = [b - a for a, b in zip(before[0] + [0] * len(after[0]), after[0])]
+    tried_at = [b - a for a, b in zip(before[1] + [0] * len(after[1]), after[1])]
+    return dataclasses.replace(fitted, spec_acceptance=measured_acceptance(accepted_at, tried_at),
                                fit={**fitted.fit, "served_spec_verifications": verifications,
-                                    "served_spec_tried": tried})
+                                    "served_spec_tried": sum(tried_at), "served_spec_tried_at": tried_at})
 
 
-def _spec_counts(specs) -> tuple[int, int, int]:
-    """The engines' SpecControllers' drafts accepted, draft positions tried and verifications, summed."""
-    return (sum(s.num_accepted for s in specs), sum(s.num_tried for s in specs),
-            sum(s.num_verifications for s in specs))
+MIN_POSITION_TRIES = 30       # a draft position's own acceptance figure needs this many verifications that tried it
+
+
+def measured_acceptance(accepted_at: list[int], tried_at: list[int],
+                                    min_tries: int = MIN_POSITION_TRIES) -> list[float] | None:
+    """Drafts accepted over verifications that tried them, position by position (each verification tries the
+    positions up to its first rejection: the simulated runner's chance per draft given the ones before it, for
+    each position). The positions from the first with fewer than `min_tries` on share one figure, their pooled
+    counts' (the later positions are tried least: only after every draft before them was accepted). None
+    when nothing was tried."""
+    if not sum(tried_at):
+        return None
+    out = []
+    for i, tried in enumerate(tried_at):
+        if tried < min_tries:
+            rest = sum(tried_at[i:])
+            if rest:
+                out.append(round(sum(accepted_at[i:]) / rest, 4))
+            break
+        out.append(round(accepted_at[i] / tried, 4))
+    return out
+
+
+def _spec_counts(specs) -> tuple[list[int], list[int], int]:
+    """The engines' SpecControllers' drafts accepted and verifications that tried them, by draft position, and
+    their verifications, summed over the engines."""
+    width = max((len(s.tried_at) for s in specs), default=0)
+    accepted, tried = [0] * width, [0] * width
+    for s in specs:
+        for i, (a, t) in enumerate(zip(s.accepted_at, s.tried_at)):
+            accepted[i] += a
+            tried[i] += t
+    return accepted, tried, sum(s.num_verifications for s in specs)
 
 
 def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "a workload",

@@ -40,6 +40,9 @@ class SpecController:
         self.stats: dict[str, _Acceptance] = {}
         self.num_proposed = self.num_accepted = self.num_verifications = 0
         self.num_tried = 0                # draft positions tried until each verification's first rejection
+        # ... per draft position (0: the first draft): verifications that tried it, and that accepted it
+        self.tried_at: list[int] = []
+        self.accepted_at: list[int] = []
         self.rate = 0.5                   # all requests' acceptance rate (the batch rule's)
         self.draft_s_per_token = 0.0      # the proposer's measured seconds per draft token asked (EMA)
         self._drafts_seen = False
@@ -84,6 +87,13 @@ class SpecController:
         self.num_accepted += accepted
         tries = accepted + (accepted < proposed)        # positions tried until the first rejection
         self.num_tried += tries
+        if len(self.tried_at) < tries:
+            self.tried_at += [0] * (tries - len(self.tried_at))
+            self.accepted_at += [0] * (tries - len(self.accepted_at))
+        for i in range(tries):
+            self.tried_at[i] += 1
+        for i in range(accepted):
+            self.accepted_at[i] += 1
         sample = accepted / tries
         a = self.stats.setdefault(request_id, _Acceptance())
         a.rate += EMA * (sample - a.rate)
