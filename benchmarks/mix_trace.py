@@ -33,7 +33,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
     items = make_items(args.requests, seed=args.seed, split="test", kinds=KINDS)
-    llm = LLM(dtype="bfloat16")
+    llm = LLM()                        # (the default dtype: the lengths the model gives as served here)
     outs = llm.chat([it.messages for it in items], SamplingParams(temperature=0.0, max_tokens=args.max_tokens),
                     use_tqdm=False)
     times = arrival_times(len(items), args.rate, burstiness=0.3, seed=args.seed)

@@ -21,11 +21,12 @@ NGRAM_FIXED = '{"method": "ngram", "num_speculative_tokens": 4, "adaptive": fals
 LAYER_SKIP = '{"method": "layer_skip", "num_speculative_tokens": 3, "adaptive": false}'
 
 
-def run(spec: str | None, acceptance, workload: str = "chat:n=40,rate=20,seed=4", **kw):
+def run(spec: str | None, acceptance, workload: str = "chat:n=40,rate=20,seed=4", propose_rate: float = 1.0,
+        **kw):
     """One simulated replica (h100 profile) with speculation at `acceptance` (one figure, or one per draft
-    position): (simulation, recorder, steps)."""
+    position), drafts given to `propose_rate` of the asks: (simulation, recorder, steps)."""
     config = EngineConfig.from_kwargs(speculative_config=spec, num_kv_blocks=kw.pop("num_kv_blocks", 2048), **kw)
-    sim = Simulation(config, load_profile("h100"), spec_acceptance=acceptance)
+    sim = Simulation(config, load_profile("h100"), spec_acceptance=acceptance, spec_propose_rate=propose_rate)
     rec = sim.run(workload_requests(parse_workload(workload)))
     all_blocks_back(sim)
     return sim, rec, sum(r.runner.num_steps for r in sim.replicas())
@@ -205,6 +206,11 @@ def test_the_simulation_takes_the_profiles_measured_acceptance():
     for bad in (1.5, -0.1, "0.7", [], [0.5, 1.2], True):
         with pytest.raises(ValueError, match="spec_acceptance"):
             dataclasses.replace(plain, spec_acceptance=bad)
+        if not isinstance(bad, list):
+            with pytest.raises(ValueError, match="spec_propose_rate"):
+                dataclasses.replace(plain, spec_propose_rate=bad)
+    assert Simulation(config, dataclasses.replace(plain, spec_propose_rate=0.25)).spec_propose_rate == 0.25
+    assert Simulation(config, plain).spec_propose_rate == 1.0
     by_position = dataclasses.replace(plain, spec_acceptance=[0.3, 0.9])
     assert HardwareProfile(**json.loads(by_position.to_json())).spec_acceptance == [0.3, 0.9]
     assert all(r.runner.acceptance == (0.3, 0.9) for r in Simulation(config, by_position).replicas())
@@ -232,6 +238,33 @@ def test_acceptance_by_draft_position():
     # positions tried fewer than min_tries times share the pooled figure of the rest
     assert measured_acceptance([50, 10, 1, 0], [100, 50, 10, 1], min_tries=30) == [0.5, 0.2, round(1 / 11, 4)]
     assert measured_acceptance([0, 0], [0, 0]) is None
+
+
+def test_a_proposer_that_often_finds_nothing():
+    """spec_propose_rate: a request asked to draft gets drafts at that chance (an n-gram proposer without a
+    match gives none) and otherwise decodes plainly; the real SpecController counts the asks and the drafts
+    given (observe_proposals), as a served calibration reads them. The same tokens come out either way."""
+    workload = "random:n=200,rate=inf,input=64,output=48,seed=5"
+    always, rec_always, steps_always = run(NGRAM_FIXED, 0.8, workload)
+    sometimes, rec_sometimes, steps_sometimes = run(NGRAM_FIXED, 0.8, workload, propose_rate=0.4)
+    for sim in (always, sometimes):
+        spec = sim.replicas()[0].scheduler.spec
+        rate = 1.0 if sim is always else 0.4
+        assert spec.num_asked > 2000 and spec.num_offered / spec.num_asked == pytest.approx(rate, abs=0.04)
+        assert spec.num_offered_tokens == 4 * spec.num_offered
+        assert spec.num_verifications <= spec.num_offered      # (a request that ends has its drafts dropped)
+    assert steps_always < 0.8 * steps_sometimes
+    assert [r.output_tokens for r in rec_always.results()] == [r.output_tokens for r in rec_sometimes.results()]
+    with pytest.raises(ValueError, match="spec_propose_rate"):
+        SimRunner(fixed_profile().cost_model(), spec_propose_rate=1.5)
+
+
+def test_observe_proposals_counts_asks_and_drafts():
+    from kvflow.spec.adaptive import SpecController
+    from kvflow.spec.config import SpeculativeConfig
+    c = SpecController(SpeculativeConfig.parse(NGRAM))
+    c.observe_proposals({"a": 4, "b": 4, "c": 2}, {"a": [1, 2, 3], "c": [], "z": [9]})
+    assert (c.num_asked, c.num_offered, c.num_offered_tokens) == (3, 1, 3)
 
 
 @needs_default_model
@@ -265,5 +298,8 @@ def test_a_served_calibration_measures_the_drafts_acceptance(default_model_path,
     tried_at = diff(tried1, tried0)
     assert profile.fit["served_spec_tried_at"] == tried_at and sum(tried_at) == t1 - t0
     assert profile.spec_acceptance == served.measured_acceptance(diff(acc1, acc0), tried_at)
+    f = profile.fit
+    assert 0 < f["served_spec_offered"] <= f["served_spec_asked"] and f["served_spec_offered_tokens"] > 0
+    assert profile.spec_propose_rate == round(f["served_spec_offered"] / f["served_spec_asked"], 4)
     assert 1 <= len(profile.spec_acceptance) <= 4 and all(0.0 <= a <= 1.0 for a in profile.spec_acceptance)
     built[0].check_blocks()

@@ -268,6 +268,8 @@ class Scheduler(Admission):
         requests, all_prompt_logprobs, drafts = self.requests, result.prompt_logprobs, result.draft_token_ids
         on_computed = self._policy_hook("on_computed")
         spec_counts = sched.num_spec_tokens
+        if self.spec is not None and sched.num_draft_tokens:
+            self.spec.observe_proposals(sched.num_draft_tokens, drafts)
         for rid, start, num_new, sampled, logprobs in zip(sched.req_ids, sched.num_computed_tokens,
                                                           sched.num_new_tokens, result.sampled_token_ids,
                                                           result.logprobs or [None] * len(sched.req_ids)):

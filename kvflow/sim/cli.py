@@ -35,6 +35,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "position or one per position (the first draft's, the second's given the first was "
                         "accepted, ...) (default: the hardware profile's, measured by `kvflow sim calibrate "
                         "--workload` with --speculative-config; else 0.7)")
+    p.add_argument("--spec-propose-rate", type=float, default=None, metavar="R",
+                   help="with --speculative-config: the chance that a request asked to draft gets drafts (an n-gram "
+                        "proposer finds none without a match) (default: the hardware profile's, measured with "
+                        "--spec-acceptance's; else 1)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes to split the replicas over (colocated replicas only; default 1: one process)")
     p.add_argument("--sync-ms", type=float, default=None,
@@ -130,6 +134,8 @@ def cmd_sim(args) -> int:
     sim_options = {"step_noise": args.step_noise}
     if args.spec_acceptance is not None:
         sim_options["spec_acceptance"] = args.spec_acceptance
+    if args.spec_propose_rate is not None:
+        sim_options["spec_propose_rate"] = args.spec_propose_rate
     if args.workers > 1 or args.sync_ms is not None:      # each worker checks its replicas' blocks
         from kvflow.sim.parallel import SYNC_S, simulate_parallel
         sync_s = SYNC_S if args.sync_ms is None else args.sync_ms / 1e3

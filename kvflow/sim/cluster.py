@@ -72,16 +72,18 @@ class Pool:
 class Simulation(Autoscaler):
     def __init__(self, config: EngineConfig, profile: HardwareProfile, track_tables: bool = False,
                  keep_itl: int = 20000, bin_s: float | None = None, step_noise: float = 0.0,
-                 spec_acceptance: float | list[float] | None = None):
+                 spec_acceptance: float | list[float] | None = None, spec_propose_rate: float | None = None):
         """`step_noise`: sigma of a log-normal factor on every step's time (cost_model.Jittered; each replica
         draws from its own generator, seeded by the config's seed and its index); 0: the profile's times.
-        `spec_acceptance`: with speculative decoding, each draft token's chance to be accepted (runner.py; None:
-        the profile's measured one, else DEFAULT_ACCEPTANCE)."""
+        `spec_acceptance`: with speculative decoding, each draft token's chance to be accepted, or one per draft
+        position (runner.py; None: the profile's measured one, else DEFAULT_ACCEPTANCE); `spec_propose_rate`: the
+        chance that a request asked to draft gets drafts (None: the profile's measured one, else 1)."""
         if not step_noise >= 0:
             raise ValueError(f"step_noise must be a non-negative number, got {step_noise!r}")
         self.config, self.profile, self.step_noise = config, profile, step_noise
         self.spec_acceptance = next(a for a in (spec_acceptance, profile.spec_acceptance, DEFAULT_ACCEPTANCE)
                                     if a is not None)
+        self.spec_propose_rate = next(a for a in (spec_propose_rate, profile.spec_propose_rate, 1.0) if a is not None)
         self.spec = engine_spec(config, profile)
         self.predictor = learned_predictor(config)     # a length predictor file, and the model's features it reads
         self.features = (prompt_features(config, self.predictor.features)
@@ -148,7 +150,7 @@ class Simulation(Autoscaler):
 
     def _new_replica(self, index: int, prefix_caching: bool | None = None) -> SimReplica:
         return SimReplica(index, self.spec, self._cost(index), self.clock, prefix_caching, self.track_tables,
-                          self.spec_acceptance, self.reports_extra, self.predictor)
+                          self.spec_acceptance, self.reports_extra, self.predictor, self.spec_propose_rate)
 
     def _features(self, rec: Record) -> dict | None:
         """What the learned length predictor reads of the request's prompt (None: no such predictor)."""

@@ -64,6 +64,11 @@ def acceptance_by_position(value) -> tuple[float, ...]:
     return tuple(float(a) for a in values)
 
 
+def check_propose_rate(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"spec_propose_rate must be a number in [0, 1], got {value!r}")
+
+
 @dataclass
 class HardwareProfile:
     name: str
@@ -97,6 +102,9 @@ class HardwareProfile:
     # calibrate --workload W --speculative-config ...`): the simulation's spec_acceptance when it is not given
     # one; None: not measured (a profile written before may hold one number for every position)
     spec_acceptance: float | list[float] | None = None
+    # ... and the share of requests asked to draft that the proposer gave drafts (an n-gram proposer finds
+    # none without a match in the context; a model always drafts): None: not measured (every ask drafts)
+    spec_propose_rate: float | None = None
 
     def __post_init__(self):
         if self.kind not in COST_MODELS:
@@ -115,6 +123,8 @@ class HardwareProfile:
             raise ValueError(f"replicas_per_machine must be an integer >= 1, got {self.replicas_per_machine!r}")
         if self.spec_acceptance is not None:
             acceptance_by_position(self.spec_acceptance)
+        if self.spec_propose_rate is not None:
+            check_propose_rate(self.spec_propose_rate)
         if self.corun_part not in CORUN_PARTS:
             raise ValueError(f"corun_part must be one of {', '.join(CORUN_PARTS)}, got {self.corun_part!r}")
         if not self.corun_slowdown > 0:

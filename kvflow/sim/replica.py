@@ -93,7 +93,7 @@ class SimReplica:
     def __init__(self, index: int, spec: EngineSpec, cost: CostModel, clock: Callable[[], float],
                  prefix_caching: bool | None = None, track_tables: bool = False,
                  spec_acceptance: float | list[float] = DEFAULT_ACCEPTANCE, reports_extra: bool = True,
-                 predictor: LengthPredictor | None = None):
+                 predictor: LengthPredictor | None = None, spec_propose_rate: float = 1.0):
         """`reports_extra`: whether its load carries the extras a router or the elastic P/D rule reads
         ("queued_prefill_tokens", a sum over its queues every step, and "prefill_tokens_per_s"); the
         simulation turns it off when nothing reads them (Router.load_extras). `predictor`: a learned length
@@ -113,7 +113,8 @@ class SimReplica:
             tpot_slo_ms=spec.tpot_slo_ms, enable_chunked_prefill=spec.enable_chunked_prefill,
             kv_reservation=spec.kv_reservation, async_recovery=spec.async_recovery, speculative=spec.speculative,
             predictor=predictor)
-        self.runner = SimRunner(cost, track_tables, spec.speculative, spec_acceptance, spec.block_bytes)
+        self.runner = SimRunner(cost, track_tables, spec.speculative, spec_acceptance, spec.block_bytes,
+                                spec_propose_rate)
         if predictor is not None and "hidden" in predictor.features:
             self.runner.hidden = {}     # the runner returns it when the prompt's last token is computed
         self.reports_extra = reports_extra

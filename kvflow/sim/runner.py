@@ -18,22 +18,26 @@ per draft position (the first draft's chance, the second's, ...; the last holds 
 A request verifying k drafts gets, as from the real rejection sampler with a greedy proposer, its leading
 drafts that equal the target's tokens plus one token: the target's at the first mismatch (the correction) or
 after the last draft (the bonus). So each draft is accepted with its position's probability until the first
-rejection, and the outputs are the same tokens with or without speculation. The proposer's time (RunnerOutput.draft_seconds, inside the step's):
-ngram none; layer_skip and draft_model their forwards as the real proposers run them (a catch-up forward,
-then one batched one-token forward per further draft), each priced as the target's step of that shape times
-the draft's share of the target's work: num_layers / the model's layers for layer_skip; for draft_model
-DRAFT_MODEL_RATIO, an assumption (the config names a file, not a size).
+rejection, and the outputs are the same tokens with or without speculation. A request asked to draft gets
+drafts at all with probability `spec_propose_rate` (a draw of its own; an n-gram proposer finds none without a
+match in the context), and otherwise decodes its next step plainly. The proposer's time
+(RunnerOutput.draft_seconds, inside the step's): ngram none; layer_skip and draft_model their forwards as the
+real proposers run them (a catch-up forward, then one batched one-token forward per further draft), each
+priced as the target's step of that shape times the draft's share of the target's work: num_layers / the
+model's layers for layer_skip; for draft_model DRAFT_MODEL_RATIO, an assumption (the config names a file, not a
+size).
 """
 from __future__ import annotations
 
 import zlib
 
-from kvflow.sim.cost_model import CostModel, acceptance_by_position
+from kvflow.sim.cost_model import CostModel, acceptance_by_position, check_propose_rate
 from kvflow.sim.workload import VOCAB
 from kvflow.spec.config import SpeculativeConfig
 from kvflow.step import RunnerOutput, SchedulerOutput
 
 DEFAULT_ACCEPTANCE = 0.7     # per-draft-token acceptance rate, when the simulation does not say
+PROPOSE_SALT = 0x5BD1E995    # the proposal draws' stream apart from the acceptance draws'
 DRAFT_MODEL_RATIO = 0.1      # assumed: a draft model's step costs this share of the target's (same shape)
 _M64 = (1 << 64) - 1
 
@@ -71,8 +75,11 @@ def verify(drafts: list[int], seed: int, pos: int, stops) -> list[int]:
 
 class SimRunner:
     def __init__(self, cost: CostModel, track_tables: bool = False, speculative: SpeculativeConfig | None = None,
-                 spec_acceptance: float | list[float] = DEFAULT_ACCEPTANCE, block_bytes: int = 0):
+                 spec_acceptance: float | list[float] = DEFAULT_ACCEPTANCE, block_bytes: int = 0,
+                 spec_propose_rate: float = 1.0):
         acceptance = acceptance_by_position(spec_acceptance)
+        check_propose_rate(spec_propose_rate)
+        self.propose_rate = float(spec_propose_rate)   # a request asked to draft gets drafts with this chance
         self.cost, self.block_bytes = cost, block_bytes
         self.track_tables = track_tables       # keep block tables as the real runner does (tests; slower)
         self.seeds: dict[str, int] = {}
@@ -119,7 +126,7 @@ class SimRunner:
             if self.hidden is not None:
                 self.prompt_lens[new.req_id] = len(new.prompt_token_ids)
         sampled, drafts, asks = [], {}, []
-        seeds, last_chunk, stop_ids = self.seeds, self.last_chunk, self.stop_ids
+        seeds, last_chunk, stop_ids, propose = self.seeds, self.last_chunk, self.stop_ids, self.propose_rate
         spec_counts, draft_counts, flat = sched.num_spec_tokens, sched.num_draft_tokens, sched.token_ids
         if self.track_tables:
             for rid, table in sched.block_tables.items():
@@ -154,7 +161,9 @@ class SimRunner:
                 num_draft = draft_counts.get(rid, 0) if draft_counts else 0
                 if num_draft:                     # drafts for the positions after the last token sampled
                     pos = start + n - k + len(tokens)
-                    drafts[rid], good = self._drafts(seed, pos, num_draft, stops)
+                    good = 0
+                    if propose >= 1.0 or draw(seed ^ PROPOSE_SALT, pos) < propose:   # else none found
+                        drafts[rid], good = self._drafts(seed, pos, num_draft, stops)
                     asks.append((rid, pos, num_draft, good))
             else:
                 sampled.append([])

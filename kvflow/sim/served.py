@@ -21,8 +21,8 @@ def fit_served(profile: HardwareProfile, plan_samples, cores, requests, router: 
     replay, several: replay_fleet behind `router`) and refit `profile` on `plan_samples` (its plan's measured
     steps) and theirs (served_profile); the served steps are appended to `steps` when given. The engines' prefix
     caches are emptied afterwards. With speculative decoding, the profile's spec_acceptance becomes the served
-    run's drafts accepted per verification that tried them, position by position
-    (measured_acceptance), when any was tried."""
+    run's drafts accepted per verification that tried them, position by position (measured_acceptance), when
+    any was tried, and its spec_propose_rate the share of requests asked to draft that the proposer gave drafts."""
     from kvflow.sim.replay import serve
     steps = [] if steps is None else steps
     specs = [c[0].scheduler.spec for c in cores if c[0].scheduler.spec is not None]
@@ -36,9 +36,13 @@ def fit_served(profile: HardwareProfile, plan_samples, cores, requests, router: 
     verifications = after[2] - before[2]
     accepted_at = [b - a for a, b in zip(before[0] + [0] * len(after[0]), after[0])]
     tried_at = [b - a for a, b in zip(before[1] + [0] * len(after[1]), after[1])]
+    asked, offered, offered_tokens = (after[3 + i] - before[3 + i] for i in range(3))
     return dataclasses.replace(fitted, spec_acceptance=measured_acceptance(accepted_at, tried_at),
+                               spec_propose_rate=round(offered / asked, 4) if asked else None,
                                fit={**fitted.fit, "served_spec_verifications": verifications,
-                                    "served_spec_tried": sum(tried_at), "served_spec_tried_at": tried_at})
+                                    "served_spec_tried": sum(tried_at), "served_spec_tried_at": tried_at,
+                                    "served_spec_asked": asked, "served_spec_offered": offered,
+                                    "served_spec_offered_tokens": offered_tokens})
 
 
 MIN_POSITION_TRIES = 30       # a draft position's own acceptance figure needs this many verifications that tried it
@@ -64,16 +68,17 @@ def measured_acceptance(accepted_at: list[int], tried_at: list[int],
     return out
 
 
-def _spec_counts(specs) -> tuple[list[int], list[int], int]:
-    """The engines' SpecControllers' drafts accepted and verifications that tried them, by draft position, and
-    their verifications, summed over the engines."""
+def _spec_counts(specs) -> tuple:
+    """The engines' SpecControllers' drafts accepted and verifications that tried them, by draft position; their
+    verifications, requests asked to draft, those given drafts, and the drafts given; summed over the engines."""
     width = max((len(s.tried_at) for s in specs), default=0)
     accepted, tried = [0] * width, [0] * width
     for s in specs:
         for i, (a, t) in enumerate(zip(s.accepted_at, s.tried_at)):
             accepted[i] += a
             tried[i] += t
-    return accepted, tried, sum(s.num_verifications for s in specs)
+    return (accepted, tried, sum(s.num_verifications for s in specs), sum(s.num_asked for s in specs),
+            sum(s.num_offered for s in specs), sum(s.num_offered_tokens for s in specs))
 
 
 def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "a workload",

@@ -43,6 +43,9 @@ class SpecController:
         # ... per draft position (0: the first draft): verifications that tried it, and that accepted it
         self.tried_at: list[int] = []
         self.accepted_at: list[int] = []
+        # requests asked to draft, those the proposer gave drafts (an n-gram proposer has none without a match),
+        # and the drafts it gave
+        self.num_asked = self.num_offered = self.num_offered_tokens = 0
         self.rate = 0.5                   # all requests' acceptance rate (the batch rule's)
         self.draft_s_per_token = 0.0      # the proposer's measured seconds per draft token asked (EMA)
         self._drafts_seen = False
@@ -105,6 +108,15 @@ class SpecController:
             a.strikes += 1
         elif judged:
             a.strikes = 0
+
+    def observe_proposals(self, asked, drafts: dict[str, list[int]]) -> None:
+        """A step asked the requests `asked` (ids) to draft; `drafts`: what the proposer gave, by request id."""
+        self.num_asked += len(asked)
+        for rid in asked:
+            got = drafts.get(rid)
+            if got:
+                self.num_offered += 1
+                self.num_offered_tokens += len(got)
 
     def observe_draft(self, seconds: float, tokens: int) -> None:
         """The proposer took `seconds` to draft `tokens` (a draft model's forwards; next to nothing for
