@@ -43,6 +43,22 @@ def row(name: str, steps: int, counts: dict, tokens: int, metrics: dict) -> dict
             "median_ttft_ms": round(metrics["median_ttft_ms"], 1), "output_tok_s": round(metrics["output_throughput"], 1)}
 
 
+ROW_BANDS = ((0, 0, "prefill only"), (1, 16, "1-16 rows"), (17, 48, "17-48 rows"), (49, 1 << 30, "49+ rows"))
+
+
+def price_by_rows(profile, steps) -> dict:
+    """The measured steps' total time and the profile's price of them, by their decode rows (a verification of
+    k drafts is k + 1 rows): where the fit prices the run's steps short or long."""
+    model = profile.cost_model()
+    out = {}
+    for lo, hi, name in ROW_BANDS:
+        band = [st for st in steps if lo <= st[0][0] <= hi]
+        if band:
+            out[name] = {"steps": len(band), "measured_s": round(sum(st[1] for st in band), 2),
+                         "priced_s": round(sum(model.step_seconds(*st[0]) for st in band), 2)}
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trace", required=True)
@@ -85,6 +101,9 @@ def main() -> int:
                         sum(r.scheduler.num_scheduled_tokens for r in reps), rec.summary(None, sim)))
     print(f"acceptance by draft position {by_position} (tries {tried_at}); pooled {pooled}; requests asked to "
           f"draft that got drafts {propose_rate}")
+    prices = price_by_rows(fitted, steps)
+    print("the real run's steps against the fit's price of them, by decode rows: " + "; ".join(
+        f"{k}: {v['steps']} steps, measured {v['measured_s']} s, priced {v['priced_s']} s" for k, v in prices.items()))
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:
@@ -92,7 +111,7 @@ def main() -> int:
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump({"by_position": by_position, "pooled": pooled, "tried_at": tried_at,
-                       "propose_rate": propose_rate, "rows": rows}, f, indent=1)
+                       "propose_rate": propose_rate, "price_by_rows": prices, "rows": rows}, f, indent=1)
     return 0
 
 
