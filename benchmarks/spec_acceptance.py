@@ -22,7 +22,7 @@ from kvflow.config import EngineConfig
 from kvflow.sim.calibrate import build_core, calibrate
 from kvflow.sim.cluster import Simulation
 from kvflow.sim.replay import serve
-from kvflow.sim.served import measured_acceptance, served_profile
+from kvflow.sim.served import measured_acceptance, served_profile, spec_between, spec_counts
 from kvflow.sim.workload import read_trace
 
 # every step drafts 4 (adaptive off): the adaptive controller's batch rule drafts only where speculation pays,
@@ -30,9 +30,9 @@ from kvflow.sim.workload import read_trace
 NGRAM = '{"method": "ngram", "num_speculative_tokens": 4, "adaptive": false}'
 
 
-def spec_counts(specs) -> dict:
-    return {"verifications": sum(s.num_verifications for s in specs), "accepted": sum(s.num_accepted for s in specs),
-            "tried": sum(s.num_tried for s in specs)}
+def sim_counts(specs) -> dict:
+    """The simulated replicas' speculation: verifications and drafts accepted."""
+    return {"verifications": sum(s.num_verifications for s in specs), "accepted": sum(s.num_accepted for s in specs)}
 
 
 def row(name: str, steps: int, counts: dict, tokens: int, metrics: dict) -> dict:
@@ -74,16 +74,15 @@ def main() -> int:
     plan_steps: list = []
     profile = calibrate(kwargs, "spec-acceptance", cores=[built], samples=plan_steps)
     spec = core.scheduler.spec
-    acc0, tried0, before = list(spec.accepted_at), list(spec.tried_at), spec_counts([spec])
-    asked0, offered0 = spec.num_asked, spec.num_offered
+    before = spec_counts([spec])
     steps: list = []
     results, duration = serve([core], read_trace(args.trace), "round-robin", rc.config.cache.block_size, steps)
-    real_counts = {k: v - before[k] for k, v in spec_counts([spec]).items()}
-    accepted_at = [b - a for a, b in zip(acc0 + [0] * len(spec.accepted_at), spec.accepted_at)]
-    tried_at = [b - a for a, b in zip(tried0 + [0] * len(spec.tried_at), spec.tried_at)]
+    run = spec_between(before, spec_counts([spec]))
+    accepted_at, tried_at = run["accepted_at"], run["tried_at"]
+    real_counts = {"verifications": run["verifications"], "accepted": sum(accepted_at)}
     by_position = measured_acceptance(accepted_at, tried_at)
     pooled = round(sum(accepted_at) / sum(tried_at), 4)
-    propose_rate = round((spec.num_offered - offered0) / (spec.num_asked - asked0), 4)
+    propose_rate = round(run["offered"] / run["asked"], 4)
     fitted = served_profile(profile, plan_steps, steps, "the trace's real run")
     config = EngineConfig.from_kwargs(**kwargs, num_kv_blocks=rc.num_kv_blocks, max_model_len=rc.max_model_len,
                                       enable_prefix_caching=rc.config.cache.enable_prefix_caching)
@@ -96,7 +95,7 @@ def main() -> int:
         sim = Simulation(config, dataclasses.replace(fitted, spec_acceptance=acceptance, spec_propose_rate=rate))
         rec = sim.run(read_trace(args.trace))
         reps = sim.replicas()
-        counts = spec_counts([r.scheduler.spec for r in reps])
+        counts = sim_counts([r.scheduler.spec for r in reps])
         rows.append(row(name, sum(r.runner.num_steps for r in reps), counts,
                         sum(r.scheduler.num_scheduled_tokens for r in reps), rec.summary(None, sim)))
     print(f"acceptance by draft position {by_position} (tries {tried_at}); pooled {pooled}; requests asked to "

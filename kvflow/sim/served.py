@@ -26,23 +26,20 @@ def fit_served(profile: HardwareProfile, plan_samples, cores, requests, router: 
     from kvflow.sim.replay import serve
     steps = [] if steps is None else steps
     specs = [c[0].scheduler.spec for c in cores if c[0].scheduler.spec is not None]
-    before = _spec_counts(specs)
+    before = spec_counts(specs)
     serve([c[0] for c in cores], requests, router, cores[0][1].config.cache.block_size, steps)
     fitted = served_profile(profile, plan_samples, steps, label)
     if not specs:
         return fitted
     # speculative decoding: the drafts accepted per position tried, in this workload's run (not the plan's)
-    after = _spec_counts(specs)
-    verifications = after[2] - before[2]
-    accepted_at = [b - a for a, b in zip(before[0] + [0] * len(after[0]), after[0])]
-    tried_at = [b - a for a, b in zip(before[1] + [0] * len(after[1]), after[1])]
-    asked, offered, offered_tokens = (after[3 + i] - before[3 + i] for i in range(3))
-    return dataclasses.replace(fitted, spec_acceptance=measured_acceptance(accepted_at, tried_at),
+    run = spec_between(before, spec_counts(specs))
+    tried_at, asked, offered = run["tried_at"], run["asked"], run["offered"]
+    return dataclasses.replace(fitted, spec_acceptance=measured_acceptance(run["accepted_at"], tried_at),
                                spec_propose_rate=round(offered / asked, 4) if asked else None,
-                               fit={**fitted.fit, "served_spec_verifications": verifications,
+                               fit={**fitted.fit, "served_spec_verifications": run["verifications"],
                                     "served_spec_tried": sum(tried_at), "served_spec_tried_at": tried_at,
                                     "served_spec_asked": asked, "served_spec_offered": offered,
-                                    "served_spec_offered_tokens": offered_tokens})
+                                    "served_spec_offered_tokens": run["offered_tokens"]})
 
 
 MIN_POSITION_TRIES = 30       # a draft position's own acceptance figure needs this many verifications that tried it
@@ -68,7 +65,16 @@ def measured_acceptance(accepted_at: list[int], tried_at: list[int],
     return out
 
 
-def _spec_counts(specs) -> tuple:
+def spec_between(before: tuple, after: tuple) -> dict:
+    """What the engines' speculation did between two spec_counts: drafts accepted and tries by draft position,
+    verifications, requests asked to draft, those given drafts, and the drafts given."""
+    return {"accepted_at": [b - a for a, b in zip(before[0] + [0] * len(after[0]), after[0])],
+            "tried_at": [b - a for a, b in zip(before[1] + [0] * len(after[1]), after[1])],
+            **{key: after[i] - before[i] for i, key in enumerate(
+                ("verifications", "asked", "offered", "offered_tokens"), start=2)}}
+
+
+def spec_counts(specs) -> tuple:
     """The engines' SpecControllers' drafts accepted and verifications that tried them, by draft position; their
     verifications, requests asked to draft, those given drafts, and the drafts given; summed over the engines."""
     width = max((len(s.tried_at) for s in specs), default=0)
