@@ -1,11 +1,12 @@
 """Speculation's acceptance in the simulator, by draft position or pooled: which reproduces a real speculative
 run? One engine with speculation (default ngram, 4 drafts at every step) is calibrated (the plan), serves a trace in real
 time, and the simulator then serves the same trace on a fit of the plan's and the served run's own steps (so
-the step times are the run's: what is compared is the verifications), with the run's measured acceptance three
+the step times are the run's: what is compared is the verifications), with the run's measured acceptance four
 ways: the positions pooled into one figure and every ask drafting (what a served calibration recorded before);
-one figure per draft position; and that with the share of asks the proposer answered (an n-gram proposer finds
-nothing without a match), as a served calibration now records both. Reported: steps, drafts accepted per
-verification, tokens per step, TPOT, TTFT.
+one figure per draft position; that with the share of asks the proposer answered (an n-gram proposer finds
+nothing without a match), as a served calibration records both; and that with each request's own share (a
+repetitive answer matches at most steps, another at few: the served requests' shares by quantile, which a served
+calibration's fit records). Reported: steps, drafts accepted per verification, tokens per step, TPOT, TTFT.
 
     python benchmarks/mix_trace.py --out benchmarks/results/mix.jsonl
     python benchmarks/spec_acceptance.py --trace benchmarks/results/mix.jsonl
@@ -22,7 +23,7 @@ from kvflow.config import EngineConfig
 from kvflow.sim.calibrate import build_core, calibrate
 from kvflow.sim.cluster import Simulation
 from kvflow.sim.replay import serve
-from kvflow.sim.served import measured_acceptance, served_profile, spec_between, spec_counts
+from kvflow.sim.served import measured_acceptance, request_quantiles, served_profile, spec_between, spec_counts
 from kvflow.sim.workload import read_trace
 
 # every step drafts 4 (adaptive off): the adaptive controller's batch rule drafts only where speculation pays,
@@ -83,6 +84,7 @@ def main() -> int:
     by_position = measured_acceptance(accepted_at, tried_at)
     pooled = round(sum(accepted_at) / sum(tried_at), 4)
     propose_rate = round(run["offered"] / run["asked"], 4)
+    own_rates = request_quantiles(run["propose_bin_requests"], run["propose_bin_rates"])
     fitted = served_profile(profile, plan_steps, steps, "the trace's real run")
     config = EngineConfig.from_kwargs(**kwargs, num_kv_blocks=rc.num_kv_blocks, max_model_len=rc.max_model_len,
                                       enable_prefix_caching=rc.config.cache.enable_prefix_caching)
@@ -91,7 +93,8 @@ def main() -> int:
     rows = [row("real", len(steps), real_counts, real_tokens, real_m)]
     for name, acceptance, rate in (("sim, pooled, every ask drafts (before)", pooled, 1.0),
                                    ("sim, by position, every ask drafts", by_position, 1.0),
-                                   ("sim, by position, the proposal rate", by_position, propose_rate)):
+                                   ("sim, by position, the proposal rate", by_position, propose_rate),
+                                   ("sim, by position, each request's own proposal rate", by_position, own_rates)):
         sim = Simulation(config, dataclasses.replace(fitted, spec_acceptance=acceptance, spec_propose_rate=rate))
         rec = sim.run(read_trace(args.trace))
         reps = sim.replicas()
@@ -99,7 +102,8 @@ def main() -> int:
         rows.append(row(name, sum(r.runner.num_steps for r in reps), counts,
                         sum(r.scheduler.num_scheduled_tokens for r in reps), rec.summary(None, sim)))
     print(f"acceptance by draft position {by_position} (tries {tried_at}); pooled {pooled}; requests asked to "
-          f"draft that got drafts {propose_rate}")
+          f"draft that got drafts {propose_rate} ({run['offered_tokens'] / max(run['offered'], 1):.2f} drafts each); the "
+          f"requests' own shares by quantile {own_rates}")
     prices = price_by_rows(fitted, steps)
     print("the real run's steps against the fit's price of them, by decode rows: " + "; ".join(
         f"{k}: {v['steps']} steps, measured {v['measured_s']} s, priced {v['priced_s']} s" for k, v in prices.items()))
@@ -110,7 +114,7 @@ def main() -> int:
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump({"by_position": by_position, "pooled": pooled, "tried_at": tried_at,
-                       "propose_rate": propose_rate, "price_by_rows": prices, "rows": rows}, f, indent=1)
+                       "propose_rate": propose_rate, "request_propose_rates": own_rates, "price_by_rows": prices, "rows": rows}, f, indent=1)
     return 0
 
 

@@ -259,12 +259,42 @@ def test_a_proposer_that_often_finds_nothing():
         SimRunner(fixed_profile().cost_model(), spec_propose_rate=1.5)
 
 
+def test_each_request_its_own_proposal_rate():
+    """spec_propose_rate as a list (a served calibration's requests' own shares, by quantile): each simulated
+    request takes one of them for its life, so a request either always drafts or never does here, where one
+    rate for all gives every request about the same share; the real SpecController's histogram of the ended
+    requests' shares tells them apart, and request_quantiles reads the list back from it."""
+    from kvflow.sim.served import request_quantiles
+    workload = "random:n=200,rate=inf,input=64,output=48,seed=5"
+    own, rec_own, _ = run(NGRAM_FIXED, 0.8, workload, propose_rate=[0.0, 1.0])
+    same, rec_same, _ = run(NGRAM_FIXED, 0.8, workload, propose_rate=0.5)
+    by_bin = own.replicas()[0].scheduler.spec.propose_bin_requests
+    assert sum(by_bin) == 200 and by_bin[0] + by_bin[-1] == 200 and 70 < by_bin[0] < 130, by_bin
+    assert request_quantiles(by_bin, own.replicas()[0].scheduler.spec.propose_bin_rates, n=4) == [0.0, 0.0, 1.0, 1.0]
+    spread = same.replicas()[0].scheduler.spec.propose_bin_requests
+    assert sum(spread) == 200 and spread[0] + spread[-1] < 10 and sum(spread[7:13]) > 120, spread
+    assert [r.output_tokens for r in rec_own.results()] == [r.output_tokens for r in rec_same.results()]
+    with pytest.raises(ValueError, match="spec_propose_rate"):
+        SimRunner(fixed_profile().cost_model(), spec_propose_rate=[0.5, -1])
+    with pytest.raises(ValueError, match="spec_propose_rate"):
+        SimRunner(fixed_profile().cost_model(), spec_propose_rate=[])
+
+
 def test_observe_proposals_counts_asks_and_drafts():
-    from kvflow.spec.adaptive import SpecController
+    from kvflow.sim.served import request_quantiles
+    from kvflow.spec.adaptive import PROPOSE_BINS, SpecController
     from kvflow.spec.config import SpeculativeConfig
     c = SpecController(SpeculativeConfig.parse(NGRAM))
     c.observe_proposals({"a": 4, "b": 4, "c": 2}, {"a": [1, 2, 3], "c": [], "z": [9]})
     assert (c.num_asked, c.num_offered, c.num_offered_tokens) == (3, 1, 3)
+    c.observe_proposals({"a": 4, "b": 4}, {"a": [5], "b": [1]})
+    for rid in ("a", "b", "c", "never-asked"):       # ended: a 2 of 2, b 1 of 2, c 0 of 1
+        c.forget(rid)
+    want = [0] * PROPOSE_BINS
+    want[0] = want[PROPOSE_BINS // 2] = want[-1] = 1
+    assert c.propose_bin_requests == want and sum(c.propose_bin_rates) == 1.5 and not c._proposals
+    assert request_quantiles(c.propose_bin_requests, c.propose_bin_rates, n=3) == [0.0, 0.5, 1.0]
+    assert request_quantiles([0] * PROPOSE_BINS, [0.0] * PROPOSE_BINS) is None
 
 
 @needs_default_model
@@ -301,5 +331,8 @@ def test_a_served_calibration_measures_the_drafts_acceptance(default_model_path,
     f = profile.fit
     assert 0 < f["served_spec_offered"] <= f["served_spec_asked"] and f["served_spec_offered_tokens"] > 0
     assert profile.spec_propose_rate == round(f["served_spec_offered"] / f["served_spec_asked"], 4)
+    rates = f["served_spec_request_propose_rates"]          # the served requests' own shares, by quantile
+    assert 0 < f["served_spec_propose_requests"] <= 16 and len(rates) == 20 and rates == sorted(rates)
+    assert all(0.0 <= r <= 1.0 for r in rates)
     assert 1 <= len(profile.spec_acceptance) <= 4 and all(0.0 <= a <= 1.0 for a in profile.spec_acceptance)
     built[0].check_blocks()

@@ -35,10 +35,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "position or one per position (the first draft's, the second's given the first was "
                         "accepted, ...) (default: the hardware profile's, measured by `kvflow sim calibrate "
                         "--workload` with --speculative-config; else 0.7)")
-    p.add_argument("--spec-propose-rate", type=float, default=None, metavar="R",
+    p.add_argument("--spec-propose-rate", type=_propose_rate, default=None, metavar="R[,R...]",
                    help="with --speculative-config: the chance that a request asked to draft gets drafts (an n-gram "
-                        "proposer finds none without a match) (default: the hardware profile's, measured with "
-                        "--spec-acceptance's; else 1)")
+                        "proposer finds none without a match), one for every request or a list of the requests' "
+                        "own (each request takes one, all equally likely) (default: the hardware profile's, "
+                        "measured with --spec-acceptance's; else 1)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes to split the replicas over (colocated replicas only; default 1: one process)")
     p.add_argument("--sync-ms", type=float, default=None,
@@ -81,16 +82,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _numbers(text: str, check, what: str) -> float | list[float]:
+    try:
+        values = [float(x) for x in text.split(",")]
+        check(values)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or a comma-separated list of them ({what}), "
+                                         f"got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
 def _acceptance(text: str) -> float | list[float]:
     """--spec-acceptance: "0.7" or "0.4,0.8,0.9" (one per draft position)."""
     from kvflow.sim.cost_model import acceptance_by_position
-    try:
-        values = [float(x) for x in text.split(",")]
-        acceptance_by_position(values)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or a comma-separated list of them (one per "
-                                         f"draft position), got {text!r}") from None
-    return values[0] if len(values) == 1 else values
+    return _numbers(text, acceptance_by_position, "one per draft position")
+
+
+def _propose_rate(text: str) -> float | list[float]:
+    """--spec-propose-rate: "0.6" or "0,0.3,0.9,1" (the requests' own)."""
+    from kvflow.sim.cost_model import propose_rates
+    return _numbers(text, propose_rates, "the requests' own")
 
 
 def _common(p) -> None:

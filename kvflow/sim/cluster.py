@@ -72,12 +72,14 @@ class Pool:
 class Simulation(Autoscaler):
     def __init__(self, config: EngineConfig, profile: HardwareProfile, track_tables: bool = False,
                  keep_itl: int = 20000, bin_s: float | None = None, step_noise: float = 0.0,
-                 spec_acceptance: float | list[float] | None = None, spec_propose_rate: float | None = None):
+                 spec_acceptance: float | list[float] | None = None,
+                 spec_propose_rate: float | list[float] | None = None):
         """`step_noise`: sigma of a log-normal factor on every step's time (cost_model.Jittered; each replica
         draws from its own generator, seeded by the config's seed and its index); 0: the profile's times.
         `spec_acceptance`: with speculative decoding, each draft token's chance to be accepted, or one per draft
         position (runner.py; None: the profile's measured one, else DEFAULT_ACCEPTANCE); `spec_propose_rate`: the
-        chance that a request asked to draft gets drafts (None: the profile's measured one, else 1)."""
+        chance that a request asked to draft gets drafts, or the requests' own (None: the profile's measured one,
+        else 1)."""
         if not step_noise >= 0:
             raise ValueError(f"step_noise must be a non-negative number, got {step_noise!r}")
         self.config, self.profile, self.step_noise = config, profile, step_noise

@@ -64,9 +64,16 @@ def acceptance_by_position(value) -> tuple[float, ...]:
     return tuple(float(a) for a in values)
 
 
-def check_propose_rate(value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"spec_propose_rate must be a number in [0, 1], got {value!r}")
+def propose_rates(value) -> tuple[float, ...]:
+    """The chance that a request asked to draft gets drafts: one number for every request, or a list of the
+    requests' own chances (each request takes one of them, all equally likely: a served run's requests, by
+    quantile). ValueError naming spec_propose_rate otherwise."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values or not all(not isinstance(a, bool) and isinstance(a, (int, float)) and 0.0 <= a <= 1.0
+                             for a in values):
+        raise ValueError(f"spec_propose_rate must be a number in [0, 1] or a non-empty list of them (the "
+                         f"requests' own), got {value!r}")
+    return tuple(float(a) for a in values)
 
 
 @dataclass
@@ -103,8 +110,10 @@ class HardwareProfile:
     # one; None: not measured (a profile written before may hold one number for every position)
     spec_acceptance: float | list[float] | None = None
     # ... and the share of requests asked to draft that the proposer gave drafts (an n-gram proposer finds
-    # none without a match in the context; a model always drafts): None: not measured (every ask drafts)
-    spec_propose_rate: float | None = None
+    # none without a match in the context; a model always drafts): one number, or the served requests' own
+    # shares by quantile (a repetitive answer matches at most steps, another at few); None: not measured
+    # (every ask drafts)
+    spec_propose_rate: float | list[float] | None = None
 
     def __post_init__(self):
         if self.kind not in COST_MODELS:
@@ -124,7 +133,7 @@ class HardwareProfile:
         if self.spec_acceptance is not None:
             acceptance_by_position(self.spec_acceptance)
         if self.spec_propose_rate is not None:
-            check_propose_rate(self.spec_propose_rate)
+            propose_rates(self.spec_propose_rate)
         if self.corun_part not in CORUN_PARTS:
             raise ValueError(f"corun_part must be one of {', '.join(CORUN_PARTS)}, got {self.corun_part!r}")
         if not self.corun_slowdown > 0:

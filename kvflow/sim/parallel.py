@@ -135,7 +135,7 @@ def simulate_parallel(config: EngineConfig, profile: HardwareProfile, requests, 
                       sync_s: float = SYNC_S, keep_itl: int = 20000, bin_s: float | None = None,
                       step_noise: float = 0.0,
                       spec_acceptance: float | list[float] | None = None,
-                      spec_propose_rate: float | None = None) -> tuple[Simulation, Recorder]:
+                      spec_propose_rate: float | list[float] | None = None) -> tuple[Simulation, Recorder]:
     """As cluster.simulate, over `workers` processes (1: the same protocol in this process). The Simulation
     returned is the parent's: its router, and its replicas as the router saw them (their loads as last
     reported, their step and preemption counts as the workers ended)."""

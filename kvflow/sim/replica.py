@@ -93,7 +93,7 @@ class SimReplica:
     def __init__(self, index: int, spec: EngineSpec, cost: CostModel, clock: Callable[[], float],
                  prefix_caching: bool | None = None, track_tables: bool = False,
                  spec_acceptance: float | list[float] = DEFAULT_ACCEPTANCE, reports_extra: bool = True,
-                 predictor: LengthPredictor | None = None, spec_propose_rate: float = 1.0):
+                 predictor: LengthPredictor | None = None, spec_propose_rate: float | list[float] = 1.0):
         """`reports_extra`: whether its load carries the extras a router or the elastic P/D rule reads
         ("queued_prefill_tokens", a sum over its queues every step, and "prefill_tokens_per_s"); the
         simulation turns it off when nothing reads them (Router.load_extras). `predictor`: a learned length

@@ -20,7 +20,8 @@ drafts that equal the target's tokens plus one token: the target's at the first 
 after the last draft (the bonus). So each draft is accepted with its position's probability until the first
 rejection, and the outputs are the same tokens with or without speculation. A request asked to draft gets
 drafts at all with probability `spec_propose_rate` (a draw of its own; an n-gram proposer finds none without a
-match in the context), and otherwise decodes its next step plainly. The proposer's time
+match in the context), and otherwise decodes its next step plainly; given a list of rates (the served requests'
+own, by quantile), each request takes one of them for its life (a draw from its seed). The proposer's time
 (RunnerOutput.draft_seconds, inside the step's): ngram none; layer_skip and draft_model their forwards as the
 real proposers run them (a catch-up forward, then one batched one-token forward per further draft), each
 priced as the target's step of that shape times the draft's share of the target's work: num_layers / the
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import zlib
 
-from kvflow.sim.cost_model import CostModel, acceptance_by_position, check_propose_rate
+from kvflow.sim.cost_model import CostModel, acceptance_by_position, propose_rates
 from kvflow.sim.workload import VOCAB
 from kvflow.spec.config import SpeculativeConfig
 from kvflow.step import RunnerOutput, SchedulerOutput
@@ -76,10 +77,13 @@ def verify(drafts: list[int], seed: int, pos: int, stops) -> list[int]:
 class SimRunner:
     def __init__(self, cost: CostModel, track_tables: bool = False, speculative: SpeculativeConfig | None = None,
                  spec_acceptance: float | list[float] = DEFAULT_ACCEPTANCE, block_bytes: int = 0,
-                 spec_propose_rate: float = 1.0):
+                 spec_propose_rate: float | list[float] = 1.0):
         acceptance = acceptance_by_position(spec_acceptance)
-        check_propose_rate(spec_propose_rate)
-        self.propose_rate = float(spec_propose_rate)   # a request asked to draft gets drafts with this chance
+        # a request asked to draft gets drafts with this chance: one for all (propose_rate), or each request's
+        # own, one of propose_rates (propose_rate None; request_propose holds the live requests')
+        self.propose_rates = propose_rates(spec_propose_rate)
+        self.propose_rate = self.propose_rates[0] if len(self.propose_rates) == 1 else None
+        self.request_propose: dict[str, float] = {}
         self.cost, self.block_bytes = cost, block_bytes
         self.track_tables = track_tables       # keep block tables as the real runner does (tests; slower)
         self.seeds: dict[str, int] = {}
@@ -114,13 +118,17 @@ class SimRunner:
             self.stop_ids.pop(rid, None)
             self.tables.pop(rid, None)
             self.last_chunk.pop(rid, None)
+            self.request_propose.pop(rid, None)
             if self.draft_held is not None:
                 self.draft_held.pop(rid, None)
             if self.hidden is not None:
                 self.hidden.pop(rid, None)
                 self.prompt_lens.pop(rid, None)
+        rates = self.propose_rates
         for new in sched.new_requests:
-            self.seeds[new.req_id] = zlib.crc32(new.req_id.encode())
+            seed = self.seeds[new.req_id] = zlib.crc32(new.req_id.encode())
+            if self.propose_rate is None:
+                self.request_propose[new.req_id] = rates[int(draw(seed ^ PROPOSE_SALT, -1) * len(rates))]
             if new.stop_ids:
                 self.stop_ids[new.req_id] = frozenset(new.stop_ids)
             if self.hidden is not None:
@@ -162,7 +170,8 @@ class SimRunner:
                 if num_draft:                     # drafts for the positions after the last token sampled
                     pos = start + n - k + len(tokens)
                     good = 0
-                    if propose >= 1.0 or draw(seed ^ PROPOSE_SALT, pos) < propose:   # else none found
+                    chance = propose if propose is not None else self.request_propose[rid]
+                    if chance >= 1.0 or draw(seed ^ PROPOSE_SALT, pos) < chance:   # else none found
                         drafts[rid], good = self._drafts(seed, pos, num_draft, stops)
                     asks.append((rid, pos, num_draft, good))
             else:

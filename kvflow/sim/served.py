@@ -7,6 +7,7 @@ scale are ratios of total times (cost_model.time_ratio), and a decode's figures 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -22,7 +23,8 @@ def fit_served(profile: HardwareProfile, plan_samples, cores, requests, router: 
     steps) and theirs (served_profile); the served steps are appended to `steps` when given. The engines' prefix
     caches are emptied afterwards. With speculative decoding, the profile's spec_acceptance becomes the served
     run's drafts accepted per verification that tried them, position by position (measured_acceptance), when
-    any was tried, and its spec_propose_rate the share of requests asked to draft that the proposer gave drafts."""
+    any was tried, and its spec_propose_rate the share of requests asked to draft that the proposer gave drafts
+    (the fit's record keeps the served requests' own shares too, by quantile: request_quantiles)."""
     from kvflow.sim.replay import serve
     steps = [] if steps is None else steps
     specs = [c[0].scheduler.spec for c in cores if c[0].scheduler.spec is not None]
@@ -34,9 +36,12 @@ def fit_served(profile: HardwareProfile, plan_samples, cores, requests, router: 
     # speculative decoding: the drafts accepted per position tried, in this workload's run (not the plan's)
     run = spec_between(before, spec_counts(specs))
     tried_at, asked, offered = run["tried_at"], run["asked"], run["offered"]
+    rates = request_quantiles(run["propose_bin_requests"], run["propose_bin_rates"])
     return dataclasses.replace(fitted, spec_acceptance=measured_acceptance(run["accepted_at"], tried_at),
                                spec_propose_rate=round(offered / asked, 4) if asked else None,
                                fit={**fitted.fit, "served_spec_verifications": run["verifications"],
+                                    "served_spec_request_propose_rates": rates,
+                                    "served_spec_propose_requests": sum(run["propose_bin_requests"]),
                                     "served_spec_tried": sum(tried_at), "served_spec_tried_at": tried_at,
                                     "served_spec_asked": asked, "served_spec_offered": offered,
                                     "served_spec_offered_tokens": run["offered_tokens"]})
@@ -65,26 +70,45 @@ def measured_acceptance(accepted_at: list[int], tried_at: list[int],
     return out
 
 
-def spec_between(before: tuple, after: tuple) -> dict:
+def request_quantiles(requests_by_bin: list[int], rates_by_bin: list[float], n: int = 20) -> list[float] | None:
+    """`n` quantiles (at (i + 1/2) / n) of the ended requests' shares of asks given drafts, from a histogram
+    (SpecController's propose bins: requests, and the sum of their shares, per bin): each the mean share of its
+    bin. None when no request that was asked to draft ended."""
+    total = sum(requests_by_bin)
+    if not total:
+        return None
+    out, seen, b = [], 0, 0
+    for i in range(n):
+        q = (i + 0.5) / n * total
+        while seen + requests_by_bin[b] < q:
+            seen += requests_by_bin[b]
+            b += 1
+        out.append(round(rates_by_bin[b] / requests_by_bin[b], 4))
+    return out
+
+
+SPEC_TOTALS = ("verifications", "asked", "offered", "offered_tokens")
+SPEC_LISTS = ("accepted_at", "tried_at", "propose_bin_requests", "propose_bin_rates")
+
+
+def spec_between(before: dict, after: dict) -> dict:
     """What the engines' speculation did between two spec_counts: drafts accepted and tries by draft position,
-    verifications, requests asked to draft, those given drafts, and the drafts given."""
-    return {"accepted_at": [b - a for a, b in zip(before[0] + [0] * len(after[0]), after[0])],
-            "tried_at": [b - a for a, b in zip(before[1] + [0] * len(after[1]), after[1])],
-            **{key: after[i] - before[i] for i, key in enumerate(
-                ("verifications", "asked", "offered", "offered_tokens"), start=2)}}
+    verifications, requests asked to draft, those given drafts, the drafts given, and the histogram of the ended
+    requests' shares given."""
+    return {**{key: [b - a for a, b in zip(before[key] + [0] * len(after[key]), after[key])] for key in SPEC_LISTS},
+            **{key: after[key] - before[key] for key in SPEC_TOTALS}}
 
 
-def spec_counts(specs) -> tuple:
-    """The engines' SpecControllers' drafts accepted and verifications that tried them, by draft position; their
-    verifications, requests asked to draft, those given drafts, and the drafts given; summed over the engines."""
-    width = max((len(s.tried_at) for s in specs), default=0)
-    accepted, tried = [0] * width, [0] * width
-    for s in specs:
-        for i, (a, t) in enumerate(zip(s.accepted_at, s.tried_at)):
-            accepted[i] += a
-            tried[i] += t
-    return (accepted, tried, sum(s.num_verifications for s in specs), sum(s.num_asked for s in specs),
-            sum(s.num_offered for s in specs), sum(s.num_offered_tokens for s in specs))
+def spec_counts(specs) -> dict:
+    """The engines' SpecControllers' counts, summed over the engines: drafts accepted and verifications that
+    tried them, by draft position; verifications, requests asked to draft, those given drafts, the drafts given;
+    and the histogram of the ended requests' shares of asks given drafts (requests, sum of shares; per bin)."""
+    lists = {"accepted_at": [s.accepted_at for s in specs], "tried_at": [s.tried_at for s in specs],
+             "propose_bin_requests": [s.propose_bin_requests for s in specs],
+             "propose_bin_rates": [s.propose_bin_rates for s in specs]}
+    out = {key: [sum(c) for c in itertools.zip_longest(*rows, fillvalue=0)] for key, rows in lists.items()}
+    return {**out, "verifications": sum(s.num_verifications for s in specs), "asked": sum(s.num_asked for s in specs),
+            "offered": sum(s.num_offered for s in specs), "offered_tokens": sum(s.num_offered_tokens for s in specs)}
 
 
 def served_profile(profile: HardwareProfile, plan_samples, steps, label: str = "a workload",

@@ -23,6 +23,7 @@ MAX_DOUBLINGS = 5
 RETRY_VERIFICATIONS = 2  # a retry after a pause is judged after this many verifications,
 RETRY_RATE = 0.3         # ... starting from this acceptance rate
 EMA = 0.3
+PROPOSE_BINS = 20        # the ended requests' shares of asks given drafts, kept as a histogram of this many bins
 
 
 @dataclass
@@ -46,6 +47,11 @@ class SpecController:
         # requests asked to draft, those the proposer gave drafts (an n-gram proposer has none without a match),
         # and the drafts it gave
         self.num_asked = self.num_offered = self.num_offered_tokens = 0
+        # ... by request: [asked, given] while it lives; when it ends, its share given falls in one of
+        # PROPOSE_BINS bins of [0, 1] (requests, and the sum of their shares: each bin's mean)
+        self._proposals: dict[str, list[int]] = {}
+        self.propose_bin_requests = [0] * PROPOSE_BINS
+        self.propose_bin_rates = [0.0] * PROPOSE_BINS
         self.rate = 0.5                   # all requests' acceptance rate (the batch rule's)
         self.draft_s_per_token = 0.0      # the proposer's measured seconds per draft token asked (EMA)
         self._drafts_seen = False
@@ -112,9 +118,15 @@ class SpecController:
     def observe_proposals(self, asked, drafts: dict[str, list[int]]) -> None:
         """A step asked the requests `asked` (ids) to draft; `drafts`: what the proposer gave, by request id."""
         self.num_asked += len(asked)
+        mine = self._proposals
         for rid in asked:
             got = drafts.get(rid)
+            counts = mine.get(rid)
+            if counts is None:
+                counts = mine[rid] = [0, 0]
+            counts[0] += 1
             if got:
+                counts[1] += 1
                 self.num_offered += 1
                 self.num_offered_tokens += len(got)
 
@@ -142,7 +154,14 @@ class SpecController:
         return spec < plain
 
     def forget(self, request_id: str) -> None:
+        """`request_id` ended: its share of asks given drafts joins the histogram."""
         self.stats.pop(request_id, None)
+        counts = self._proposals.pop(request_id, None)
+        if counts is not None:
+            share = counts[1] / counts[0]
+            i = min(int(share * PROPOSE_BINS), PROPOSE_BINS - 1)
+            self.propose_bin_requests[i] += 1
+            self.propose_bin_rates[i] += share
 
     @property
     def mean_accepted(self) -> float:
