@@ -81,15 +81,25 @@ def fit(samples: list[tuple[tuple, float]], max_outliers: float = 0.2) -> tuple[
                   key=lambda s: len(s[0]) + len(s[1]))     # fewer terms first: they win a tie
     # judged on the mean relative error of decode-only steps and of steps with a prefill, weighed alike (a plan
     # has ten times more of the first); each knee or hinge must earn its place: it costs 5% of that error
-    return min((fit_terms(samples, knees, hinges, max_outliers) for knees, hinges in sets),
+    shapes = np.array([s for s, _ in samples], dtype=np.float64)      # (the features' columns, built once)
+    base = np.column_stack([np.ones(len(shapes)), shapes[:, 0], shapes[:, 1], shapes[:, 2] / 1e3,
+                            shapes[:, 3] / 1e6])
+    tokens = shapes[:, 0] + shapes[:, 1]
+    y = np.array([t for _, t in samples])
+    return min((fit_terms(design(base, tokens, knees, hinges), y, knees, hinges, max_outliers)
+                for knees, hinges in sets),
                key=lambda r: r[1]["balanced_rel_error"] * (1 + 0.05 * (len(r[1]["knee_tokens"])
                                                                         + len(r[1]["hinge_tokens"]))))
 
 
-def fit_terms(samples: list[tuple[tuple, float]], knees: tuple, hinges: tuple,
+def design(base: np.ndarray, tokens: np.ndarray, knees: tuple, hinges: tuple) -> np.ndarray:
+    """features() of every sample at once: the base columns, then a step over each knee and a hinge's ramp."""
+    return np.column_stack([base, *((tokens > k).astype(np.float64) for k in knees),
+                            *(np.minimum(tokens, h) / 1e3 for h in hinges)])
+
+
+def fit_terms(x: np.ndarray, y: np.ndarray, knees: tuple, hinges: tuple,
               max_outliers: float) -> tuple[list[float], dict]:
-    x = np.array([features(s, knees, hinges) for s, _ in samples])
-    y = np.array([t for _, t in samples])
     keep = np.ones(len(y), dtype=bool)
     for _ in range(5):
         w = 1.0 / y[keep]
@@ -108,7 +118,7 @@ def fit_terms(samples: list[tuple[tuple, float]], knees: tuple, hinges: tuple,
     has_prefill = x[keep, 2] > 0
     balanced = np.mean([rel[m].mean() for m in (has_prefill, ~has_prefill) if m.any()])
     r2 = 1.0 - float(((yk - pred) ** 2).sum() / max(((yk - yk.mean()) ** 2).sum(), 1e-30))
-    return [float(c) for c in coef], {"num_steps": len(samples), "num_dropped_slow": int((~keep).sum()),
+    return [float(c) for c in coef], {"num_steps": len(y), "num_dropped_slow": int((~keep).sum()),
                                       "knee_tokens": list(knees), "hinge_tokens": list(hinges),
                                       "r2": round(r2, 4),
                                       "mean_rel_error": round(float(rel.mean()), 4),
