@@ -124,24 +124,27 @@ def test_profile_fields_are_checked():
         fixed_profile(corun_slowdown=0.0)
 
 
-@needs_default_model
-def test_calibration_of_engines_stepping_together(default_model_path, monkeypatch):
+@pytest.mark.slow
+def test_calibration_of_engines_stepping_together(tiny_model_dir, monkeypatch):
     """calibrate with two engines: the fit from one alone, then the plan on both at once, each on its own
     thread (every step of both measured); the engines end with nothing held, and an error on one thread comes
-    back as that error (the other, keeping it company, stops) instead of a hang."""
+    back as that error (the other, keeping it company, stops) instead of a hang. A tiny model: the test is the
+    protocol (tests/test_sim.py's fidelity check calibrates the default model)."""
     from kvflow.sim import calibrate as cal
-    monkeypatch.setattr(cal, "SWEEP", (8, 9, 16, 17))       # a short plan: the test is the protocol
-    built = [cal.build_core({"num_threads": 1, "max_num_seqs": 4}) for _ in range(2)]
+    monkeypatch.setattr(cal, "SWEEP", (8, 9, 16, 17))       # a short plan
+    model = tiny_model_dir("llama_gqa")
+    built = [cal.build_core({"model": model, "num_threads": 1, "max_num_seqs": 4}) for _ in range(2)]
     plan = ((2, 24, 6), (1, 80, 3))
     profile = cal.calibrate({}, "pair", plan, cores=built)
-    assert profile.replicas_per_machine == 2 and 0.5 < profile.corun_slowdown < 3.0
+    # (a tiny model's steps are interpreter bound: the two threads take turns at the GIL, up to ~4x slower)
+    assert profile.replicas_per_machine == 2 and 0.5 < profile.corun_slowdown < 10.0
     assert abs(profile.fit["corun_steps"] - 2 * profile.fit["num_steps"]) <= 4
     assert "stepping at once" in profile.source
     for core, _, _ in built:
         assert not core.has_unfinished()
         core.check_blocks()
     one = cal.calibrate({}, "one", plan, cores=built[:1], workload=parse_workload(     # then fitted with served
-        "random:n=8,rate=8,input=40,output=10,range=0.5,seed=1"))                    # steps (calibrate --workload)
+        "random:n=8,rate=8,input=40,output=10,range=0.5,seed=1,vocab=512"))         # steps (calibrate --workload)
     assert one.fit["served_steps"] >= 20 and one.fit["plan_steps"] == one.fit["num_steps"] - one.fit["served_steps"]
     assert "fitted again with" in one.source and one.replicas_per_machine == 1
     core = built[1][0]

@@ -297,16 +297,16 @@ def test_observe_proposals_counts_asks_and_drafts():
     assert request_quantiles([0] * PROPOSE_BINS, [0.0] * PROPOSE_BINS) is None
 
 
-@needs_default_model
 @pytest.mark.slow
-def test_a_served_calibration_measures_the_drafts_acceptance(default_model_path, monkeypatch):
+def test_a_served_calibration_measures_the_drafts_acceptance(tiny_model_dir, monkeypatch):
     """`kvflow sim calibrate --workload W --speculative-config ...` (calibrate, served.fit_served): the profile's
     spec_acceptance is the served run's drafts accepted per draft position tried (not the plan's), read from the
-    real engine's SpecController."""
+    real engine's SpecController. A tiny model (its greedy answers repeat themselves: the n-gram proposer finds
+    matches)."""
     from kvflow.sim import calibrate as cal
     from kvflow.sim import served
     monkeypatch.setattr(cal, "SWEEP", (32, 33))
-    kwargs = {"num_threads": 1, "max_num_seqs": 8, "speculative_config": NGRAM}
+    kwargs = {"model": tiny_model_dir("llama_gqa"), "num_threads": 1, "max_num_seqs": 8, "speculative_config": NGRAM}
     built = cal.build_core(kwargs)
     spec = built[0].scheduler.spec
     seen = []
@@ -320,7 +320,7 @@ def test_a_served_calibration_measures_the_drafts_acceptance(default_model_path,
     monkeypatch.setattr(served, "fit_served", watched)
     plan = ((1, 32, 12), (4, 96, 12), (1, 200, 4), (2, 64, 16))
     profile = cal.calibrate(kwargs, "spec", plan, cores=[built],
-                            workload=parse_workload("random:n=16,rate=4,input=48,output=32,range=0.5,seed=3"))
+                            workload=parse_workload("random:n=16,rate=4,input=48,output=32,range=0.5,seed=3,vocab=512"))
     (a0, t0, acc0, tried0), (a1, t1, acc1, tried1) = seen
     assert t1 > t0                            # only the served run counts, not the plan before it
     assert profile.fit["served_spec_tried"] == t1 - t0 and profile.fit["served_spec_verifications"] > 0

@@ -57,6 +57,7 @@ class WorkloadSpec:
     tenants: int = 6
     turns: int = 4
     seed: int = 0
+    vocab: int = VOCAB         # token ids are drawn from [1, vocab): the served model's vocabulary
 
     def __post_init__(self):
         if self.kind not in GENERATORS:
@@ -64,6 +65,8 @@ class WorkloadSpec:
         for name in ("n", "input", "tenants", "turns"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"workload {name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.vocab, int) or self.vocab < 2:
+            raise ValueError(f"workload vocab must be an integer >= 2, got {self.vocab!r}")
         if not isinstance(self.output, int) or self.output < 0:
             raise ValueError(f"workload output must be a non-negative integer, got {self.output!r}")
         if not self.rate > 0:
@@ -129,8 +132,8 @@ def arrivals(spec: WorkloadSpec) -> Iterator[float]:
         yield t
 
 
-def _tokens(rng: np.random.Generator, n: int) -> list[int]:
-    return rng.integers(1, VOCAB, size=n).tolist()
+def _tokens(rng: np.random.Generator, n: int, vocab: int) -> list[int]:
+    return rng.integers(1, vocab, size=n).tolist()
 
 
 # ---- generators -------------------------------------------------------------------------------------------
@@ -142,32 +145,33 @@ def gen_random(spec: WorkloadSpec) -> Iterator[SimRequest]:
     lo_out, hi_out = max(1, int(out * (1 - spec.range))), max(1, int(out * (1 + spec.range)))
     for _, t in zip(range(spec.n), arrivals(spec)):
         n_in, n_out = int(rng.integers(lo_in, hi_in + 1)), int(rng.integers(lo_out, hi_out + 1))
-        yield SimRequest(t, _tokens(rng, n_in), n_out)
+        yield SimRequest(t, _tokens(rng, n_in, spec.vocab), n_out)
 
 
 def gen_chat(spec: WorkloadSpec) -> Iterator[SimRequest]:
     rng = np.random.default_rng(spec.seed)
-    system = _tokens(np.random.default_rng(12345), 300)          # the same in every long-context request
-    brief = _tokens(np.random.default_rng(54321), 8)
+    system = _tokens(np.random.default_rng(12345), 300, spec.vocab)      # the same in every long-context request
+    brief = _tokens(np.random.default_rng(54321), 8, spec.vocab)
     for _, t in zip(range(spec.n), arrivals(spec)):
         u = rng.random()
         if u < 0.45:
-            prompt, out = _tokens(rng, int(rng.integers(10, 31))), int(rng.integers(16, 65))
+            prompt, out = _tokens(rng, int(rng.integers(10, 31)), spec.vocab), int(rng.integers(16, 65))
         elif u < 0.80:
-            prompt, out = brief + _tokens(rng, int(rng.integers(70, 221))), int(rng.integers(64, 161))
+            prompt = brief + _tokens(rng, int(rng.integers(70, 221)), spec.vocab)
+            out = int(rng.integers(64, 161))
         else:
             prompt = list(system)
             for _ in range(2 * int(rng.integers(1, 5))):       # the conversation's turns, then the new one
-                prompt += _tokens(rng, int(rng.integers(28, 110)))
-            prompt += _tokens(rng, 12)
+                prompt += _tokens(rng, int(rng.integers(28, 110)), spec.vocab)
+            prompt += _tokens(rng, 12, spec.vocab)
             out = int(rng.integers(32, 129))
         yield SimRequest(t, prompt, spec.output or out)
 
 
 def gen_multitenant(spec: WorkloadSpec) -> Iterator[SimRequest]:
     rng = np.random.default_rng(spec.seed)
-    systems = [_tokens(np.random.default_rng(1000 + k), int(np.random.default_rng(2000 + k).integers(300, 601)))
-               for k in range(spec.tenants)]
+    systems = [_tokens(np.random.default_rng(1000 + k), int(np.random.default_rng(2000 + k).integers(300, 601)),
+                       spec.vocab) for k in range(spec.tenants)]
     num_sessions = -(-spec.n // spec.turns)
     tenant_of = [int(rng.integers(spec.tenants)) for _ in range(num_sessions)]
     order = [s for s in range(num_sessions) for _ in range(spec.turns)]    # turn k of s after its turn k-1
@@ -175,8 +179,8 @@ def gen_multitenant(spec: WorkloadSpec) -> Iterator[SimRequest]:
     history = [list(systems[tenant_of[s]]) for s in range(num_sessions)]
     out = spec.output or 32
     for (_, t), s in zip(zip(range(spec.n), arrivals(spec)), order):
-        prompt = history[s] + _tokens(rng, int(rng.integers(20, 81)))
-        history[s] = prompt + _tokens(rng, out)          # the next turn repeats this one and a fixed answer
+        prompt = history[s] + _tokens(rng, int(rng.integers(20, 81)), spec.vocab)
+        history[s] = prompt + _tokens(rng, out, spec.vocab)      # the next turn repeats this one and a fixed answer
         yield SimRequest(t, prompt, out, user=f"session-{s}")
 
 
