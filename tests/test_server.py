@@ -180,8 +180,9 @@ def test_echo_with_logprobs_scores_the_prompt(server, client):
 
 @pytest.mark.slow
 def test_concurrent_streaming_clients_get_the_same_text_as_alone(server, client):
+    prompts = PROMPTS[:4]                       # each sent by four clients at once
     alone = {p: client.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt=p, max_tokens=24,
-                                          temperature=0).choices[0].text for p in PROMPTS}
+                                          temperature=0).choices[0].text for p in prompts}
 
     async def one(aclient, prompt):
         text = ""
@@ -193,10 +194,10 @@ def test_concurrent_streaming_clients_get_the_same_text_as_alone(server, client)
 
     async def main():
         async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0) as aclient:
-            return await asyncio.gather(*[one(aclient, PROMPTS[i % len(PROMPTS)]) for i in range(32)])
+            return await asyncio.gather(*[one(aclient, prompts[i % len(prompts)]) for i in range(16)])
 
     results = asyncio.run(main())
-    assert len(results) == 32
+    assert len(results) == 16
     for prompt, text in results:
         assert text == alone[prompt], prompt
 

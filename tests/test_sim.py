@@ -39,11 +39,15 @@ def all_blocks_back(sim) -> None:
 def simulate_leaving_no_cycles(config, profile, requests):
     """simulate(), asserting that the run made no reference cycles (cluster.without_cyclic_gc turns the
     cyclic collector off during runs on that ground): with the collector off throughout, a collection after the
-    run, while the Simulation is still alive, finds nothing to free."""
-    gc.collect()
-    with without_cyclic_gc():          # (simulate's own, inside, leaves it off)
-        sim, rec = simulate(config, profile, requests)
-        assert gc.collect() == 0, "the run left reference cycles"
+    run, while the Simulation is still alive, finds nothing to free. What lived before the run is frozen (the
+    collection then looks at the run's objects alone, not at every model the session loaded: seconds each)."""
+    gc.freeze()
+    try:
+        with without_cyclic_gc():          # (simulate's own, inside, leaves it off)
+            sim, rec = simulate(config, profile, requests)
+            assert gc.collect() == 0, "the run left reference cycles"
+    finally:
+        gc.unfreeze()
     return sim, rec
 
 
