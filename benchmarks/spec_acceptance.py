@@ -18,7 +18,9 @@ import dataclasses
 import json
 import sys
 
-from kvflow.bench.metrics import compute_metrics
+import numpy as np
+
+from kvflow.bench.metrics import compute_metrics, tpot
 from kvflow.config import EngineConfig
 from kvflow.sim.calibrate import build_core, calibrate
 from kvflow.sim.cluster import Simulation
@@ -36,11 +38,17 @@ def sim_counts(specs) -> dict:
     return {"verifications": sum(s.num_verifications for s in specs), "accepted": sum(s.num_accepted for s in specs)}
 
 
-def row(name: str, steps: int, counts: dict, tokens: int, metrics: dict) -> dict:
+def row(name: str, steps: int, counts: dict, tokens: int, metrics: dict, results) -> dict:
+    """A run's figures; with its requests' TPOT at the 10th and 90th percentiles (how the requests' speeds
+    spread: a speculation whose matches and acceptances belong to requests spreads them wider than one
+    drawn alike for every request)."""
     v = counts["verifications"]
+    tpots = [t for t in map(tpot, results) if t is not None]
+    p10, p90 = (float(np.percentile(tpots, q)) * 1e3 for q in (10, 90))
     return {"run": name, "steps": steps, "verifications": v,
             "accepted_per_verification": round(counts["accepted"] / v, 3) if v else 0.0,
             "tokens_per_step": round(tokens / steps, 3), "median_tpot_ms": round(metrics["median_tpot_ms"], 2),
+            "p10_tpot_ms": round(p10, 1), "p90_tpot_ms": round(p90, 1),
             "median_ttft_ms": round(metrics["median_ttft_ms"], 1), "output_tok_s": round(metrics["output_throughput"], 1)}
 
 
@@ -60,6 +68,20 @@ def price_by_rows(profile, steps) -> dict:
     return out
 
 
+def watch_requests(spec) -> dict[str, list[int]]:
+    """Each request's verifications, drafts verified and drafts accepted from now on (the controller's observe,
+    wrapped on this instance)."""
+    counts: dict[str, list[int]] = {}
+    observe = spec.observe
+
+    def counting(request_id: str, proposed: int, accepted: int) -> None:
+        c = counts.setdefault(request_id, [0, 0, 0])
+        c[0], c[1], c[2] = c[0] + 1, c[1] + proposed, c[2] + accepted
+        observe(request_id, proposed, accepted)
+    spec.observe = counting
+    return counts
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trace", required=True)
@@ -75,6 +97,7 @@ def main() -> int:
     plan_steps: list = []
     profile = calibrate(kwargs, "spec-acceptance", cores=[built], samples=plan_steps)
     spec = core.scheduler.spec
+    per_request = watch_requests(spec)
     before = spec_counts([spec])
     steps: list = []
     results, duration = serve([core], read_trace(args.trace), "round-robin", rc.config.cache.block_size, steps)
@@ -90,7 +113,7 @@ def main() -> int:
                                       enable_prefix_caching=rc.config.cache.enable_prefix_caching)
     real_m = compute_metrics(results, duration)
     real_tokens = sum(s[0][0] + s[0][1] for s in steps)      # (decode rows + prefill tokens of each step)
-    rows = [row("real", len(steps), real_counts, real_tokens, real_m)]
+    rows = [row("real", len(steps), real_counts, real_tokens, real_m, results)]
     for name, acceptance, rate in (("sim, pooled, every ask drafts (before)", pooled, 1.0),
                                    ("sim, by position, every ask drafts", by_position, 1.0),
                                    ("sim, by position, the proposal rate", by_position, propose_rate),
@@ -100,10 +123,14 @@ def main() -> int:
         reps = sim.replicas()
         counts = sim_counts([r.scheduler.spec for r in reps])
         rows.append(row(name, sum(r.runner.num_steps for r in reps), counts,
-                        sum(r.scheduler.num_scheduled_tokens for r in reps), rec.summary(None, sim)))
+                        sum(r.scheduler.num_scheduled_tokens for r in reps), rec.summary(None, sim), rec.results()))
     print(f"acceptance by draft position {by_position} (tries {tried_at}); pooled {pooled}; requests asked to "
           f"draft that got drafts {propose_rate} ({run['offered_tokens'] / max(run['offered'], 1):.2f} drafts each); the "
           f"requests' own shares by quantile {own_rates}")
+    shares = sorted(a / p for v, p, a in per_request.values() if v >= 5)
+    if shares:
+        print(f"the requests' own shares of drafts accepted ({len(shares)} requests with 5 or more verifications): "
+              f"p10 {np.percentile(shares, 10):.3f}, median {np.median(shares):.3f}, p90 {np.percentile(shares, 90):.3f}")
     prices = price_by_rows(fitted, steps)
     print("the real run's steps against the fit's price of them, by decode rows: " + "; ".join(
         f"{k}: {v['steps']} steps, measured {v['measured_s']} s, priced {v['priced_s']} s" for k, v in prices.items()))
@@ -114,7 +141,8 @@ def main() -> int:
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump({"by_position": by_position, "pooled": pooled, "tried_at": tried_at,
-                       "propose_rate": propose_rate, "request_propose_rates": own_rates, "price_by_rows": prices, "rows": rows}, f, indent=1)
+                       "propose_rate": propose_rate, "request_propose_rates": own_rates,
+                       "request_accepted_shares": shares, "price_by_rows": prices, "rows": rows}, f, indent=1)
     return 0
 
 
