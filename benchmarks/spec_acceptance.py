@@ -6,7 +6,11 @@ ways: the positions pooled into one figure and every ask drafting (what a served
 one figure per draft position; that with the share of asks the proposer answered (an n-gram proposer finds
 nothing without a match), as a served calibration records both; and that with each request's own share (a
 repetitive answer matches at most steps, another at few: the served requests' shares by quantile, which a served
-calibration's fit records). Reported: steps, drafts accepted per verification, tokens per step, TPOT, TTFT.
+calibration's fit records). Two more rows are experiments the simulator does not offer (SimRunner's drafts
+patched here): each request its own acceptance, measured request by request in the real run (the controller's
+observe, wrapped), at every position or at the first draft only, ranked with its proposal rate. Reported: steps,
+drafts accepted per verification, tokens per step, TPOT (median, p10, p90), TTFT, and the real requests' own
+shares of drafts accepted.
 
     python benchmarks/mix_trace.py --out benchmarks/results/mix.jsonl
     python benchmarks/spec_acceptance.py --trace benchmarks/results/mix.jsonl
@@ -25,6 +29,7 @@ from kvflow.config import EngineConfig
 from kvflow.sim.calibrate import build_core, calibrate
 from kvflow.sim.cluster import Simulation
 from kvflow.sim.replay import serve
+from kvflow.sim.runner import PROPOSE_SALT, SimRunner, draw
 from kvflow.sim.served import measured_acceptance, request_quantiles, served_profile, spec_between, spec_counts
 from kvflow.sim.workload import read_trace
 
@@ -49,7 +54,8 @@ def row(name: str, steps: int, counts: dict, tokens: int, metrics: dict, results
             "accepted_per_verification": round(counts["accepted"] / v, 3) if v else 0.0,
             "tokens_per_step": round(tokens / steps, 3), "median_tpot_ms": round(metrics["median_tpot_ms"], 2),
             "p10_tpot_ms": round(p10, 1), "p90_tpot_ms": round(p90, 1),
-            "median_ttft_ms": round(metrics["median_ttft_ms"], 1), "output_tok_s": round(metrics["output_throughput"], 1)}
+            "median_ttft_ms": round(metrics["median_ttft_ms"], 1),
+            "output_tok_s": round(metrics["output_throughput"], 1)}
 
 
 ROW_BANDS = ((0, 0, "prefill only"), (1, 16, "1-16 rows"), (17, 48, "17-48 rows"), (49, 1 << 30, "49+ rows"))
@@ -69,17 +75,46 @@ def price_by_rows(profile, steps) -> dict:
 
 
 def watch_requests(spec) -> dict[str, list[int]]:
-    """Each request's verifications, drafts verified and drafts accepted from now on (the controller's observe,
-    wrapped on this instance)."""
+    """Each request's verifications, drafts verified, drafts accepted, positions tried and verifications that
+    accepted the first draft, from now on (the controller's observe, wrapped on this instance)."""
     counts: dict[str, list[int]] = {}
     observe = spec.observe
 
     def counting(request_id: str, proposed: int, accepted: int) -> None:
-        c = counts.setdefault(request_id, [0, 0, 0])
+        c = counts.setdefault(request_id, [0, 0, 0, 0, 0])
         c[0], c[1], c[2] = c[0] + 1, c[1] + proposed, c[2] + accepted
+        c[3] += accepted + (accepted < proposed)           # positions tried until the first rejection
+        c[4] += accepted > 0                               # verifications whose first draft was accepted
         observe(request_id, proposed, accepted)
     spec.observe = counting
     return counts
+
+
+def own_acceptance_row(name, values, first_only, by_position, own_rates, config, fitted, trace) -> dict:
+    """A simulation in which each request takes one of `values` (sorted; 20 quantiles of them) as its acceptance,
+    at the same rank as its proposal rate: at every position, or at the first with by_position's after it."""
+    quantiles = [values[min(int((i + 0.5) / 20 * len(values)), len(values) - 1)] for i in range(20)]
+    drafts = SimRunner._drafts
+
+    def own_drafts(self, seed, pos, num, stops):
+        kept = self.acceptance
+        mine = quantiles[int(draw(seed ^ PROPOSE_SALT, -1) * len(quantiles))]
+        self.acceptance = (mine, *by_position[1:]) if first_only else (mine,)
+        try:
+            return drafts(self, seed, pos, num, stops)
+        finally:
+            self.acceptance = kept
+    SimRunner._drafts = own_drafts
+    try:
+        sim = Simulation(config, dataclasses.replace(fitted, spec_acceptance=by_position, spec_propose_rate=own_rates))
+        rec = sim.run(read_trace(trace))
+    finally:
+        SimRunner._drafts = drafts
+    reps = sim.replicas()
+    print(f"{name}, by quantile: {[round(a, 3) for a in quantiles]}")
+    return row(f"sim, each request's {name} and proposal rate (experiment)", sum(r.runner.num_steps for r in reps),
+               sim_counts([r.scheduler.spec for r in reps]), sum(r.scheduler.num_scheduled_tokens for r in reps),
+               rec.summary(None, sim), rec.results())
 
 
 def main() -> int:
@@ -124,13 +159,23 @@ def main() -> int:
         counts = sim_counts([r.scheduler.spec for r in reps])
         rows.append(row(name, sum(r.runner.num_steps for r in reps), counts,
                         sum(r.scheduler.num_scheduled_tokens for r in reps), rec.summary(None, sim), rec.results()))
+    # experiments: each request its own acceptance, ranked with its proposal rate (a request that repeats itself
+    # both matches and accepts): the same at every position (its drafts accepted over the positions it tried), or
+    # its own at the first position (its verifications that accepted the first draft) and the run's after it
+    known = [c for c in per_request.values() if c[0] >= 5 and c[3]]
+    for name, values, first_only in (("own acceptance at every position", [c[2] / c[3] for c in known], False),
+                                     ("own first-draft acceptance", [c[4] / c[0] for c in known], True)):
+        if values and own_rates:
+            rows.append(own_acceptance_row(name, sorted(values), first_only, by_position, own_rates, config, fitted,
+                                           args.trace))
     print(f"acceptance by draft position {by_position} (tries {tried_at}); pooled {pooled}; requests asked to "
-          f"draft that got drafts {propose_rate} ({run['offered_tokens'] / max(run['offered'], 1):.2f} drafts each); the "
-          f"requests' own shares by quantile {own_rates}")
-    shares = sorted(a / p for v, p, a in per_request.values() if v >= 5)
+          f"draft that got drafts {propose_rate} ({run['offered_tokens'] / max(run['offered'], 1):.2f} drafts "
+          f"each); the requests' own shares by quantile {own_rates}")
+    shares = sorted(c[2] / c[1] for c in per_request.values() if c[0] >= 5)
     if shares:
         print(f"the requests' own shares of drafts accepted ({len(shares)} requests with 5 or more verifications): "
-              f"p10 {np.percentile(shares, 10):.3f}, median {np.median(shares):.3f}, p90 {np.percentile(shares, 90):.3f}")
+              f"p10 {np.percentile(shares, 10):.3f}, median {np.median(shares):.3f}, "
+              f"p90 {np.percentile(shares, 90):.3f}")
     prices = price_by_rows(fitted, steps)
     print("the real run's steps against the fit's price of them, by decode rows: " + "; ".join(
         f"{k}: {v['steps']} steps, measured {v['measured_s']} s, priced {v['priced_s']} s" for k, v in prices.items()))

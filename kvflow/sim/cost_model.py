@@ -52,28 +52,27 @@ def kv_bytes_per_token(model: dict, dtype: str) -> int:
     return 2 * model["num_layers"] * model["num_kv_heads"] * model["head_dim"] * DTYPE_BYTES[dtype]
 
 
+def chances(value, field: str, what: str) -> tuple[float, ...]:
+    """One number in [0, 1], or a non-empty list of them, as a tuple; ValueError naming `field` otherwise."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values or not all(not isinstance(a, bool) and isinstance(a, (int, float)) and 0.0 <= a <= 1.0
+                             for a in values):
+        raise ValueError(f"{field} must be a number in [0, 1] or a non-empty list of them ({what}), got {value!r}")
+    return tuple(float(a) for a in values)
+
+
 def acceptance_by_position(value) -> tuple[float, ...]:
     """A draft's chance to be accepted, given that the drafts before it were, by draft position: one number
     for every position, or a list with one per position (the last holds for the positions after it).
     ValueError naming spec_acceptance otherwise."""
-    values = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not values or not all(not isinstance(a, bool) and isinstance(a, (int, float)) and 0.0 <= a <= 1.0
-                             for a in values):
-        raise ValueError(f"spec_acceptance must be a number in [0, 1] or a non-empty list of them (one per draft "
-                         f"position), got {value!r}")
-    return tuple(float(a) for a in values)
+    return chances(value, "spec_acceptance", "one per draft position")
 
 
 def propose_rates(value) -> tuple[float, ...]:
     """The chance that a request asked to draft gets drafts: one number for every request, or a list of the
     requests' own chances (each request takes one of them, all equally likely: a served run's requests, by
     quantile). ValueError naming spec_propose_rate otherwise."""
-    values = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not values or not all(not isinstance(a, bool) and isinstance(a, (int, float)) and 0.0 <= a <= 1.0
-                             for a in values):
-        raise ValueError(f"spec_propose_rate must be a number in [0, 1] or a non-empty list of them (the "
-                         f"requests' own), got {value!r}")
-    return tuple(float(a) for a in values)
+    return chances(value, "spec_propose_rate", "the requests' own")
 
 
 @dataclass
