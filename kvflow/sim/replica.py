@@ -137,7 +137,7 @@ class SimReplica:
             req.all_token_ids += outputs
             req.num_prompt_logprobs = len(prompt)
         if features and self.runner.hidden is not None and "hidden" in features:
-            self.runner.hidden[rid] = features["hidden"]
+            self.runner.hidden[rid] = (len(prompt), features["hidden"])
         self.scheduler.add_request(req, {"embed": features["embed"]} if features and "embed" in features else None)
         self.count_placed(len(prompt))
 

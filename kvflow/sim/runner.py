@@ -99,10 +99,10 @@ class SimRunner:
         self.spec_k = speculative.num_speculative_tokens if speculative is not None else 0
         self.draft_ratio = 0.0                 # the proposer's forward vs the target's (0: ngram, no model)
         self.draft_held: dict[str, int] | None = None   # draft_model: positions its own KV cache holds
-        # a learned length predictor's "hidden" feature of each request's prompt (kvflow/sim/features.py), and
-        # its prompt's length: returned by the step that computes its last prompt token (None: not wanted)
-        self.hidden: dict[str, object] | None = None
-        self.prompt_lens: dict[str, int] = {}
+        # a learned length predictor's "hidden" feature of each request's prompt (kvflow/sim/features.py), with
+        # its prompt's length: (length, feature), returned by the step that computes its last prompt token
+        # (None: not wanted)
+        self.hidden: dict[str, tuple[int, object]] | None = None
         if speculative is not None and speculative.method == "layer_skip":
             total = cost.profile.model["num_layers"]
             n = speculative.num_layers if speculative.num_layers is not None else max(1, total // 4)
@@ -123,7 +123,6 @@ class SimRunner:
                 self.draft_held.pop(rid, None)
             if self.hidden is not None:
                 self.hidden.pop(rid, None)
-                self.prompt_lens.pop(rid, None)
         rates = self.propose_rates
         for new in sched.new_requests:
             seed = self.seeds[new.req_id] = zlib.crc32(new.req_id.encode())
@@ -131,8 +130,6 @@ class SimRunner:
                 self.request_propose[new.req_id] = rates[int(draw(seed ^ PROPOSE_SALT, -1) * len(rates))]
             if new.stop_ids:
                 self.stop_ids[new.req_id] = frozenset(new.stop_ids)
-            if self.hidden is not None:
-                self.prompt_lens[new.req_id] = len(new.prompt_token_ids)
         sampled, drafts, asks = [], {}, []
         seeds, last_chunk, stop_ids, propose = self.seeds, self.last_chunk, self.stop_ids, self.propose_rate
         spec_counts, draft_counts, flat = sched.num_spec_tokens, sched.num_draft_tokens, sched.token_ids
@@ -197,11 +194,12 @@ class SimRunner:
 
     def _prompt_hidden(self, sched: SchedulerOutput, out: RunnerOutput) -> None:
         """As ModelRunner._collect_hidden: the "hidden" feature of each request whose prompt ends this step."""
-        hidden, lens = self.hidden, self.prompt_lens
+        hidden = self.hidden
         for rid, start, n, sample in zip(sched.req_ids, sched.num_computed_tokens, sched.num_new_tokens,
                                          sched.sample):
-            if sample and rid in hidden and start + n == lens.get(rid):
-                out.prompt_hidden[rid] = hidden[rid]
+            got = hidden.get(rid) if sample else None
+            if got is not None and start + n == got[0]:
+                out.prompt_hidden[rid] = got[1]
 
     def _drafts(self, seed: int, pos: int, num: int, stops) -> tuple[list[int], int]:
         """`num` drafts from position `pos`: the target's token where the draw accepts, another one elsewhere;
