@@ -50,13 +50,6 @@ SWEEP_MAX = 256
 SWEEP = tuple(k + d for k in KNEES if k <= SWEEP_MAX for d in (0, 1))
 
 
-def features(shape, knees=(), hinges=()) -> list[float]:
-    rows, prefill, context, pairs = shape
-    tokens = rows + prefill
-    return [1.0, rows, prefill, context / 1e3, pairs / 1e6, *(float(tokens > k) for k in knees),
-            *(min(tokens, h) / 1e3 for h in hinges)]
-
-
 def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Least squares with non-negative coefficients (active set: drop the most negative, refit)."""
     active = list(range(x.shape[1]))
@@ -81,7 +74,7 @@ def fit(samples: list[tuple[tuple, float]], max_outliers: float = 0.2) -> tuple[
                   key=lambda s: len(s[0]) + len(s[1]))     # fewer terms first: they win a tie
     # judged on the mean relative error of decode-only steps and of steps with a prefill, weighed alike (a plan
     # has ten times more of the first); each knee or hinge must earn its place: it costs 5% of that error
-    shapes = np.array([s for s, _ in samples], dtype=np.float64)      # (the features' columns, built once)
+    shapes = np.array([s for s, _ in samples], dtype=np.float64)      # (the shared columns, built once)
     base = np.column_stack([np.ones(len(shapes)), shapes[:, 0], shapes[:, 1], shapes[:, 2] / 1e3,
                             shapes[:, 3] / 1e6])
     tokens = shapes[:, 0] + shapes[:, 1]
@@ -93,7 +86,9 @@ def fit(samples: list[tuple[tuple, float]], max_outliers: float = 0.2) -> tuple[
 
 
 def design(base: np.ndarray, tokens: np.ndarray, knees: tuple, hinges: tuple) -> np.ndarray:
-    """features() of every sample at once: the base columns, then a step over each knee and a hinge's ramp."""
+    """The fit's features of every sample: the base columns (1, decode rows, prefill tokens, context / 1e3,
+    prefill pairs / 1e6: the scheduler's step-time model's), then a step over each knee (the step's tokens above
+    it) and a hinge's ramp (its tokens up to the hinge, / 1e3)."""
     return np.column_stack([base, *((tokens > k).astype(np.float64) for k in knees),
                             *(np.minimum(tokens, h) / 1e3 for h in hinges)])
 
