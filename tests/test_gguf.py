@@ -228,6 +228,28 @@ def test_reader_reads_what_ggufs_own_reader_reads(tmp_path, endian):
     assert np.array_equal(ours.tensors[1].data, np.arange(64, dtype=np.float32))
 
 
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_dequantize_gives_ggufs_own_values(kind, tmp_path):
+    """kvflow's whole-array decoding of Q4_0 / Q4_1 / Q8_0 (models/gguf.py) against gguf-py's, on a 2-D and
+    a 3-D tensor with an outlier and a zero block, read back from a file: the same fp32 values."""
+    from kvflow.models.gguf import _dequantize
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((48, 96)).astype(np.float32)
+    a[3, 5], a[7, :32] = 40.0, 0.0                        # an outlier and an all-zero block
+    b = rng.standard_normal((3, 4, 64)).astype(np.float32)
+    path = str(tmp_path / f"{kind}.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tensor("blk.0.ffn_up.weight", gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+    writer.add_tensor("blk.0.ffn_gate.weight", gguf.quants.quantize(b, qtype), raw_dtype=qtype)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    for t, shape in zip(gguf.GGUFReader(path).tensors, (a.shape, b.shape), strict=True):
+        ours = _dequantize(t)
+        theirs = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+        assert ours.shape == shape and ours.dtype == np.float32
+        assert np.array_equal(ours, theirs)          # every value (Q4_0's zeros may differ in sign)
+
+
 # ---------------------------------------------------------------- tiny synthetic models
 
 _GGUF_SUFFIX = {  # HF name suffix -> GGUF name suffix, written independently of the module under test

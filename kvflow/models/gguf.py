@@ -120,9 +120,14 @@ def _tensor(reader, name: str):
 
 
 def _dequantize(t) -> np.ndarray:
-    """A GGUF tensor as float32 numpy in numpy (row-major) order: GGUF lists dims innermost first."""
-    arr = gguf.quants.dequantize(t.data, t.tensor_type)
-    return arr.reshape(tuple(int(d) for d in reversed(t.shape)))
+    """A GGUF tensor as float32 numpy in numpy (row-major) order: GGUF lists dims innermost first.
+    Q4_0, Q4_1 and Q8_0 decode here in whole-array numpy, about 10x faster than gguf-py's row-group loop
+    and to the same fp32 values (each weight's products are exact in fp32; Q4_1 adds its min as gguf-py
+    does; a Q4_0 zero may come out +0 where gguf-py gives -0); other types go through gguf-py."""
+    shape = tuple(int(d) for d in reversed(t.shape))
+    if t.tensor_type.name in GGUF_KEPT_TYPES:
+        return _blocks(t).dequantize().reshape(shape)
+    return gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
 
 
 def gguf_hf_config(reader) -> dict:
@@ -274,21 +279,27 @@ def gguf_blocks(reader, names: list[str]) -> Iterator[tuple[str, GGUFBlocks]]:
         name = _hf_name(t.name)
         if name not in wanted:
             continue
-        kind, k, n = t.tensor_type.name, int(t.shape[0]), int(t.shape[1])   # GGUF lists dims innermost first
-        raw = np.asarray(t.data).reshape(n, k // 32, -1)
-        scale = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        if kind == "Q8_0":
-            codes, mins = raw[..., 2:].copy().view(np.int8).reshape(n, k), None
-        else:              # 16 bytes: element j in the low nibble of byte j, element j + 16 in its high nibble
-            qs = raw[..., 4:] if kind == "Q4_1" else raw[..., 2:]
-            codes = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(n, k)
-            mins = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if kind == "Q4_1" else -8 * scale
+        b = _blocks(t)
         if permuted and (".attn_q." in t.name or ".attn_k." in t.name):
             n_head = config["num_attention_heads" if ".attn_q." in t.name else "num_key_value_heads"]
-            codes, scale = _unpermute(codes, n_head), _unpermute(scale, n_head)
-            mins = None if mins is None else _unpermute(mins, n_head)
-        yield name, GGUFBlocks(kind, np.ascontiguousarray(codes), np.ascontiguousarray(scale),
-                               None if mins is None else np.ascontiguousarray(mins))
+            b = GGUFBlocks(b.kind, *(None if a is None else np.ascontiguousarray(_unpermute(a, n_head))
+                                     for a in (b.codes, b.scale, b.min)))
+        yield name, b
+
+
+def _blocks(t) -> GGUFBlocks:
+    """A Q4_0, Q4_1 or Q8_0 tensor's blocks as [rows, K] codes and [rows, K // 32] scales (and mins), rows in
+    the file's order; a tensor of more than two dims has its outer dims as rows."""
+    kind, k = t.tensor_type.name, int(t.shape[0])                 # GGUF lists dims innermost first
+    n = int(np.prod([int(d) for d in t.shape[1:]]))
+    raw = np.asarray(t.data).reshape(n, k // 32, -1)
+    scale = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if kind == "Q8_0":
+        return GGUFBlocks(kind, raw[..., 2:].copy().view(np.int8).reshape(n, k), scale, None)
+    qs = raw[..., 4:] if kind == "Q4_1" else raw[..., 2:]  # 16 bytes: element j in the low nibble of byte j,
+    codes = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(n, k)     # element j + 16 in its high one
+    mins = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if kind == "Q4_1" else -8 * scale
+    return GGUFBlocks(kind, codes, scale, np.ascontiguousarray(mins))
 
 
 def gguf_tokenizer(reader) -> tuple[Tokenizer, dict]:
