@@ -1,8 +1,8 @@
-"""Building kvflow's CPU kernels (cpu.cpp, weights.cpp and their headers) with the system C++ compiler, and
+"""Building kvflow's CPU kernels (cpu.cpp, weights.cpp, register.cpp and their headers) with the system C++ compiler, and
 loading them from a cache.
 
 The shared library is compiled against the installed torch's headers for this machine's CPU
-(-march=native), once: about 10 s. The weight kernels' variant follows the instruction set
+(-march=native), once: 10-25 s (the three files compile in parallel). The weight kernels' variant follows the instruction set
 (kvflow.platform: AVX-512 VNNI, else AVX2 + FMA, else none); `KVFLOW_CPU_ISA=avx2` builds for AVX2 on an
 AVX-512 machine (-mno-avx512f: the whole library as on an AVX2-only CPU), `generic` without AVX2 either.
 It is cached in `$KVFLOW_CACHE_DIR/kernels` (default ~/.cache/kvflow/kernels, or the temp dir when that
@@ -29,8 +29,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "cpu.cpp", HERE / "weights.cpp"]                  # compiled together into one library
-HEADERS = [HERE / "common.h", HERE / "tiles_avx512.h", HERE / "tiles_avx2.h"]
+SOURCES = [HERE / "cpu.cpp", HERE / "weights.cpp", HERE / "register.cpp"]   # compiled into one library
+HEADERS = [HERE / "common.h", HERE / "ops.h", HERE / "tiles_avx512.h", HERE / "tiles_avx2.h"]
 # what -march=native is narrowed by when KVFLOW_CPU_ISA asks for less than the CPU has
 ISA_FLAGS = {"avx512_vnni": [], "avx2": ["-mno-avx512f"], "generic": ["-mno-avx512f", "-mno-avx2", "-mno-fma"]}
 # no -ffast-math: NaN checks and the order of fp32 roundings stay as written (no FMA contraction either);

@@ -1,9 +1,8 @@
 // What kvflow's kernel files share (cpu.cpp, weights.cpp): element conversions, reductions, the dtype
 // dispatch and argument checks. Everything is in an anonymous namespace: each file has its own copy.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>

@@ -4,14 +4,16 @@
 // computes, and RMSNorm, rotary, the KV write and attention take 5-15 ops each: ~80 us a layer on top of
 // the matmuls. Each kernel here is one op. Built and loaded by kvflow/kernels/__init__.py; the PyTorch
 // code beside each call site is the reference they are tested against (tests/test_cpu_kernels.py). The
-// weight matmuls are in weights.cpp; what both files share in common.h.
+// weight matmuls are in weights.cpp; what both files share in common.h; the ops' signatures in ops.h and
+// their registration in register.cpp.
 //
 // Numerics follow the PyTorch path: math in fp32; a bf16 result is rounded where PyTorch rounds it
 // (RMSNorm: the normalised value, then the product with the weight; SiLU-and-mul: silu, then the product).
 // Rows must be contiguous in their last dimension; other strides are free (q and k are views of qkv).
 #include "common.h"
+#include "ops.h"
 
-namespace {
+namespace kvflow_ops {
 
 // ---- RMSNorm ---------------------------------------------------------------------------------------
 
@@ -386,17 +388,4 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& x) {
   });
 }
 
-}  // namespace
-
-TORCH_LIBRARY(kvflow, m) {
-  m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()", &rms_norm);
-  m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()", &fused_add_rms_norm);
-  m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()", &rotary_);
-  m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()", &write_kv);
-  m.def("write_kv_int8(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) k_scale, "
-        "Tensor(d!) v_scale, Tensor slot_mapping) -> ()", &write_kv_int8);
-  m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor context_lens, float scale, Tensor? k_scale=None, Tensor? v_scale=None) -> ()", &paged_decode_attention);
-  m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()", &silu_and_mul);
-}
-
+}  // namespace kvflow_ops

@@ -1,7 +1,7 @@
 // The weight matmuls of the quantized linear layers (kvflow/quant/layers.py): int4 (group 32) and int8
 // (per row) weights times activations quantized to int8 on the fly, registered as torch.ops.kvflow.*
 // beside cpu.cpp's kernels. The tile kernels come in one variant per instruction set, chosen when the
-// library is compiled for this machine (build.py; KVFLOW_CPU_ISA=avx2 forces the AVX2 one):
+// library is compiled for this machine (build.py; KVFLOW_CPU_ISA=avx2 forces the AVX2 one; ops.h tells which):
 // tiles_avx512.h (AVX-512 VNNI) or tiles_avx2.h (AVX2 + FMA). Both compute the same integer dots exactly
 // and combine them with the same fp32 operations, so their results are identical. Without either, the two
 // linear ops are not registered and the quantized layers use PyTorch's kernels.
@@ -22,6 +22,7 @@
 // codes (the VNNI tiles take the activations as q + 128 and 128 * wsum off again); scale float32 [16 tiles].
 // y[n] = scale[n] * sum_g (d1 dot1 + d2 dot2).
 #include "common.h"
+#include "ops.h"
 
 namespace {
 
@@ -61,15 +62,13 @@ struct Activations {   // quantize_activations' output for m rows
 
 }  // namespace
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define KVFLOW_WEIGHT_TILES "avx512_vnni"
+#if defined(KVFLOW_TILES_AVX512)
 #include "tiles_avx512.h"
-#elif defined(__AVX2__) && defined(__FMA__)
-#define KVFLOW_WEIGHT_TILES "avx2"
+#elif defined(KVFLOW_TILES_AVX2)
 #include "tiles_avx2.h"
 #endif
 
-namespace {
+namespace kvflow_ops {
 
 #ifdef KVFLOW_WEIGHT_TILES
 // What int4_linear and int8_linear share: quantize x's rows, then run tile(t, activations, acc [m, 16])
@@ -188,8 +187,6 @@ void int4_dequantize(at::Tensor& out, const at::Tensor& packed, const at::Tensor
   });
 }
 
-}  // namespace
-
 // which variant of the tiles this build has: "avx512_vnni", "avx2", or "none" (no int4/int8_linear)
 std::string weight_tiles() {
 #ifdef KVFLOW_WEIGHT_TILES
@@ -199,11 +196,4 @@ std::string weight_tiles() {
 #endif
 }
 
-TORCH_LIBRARY_FRAGMENT(kvflow, m) {
-  m.def("weight_tiles() -> str", &weight_tiles);
-  m.def("int4_dequantize(Tensor(a!) out, Tensor packed, Tensor scale_zero, int tile0) -> ()", &int4_dequantize);
-#ifdef KVFLOW_WEIGHT_TILES
-  m.def("int4_linear(Tensor(a!) out, Tensor x, Tensor packed, Tensor scale_zero) -> ()", &int4_linear);
-  m.def("int8_linear(Tensor(a!) out, Tensor x, Tensor packed, Tensor wsum, Tensor scale) -> ()", &int8_linear);
-#endif
-}
+}  // namespace kvflow_ops
