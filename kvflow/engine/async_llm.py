@@ -397,3 +397,13 @@ class AsyncLLM:
             stream.fail(error)
         for beam in self.beam_streams.values():
             beam.fail(error)
+
+
+def open_engine(config: EngineConfig, max_queue_len: int = 256, max_engine_restarts: int = 3) -> AsyncLLM:
+    """The server's engine for `config`, its core starting: an AsyncLLM, or with `serverless` its replicas on
+    Ray Serve, scaled with load (kvflow/serverless). `kvflow serve` opens it before importing the HTTP
+    server's modules, which then load while the core loads the model."""
+    engine_cls = AsyncLLM
+    if config.serverless.serverless:
+        from kvflow.serverless.launch import ServerlessLLM as engine_cls
+    return engine_cls(config, max_queue_len, max_engine_restarts=max_engine_restarts)

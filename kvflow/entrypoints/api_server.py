@@ -143,19 +143,14 @@ def add_error_handlers(app: FastAPI) -> None:
 
 # ---- kvflow serve ---------------------------------------------------------------------------------------
 
-async def serve(engine_config, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                served_model_name: str | None = None, max_queue_len: int = 256, drain_timeout: float = 30.0,
-                log_level: str = "warning", max_body_bytes: int = MAX_BODY_BYTES,
-                keepalive_s: float = KEEPALIVE_S, max_engine_restarts: int = 3,
+async def serve(engine: AsyncLLM, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+                served_model_name: str | None = None, drain_timeout: float = 30.0, log_level: str = "warning",
+                max_body_bytes: int = MAX_BODY_BYTES, keepalive_s: float = KEEPALIVE_S,
                 max_wait_s: float | None = None) -> int:
-    """Serve until SIGTERM/SIGINT (exit code 0), or until the engine core dies and cannot be restarted
-    (`max_engine_restarts` within AsyncLLM's window, or it fails while loading): exit code 1. See
-    build_app for the other settings."""
+    """Serve `engine` (open_engine's, its core already loading) until SIGTERM/SIGINT (exit code 0), or until
+    the engine core dies and cannot be restarted (its `max_engine_restarts` within AsyncLLM's window, or it
+    fails while loading): exit code 1. See build_app for the other settings."""
     import uvicorn
-    engine_cls = AsyncLLM
-    if engine_config.serverless.serverless:     # replicas on Ray Serve, scaled with load (kvflow/serverless)
-        from kvflow.serverless.launch import ServerlessLLM as engine_cls
-    engine = engine_cls(engine_config, max_queue_len, max_engine_restarts=max_engine_restarts)
     name = served_model_name or os.path.basename(engine.model_path.rstrip("/")).removesuffix(".gguf")
     metrics = ServerMetrics(name)
     engine.on_output, engine.on_stats = metrics.record_output, metrics.record_stats

@@ -134,7 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from kvflow.config import EngineConfig
-    from kvflow.entrypoints.api_server import serve
+    from kvflow.engine.async_llm import open_engine
     config = EngineConfig.from_kwargs(**engine_kwargs(args))
     if args.max_queue_len < 0:
         raise CLIError(f"--max-queue-len must be >= 0, got {args.max_queue_len}")
@@ -148,10 +148,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--max-engine-restarts must be >= 0, got {args.max_engine_restarts}")
     if args.max_queue_wait is not None and not args.max_queue_wait >= 0:
         raise CLIError(f"--max-queue-wait must be >= 0 seconds, got {args.max_queue_wait}")
-    return asyncio.run(serve(config, args.host, args.port, args.api_key or os.environ.get("KVFLOW_API_KEY"),
-                             args.served_model_name, args.max_queue_len, args.drain_timeout,
-                             "info" if args.verbose else "warning", args.max_body_bytes, args.sse_keepalive,
-                             max_engine_restarts=args.max_engine_restarts, max_wait_s=args.max_queue_wait))
+
+    async def run() -> int:
+        engine = open_engine(config, args.max_queue_len, args.max_engine_restarts)   # the core starts loading
+        from kvflow.entrypoints.api_server import serve      # FastAPI's imports (about 1 s) meanwhile
+        return await serve(engine, args.host, args.port, args.api_key or os.environ.get("KVFLOW_API_KEY"),
+                           args.served_model_name, args.drain_timeout,
+                           "info" if args.verbose else "warning", args.max_body_bytes, args.sse_keepalive,
+                           max_wait_s=args.max_queue_wait)
+    return asyncio.run(run())
 
 
 def cmd_eval_perplexity(args: argparse.Namespace) -> int:
