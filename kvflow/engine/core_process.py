@@ -106,4 +106,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # everything is persisted and sent (core.shutdown, the sockets' linger): skip the interpreter's teardown
+    # of torch and the model, which took 1.5 s of every server's stop
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
