@@ -40,8 +40,8 @@ class SpecController:
         self.lookahead = config.lookahead     # the proposer writes KV at the drafted positions: allocate slots
         self.stats: dict[str, _Acceptance] = {}
         self.num_proposed = self.num_accepted = self.num_verifications = 0
-        self.num_tried = 0                # draft positions tried until each verification's first rejection
-        # ... per draft position (0: the first draft): verifications that tried it, and that accepted it
+        # per draft position (0: the first draft): verifications that tried it (each verification tries the
+        # positions up to its first rejection), and that accepted it
         self.tried_at: list[int] = []
         self.accepted_at: list[int] = []
         # requests asked to draft, those the proposer gave drafts (an n-gram proposer has none without a match),
@@ -89,13 +89,17 @@ class SpecController:
             return 1
         return max(1, min(self.k, int(math.log(MIN_TAIL) / math.log(a.rate))))
 
+    @property
+    def num_tried(self) -> int:
+        """Draft positions tried, over every verification."""
+        return sum(self.tried_at)
+
     def observe(self, request_id: str, proposed: int, accepted: int) -> None:
         """A verification of `proposed` drafts accepted `accepted` of them."""
         self.num_verifications += 1
         self.num_proposed += proposed
         self.num_accepted += accepted
         tries = accepted + (accepted < proposed)        # positions tried until the first rejection
-        self.num_tried += tries
         if len(self.tried_at) < tries:
             self.tried_at += [0] * (tries - len(self.tried_at))
             self.accepted_at += [0] * (tries - len(self.accepted_at))
